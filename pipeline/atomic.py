@@ -1,0 +1,79 @@
+"""Write-then-rename helpers: a stage killed mid-way leaves the old complete output or none, never half of one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _temp_sibling(target: Path, is_dir: bool) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{target.name}.tmp-"
+    if is_dir:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def _replace(temp: Path, target: Path) -> None:
+    if target.is_dir() and not target.is_symlink():
+        # Directories cannot be swapped atomically; move the old one aside first, then drop it.
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(temp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(temp, target)
+
+
+@contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``target``; on success it replaces ``target`` in one rename."""
+    target = Path(target)
+    temp = _temp_sibling(target, is_dir=True)
+    try:
+        yield temp
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    _replace(temp, target)
+
+
+@contextmanager
+def atomic_file(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary file path beside ``target``; on success it replaces ``target``."""
+    target = Path(target)
+    temp = _temp_sibling(target, is_dir=False)
+    try:
+        yield temp
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    os.chmod(temp, 0o644)
+    _replace(temp, target)
+
+
+def write_text(target: str | Path, text: str) -> None:
+    with atomic_file(target) as temp:
+        temp.write_text(text)
+
+
+def write_json(target: str | Path, payload: object) -> None:
+    write_text(target, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def clean_stale_temps(folder: str | Path) -> int:
+    """Remove temporaries a killed run left behind (``.name.tmp-*`` / ``.name.old-*``); returns how many."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    stale = [p for p in folder.iterdir() if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name)]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return len(stale)

@@ -1,0 +1,78 @@
+"""The embedded tiny base model: Stable Diffusion's own diffusers components, shrunk to train on 2 CPU cores.
+
+Same classes as SD 1.5 (AutoencoderKL, UNet2DConditionModel with cross-attention, CLIPTextModel,
+CLIPTokenizer, a DDPM-family scheduler), saved with ``save_pretrained`` so every later stage loads
+it exactly as it would load a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from pipeline.diffusion.tokenizer import write_tokenizer
+
+TEXT_DIM = 64
+
+
+def build_tokenizer() -> CLIPTokenizer:
+    with tempfile.TemporaryDirectory() as folder:
+        return CLIPTokenizer.from_pretrained(write_tokenizer(folder))
+
+
+def build_tiny_pipeline(resolution: int = 64, seed: int = 0) -> StableDiffusionPipeline:
+    """A randomly initialised tiny SD pipeline; the VAE downsamples by 4 (SD: 8) to keep lesion detail at 64 px."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=TEXT_DIM,
+            intermediate_size=TEXT_DIM * 2,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=resolution,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=TEXT_DIM,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        prediction_type="epsilon", steps_offset=1, clip_sample=False,
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def save_pipeline(pipe: StableDiffusionPipeline, folder: str | Path) -> None:
+    pipe.save_pretrained(str(folder), safe_serialization=True)

@@ -1,0 +1,194 @@
+"""Typed, validated view of params.yaml: the only way stages read configuration.
+
+Every section is a pydantic model that forbids unknown keys, so a typo in params.yaml
+fails loudly with one line naming the key instead of silently using a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import PipelineError
+
+# HAM10000's seven diagnosis codes, with the names used in prompts and reports.
+CLASS_NAMES: dict[str, str] = {
+    "akiec": "actinic keratosis",
+    "bcc": "basal cell carcinoma",
+    "bkl": "benign keratosis",
+    "df": "dermatofibroma",
+    "mel": "melanoma",
+    "nv": "melanocytic nevus",
+    "vasc": "vascular lesion",
+}
+# Rare words used as each class's DreamBooth/LoRA instance token (one per class, never shared).
+DEFAULT_INSTANCE_TOKENS: dict[str, str] = {
+    "akiec": "zkq", "bcc": "vbx", "bkl": "pqw", "df": "sks", "mel": "ohwx", "nv": "jxv", "vasc": "qzt",
+}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitParams(_Section):
+    val: float = Field(0.15, gt=0, lt=1)
+    test: float = Field(0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _leaves_train(self) -> "SplitParams":
+        if self.val + self.test >= 1:
+            raise ValueError(f"val + test must be < 1 so that a train split remains, got {self.val} + {self.test}")
+        return self
+
+
+class DataParams(_Section):
+    source: str = "demo"  # 'demo' or a path to a HAM10000 / ISIC 2018 Task 3 folder
+    classes: list[str] = Field(default_factory=lambda: ["akiec", "bcc", "df", "mel", "vasc"])
+    split: SplitParams = SplitParams()
+    finetune_images: int = Field(20, gt=0)
+    image_size: int = Field(128, gt=0)
+    on_bad_image: Literal["error", "skip"] = "error"
+
+    @field_validator("classes")
+    @classmethod
+    def _valid_classes(cls, classes: list[str]) -> list[str]:
+        unknown = [c for c in classes if c not in CLASS_NAMES]
+        if unknown:
+            raise ValueError(f"unknown class code {unknown[0]!r}; expected one of {', '.join(CLASS_NAMES)}")
+        dupes = sorted({c for c in classes if classes.count(c) > 1})
+        if dupes:
+            raise ValueError(f"duplicate class code {dupes[0]!r}")
+        if len(classes) < 2:
+            raise ValueError(f"at least 2 classes are needed to train a classifier, got {classes}")
+        return classes
+
+    @property
+    def is_demo(self) -> bool:
+        return self.source == "demo"
+
+
+class DemoParams(_Section):
+    images: int = Field(1500, gt=0)
+    size: int = Field(128, ge=32)
+
+
+class LoraParams(_Section):
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(8, gt=0)
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+class BasePretrainParams(_Section):
+    """How the embedded tiny base model is pre-trained (ignored for a real checkpoint)."""
+
+    vae_steps: int = Field(400, ge=0)
+    unet_steps: int = Field(1200, ge=0)
+    batch: int = Field(16, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    prompt: str = "a dermoscopic image of a skin lesion"
+
+
+class DiffusionParams(_Section):
+    base_model: str = "embedded-tiny"  # or a Hub id / local diffusers folder
+    method: Literal["lora", "dreambooth", "textual_inversion"] = "lora"
+    resolution: int = Field(64, ge=8)
+    steps: int = Field(300, gt=0)
+    batch: int = Field(4, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    lora: LoraParams = LoraParams()
+    prompt: str = "a dermoscopic image of {token} {class_name}"
+    instance_tokens: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_INSTANCE_TOKENS))
+    prior_preservation: bool = False
+    prior_loss_weight: float = Field(1.0, ge=0)
+    class_images: int = Field(20, gt=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(100, gt=0)
+    resume: bool = True
+    pretrain: BasePretrainParams = BasePretrainParams()
+
+    @model_validator(mode="after")
+    def _prompt_has_token(self) -> "DiffusionParams":
+        if "{token}" not in self.prompt:
+            raise ValueError(f"prompt must contain '{{token}}' so each class gets its instance token, got {self.prompt!r}")
+        return self
+
+
+class GenerateParams(_Section):
+    per_class: int = Field(100, ge=0)
+    steps: int = Field(20, gt=0)
+    guidance: float = Field(5.0, ge=0)
+    scheduler: Literal["dpmsolver++", "ddim", "ddpm", "euler", "pndm"] = "dpmsolver++"
+    batch: int = Field(16, gt=0)
+    negative_prompt: str = ""
+
+
+class ClassifierParams(_Section):
+    arch: str = "efficientnet_b0"
+    pretrained: bool = False
+    image_size: int = Field(64, ge=16)
+    epochs: int = Field(8, gt=0)
+    batch: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    balance: Literal["weighted_sampler", "class_weighted_loss", "none"] = "weighted_sampler"
+    patience: int = Field(3, gt=0)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+
+
+class MlflowParams(_Section):
+    experiment: str = Field("lesion-synth", min_length=1)
+
+
+class Params(_Section):
+    seed: int = 0
+    data: DataParams = DataParams()
+    demo: DemoParams = DemoParams()
+    diffusion: DiffusionParams = DiffusionParams()
+    generate: GenerateParams = GenerateParams()
+    classifier: ClassifierParams = ClassifierParams()
+    mlflow: MlflowParams = MlflowParams()
+
+    def instance_token(self, class_code: str) -> str:
+        return self.diffusion.instance_tokens.get(class_code, f"{class_code}tok")
+
+    def class_prompt(self, class_code: str) -> str:
+        """The fine-tuning / generation prompt of one class, e.g. 'a dermoscopic image of qzt vascular lesion'."""
+        return self.diffusion.prompt.format(token=self.instance_token(class_code), class_name=CLASS_NAMES[class_code])
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"unknown key {key!r}"
+    if error["type"] in {"missing"}:
+        return f"{key}: {message}"
+    return f"{key}: {message} (got {error.get('input')!r})"
+
+
+def parse_params(raw: dict, source: str = "params.yaml") -> Params:
+    """Validate a params mapping; any problem becomes one PipelineError line naming the key."""
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise PipelineError(f"{source}: {_describe(exc.errors()[0])}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise PipelineError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return parse_params(raw, str(path))

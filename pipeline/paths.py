@@ -1,0 +1,71 @@
+"""Where everything lives, relative to the repository the pipeline runs in.
+
+Stages run with the repo root as working directory (DVC's default), possibly inside a DVC
+experiment's temporary copy; ``workspace_root`` is that copy, ``store_root`` is the original
+repository, where shared stores (MLflow) must live so every experiment logs to the same place.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+_TEMP_EXPERIMENT = re.compile(r"^(?P<root>.+?)/\.dvc/tmp/exps/")
+
+
+def workspace_root() -> Path:
+    """The repository checkout the stage runs in: $DVC_ROOT, else the nearest folder holding dvc.yaml."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").is_file():
+            return folder
+    return here
+
+
+def store_root() -> Path:
+    """The original repository, even from inside `dvc exp run --queue`'s copy under .dvc/tmp/exps/."""
+    root = workspace_root()
+    match = _TEMP_EXPERIMENT.match(root.as_posix() + "/")
+    return Path(match.group("root")) if match else root
+
+
+# Stage outputs, relative to the workspace root (the same strings appear in dvc.yaml).
+DEMO_DIR = Path("data/demo/HAM10000")
+PREPARED_DIR = Path("data/prepared")
+SPLIT_CSV = PREPARED_DIR / "split.csv"
+FINETUNE_DIR = PREPARED_DIR / "finetune"
+BASE_MODEL_DIR = Path("models/base")
+CLASS_MODELS_DIR = Path("models/diffusion")
+SYNTHETIC_DIR = Path("data/synthetic")
+CLASSIFIER_DIR = Path("models/classifier")
+CHECKPOINT_DIR = Path("checkpoints")  # resumable state; deliberately not a DVC output
+CACHE_DIR = Path(".cache")  # decoded-image caches; safe to delete
+REPORTS_DIR = Path("reports")
+PLOTS_DIR = REPORTS_DIR / "plots"
+
+# Folders a relative path from params may point into; anything else must be given as an absolute path.
+_ALLOWED_RELATIVE_ROOTS = ("data", "models", "tests", "checkpoints")
+
+
+def resolve_user_path(value: str, key: str) -> Path:
+    """Turn a path from params into an absolute path, refusing relative paths that escape the repo's data folders.
+
+    Absolute paths are taken as given on purpose (a HAM10000 folder elsewhere on disk).
+    """
+    path = Path(os.path.expanduser(value))
+    if path.is_absolute():
+        return path
+    root = workspace_root()
+    resolved = (root / path).resolve()
+    allowed = [(root / name).resolve() for name in _ALLOWED_RELATIVE_ROOTS]
+    if not any(resolved == a or a in resolved.parents for a in allowed):
+        raise PipelineError(
+            f"{key}: relative path {value!r} leaves the repository's {'/'.join(_ALLOWED_RELATIVE_ROOTS)} folders; "
+            "give an absolute path to use a folder elsewhere"
+        )
+    return resolved

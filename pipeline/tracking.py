@@ -1,0 +1,144 @@
+"""MLflow tracking as laid out in DESIGN.md: one parent run per pipeline execution, one child run per stage.
+
+The store is ``$MLFLOW_TRACKING_URI`` if set, else a SQLite file at the *original* repository's
+root (``store_root``), so `dvc exp run --queue` copies log to the same place as the workspace.
+
+A "pipeline execution" is identified by (git commit, DVC experiment name, hash of params): every
+stage process of one `dvc repro` computes the same key and attaches to the same parent run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+from filelock import FileLock
+
+from pipeline.paths import store_root, workspace_root
+
+PARENT_RUN_ENV = "LESION_SYNTH_PARENT_RUN_ID"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root() / 'mlflow.db'}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=workspace_root(), capture_output=True, text=True, timeout=10, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def params_hash(params) -> str:
+    payload = params.model_dump(mode="json") if hasattr(params, "model_dump") else params
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def flatten(mapping: Mapping, prefix: str = "") -> dict[str, str]:
+    """{'a': {'b': 1}} -> {'a.b': '1'}: MLflow params are flat strings."""
+    flat: dict[str, str] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return flat
+
+
+def _mlflow():
+    import mlflow  # imported lazily: it takes a couple of seconds
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow
+
+
+def ensure_experiment(name: str) -> str:
+    """The experiment's id, creating it with artifacts stored beside the tracking DB (not in the CWD)."""
+    mlflow = _mlflow()
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifacts = (store_root() / "mlartifacts").as_uri()
+    return mlflow.create_experiment(name, artifact_location=artifacts)
+
+
+def execution_tags(params) -> dict[str, str]:
+    return {
+        "git_commit": git_commit(),
+        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+        "params_hash": params_hash(params),
+    }
+
+
+def parent_run_id(params) -> str:
+    """Find or create the parent run of this pipeline execution (see module docstring)."""
+    if os.environ.get(PARENT_RUN_ENV):
+        return os.environ[PARENT_RUN_ENV]
+    from mlflow.entities import Param
+
+    mlflow = _mlflow()
+    experiment_id = ensure_experiment(params.mlflow.experiment)
+    tags = execution_tags(params)
+    key = hashlib.sha256(json.dumps(tags, sort_keys=True).encode()).hexdigest()[:16]
+    lock_path = store_root() / ".mlflow.lock"
+    with FileLock(str(lock_path), timeout=120):
+        found = mlflow.search_runs(
+            [experiment_id], filter_string=f"tags.pipeline_key = '{key}'", max_results=1, output_format="list"
+        )
+        if found:
+            return found[0].info.run_id
+        client = mlflow.MlflowClient()
+        name = f"pipeline {tags['dvc_exp_name'] or 'workspace'} {tags['git_commit'][:8]}"
+        run = client.create_run(experiment_id, run_name=name, tags={**tags, "pipeline_key": key, "kind": "pipeline"})
+        flat = [Param(k, v[:6000]) for k, v in flatten(params.model_dump(mode="json")).items()]
+        for start in range(0, len(flat), 100):  # log_batch takes at most 100 params per call
+            client.log_batch(run.info.run_id, params=flat[start : start + 100])
+        return run.info.run_id
+
+
+@contextmanager
+def stage_run(stage: str, params, tags: Mapping[str, str] | None = None, log_params: Mapping | None = None) -> Iterator:
+    """A child run for one stage; an exception marks it (and its parent) FAILED before propagating."""
+    mlflow = _mlflow()
+    experiment_id = ensure_experiment(params.mlflow.experiment)
+    parent = parent_run_id(params)
+    all_tags = {**execution_tags(params), "stage": stage, "mlflow.parentRunId": parent, **(tags or {})}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=all_tags) as run:
+        if log_params:
+            mlflow.log_params({k: v[:6000] for k, v in flatten(log_params).items()})
+        try:
+            yield run
+        except BaseException:
+            mlflow.MlflowClient().set_terminated(parent, status="FAILED")
+            raise
+
+
+def finish_parent(params) -> None:
+    """Mark this execution's parent run FINISHED (the last stage calls this)."""
+    mlflow = _mlflow()
+    mlflow.MlflowClient().set_terminated(parent_run_id(params), status="FINISHED")
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    """Log a file to the active run, if there is one (library code may run outside a stage, e.g. in tests)."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)

@@ -1,0 +1,22 @@
+"""Shared test set-up: every test logs to its own throw-away MLflow store and runs on few threads."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
+@pytest.fixture(autouse=True)
+def isolated_mlflow(tmp_path_factory, monkeypatch):
+    """Point MLflow at a per-test SQLite store so tests never touch the repo's mlflow.db."""
+    store = tmp_path_factory.mktemp("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+    monkeypatch.delenv("LESION_SYNTH_PARENT_RUN_ID", raising=False)
+    yield store
