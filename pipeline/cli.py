@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -28,6 +29,9 @@ def run_stage(
         parser.add_argument(item)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
+    # SIGTERM (dvc, a scheduler, Ctrl-C in a queue) unwinds like an exception, so temporary
+    # outputs are removed and the MLflow run is marked FAILED instead of left RUNNING.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     value = getattr(args, item) if item else None
     name = f"{stage}@{value}" if item else stage
     try:
@@ -48,3 +52,7 @@ def run_stage(
         print(f"error: {name}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)

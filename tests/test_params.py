@@ -1,0 +1,105 @@
+"""The typed params loader: good files load, every bad one fails with one line naming the key."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from pipeline.cli import run_stage
+from pipeline.errors import PipelineError
+from pipeline.params import CLASS_NAMES, load_params, parse_params
+
+REPO_PARAMS = yaml.safe_load(open("params.yaml"))
+
+
+def with_change(path: str, value) -> dict:
+    raw = copy.deepcopy(REPO_PARAMS)
+    *parents, leaf = path.split(".")
+    node = raw
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+    return raw
+
+
+def test_repo_params_load_and_match_defaults():
+    params = load_params("params.yaml")
+    assert params.data.classes == ["akiec", "bcc", "df", "mel", "vasc"]
+    assert params.diffusion.method == "lora"
+    assert params.generate.scheduler == "dpmsolver++"
+    assert params.classifier.arch == "efficientnet_b0"
+
+
+def test_class_prompt_uses_a_distinct_token_per_class():
+    params = parse_params({})
+    prompts = {c: params.class_prompt(c) for c in CLASS_NAMES}
+    tokens = {params.instance_token(c) for c in CLASS_NAMES}
+    assert len(tokens) == len(CLASS_NAMES)
+    assert prompts["vasc"] == f"a dermoscopic image of {params.instance_token('vasc')} vascular lesion"
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        ("data.clases", ["mel", "vasc"], "unknown key 'data.clases'"),
+        ("bogus_section", {}, "unknown key 'bogus_section'"),
+        ("classifier.epochs", "eight", "classifier.epochs"),
+        ("data.classes", "mel", "data.classes"),
+        ("data.classes", ["mel", "xyz"], "unknown class code 'xyz'"),
+        ("data.classes", ["mel", "mel", "vasc"], "duplicate class code 'mel'"),
+        ("data.classes", ["mel"], "at least 2 classes"),
+        ("data.split.val", 0.0, "data.split.val"),
+        ("data.split.test", 1.5, "data.split.test"),
+        ("data.split", {"val": 0.6, "test": 0.5}, "val + test must be < 1"),
+        ("data.finetune_images", 0, "data.finetune_images"),
+        ("demo.images", -5, "demo.images"),
+        ("generate.per_class", -1, "generate.per_class"),
+        ("diffusion.method", "hypernetwork", "diffusion.method"),
+        ("diffusion.prompt", "a photo of {class_name}", "must contain '{token}'"),
+        ("classifier.balance", "oversample", "classifier.balance"),
+        ("classifier.seeds", [], "classifier.seeds"),
+        ("data.on_bad_image", "ignore", "data.on_bad_image"),
+    ],
+)
+def test_bad_params_fail_with_one_line_naming_the_key(path, value, expected):
+    with pytest.raises(PipelineError) as caught:
+        parse_params(with_change(path, value))
+    message = str(caught.value)
+    assert expected in message
+    assert "\n" not in message
+    assert message.startswith("params.yaml: ")
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    broken = tmp_path / "params.yaml"
+    broken.write_text("data: {classes: [mel, vasc\n")
+    with pytest.raises(PipelineError, match=r"params.yaml: line \d+ is not valid YAML"):
+        load_params(broken)
+    with pytest.raises(PipelineError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+    top_level_list = tmp_path / "list.yaml"
+    top_level_list.write_text("- 1\n- 2\n")
+    with pytest.raises(PipelineError, match="expected a mapping"):
+        load_params(top_level_list)
+
+
+def test_stage_wrapper_prints_one_error_line_and_exits_nonzero(tmp_path, capsys):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(with_change("data.classes", ["mel", "zzz"])))
+    called = []
+    code = run_stage("prepare", lambda params: called.append(params), track=False, argv=["--params", str(bad)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and not called
+    assert err == [f"error: prepare: {bad}: data.classes: unknown class code 'zzz'; expected one of "
+                   + ", ".join(CLASS_NAMES) + " (got ['mel', 'zzz'])"]
+
+
+def test_stage_wrapper_passes_the_foreach_item(tmp_path):
+    good = tmp_path / "params.yaml"
+    good.write_text(yaml.safe_dump(REPO_PARAMS))
+    seen = []
+    code = run_stage("finetune", lambda p, c: seen.append(c), item="class_code", track=False,
+                     argv=["mel", "--params", str(good)])
+    assert code == 0 and seen == ["mel"]

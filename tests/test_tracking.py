@@ -1,0 +1,63 @@
+"""MLflow layout of DESIGN.md: anchored store, one parent per execution, child per stage, FAILED on error."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from pipeline import tracking
+from pipeline.params import parse_params
+from pipeline.paths import store_root
+
+
+def test_store_is_anchored_at_the_original_repo_inside_experiment_copies(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    copy = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    copy.mkdir(parents=True)
+    monkeypatch.setenv("DVC_ROOT", str(copy))
+    assert store_root() == tmp_path / "repo"
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'repo' / 'mlflow.db'}"
+
+
+def test_env_uri_wins(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert tracking.tracking_uri() == "http://mlflow.example:5000"
+
+
+def test_stage_runs_share_one_parent_and_carry_execution_tags(monkeypatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-test")
+    params = parse_params({"mlflow": {"experiment": "tracking-test"}})
+    with tracking.stage_run("prepare", params) as first:
+        tracking.log_metrics({"images": 12})
+    with tracking.stage_run("finetune@mel", params, tags={"item": "mel"}) as second:
+        pass
+    client = mlflow.MlflowClient()
+    a, b = client.get_run(first.info.run_id), client.get_run(second.info.run_id)
+    parent = a.data.tags["mlflow.parentRunId"]
+    assert parent == b.data.tags["mlflow.parentRunId"]
+    assert a.data.tags["dvc_exp_name"] == "exp-test" and a.data.tags["stage"] == "prepare"
+    assert a.data.tags["params_hash"] == tracking.params_hash(params)
+    assert a.data.metrics["images"] == 12
+    parent_run = client.get_run(parent)
+    assert parent_run.data.params["data.classes"] == '["akiec", "bcc", "df", "mel", "vasc"]'
+
+    other = parse_params({"mlflow": {"experiment": "tracking-test"}, "seed": 7})
+    assert tracking.parent_run_id(other) != parent  # other params: another execution
+
+
+def test_a_failing_stage_marks_its_run_and_parent_failed():
+    params = parse_params({"mlflow": {"experiment": "tracking-fail"}})
+    with pytest.raises(RuntimeError):
+        with tracking.stage_run("train@baseline", params):
+            raise RuntimeError("boom")
+    client = mlflow.MlflowClient()
+    runs = mlflow.search_runs(experiment_names=["tracking-fail"], output_format="list")
+    by_stage = {r.data.tags.get("stage", "parent"): r for r in runs}
+    assert by_stage["train@baseline"].info.status == "FAILED"
+    assert client.get_run(by_stage["parent"].info.run_id).info.status == "FAILED"
+
+
+def test_artifacts_land_beside_a_sqlite_store(isolated_mlflow):
+    params = parse_params({"mlflow": {"experiment": "tracking-artifacts"}})
+    experiment = mlflow.get_experiment(tracking.ensure_experiment(params.mlflow.experiment))
+    assert experiment.artifact_location == (isolated_mlflow / "mlartifacts").as_uri()
