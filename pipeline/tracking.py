@@ -68,7 +68,9 @@ def ensure_experiment(name: str) -> str:
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    artifacts = (store_root() / "mlartifacts").as_uri()
+    uri = tracking_uri()
+    # A SQLite store keeps its artifacts beside the DB file; a server decides for itself.
+    artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri() if uri.startswith("sqlite:///") else None
     return mlflow.create_experiment(name, artifact_location=artifacts)
 
 
