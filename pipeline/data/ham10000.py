@@ -1,0 +1,230 @@
+"""Read a HAM10000 release folder (or the ISIC 2018 Task 3 layout of the same images) into one table.
+
+Everything a user can get wrong about the folder is checked here, once, and reported in one
+line that names the file, column, row or value, so later stages can trust the table.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from pipeline.data.images import check_image
+from pipeline.errors import PipelineError
+from pipeline.params import CLASS_NAMES
+
+HAM_METADATA = "HAM10000_metadata.csv"
+ISIC_GROUND_TRUTH = "ISIC2018_Task3_Training_GroundTruth.csv"
+ISIC_GROUPINGS = "ISIC2018_Task3_Training_LesionGroupings.csv"
+HAM_REQUIRED = ("lesion_id", "image_id", "dx")
+HAM_OPTIONAL = ("dx_type", "age", "sex", "localization")
+ISIC_CLASSES = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+COLUMNS = ["image_id", "lesion_id", "dx", "path"]
+
+
+@dataclass
+class SourceReport:
+    """What the reader found besides the table: layout, skipped images and warnings (for reports/data.json)."""
+
+    layout: str
+    metadata: Path
+    skipped: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _find(folder: Path, name: str) -> Path | None:
+    """The file at the top level, else one level down (the ISIC zips unpack into a same-named folder)."""
+    direct = folder / name
+    if direct.is_file():
+        return direct
+    nested = sorted(p for p in folder.glob(f"*/{name}") if p.is_file())
+    return nested[0] if nested else None
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise PipelineError(f"{path}: file is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PipelineError(f"{path}: not a readable CSV file ({first})") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    if frame.empty:
+        raise PipelineError(f"{path}: has a header but no rows")
+    return frame.apply(lambda col: col.str.strip())
+
+
+def _require_columns(path: Path, frame: pd.DataFrame, required: tuple[str, ...]) -> None:
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise PipelineError(
+            f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, frame.columns))})"
+        )
+
+
+def _require_values(path: Path, frame: pd.DataFrame, columns: tuple[str, ...]) -> None:
+    for column in columns:
+        empty = frame.index[frame[column] == ""]
+        if len(empty):
+            raise PipelineError(f"{path}: row {empty[0] + 2}: empty {column}")
+
+
+def _no_duplicates(path: Path, frame: pd.DataFrame, column: str) -> None:
+    dupes = frame[frame[column].duplicated(keep=False)]
+    if not dupes.empty:
+        rows = [str(i + 2) for i in dupes.index[:2]]
+        raise PipelineError(
+            f"{path}: duplicated {column} {dupes[column].iloc[0]!r} (rows {' and '.join(rows)}; "
+            f"{dupes[column].nunique()} duplicated value(s) in all)"
+        )
+
+
+def _read_ham(path: Path) -> pd.DataFrame:
+    frame = _read_csv(path)
+    _require_columns(path, frame, HAM_REQUIRED)
+    _require_values(path, frame, HAM_REQUIRED)
+    frame["dx"] = frame["dx"].str.lower()
+    bad = frame.index[~frame["dx"].isin(list(CLASS_NAMES))]
+    if len(bad):
+        row = bad[0]
+        raise PipelineError(
+            f"{path}: row {row + 2}: unknown dx {frame.at[row, 'dx']!r} for image {frame.at[row, 'image_id']!r}; "
+            f"expected one of {', '.join(CLASS_NAMES)}"
+        )
+    _no_duplicates(path, frame, "image_id")
+    extra = [c for c in HAM_OPTIONAL if c in frame.columns]
+    return frame[["image_id", "lesion_id", "dx", *extra]].copy()
+
+
+def _read_isic(path: Path, groupings: Path | None, report: SourceReport) -> pd.DataFrame:
+    frame = _read_csv(path)
+    _require_columns(path, frame, ("image", *ISIC_CLASSES))
+    _require_values(path, frame, ("image",))
+    onehot = pd.DataFrame(index=frame.index)
+    for code in ISIC_CLASSES:
+        values = pd.to_numeric(frame[code], errors="coerce")
+        if values.isna().any():
+            row = values.index[values.isna()][0]
+            raise PipelineError(
+                f"{path}: row {row + 2}: column {code} of image {frame.at[row, 'image']!r} is "
+                f"{frame.at[row, code]!r}, expected 0.0 or 1.0"
+            )
+        onehot[code] = values
+    ones = (onehot == 1.0).sum(axis=1)
+    bad = ones.index[ones != 1]
+    if len(bad):
+        row = bad[0]
+        hits = [c for c in ISIC_CLASSES if onehot.at[row, c] == 1.0]
+        raise PipelineError(
+            f"{path}: row {row + 2}: image {frame.at[row, 'image']!r} has {ones[row]} diagnosis columns set to 1.0 "
+            f"({', '.join(hits) or 'none'}); exactly one is expected"
+        )
+    _no_duplicates(path, frame, "image")
+    table = pd.DataFrame({"image_id": frame["image"], "dx": onehot.idxmax(axis=1).str.lower()})
+    if groupings is None:
+        message = (
+            f"{ISIC_GROUPINGS} not found beside {path.name}: every image is treated as its own lesion, "
+            "so images of one lesion may land in different splits"
+        )
+        warnings.warn(message, UserWarning, stacklevel=3)
+        report.warnings.append(message)
+        table["lesion_id"] = table["image_id"]
+    else:
+        groups = _read_csv(groupings)
+        _require_columns(groupings, groups, ("image", "lesion_id"))
+        _require_values(groupings, groups, ("image", "lesion_id"))
+        _no_duplicates(groupings, groups, "image")
+        lookup = dict(zip(groups["image"], groups["lesion_id"]))
+        table["lesion_id"] = table["image_id"].map(lookup)
+        unmatched = table["lesion_id"].isna()
+        if unmatched.any():
+            message = (
+                f"{groupings}: {int(unmatched.sum())} image(s) have no lesion_id (first: {table['image_id'][unmatched].iloc[0]}); "
+                "each is treated as its own lesion"
+            )
+            warnings.warn(message, UserWarning, stacklevel=3)
+            report.warnings.append(message)
+            table.loc[unmatched, "lesion_id"] = table.loc[unmatched, "image_id"]
+    return table[["image_id", "lesion_id", "dx"]]
+
+
+def index_images(folder: Path) -> dict[str, Path]:
+    """Every image file under ``folder`` by stem, found in one recursive walk (first in sorted order wins)."""
+    index: dict[str, Path] = {}
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in path.relative_to(folder).parts):
+            if path.is_file():
+                index.setdefault(path.stem, path)
+    return index
+
+
+def read_source(folder: str | Path, on_bad_image: str = "error", verify: bool = True) -> tuple[pd.DataFrame, SourceReport]:
+    """Validate ``folder`` and return (table, report); the table has image_id, lesion_id, dx, path (+ HAM extras).
+
+    on_bad_image: "error" stops at the first missing/broken image, "skip" drops and records them.
+    verify: decode every image (at reduced scale for JPEG) to catch truncated or corrupt files up front.
+    """
+    if on_bad_image not in ("error", "skip"):
+        raise PipelineError(f"data.on_bad_image: expected 'error' or 'skip', got {on_bad_image!r}")
+    folder = Path(folder)
+    if not folder.exists():
+        raise PipelineError(f"{folder}: data folder not found")
+    if not folder.is_dir():
+        raise PipelineError(f"{folder}: expected a folder holding {HAM_METADATA}, got a file")
+    folder = folder.resolve()
+    ham, isic = _find(folder, HAM_METADATA), _find(folder, ISIC_GROUND_TRUTH)
+    if ham is not None:
+        report = SourceReport("ham10000", ham)
+        table = _read_ham(ham)
+    elif isic is not None:
+        report = SourceReport("isic2018_task3", isic)
+        table = _read_isic(isic, _find(folder, ISIC_GROUPINGS), report)
+    else:
+        raise PipelineError(
+            f"{folder}: no metadata file found; looked for {HAM_METADATA} (HAM10000 release) or "
+            f"{ISIC_GROUND_TRUTH} (ISIC 2018 Task 3), at the top level and one folder down"
+        )
+
+    images = index_images(folder)
+    table["path"] = table["image_id"].map(lambda stem: str(images[stem]) if stem in images else "")
+    missing = table["image_id"][table["path"] == ""]
+    if len(missing):
+        if on_bad_image == "error":
+            raise PipelineError(
+                f"{report.metadata}: {len(missing)} listed image(s) not found under {folder} "
+                f"(first: {missing.iloc[0]}; looked for <image_id>.jpg/.jpeg/.png in every subfolder)"
+            )
+        report.skipped += [{"image_id": m, "reason": "missing"} for m in missing]
+        table = table[table["path"] != ""]
+
+    if verify:
+        broken: list[int] = []
+        for row, path in tqdm(
+            table["path"].items(), total=len(table), desc="checking images", unit="img", disable=None, mininterval=2
+        ):
+            try:
+                check_image(path)
+            except PipelineError as exc:
+                if on_bad_image == "error":
+                    raise
+                broken.append(row)
+                report.skipped.append({"image_id": table.at[row, "image_id"], "reason": str(exc).split(": ", 1)[-1]})
+        table = table.drop(index=broken)
+    if table.empty:
+        raise PipelineError(f"{report.metadata}: no usable images left after skipping {len(report.skipped)} bad one(s)")
+    extras = [c for c in table.columns if c not in COLUMNS]
+    return table[COLUMNS + extras].reset_index(drop=True), report
+
+
+def load_metadata(folder: str | Path, on_bad_image: str = "error", verify: bool = True) -> pd.DataFrame:
+    """The validated table of ``folder`` (see read_source); skipped images are listed in ``frame.attrs['skipped']``."""
+    table, report = read_source(folder, on_bad_image=on_bad_image, verify=verify)
+    table.attrs["skipped"] = list(report.skipped)
+    table.attrs["layout"] = report.layout
+    return table

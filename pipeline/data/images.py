@@ -1,0 +1,108 @@
+"""Decoding images the one safe way: fully loaded, RGB, and a one-line error naming the file when broken.
+
+Every module that reads a real image (reader checks, classifier, diffusion) goes through
+``open_rgb`` so a truncated JPEG fails at the file, not as a cryptic tensor error epochs later.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from pipeline.errors import PipelineError
+
+# Refuse half-decoded images instead of silently padding them with grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, UnidentifiedImageError)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a readable image (corrupt or unsupported format)"
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "truncated" in text.lower():
+        return f"truncated image ({text})"
+    return f"corrupt image ({text})"
+
+
+def _check_size(path: Path) -> None:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: image file not found") from None
+    if size == 0:
+        raise PipelineError(f"{path}: image file is empty (0 bytes)")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Grayscale, 16-bit, palette, CMYK and alpha images all become plain 8-bit RGB."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode == "P" or img.mode == "PA":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "La", "RGBa"):
+        # Transparent pixels become white, the usual background of a cut-out lesion photo.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Open, verify and fully decode an image as RGB; PipelineError naming the file if it is empty or broken."""
+    path = Path(path)
+    _check_size(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as probe:
+                probe.verify()  # cheap structural check (PNG CRCs etc.) before the real decode
+            with Image.open(path) as img:
+                img.load()
+                rgb = _to_rgb(img)
+                return rgb.copy() if rgb is img else rgb  # closing the file would drop img's pixels
+    except (*_DECODE_ERRORS, Image.DecompressionBombWarning) as exc:
+        raise PipelineError(f"{path}: {_describe(exc)}") from None
+
+
+def check_image(path: str | Path) -> None:
+    """Decode the whole file cheaply (JPEGs at 1/8 scale: every byte is still read) or raise PipelineError.
+
+    Used by the reader to validate thousands of files without paying for full-size decodes.
+    """
+    path = Path(path)
+    _check_size(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.format == "JPEG":
+                    img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+                else:
+                    with Image.open(path) as probe:
+                        probe.verify()
+                img.load()
+    except (*_DECODE_ERRORS, Image.DecompressionBombWarning) as exc:
+        raise PipelineError(f"{path}: {_describe(exc)}") from None
+
+
+def resize_square(img: Image.Image, size: int) -> Image.Image:
+    """Centre-crop to a square and resize to ``size``×``size`` (one resampling pass, no distortion)."""
+    if size <= 0:
+        raise PipelineError(f"resize_square: size must be positive, got {size}")
+    width, height = img.size
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    if img.mode != "RGB":
+        img = _to_rgb(img)
+    return img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side), reducing_gap=3.0)
