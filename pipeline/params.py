@@ -74,6 +74,9 @@ class DataParams(_Section):
 class DemoParams(_Section):
     images: int = Field(1500, gt=0)
     size: int = Field(128, ge=32)
+    # Floor on every class's image count (HAM10000 has only ~1% df/vasc): enough for a 20-image
+    # fine-tune drawn from train while val and test still get some.
+    min_per_class: int = Field(40, gt=0)
 
 
 class LoraParams(_Section):

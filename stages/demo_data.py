@@ -1,0 +1,9 @@
+"""demo_data: draw the embedded demo set in HAM10000's release layout, or mark it skipped for real data (DESIGN.md)."""
+
+import sys
+
+from pipeline.cli import run_stage
+from pipeline.data.demo import make_demo
+
+if __name__ == "__main__":
+    sys.exit(run_stage("demo_data", make_demo))

@@ -1,0 +1,108 @@
+"""The embedded demo set: HAM10000's exact layout, class frequencies, lesion grouping, determinism from the seed."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from fixtures_data import make_workspace
+from PIL import Image
+
+from pipeline.data.demo import HAM_COUNTS, METADATA_COLUMNS, class_counts, make_demo, write_demo
+from pipeline.data.ham10000 import load_metadata
+from pipeline.params import parse_params
+
+PARTS = {"HAM10000_images_part_1", "HAM10000_images_part_2"}
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("demo") / "HAM10000"
+    write_demo(folder, seed=3, images=140, size=48, min_per_class=12)
+    return folder
+
+
+def test_class_counts_follow_ham10000_with_a_floor():
+    counts = class_counts(1500, 40)
+    assert sum(counts.values()) == 1500
+    assert min(counts.values()) >= 40
+    assert counts["nv"] > counts["mel"] >= counts["bkl"] > counts["bcc"] > counts["akiec"] > counts["df"] - 1
+    big = class_counts(10015, 1)
+    assert big == HAM_COUNTS
+    tiny = class_counts(70, 40)
+    assert sum(tiny.values()) == 70 and min(tiny.values()) == 10
+
+
+def test_exact_release_layout_and_schema(demo):
+    assert sorted(p.name for p in demo.iterdir()) == sorted([*PARTS, "HAM10000_metadata.csv"])
+    meta = pd.read_csv(demo / "HAM10000_metadata.csv", dtype=str, keep_default_na=False)
+    assert list(meta.columns) == METADATA_COLUMNS
+    assert len(meta) == 140 and meta["image_id"].is_unique
+    assert meta["lesion_id"].str.fullmatch(r"HAM_\d{7}").all()
+    assert meta["image_id"].str.fullmatch(r"ISIC_\d{7}").all()
+    assert set(meta["dx_type"]) <= {"histo", "follow_up", "consensus", "confocal"}
+    assert set(meta["sex"]) <= {"male", "female", "unknown"}
+    assert meta["age"].map(lambda a: a == "" or re.fullmatch(r"\d+\.0", a) is not None).all()
+    files = {p.name: p.parent.name for p in demo.rglob("*.jpg")}
+    assert set(files) == {f"{i}.jpg" for i in meta["image_id"]}
+    assert set(files.values()) == PARTS
+    with Image.open(next(demo.rglob("*.jpg"))) as img:
+        assert img.format == "JPEG" and img.mode == "RGB" and img.size == (48, 48)
+
+
+def test_frequencies_and_lesions(demo):
+    meta = pd.read_csv(demo / "HAM10000_metadata.csv", dtype=str, keep_default_na=False)
+    counts = meta["dx"].value_counts()
+    assert counts.to_dict() == class_counts(140, 12)
+    assert counts.idxmax() == "nv"
+    per_lesion = meta.groupby("lesion_id").size()
+    assert per_lesion.max() <= 4 and (per_lesion >= 2).sum() >= 5
+    assert (meta.groupby("lesion_id")["dx"].nunique() == 1).all()
+    assert (meta.groupby("lesion_id")[["sex", "age", "localization"]].nunique() == 1).all().all()
+
+
+def test_reader_accepts_demo(demo):
+    table = load_metadata(demo)
+    assert len(table) == 140 and set(table["dx"]) == set(HAM_COUNTS)
+
+
+def test_same_seed_is_byte_identical_other_seed_differs(demo, tmp_path):
+    again = tmp_path / "again"
+    write_demo(again, seed=3, images=140, size=48, min_per_class=12)
+    assert _digest(again) == _digest(demo)
+    other = tmp_path / "other"
+    write_demo(other, seed=4, images=140, size=48, min_per_class=12)
+    assert _digest(other)["HAM10000_metadata.csv"] != _digest(demo)["HAM10000_metadata.csv"]
+    shared = set(_digest(other)) & set(_digest(demo))
+    assert any(_digest(other)[k] != _digest(demo)[k] for k in shared if k.endswith(".jpg"))
+
+
+def test_stage_writes_demo_and_grid(tmp_path, monkeypatch):
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    workspace = make_workspace(tmp_path / "ws")
+    monkeypatch.chdir(workspace)
+    params = parse_params({"seed": 1, "demo": {"images": 80, "size": 32, "min_per_class": 8}})
+    summary = make_demo(params)
+    assert summary["images"] == 80
+    assert (workspace / "data/demo/HAM10000/HAM10000_metadata.csv").is_file()
+    with Image.open(workspace / "reports/demo_grid.png") as grid:
+        assert grid.width > 200 and grid.height > 7 * 32
+    assert not any(p.name.startswith(".") for p in (workspace / "data").iterdir())  # no temporaries left
+
+
+def test_stage_with_real_source_writes_only_a_marker(tmp_path, monkeypatch):
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    workspace = make_workspace(tmp_path / "ws")
+    monkeypatch.chdir(workspace)
+    (workspace / "data/demo/HAM10000").mkdir(parents=True)  # an older demo set is replaced by the marker
+    make_demo(parse_params({"data": {"source": "/data/HAM10000"}}))
+    assert [p.name for p in (workspace / "data/demo").iterdir()] == ["SKIPPED"]
+    assert "/data/HAM10000" in (workspace / "data/demo/SKIPPED").read_text()
+    assert (workspace / "reports/demo_grid.png").is_file()
