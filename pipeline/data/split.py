@@ -1,0 +1,217 @@
+"""The prepare stage: validated table -> lesion-grouped, dx-stratified train/val/test split + per-class fine-tune samples.
+
+Design choices (DESIGN.md):
+- The split covers every class in the data, not only ``data.classes``, so changing the class list
+  leaves split.csv byte-identical and DVC does not retrain the base model.
+- Each class is split on its own, by shuffling its lesions with a generator seeded by (seed, class):
+  one class's split never depends on another class's data.
+- Fine-tune images come from train only, seeded by (seed, class), preferring distinct lesions.
+- A runtime guard refuses to write anything if a lesion crosses splits or a fine-tune image is not in train.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.atomic import atomic_dir, clean_stale_temps, write_json
+from pipeline.data.ham10000 import read_source
+from pipeline.errors import PipelineError
+from pipeline.params import CLASS_NAMES, Params
+from pipeline.paths import DEMO_DIR, FINETUNE_DIR, PREPARED_DIR, REPORTS_DIR, SPLIT_CSV, resolve_user_path, workspace_root
+
+SPLITS = ("train", "val", "test")
+SPLIT_COLUMNS = ["image_id", "lesion_id", "dx", "split", "path"]
+FINETUNE_COLUMNS = ["image_id", "lesion_id", "dx", "path"]
+DATA_JSON = REPORTS_DIR / "data.json"
+
+
+def _class_seed(seed: int, name: str, purpose: int) -> np.random.Generator:
+    """A generator that depends only on (seed, class, purpose): stable whatever other classes exist."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode()), purpose])
+
+
+def source_folder(params: Params) -> Path:
+    """The folder prepare reads: the demo set inside the workspace, or the user's HAM10000 folder."""
+    if params.data.is_demo:
+        return workspace_root() / DEMO_DIR
+    return resolve_user_path(params.data.source, "data.source")
+
+
+def _lesion_strata(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per lesion: its stratum (most frequent dx, ties alphabetical) and image count."""
+    counts = frame.groupby(["lesion_id", "dx"]).size().rename("n").reset_index()
+    counts = counts.sort_values(["lesion_id", "n", "dx"], ascending=[True, False, True])
+    strata = counts.drop_duplicates("lesion_id")[["lesion_id", "dx"]]
+    sizes = frame.groupby("lesion_id").size().rename("images")
+    return strata.merge(sizes, left_on="lesion_id", right_index=True).sort_values("lesion_id").reset_index(drop=True)
+
+
+def assign_splits(frame: pd.DataFrame, val: float, test: float, seed: int) -> pd.DataFrame:
+    """Add a ``split`` column: whole lesions go to train/val/test, each class close to the requested fractions.
+
+    Within a class the lesions are shuffled and laid end to end; a lesion falls in test/val/train by where its
+    middle image lands. Classes with 3+ lesions always get at least one lesion in each of val and test.
+    """
+    lesions = _lesion_strata(frame)
+    split_of: dict[str, str] = {}
+    for dx, group in lesions.groupby("dx", sort=True):
+        order = group.iloc[_class_seed(seed, str(dx), 1).permutation(len(group))]
+        sizes = order["images"].to_numpy()
+        total = sizes.sum()
+        middle = np.cumsum(sizes) - sizes / 2
+        labels = np.where(middle < test * total, "test", np.where(middle < (test + val) * total, "val", "train"))
+        if len(order) >= 3:
+            if "test" not in labels:
+                labels[0] = "test"
+            if "val" not in labels:
+                labels[np.flatnonzero(labels != "test")[0]] = "val"
+            if "train" not in labels:
+                labels[-1] = "train"
+        split_of.update(zip(order["lesion_id"], labels))
+    out = frame.copy()
+    out["split"] = out["lesion_id"].map(split_of)
+    return out
+
+
+def sample_finetune(split: pd.DataFrame, class_code: str, count: int, seed: int) -> pd.DataFrame:
+    """``count`` train images of one class, one per lesion before any lesion gives a second; sorted by image_id."""
+    train = split[(split["dx"] == class_code) & (split["split"] == "train")].sort_values("image_id")
+    if len(train) < count:
+        lesions = train["lesion_id"].nunique()
+        raise PipelineError(
+            f"class {class_code!r} has only {len(train)} train image(s) ({lesions} lesion(s)) but data.finetune_images "
+            f"is {count}; lower data.finetune_images or add images of {class_code}"
+        )
+    shuffled = train.iloc[_class_seed(seed, class_code, 2).permutation(len(train))].copy()
+    shuffled["_round"] = shuffled.groupby("lesion_id").cumcount()
+    chosen = shuffled.sort_values("_round", kind="stable").head(count)
+    return chosen.sort_values("image_id")[FINETUNE_COLUMNS].reset_index(drop=True)
+
+
+def check_no_leakage(split: pd.DataFrame, finetune: Mapping[str, pd.DataFrame]) -> None:
+    """Refuse to write a split where a lesion crosses splits or a fine-tune image is not a train image."""
+    crossing = split.groupby("lesion_id")["split"].nunique()
+    crossing = crossing[crossing > 1]
+    if len(crossing):
+        lesion = crossing.index[0]
+        where = sorted(set(split.loc[split["lesion_id"] == lesion, "split"]))
+        raise PipelineError(
+            f"leakage: lesion {lesion!r} is in several splits ({', '.join(where)}); {len(crossing)} lesion(s) affected"
+        )
+    bad_split = split.loc[~split["split"].isin(SPLITS), "split"]
+    if len(bad_split):
+        raise PipelineError(f"split column holds {bad_split.iloc[0]!r}; expected one of {', '.join(SPLITS)}")
+    train_ids = set(split.loc[split["split"] == "train", "image_id"])
+    for class_code, sample in finetune.items():
+        outside = sample.loc[~sample["image_id"].isin(train_ids), "image_id"]
+        if len(outside):
+            raise PipelineError(
+                f"leakage: fine-tune image {outside.iloc[0]!r} of class {class_code!r} is not in the train split "
+                f"({len(outside)} such image(s))"
+            )
+
+
+def _relative(path: str, root: Path) -> str:
+    """Workspace-relative POSIX path when the image lives inside the workspace (portable across copies), else absolute."""
+    p = Path(path)
+    try:
+        return p.relative_to(root).as_posix()
+    except ValueError:
+        return p.as_posix()
+
+
+def build(params: Params) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict, list[dict]]:
+    """Everything prepare writes, computed in memory: (split table, fine-tune tables, data report, skipped images)."""
+    data = params.data
+    folder = source_folder(params)
+    if data.is_demo and not folder.exists():
+        raise PipelineError(f"{folder}: demo data not found; run `dvc repro demo_data` first")
+    table, source = read_source(folder, on_bad_image=data.on_bad_image)
+    present = sorted(set(table["dx"]))
+    for class_code in data.classes:
+        if class_code not in present:
+            raise PipelineError(
+                f"data.classes: class {class_code!r} ({CLASS_NAMES[class_code]}) has no images in {source.metadata} "
+                f"(classes present: {', '.join(present)})"
+            )
+
+    split = assign_splits(table, data.split.val, data.split.test, params.seed)
+    root = workspace_root()
+    split["path"] = split["path"].map(lambda p: _relative(p, root))
+    split = split.sort_values("image_id")[SPLIT_COLUMNS].reset_index(drop=True)
+
+    per_class = split.groupby(["dx", "split"]).size().unstack(fill_value=0).reindex(columns=list(SPLITS), fill_value=0)
+    for class_code in data.classes:
+        for name in ("val", "test"):
+            if per_class.at[class_code, name] == 0:
+                n = int(per_class.loc[class_code].sum())
+                lesions = split.loc[split["dx"] == class_code, "lesion_id"].nunique()
+                raise PipelineError(
+                    f"class {class_code!r} gets no {name} image: only {n} image(s) in {lesions} lesion(s), "
+                    "at least 3 lesions are needed to fill train, val and test"
+                )
+    finetune = {c: sample_finetune(split, c, data.finetune_images, params.seed) for c in data.classes}
+    check_no_leakage(split, finetune)
+
+    selected = split[split["dx"].isin(data.classes)]
+    report = {
+        "source": str(source.metadata.parent),
+        "layout": source.layout,
+        "classes": {
+            c: {
+                **{name: int(per_class.at[c, name]) for name in SPLITS},
+                "images": int(per_class.loc[c].sum()),
+                "lesions": int(split.loc[split["dx"] == c, "lesion_id"].nunique()),
+                "finetune": len(finetune[c]),
+            }
+            for c in data.classes
+        },
+        "totals": {
+            **{name: int((selected["split"] == name).sum()) for name in SPLITS},
+            "images": len(selected),
+            "lesions": int(selected["lesion_id"].nunique()),
+        },
+        "all_classes": {
+            "images": len(split),
+            "lesions": int(split["lesion_id"].nunique()),
+            **{name: int((split["split"] == name).sum()) for name in SPLITS},
+        },
+        "skipped_images": len(source.skipped),
+        "warnings": len(source.warnings),
+    }
+    return split, finetune, report, source.skipped
+
+
+def write_outputs(root: Path, split: pd.DataFrame, finetune: Mapping[str, pd.DataFrame], report: dict,
+                  skipped: list[dict] | None = None) -> None:
+    """data/prepared appears complete in one rename; reports/data.json by write-then-rename."""
+    check_no_leakage(split, finetune)
+    prepared = root / PREPARED_DIR
+    clean_stale_temps(prepared.parent)
+    with atomic_dir(prepared) as temp:
+        split.to_csv(temp / SPLIT_CSV.name, index=False, lineterminator="\n")
+        (temp / FINETUNE_DIR.name).mkdir()
+        for class_code, sample in sorted(finetune.items()):
+            sample.to_csv(temp / FINETUNE_DIR.name / f"{class_code}.csv", index=False, lineterminator="\n")
+        pd.DataFrame(skipped or [], columns=["image_id", "reason"]).to_csv(temp / "skipped.csv", index=False, lineterminator="\n")
+    write_json(root / DATA_JSON, report)
+
+
+def prepare(params: Params) -> dict:
+    """The prepare stage (see module docstring); returns the data report also written to reports/data.json."""
+    from pipeline import tracking
+
+    split, finetune, report, skipped = build(params)
+    root = workspace_root()
+    write_outputs(root, split, finetune, report, skipped)
+    metrics = {f"{c}.{k}": v for c, counts in report["classes"].items() for k, v in counts.items()}
+    metrics.update({f"total.{k}": v for k, v in report["totals"].items()})
+    metrics["skipped_images"] = report["skipped_images"]
+    tracking.log_metrics(metrics)
+    tracking.log_artifact(root / DATA_JSON)
+    return report
