@@ -1,0 +1,324 @@
+"""The `screen` stage: measure every class's synthetic images against real ones and decide which may be used.
+
+Per class it embeds the synthetic images, the real *train* images and the fine-tuning images once,
+then computes FID / KID / k-NN precision-recall-coverage against real train, the memorization gate
+against the fine-tuning images, and (optionally) the baseline classifier's confidence filter.
+
+Outputs (all written atomically):
+- ``data/screened/synthetic.csv``: one row per synthetic image with ``kept``; augmented training
+  reads only kept rows, through ``load_kept_synthetic``.
+- ``reports/quality.json``: per-class metrics and counts plus totals (a DVC metrics file).
+- ``reports/quality/closest_<class>.png``: the synthetic images closest to a fine-tuning image,
+  side by side with it, for a person to judge the memorization gate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from pipeline import atomic, tracking
+from pipeline.data.images import open_rgb
+from pipeline.errors import PipelineError
+from pipeline.params import CLASS_NAMES, Params
+from pipeline.paths import CLASSIFIER_DIR, FINETUNE_DIR, REPORTS_DIR, SPLIT_CSV, SYNTHETIC_DIR, workspace_root
+
+SCREENED_DIR = Path("data/screened")
+SCREENED_CSV = SCREENED_DIR / "synthetic.csv"
+QUALITY_JSON = REPORTS_DIR / "quality.json"
+QUALITY_DIR = REPORTS_DIR / "quality"
+BASELINE_DIR = CLASSIFIER_DIR / "baseline"
+COLUMNS = ["class", "path", "kept", "memorized", "nn_image_id", "nn_cosine", "nn_ssim", "confidence", "reason"]
+SSIM_MAX_SIZE = 128  # memorization pairs are compared at the synthetic resolution, capped here
+
+
+@dataclass
+class ClassInputs:
+    """Everything one class's screening reads, validated before any image is decoded."""
+
+    synthetic: list[Path]  # absolute
+    synthetic_rel: list[str]  # as written to synthetic.csv: relative to the workspace root
+    train: list[Path]
+    finetune: list[Path]
+    finetune_ids: list[str]
+
+
+def _read_csv(path: Path, required: list[str], what: str, hint: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise PipelineError(f"{path}: {what} not found ({hint})")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path}: unreadable {what} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise PipelineError(f"{path}: {what} lacks column {missing[0]!r} (has {', '.join(frame.columns) or 'none'})")
+    return frame
+
+
+def _resolve(root: Path, value: str) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else root / path
+
+
+def gather_inputs(classes: list[str], root: Path) -> dict[str, ClassInputs]:
+    """Read split, fine-tune lists and manifests of every class; fail on the first missing/malformed file."""
+    split = _read_csv(root / SPLIT_CSV, ["image_id", "dx", "split", "path"], "split file", "run `dvc repro prepare`")
+    inputs = {}
+    for code in classes:
+        ft_csv = root / FINETUNE_DIR / f"{code}.csv"
+        finetune = _read_csv(ft_csv, ["image_id", "dx", "path"], "fine-tune list", "run `dvc repro prepare`")
+        if finetune.empty:
+            raise PipelineError(f"{ft_csv}: fine-tune list is empty; the memorization check needs the fine-tuning images")
+        wrong = finetune.loc[finetune["dx"] != code, "dx"]
+        if not wrong.empty:
+            raise PipelineError(f"{ft_csv}: row with dx {wrong.iloc[0]!r} in the fine-tune list of {code!r}")
+        folder = root / SYNTHETIC_DIR / code
+        manifest = _read_csv(folder / "manifest.csv", ["file", "class"], "synthetic manifest", f"run `dvc repro generate@{code}`")
+        wrong = manifest.loc[manifest["class"] != code, "class"]
+        if not wrong.empty:
+            raise PipelineError(f"{folder / 'manifest.csv'}: row with class {wrong.iloc[0]!r} in the manifest of {code!r}")
+        rel = [(SYNTHETIC_DIR / code / name).as_posix() for name in manifest["file"]]
+        train = split[(split["split"] == "train") & (split["dx"] == code)]
+        inputs[code] = ClassInputs(
+            synthetic=[root / r for r in rel],
+            synthetic_rel=rel,
+            train=[_resolve(root, p) for p in train["path"]],
+            finetune=[_resolve(root, p) for p in finetune["path"]],
+            finetune_ids=list(finetune["image_id"]),
+        )
+    return inputs
+
+
+def _metric(fn, *args, **kwargs):
+    """A metric's value, or None when the sets are too small for it (reported as null, never as a fake number)."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError:
+        return None
+
+
+def distribution_metrics(real: np.ndarray, fake: np.ndarray, params: Params, seed: int) -> dict[str, float | None]:
+    """FID, KID mean/std and k-NN precision/recall/coverage of ``fake`` against ``real``."""
+    from pipeline.quality.metrics import frechet_distance, kernel_inception_distance, precision_recall
+
+    q = params.quality
+    kid = _metric(kernel_inception_distance, real, fake, subset_size=q.kid_subset_size, subsets=q.kid_subsets, seed=seed)
+    pr = _metric(precision_recall, real, fake, k=q.pr_neighbours) or {}
+    return {
+        "fid": _metric(frechet_distance, real, fake),
+        "kid_mean": kid[0] if kid else None,
+        "kid_std": kid[1] if kid else None,
+        "precision": pr.get("precision"),
+        "recall": pr.get("recall"),
+        "coverage": pr.get("coverage"),
+    }
+
+
+def _reason(memorized: bool, exclude: bool, low_confidence: bool, confidence: float, tau: float | None) -> str:
+    parts = []
+    if memorized:
+        parts.append("memorized" if exclude else "memorized (kept: quality.memorization.exclude is false)")
+    if low_confidence:
+        parts.append(f"low_confidence ({confidence:.3f} < {tau})")
+    return "; ".join(parts)
+
+
+def _closest_figure(target: Path, code: str, synth_px, ft_px, frame: pd.DataFrame, nn_index, count: int) -> None:
+    """The ``count`` synthetic images nearest to a fine-tuning image (top row) above that image (bottom row)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = np.argsort(-frame["nn_cosine"].to_numpy(), kind="stable")[:count]
+    cols = max(1, len(order))
+    fig, axes = plt.subplots(2, cols, figsize=(1.9 * cols, 4.4), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    if len(order) == 0:
+        axes[0, 0].text(0.5, 0.5, "no synthetic images", ha="center", va="center")
+    for col, i in enumerate(order):
+        row = frame.iloc[i]
+        axes[0, col].imshow(synth_px[i])
+        axes[1, col].imshow(ft_px[nn_index[i]])
+        colour = "red" if row["memorized"] else "black"
+        axes[0, col].set_title(
+            f"cos {row['nn_cosine']:.3f}\nssim {row['nn_ssim']:.3f}" + ("\nMEMORIZED" if row["memorized"] else ""),
+            fontsize=8, color=colour,
+        )
+        axes[1, col].set_title(str(row["nn_image_id"]), fontsize=7)
+    fig.suptitle(f"{code} ({CLASS_NAMES[code]}): synthetic (top) vs nearest fine-tuning image (bottom)", fontsize=9)
+    fig.tight_layout()
+    with atomic.atomic_file(target) as temp:
+        fig.savefig(temp, format="png", dpi=90)
+    plt.close(fig)
+
+
+def screen(params: Params) -> dict:
+    """Run the `screen` stage in the current workspace; returns the quality report it wrote."""
+    from pipeline.quality.features import (
+        ClassifierFeatures,
+        InceptionFeatures,
+        embed_paths,
+        inception_weights_path,
+        load_arrays,
+        load_baseline_classifier,
+    )
+    from pipeline.quality.memorization import check_memorization
+    from pipeline.quality.metrics import frechet_distance
+
+    root = workspace_root()
+    q = params.quality
+    classes = params.data.classes
+    inputs = gather_inputs(classes, root)
+    baseline = load_baseline_classifier(root / BASELINE_DIR)
+    unknown = [c for c in classes if c not in baseline.classes]
+    if unknown:
+        raise PipelineError(
+            f"{root / BASELINE_DIR / 'config.json'}: baseline classifier has no class {unknown[0]!r} "
+            f"(trained on {', '.join(baseline.classes)}; run `dvc repro train@baseline`)"
+        )
+    classifier = ClassifierFeatures(baseline)
+    extractor = classifier if q.extractor == "baseline_classifier" else InceptionFeatures(inception_weights_path(q.inception_weights))
+
+    frames, report, figures = [], {}, {}
+    for index, code in enumerate(tqdm(classes, desc="screen", unit="class")):
+        inp = inputs[code]
+        n = len(inp.synthetic)
+        train_feats = embed_paths(inp.train, extractor, extractor.input_size, q.batch, desc=f"{code} real train")
+        ft_feats = embed_paths(inp.finetune, extractor, extractor.input_size, q.batch, desc=f"{code} fine-tune")
+        synth_in = load_arrays(inp.synthetic, extractor.input_size, desc=f"{code} synthetic")
+        if extractor is classifier:
+            synth_feats, probs = classifier.features_and_probs(list(synth_in)) if n else (np.empty((0, 0)), np.empty((0, 0)))
+        else:
+            synth_feats = extractor(list(synth_in)) if n else np.empty((0, 0))
+            clf_in = load_arrays(inp.synthetic, classifier.input_size, desc=f"{code} synthetic")
+            probs = classifier.features_and_probs(list(clf_in))[1] if n else np.empty((0, 0))
+        confidence = probs[:, baseline.classes.index(code)] if n else np.empty(0)
+
+        # Pixels for SSIM and the figure: the synthetic resolution (all generated images share it), capped.
+        px_size = min(SSIM_MAX_SIZE, *open_rgb(inp.synthetic[0]).size) if n else SSIM_MAX_SIZE
+        synth_px = load_arrays(inp.synthetic, px_size, desc=f"{code} synthetic pixels")
+        ft_px = load_arrays(inp.finetune, px_size, desc=f"{code} fine-tune pixels")
+        centre = train_feats.mean(axis=0) if len(train_feats) else ft_feats.mean(axis=0)
+        memo = check_memorization(synth_feats, synth_px, ft_feats, ft_px, q.memorization, centre=centre)
+
+        tau = q.filter_confidence
+        low_conf = confidence < tau if tau is not None else np.zeros(n, dtype=bool)
+        dropped_mem = memo.memorized & q.memorization.exclude
+        kept = ~dropped_mem & ~low_conf
+        frame = pd.DataFrame(
+            {
+                "class": code,
+                "path": inp.synthetic_rel,
+                "kept": kept,
+                "memorized": memo.memorized,
+                "nn_image_id": [inp.finetune_ids[i] for i in memo.nn_index],
+                "nn_cosine": np.round(memo.nn_cosine, 6),
+                "nn_ssim": np.round(memo.nn_ssim, 6),
+                "confidence": np.round(confidence, 6),
+                "reason": [
+                    _reason(bool(m), q.memorization.exclude, bool(lc), float(c), tau)
+                    for m, lc, c in zip(memo.memorized, low_conf, confidence)
+                ],
+            },
+            columns=COLUMNS,
+        )
+        frames.append(frame)
+
+        metrics = distribution_metrics(train_feats, synth_feats, params, seed=params.seed + index)
+        metrics["fid_kept"] = _metric(frechet_distance, train_feats, synth_feats[kept]) if kept.sum() else None
+        report[code] = {
+            **metrics,
+            "n_synthetic": n,
+            "n_real_train": len(inp.train),
+            "n_finetune": len(inp.finetune),
+            "n_memorized": int(memo.memorized.sum()),
+            "n_filtered": int(low_conf.sum()),
+            "n_kept": int(kept.sum()),
+            "max_nn_cosine": float(memo.nn_cosine.max()) if n else None,
+            "max_nn_ssim": float(memo.nn_ssim.max()) if n else None,
+            "mean_confidence": float(confidence.mean()) if n else None,
+        }
+        figures[code] = (synth_px, ft_px, frame, memo.nn_index)
+
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
+    quality = {
+        "extractor": extractor.name,
+        "settings": {
+            "memorization_cosine": q.memorization.cosine,
+            "memorization_ssim": q.memorization.ssim,
+            "memorization_rule": q.memorization.rule,
+            "memorization_exclude": q.memorization.exclude,
+            "filter_confidence": q.filter_confidence,
+        },
+        "classes": report,
+        "totals": _totals(report),
+    }
+
+    with atomic.atomic_dir(root / SCREENED_DIR) as folder:
+        table.to_csv(folder / SCREENED_CSV.name, index=False)
+    with atomic.atomic_dir(root / QUALITY_DIR) as folder:
+        for code, (synth_px, ft_px, frame, nn_index) in figures.items():
+            _closest_figure(folder / f"closest_{code}.png", code, synth_px, ft_px, frame, nn_index, q.closest_pairs)
+    atomic.write_json(root / QUALITY_JSON, quality)
+
+    flat = {f"quality.{code}.{k}": v for code, values in report.items() for k, v in values.items() if _loggable(v)}
+    flat.update({f"quality.total.{k}": v for k, v in quality["totals"].items() if _loggable(v)})
+    tracking.log_metrics(flat)
+    for code in classes:
+        tracking.log_artifact(root / QUALITY_DIR / f"closest_{code}.png", artifact_path="quality")
+    tracking.log_artifact(root / QUALITY_JSON, artifact_path="quality")
+    tracking.log_artifact(root / SCREENED_CSV, artifact_path="quality")
+    return quality
+
+
+def _loggable(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _totals(report: dict[str, dict]) -> dict[str, float | int | None]:
+    """Counts summed over classes; metrics averaged over the classes where they are defined (macro mean)."""
+    totals: dict[str, float | int | None] = {
+        key: int(sum(r[key] for r in report.values()))
+        for key in ("n_synthetic", "n_memorized", "n_filtered", "n_kept")
+    }
+    for key in ("fid", "kid_mean", "precision", "recall", "coverage"):
+        values = [r[key] for r in report.values() if r[key] is not None]
+        totals[f"{key}_macro"] = float(np.mean(values)) if values else None
+    return totals
+
+
+def load_kept_synthetic(path: str | Path = SCREENED_CSV, classes: list[str] | None = None) -> pd.DataFrame:
+    """The synthetic images the `screen` stage kept: columns ``class``, ``path`` (relative to the workspace root).
+
+    Augmented training calls this instead of reading data/synthetic directly, so memorized and
+    low-confidence images never reach the classifier. ``classes``: the run's data.classes; a file
+    screened for other classes is stale and rejected.
+    """
+    path = Path(path)
+    full = path if path.is_absolute() else workspace_root() / path
+    frame = _read_csv(full, ["class", "path", "kept"], "screened synthetic list", "run `dvc repro screen`")
+    truth = {"true": True, "1": True, "false": False, "0": False}
+    kept = frame["kept"].str.strip().str.lower().map(truth)
+    if kept.isna().any():
+        bad = frame.loc[kept.isna(), "kept"].iloc[0]
+        raise PipelineError(f"{full}: column 'kept' must be True/False, got {bad!r}")
+    if classes is not None:
+        stale = sorted(set(frame["class"]) - set(classes))
+        if stale:
+            raise PipelineError(
+                f"{full}: lists class {stale[0]!r} which is not in data.classes {classes} (stale; run `dvc repro screen`)"
+            )
+    out = frame.loc[kept.astype(bool), ["class", "path"]].reset_index(drop=True)
+    root = workspace_root()
+    missing = [p for p in out["path"] if not _resolve(root, p).is_file()]
+    if missing:
+        raise PipelineError(f"{full}: kept image {missing[0]} does not exist (stale; run `dvc repro screen`)")
+    return out
