@@ -83,6 +83,9 @@ def gather_inputs(classes: list[str], root: Path) -> dict[str, ClassInputs]:
         wrong = manifest.loc[manifest["class"] != code, "class"]
         if not wrong.empty:
             raise PipelineError(f"{folder / 'manifest.csv'}: row with class {wrong.iloc[0]!r} in the manifest of {code!r}")
+        outside = [name for name in manifest["file"] if folder.resolve() not in (folder / name).resolve().parents]
+        if outside:
+            raise PipelineError(f"{folder / 'manifest.csv'}: file {outside[0]!r} lies outside {folder}")
         rel = [(SYNTHETIC_DIR / code / name).as_posix() for name in manifest["file"]]
         train = split[(split["split"] == "train") & (split["dx"] == code)]
         inputs[code] = ClassInputs(
