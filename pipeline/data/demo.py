@@ -73,7 +73,7 @@ def class_counts(total: int, min_per_class: int) -> dict[str, int]:
 def _jitter(rng: np.random.Generator, rgb: tuple[float, float, float], amount: float) -> np.ndarray:
     """A colour varied in brightness and per channel, so one class never has a single exact colour."""
     bright = rng.normal(1.0, amount)
-    return np.clip(np.array(rgb, dtype=np.float32) * bright + rng.normal(0, amount * 60, 3), 0, 255)
+    return np.clip(np.array(rgb, dtype=np.float32) * bright * rng.normal(1.0, amount * 0.35, 3), 0, 255)
 
 
 def _noise(rng: np.random.Generator, side: int, cells: int) -> np.ndarray:
@@ -98,6 +98,9 @@ class _Canvas:
         return cls(side, u, v)
 
 
+_ANGLES = 2048
+
+
 def _shape(rng: np.random.Generator, cv: _Canvas, radius: float, irregular: float, asym: float, jag: float):
     """The lesion's polar geometry: radial coordinate t (0 centre, 1 border), angle and border radius."""
     cx, cy = rng.uniform(-0.18, 0.18, 2)
@@ -107,14 +110,17 @@ def _shape(rng: np.random.Generator, cv: _Canvas, radius: float, irregular: floa
     y = (-dx * math.sin(angle) + dy * math.cos(angle)) * aspect
     rho = np.sqrt(x * x + y * y)
     theta = np.arctan2(y, x)
-    border = np.ones_like(rho)
-    border += asym * np.cos(theta + rng.uniform(0, 2 * math.pi))
+    # The border radius is a function of the angle only: evaluate it on a fine 1-D grid, then look it up per pixel.
+    grid = np.linspace(-math.pi, math.pi, _ANGLES, endpoint=False, dtype=np.float32)
+    border = np.ones_like(grid)
+    border += asym * np.cos(grid + rng.uniform(0, 2 * math.pi))
     for k in range(2, 7):
-        border += irregular * rng.uniform(0.3, 1.0) / (k - 1) ** 0.6 * np.cos(k * theta + rng.uniform(0, 2 * math.pi))
+        border += irregular * rng.uniform(0.3, 1.0) / (k - 1) ** 0.6 * np.cos(k * grid + rng.uniform(0, 2 * math.pi))
     for k in (9, 13, 17):
-        border += jag * rng.uniform(0.5, 1.0) * np.cos(k * theta + rng.uniform(0, 2 * math.pi))
+        border += jag * rng.uniform(0.5, 1.0) * np.cos(k * grid + rng.uniform(0, 2 * math.pi))
     border = radius * np.clip(border, 0.35, None)
-    return rho / border, theta, (cx, cy, angle, aspect)
+    index = ((theta + math.pi) * (_ANGLES / (2 * math.pi))).astype(np.int32) % _ANGLES
+    return rho / border[index], theta, (cx, cy, angle, aspect)
 
 
 def _soft_mask(t: np.ndarray, edge: float) -> np.ndarray:
@@ -295,7 +301,7 @@ def view(rng: np.random.Generator, canvas: Image.Image, size: int, first: bool) 
     side = canvas.size[0]
     angle = 0.0 if first else rng.uniform(-25, 25)
     shift = np.zeros(2) if first else rng.uniform(-0.06, 0.06, 2) * size
-    rotated = canvas.rotate(angle, resample=Image.Resampling.BILINEAR, center=(side / 2, side / 2))
+    rotated = canvas if first else canvas.rotate(angle, resample=Image.Resampling.BILINEAR, center=(side / 2, side / 2))
     left, top = (side - size) / 2 + shift[0], (side - size) / 2 + shift[1]
     crop = rotated.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + size, top + size))
     arr = np.asarray(crop, dtype=np.float32)
