@@ -235,15 +235,7 @@ def test_screen_end_to_end_flags_the_planted_copy_and_writes_everything(workspac
     assert "data/synthetic/df/df_0000.png" not in set(kept["path"])
 
 
-def test_memorized_image_is_kept_but_flagged_when_exclude_is_false(workspace):
-    report = screen(toy_params(memorization={"exclude": False}))
-    table = pd.read_csv(workspace / "data/screened/synthetic.csv")
-    assert table.iloc[0]["memorized"] and table.iloc[0]["kept"]
-    assert "kept" in table.iloc[0]["reason"]
-    assert report["classes"]["df"]["n_memorized"] == 1 and report["classes"]["df"]["n_kept"] == 10
-
-
-def test_confidence_filter_keeps_exactly_the_images_at_or_above_tau(workspace):
+def test_confidence_filter_keeps_exactly_the_images_at_or_above_tau_and_exclude_false_keeps_copies(workspace):
     folder = workspace / "models/classifier/baseline"
     # A head that leans to 'df' but still varies per image, so tau splits both classes.
     model = save_classifier(folder, CLASSES, bias=[0.3, -0.3])
@@ -262,6 +254,10 @@ def test_confidence_filter_keeps_exactly_the_images_at_or_above_tau(workspace):
         assert table.loc[path, "kept"] == (p >= tau), path
         if p < tau:
             assert "low_confidence" in table.loc[path, "reason"]
+    # With exclude: false the planted copy is still flagged, and only the confidence filter decides on it.
+    copy = table.loc["data/synthetic/df/df_0000.png"]
+    assert copy["memorized"] and "memorized (kept: quality.memorization.exclude is false)" in copy["reason"]
+    assert report["classes"]["df"]["n_memorized"] == 1
     n_low = sum(p < tau for p in expected.values())
     assert 0 < n_low < len(expected)
     assert report["totals"]["n_filtered"] == n_low and report["totals"]["n_kept"] == len(expected) - n_low
