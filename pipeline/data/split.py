@@ -160,7 +160,7 @@ def build(params: Params) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict, 
 
     selected = split[split["dx"].isin(data.classes)]
     report = {
-        "source": str(source.metadata.parent),
+        "source": data.source,  # as configured: absolute paths would differ per machine in `dvc metrics diff`
         "layout": source.layout,
         "classes": {
             c: {
