@@ -198,11 +198,11 @@ def screen(params: Params) -> dict:
         ft_feats = embed_paths(inp.finetune, extractor, extractor.input_size, q.batch, desc=f"{code} fine-tune")
         synth_in = load_arrays(inp.synthetic, extractor.input_size, desc=f"{code} synthetic")
         if extractor is classifier:
-            synth_feats, probs = classifier.features_and_probs(list(synth_in)) if n else (np.empty((0, 0)), np.empty((0, 0)))
+            synth_feats, probs = _batched(classifier.features_and_probs, synth_in, q.batch)
         else:
-            synth_feats = extractor(list(synth_in)) if n else np.empty((0, 0))
+            synth_feats = _batched(lambda chunk: (extractor(chunk),), synth_in, q.batch)[0]
             clf_in = load_arrays(inp.synthetic, classifier.input_size, desc=f"{code} synthetic")
-            probs = classifier.features_and_probs(list(clf_in))[1] if n else np.empty((0, 0))
+            probs = _batched(classifier.features_and_probs, clf_in, q.batch)[1]
         confidence = probs[:, baseline.classes.index(code)] if n else np.empty(0)
 
         # Pixels for SSIM and the figure: the synthetic resolution (all generated images share it), capped.
@@ -280,6 +280,14 @@ def screen(params: Params) -> dict:
     tracking.log_artifact(root / QUALITY_JSON, artifact_path="quality")
     tracking.log_artifact(root / SCREENED_CSV, artifact_path="quality")
     return quality
+
+
+def _batched(fn, arrays: np.ndarray, batch: int) -> tuple[np.ndarray, ...]:
+    """``fn`` (returning a tuple of arrays) over chunks of ``batch`` images, concatenated; (0, 0) arrays for no images."""
+    parts = [fn(list(arrays[start : start + batch])) for start in range(0, len(arrays), batch)]
+    if not parts:
+        return (np.empty((0, 0)), np.empty((0, 0)))
+    return tuple(np.concatenate(column) for column in zip(*parts))
 
 
 def _loggable(value) -> bool:
