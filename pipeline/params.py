@@ -142,6 +142,42 @@ class ClassifierParams(_Section):
     patience: int = Field(3, gt=0)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
 
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct, got {seeds}")
+        return seeds
+
+
+class EvaluateParams(_Section):
+    """The `evaluate` stage: paired bootstrap of the baseline-vs-augmented gain on the real test split."""
+
+    bootstrap: int = Field(1000, ge=10)  # resamples of the test images for the 95% CI of the gain
+
+
+class MemorizationParams(_Section):
+    """When a synthetic image counts as a copy of a fine-tuning image (see pipeline/quality/memorization.py)."""
+
+    cosine: float = Field(0.97, gt=0, le=1)  # centred feature cosine to the nearest fine-tune image
+    ssim: float = Field(0.90, gt=0, le=1)  # pixel SSIM to that same image
+    rule: Literal["both", "either"] = "both"  # both: cosine AND ssim over threshold; either: OR
+    exclude: bool = True  # drop flagged images from the augmented training set
+
+
+class QualityParams(_Section):
+    """The `screen` stage: synthetic-image quality, memorization gate and classifier-guided filter."""
+
+    extractor: Literal["baseline_classifier", "inception"] = "baseline_classifier"
+    inception_weights: str | None = None  # local torch-fidelity Inception weights (never downloaded)
+    memorization: MemorizationParams = MemorizationParams()
+    filter_confidence: float | None = Field(None, gt=0, le=1)  # keep if baseline p(class) >= this
+    kid_subset_size: int = Field(50, ge=2)
+    kid_subsets: int = Field(100, gt=0)
+    pr_neighbours: int = Field(3, gt=0)
+    closest_pairs: int = Field(8, gt=0)  # pairs drawn per class in reports/quality/closest_<class>.png
+    batch: int = Field(32, gt=0)
+
 
 class MlflowParams(_Section):
     experiment: str = Field("lesion-synth", min_length=1)
@@ -154,7 +190,9 @@ class Params(_Section):
     diffusion: DiffusionParams = DiffusionParams()
     generate: GenerateParams = GenerateParams()
     classifier: ClassifierParams = ClassifierParams()
+    evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams = MlflowParams()
+    quality: QualityParams = QualityParams()
 
     def instance_token(self, class_code: str) -> str:
         return self.diffusion.instance_tokens.get(class_code, f"{class_code}tok")
