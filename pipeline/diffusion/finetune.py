@@ -1,0 +1,374 @@
+"""finetune@<class>: teach the base model one class under its own instance token (LoRA, DreamBooth or textual inversion).
+
+The loop is the plain diffusion recipe: draw cached latents, add noise at a random timestep,
+predict the noise (or v), MSE, step. What differs between methods is only *which* weights train
+(``TrainedPart``). The VAE and text encoder are frozen, so latents and prompt embeddings are
+computed once (``training_data``); textual inversion is the exception that re-encodes its one
+prompt each step, because the embedding it trains feeds the text encoder.
+
+Resumable: every ``diffusion.checkpoint_every`` steps the trainable weights, optimizer state,
+step and RNG states go to ``checkpoints/<class>/`` (safetensors + JSON, no pickle; outside
+``models/`` because DVC deletes outputs before running a stage). With ``diffusion.resume`` a
+rerun continues from there if the checkpoint was written for the same params, data and base
+model, and ends with bit-identical weights to an uninterrupted run on CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from pipeline import tracking
+from pipeline.atomic import atomic_dir, clean_stale_temps
+from pipeline.diffusion.generate import META_FILE, check_class, derive_seed, generate_images, image_grid, make_scheduler
+from pipeline.diffusion.training_data import (
+    encode_images,
+    encode_prompt,
+    load_images,
+    read_finetune_csv,
+    sha256_file,
+    tokenize,
+)
+from pipeline.errors import PipelineError
+from pipeline.params import CLASS_NAMES, Params
+from pipeline.paths import BASE_MODEL_DIR, CHECKPOINT_DIR, CLASS_MODELS_DIR, FINETUNE_DIR, workspace_root
+
+WEIGHT_DECAY = 1e-2
+MAX_GRAD_NORM = 1.0
+LOSS_WINDOW = 20  # final_loss in meta.json is the mean of the last this many steps
+VALIDATION = {"images": 4, "steps": 20, "guidance": 5.0, "scheduler": "dpmsolver++"}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def generic_prompt(params: Params, class_code: str) -> str:
+    """The class prompt without the instance token ("a dermoscopic image of dermatofibroma"): DreamBooth's prior."""
+    text = params.diffusion.prompt.format(token="", class_name=CLASS_NAMES[class_code])
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def base_sha256(base_dir: Path) -> str:
+    """sha256 over every file of models/base (the tiny weights, or base_model.json naming a real checkpoint)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in base_dir.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        digest.update(f"{path.relative_to(base_dir).as_posix()}\0{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def run_fingerprint(params: Params, class_code: str, csv_path: Path, base_sha: str, processes: int) -> str:
+    """What a checkpoint must match to be resumed: everything that changes the numbers, nothing that doesn't."""
+    diffusion = params.diffusion.model_dump(mode="json", exclude={"resume", "checkpoint_every", "pretrain"})
+    payload = {
+        "seed": params.seed, "class": class_code, "diffusion": diffusion, "data": sha256_file(csv_path),
+        "base": base_sha, "processes": processes,
+    }
+    return tracking.params_hash(payload)
+
+
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The UNet's regression target for the base scheduler's prediction_type, as in diffusers' train scripts."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise PipelineError(f"base scheduler prediction_type {kind!r} is not supported (epsilon or v_prediction)")
+
+
+def make_accelerator(mixed_precision: str):
+    """Accelerator for device placement, DDP and autocast; fp16/bf16 only where there is a GPU."""
+    from accelerate import Accelerator, PartialState
+
+    if mixed_precision != "no" and PartialState().device.type == "cpu":
+        print(f"warning: diffusion.mixed_precision={mixed_precision} needs a GPU; training in fp32 on CPU", file=sys.stderr)
+        mixed_precision = "no"
+    return Accelerator(mixed_precision=mixed_precision)
+
+
+# ------------------------------------------------------------------------------------- what trains
+
+
+@dataclass
+class TrainedPart:
+    """The trainable part of one method: the module accelerate prepares, its trainable tensors, and how to save it."""
+
+    module: torch.nn.Module
+    save: Callable[[Path], Path]  # writes the final weights into a folder; returns the weights file
+    trains_text: bool = False  # textual inversion: prompt embeddings change every step
+
+    def named_trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in self.module.named_parameters() if p.requires_grad}
+
+
+def attach_method(pipe, params: Params, class_code: str) -> TrainedPart:
+    from pipeline.diffusion import dreambooth, lora, textual_inversion
+
+    d = params.diffusion
+    pipe.vae.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    if d.method == "lora":
+        lora.add_lora(pipe.unet, d.lora)
+        return TrainedPart(pipe.unet, lambda folder: lora.save_lora(pipe.unet, folder))
+    if d.method == "dreambooth":
+        pipe.unet.requires_grad_(True)
+        return TrainedPart(pipe.unet, lambda folder: dreambooth.save_unet(pipe.unet, folder))
+    token = params.instance_token(class_code)
+    pipe.unet.requires_grad_(False)
+    embedding = textual_inversion.add_token(pipe, token, init_text=CLASS_NAMES[class_code])
+    return TrainedPart(
+        pipe.text_encoder, lambda folder: textual_inversion.save_embedding(embedding, token, folder), trains_text=True
+    )
+
+
+# -------------------------------------------------------------------------------------- checkpoints
+
+
+def _optimizer_to_safetensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state as flat tensors ("<param index>.<name>") + a JSON-able rest (param groups, scalar state)."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entries in state["state"].items():
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_safetensors(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in [*tensors.items(), *rest["scalars"].items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    # JSON turned tuples (betas) into lists; torch wants them back as they were.
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()} for g in rest["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    states = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return states
+
+
+def save_checkpoint(folder: Path, accelerator, part: TrainedPart, optimizer, generator, step: int, info: dict) -> None:
+    """Replace ``folder`` with the state after ``step`` steps (atomically: a kill mid-write keeps the previous one)."""
+    from accelerate.utils import gather_object
+
+    rng = gather_object([_rng_state(generator)])  # one entry per process
+    if not accelerator.is_main_process:
+        return
+    weights = {name: p.detach().float().cpu().contiguous() for name, p in part.named_trainable().items()}
+    opt_tensors, opt_rest = _optimizer_to_safetensors(optimizer)
+    with atomic_dir(folder) as temp:
+        save_file(weights, str(temp / "trainable.safetensors"))
+        save_file(opt_tensors, str(temp / "optimizer.safetensors"))
+        for rank, states in enumerate(rng):
+            save_file({k: v.contiguous() for k, v in states.items()}, str(temp / f"rng-{rank}.safetensors"))
+        (temp / "state.json").write_text(json.dumps({"step": step, **info, "optimizer": opt_rest}, indent=1))
+
+
+def load_checkpoint(folder: Path, fingerprint: str, accelerator, part: TrainedPart, optimizer, generator) -> tuple[int, list[float]]:
+    """Restore the last checkpoint if it belongs to this run; returns (steps done, recent losses), (0, []) to start fresh."""
+    state_file = folder / "state.json"
+    if not state_file.is_file():
+        return 0, []
+    try:
+        state = json.loads(state_file.read_text())
+        weights = load_file(str(folder / "trainable.safetensors"))
+        opt_tensors = load_file(str(folder / "optimizer.safetensors"))
+        rng = load_file(str(folder / f"rng-{accelerator.process_index}.safetensors"))
+    except (OSError, ValueError, SafetensorError) as exc:
+        print(f"warning: {folder}: unreadable checkpoint ({exc}); starting fresh", file=sys.stderr)
+        return 0, []
+    if state.get("fingerprint") != fingerprint:
+        print(f"{folder}: checkpoint was written for other params, data or base model; starting fresh", file=sys.stderr)
+        return 0, []
+    trainable = part.named_trainable()
+    if set(weights) != set(trainable):
+        raise PipelineError(f"{folder}: checkpoint weights do not match the model; delete the folder to start fresh")
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(weights[name])
+    optimizer.load_state_dict(_optimizer_from_safetensors(opt_tensors, state["optimizer"]))
+    generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in rng])
+    print(f"{folder}: resuming from step {state['step']}", file=sys.stderr)
+    return int(state["step"]), list(state.get("recent_losses", []))
+
+
+# ---------------------------------------------------------------------------------------- the stage
+
+
+def finetune_class(params: Params, class_code: str, *, stop_after: int | None = None) -> Path | None:
+    """Fine-tune the base model on ``data/prepared/finetune/<class>.csv``; writes ``models/diffusion/<class>/``.
+
+    stop_after: end the run after this many steps as if killed (checkpoints written so far stay,
+    no model is saved); used to test resuming. Returns the model folder, or None when stopped.
+    """
+    from pipeline.diffusion.base import load_base_pipeline
+    from pipeline.diffusion.dreambooth import prior_images
+
+    check_class(params, class_code)
+    d = params.diffusion
+    root = workspace_root()
+    csv_path = root / FINETUNE_DIR / f"{class_code}.csv"
+    image_paths = read_finetune_csv(csv_path, class_code)
+    base_dir = root / BASE_MODEL_DIR
+    out_dir = root / CLASS_MODELS_DIR / class_code
+    ckpt_dir = root / CHECKPOINT_DIR / class_code
+
+    accelerator = make_accelerator(d.mixed_precision)
+    device, main = accelerator.device, accelerator.is_main_process
+    if main:
+        clean_stale_temps(out_dir.parent)
+        clean_stale_temps(ckpt_dir.parent)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    pipe = load_base_pipeline(base_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    base_sha = base_sha256(base_dir)
+    fingerprint = run_fingerprint(params, class_code, csv_path, base_sha, accelerator.num_processes)
+    seed = derive_seed(params.seed, "finetune", class_code)
+    torch.manual_seed(seed)  # adapter initialisation draws from the global RNG
+
+    # Frozen encoders run once: latents of every image and its mirror image, embeddings of the prompts.
+    prompt = params.class_prompt(class_code)
+    instances = encode_images(pipe.vae, load_images(image_paths, d.resolution))
+    priors, prior_embeds = None, None
+    if d.method == "dreambooth" and d.prior_preservation:
+        generic = generic_prompt(params, class_code)
+        priors = encode_images(pipe.vae, prior_images(pipe, generic, d.class_images, d.resolution, derive_seed(seed, "prior")))
+        prior_embeds = encode_prompt(pipe, generic)
+    part = attach_method(pipe, params, class_code)
+    prompt_ids = tokenize(pipe.tokenizer, [prompt]).to(device)  # after attach: TI adds the token to the tokenizer
+    instance_embeds = None if part.trains_text else encode_prompt(pipe, prompt)
+
+    # Frozen weights may be half precision on a GPU; trainable ones stay fp32 for the optimizer.
+    if weight_dtype != torch.float32:
+        for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+            if module is not part.module or d.method == "lora":
+                module.to(device, weight_dtype)
+        for p in part.named_trainable().values():
+            p.data = p.data.float()
+    if d.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    trainable = list(part.named_trainable().values())
+    weight_decay = 0.0 if part.trains_text else WEIGHT_DECAY
+    optimizer = torch.optim.AdamW(trainable, lr=d.lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(derive_seed(seed, "steps", accelerator.process_index))
+
+    start, recent = (0, [])
+    if d.resume:
+        start, recent = load_checkpoint(ckpt_dir, fingerprint, accelerator, part, optimizer, generator)
+    elif (ckpt_dir / "state.json").is_file() and main:
+        print(f"{ckpt_dir}: diffusion.resume is false; ignoring the checkpoint there", file=sys.stderr)
+    model, optimizer = accelerator.prepare(part.module, optimizer)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    timesteps_total = noise_scheduler.config.num_train_timesteps
+    batch = d.batch
+    model.train()
+
+    bar = tqdm(range(start, d.steps), initial=start, total=d.steps, desc=f"finetune {class_code}", disable=not main, mininterval=1)
+    for step in bar:
+        # --- batch: cached latents (+ prior-class latents), noised at random timesteps
+        latents = instances.sample(torch.randint(len(instances), (batch,), generator=generator), generator)
+        if part.trains_text:
+            states = model(prompt_ids)[0]
+        else:
+            states = instance_embeds
+        states = states.expand(batch, -1, -1)
+        if priors is not None:
+            latents = torch.cat([latents, priors.sample(torch.randint(len(priors), (batch,), generator=generator), generator)])
+            states = torch.cat([states, prior_embeds.expand(batch, -1, -1)])
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, timesteps_total, (latents.shape[0],), generator=generator)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        target = diffusion_target(noise_scheduler, latents, noise, timesteps).to(device)
+
+        # --- forward, loss, backward, step
+        unet = model if part.module is pipe.unet else pipe.unet
+        with accelerator.autocast():
+            pred = unet(noisy.to(device, weight_dtype), timesteps.to(device), states.to(weight_dtype)).sample.float()
+        if priors is not None:
+            pred, pred_prior = pred.chunk(2)
+            target, target_prior = target.chunk(2)
+            loss = F.mse_loss(pred, target) + d.prior_loss_weight * F.mse_loss(pred_prior, target_prior)
+        else:
+            loss = F.mse_loss(pred, target)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # --- bookkeeping
+        done = step + 1
+        value = accelerator.reduce(loss.detach(), "mean").item()
+        recent = (recent + [value])[-LOSS_WINDOW:]
+        if main:
+            tracking.log_metrics({f"finetune/{class_code}/loss": value}, step=done)
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+        if done % d.checkpoint_every == 0 and done < d.steps:
+            info = {"fingerprint": fingerprint, "recent_losses": recent, "method": d.method, "class": class_code}
+            save_checkpoint(ckpt_dir, accelerator, part, optimizer, generator, done, info)
+        if stop_after is not None and done >= stop_after:
+            return None
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    if main:
+        model.eval()
+        with atomic_dir(out_dir) as temp:
+            weights = part.save(temp)
+            validation_grid(pipe, params, class_code).save(temp / "samples.png")
+            meta = {
+                "method": d.method, "class": class_code, "token": params.instance_token(class_code), "prompt": prompt,
+                "steps": d.steps, "resumed_from_step": start or None,
+                "final_loss": sum(recent) / len(recent), "last_loss": recent[-1],
+                "base": {"source": d.base_model, "sha256": base_sha},
+                "params_hash": fingerprint,
+                "weights": weights.relative_to(temp).as_posix(), "weights_sha256": sha256_file(weights),
+                "images": len(image_paths), "resolution": d.resolution, "validation": VALIDATION,
+            }
+            (temp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        tracking.log_artifact(out_dir / "samples.png", artifact_path=f"finetune/{class_code}")
+        tracking.log_metrics({f"finetune/{class_code}/final_loss": meta["final_loss"]})
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return out_dir
+
+
+def validation_grid(pipe, params: Params, class_code: str):
+    """4 images of the class prompt from fixed seeds: the same every run, so runs compare by eye (and tests by pixel)."""
+    seed = derive_seed(params.seed, "finetune", class_code)
+    seeds = [derive_seed(seed, "validation", i) for i in range(VALIDATION["images"])]
+    scheduler = pipe.scheduler
+    pipe.scheduler = make_scheduler(VALIDATION["scheduler"], scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        images = generate_images(
+            pipe, params.class_prompt(class_code), "", seeds, steps=VALIDATION["steps"],
+            guidance=VALIDATION["guidance"], resolution=params.diffusion.resolution,
+        )
+    finally:
+        pipe.scheduler = scheduler
+    return image_grid(images, cols=VALIDATION["images"])

@@ -1,0 +1,112 @@
+"""LoRA on the UNet's attention projections, saved in diffusers' own format so ``pipe.load_lora_weights`` reads it.
+
+diffusers loads a LoRA file for the wrong architecture with at most a log line (unknown keys are
+skipped, mismatched shapes can slip through), so ``load_lora`` checks every key and shape against
+the UNet first and turns any mismatch into one PipelineError.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from diffusers.utils import logging as diffusers_logging
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
+
+from pipeline.errors import PipelineError
+from pipeline.params import LoraParams
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+# diffusers' format ("...to_q.lora.down.weight") and peft's ("...to_q.lora_A.weight") both appear in the wild.
+_KEY = re.compile(r"^unet\.(?P<module>.+)\.(?P<kind>lora\.down|lora\.up|lora_A|lora_B)\.weight$")
+
+
+def add_lora(unet, cfg: LoraParams) -> list[torch.nn.Parameter]:
+    """Freeze the UNet and attach a fresh adapter; returns the adapter's (only trainable) parameters."""
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian", target_modules=list(cfg.target_modules))
+    )
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def save_lora(unet, folder: str | Path) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` (+ the adapter config as metadata, so alpha != rank survives)."""
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(
+        str(folder),
+        unet_lora_layers={k: v.detach().float().cpu().contiguous() for k, v in state.items()},
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        safe_serialization=True,
+    )
+    return Path(folder) / LORA_FILE
+
+
+def check_lora_file(path: Path, unet) -> None:
+    """Every key must name a Linear of this UNet with matching in/out features; else one PipelineError."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise PipelineError(f"{path}: not a readable safetensors LoRA file ({exc})") from None
+    if not shapes:
+        raise PipelineError(f"{path}: LoRA file holds no tensors")
+    modules = dict(unet.named_modules())
+    for key, shape in sorted(shapes.items()):
+        match = _KEY.match(key)
+        if not match:
+            raise PipelineError(f"{path}: key {key!r} is not a UNet LoRA weight of this pipeline")
+        name = match["module"]
+        layer = modules.get(name)
+        layer = getattr(layer, "base_layer", layer)  # already wrapped by peft
+        if not isinstance(layer, torch.nn.Linear):
+            raise PipelineError(f"{path}: key {key!r} targets {name!r}, which is not a linear layer of this UNet")
+        down = match["kind"] in ("lora.down", "lora_A")
+        expected, got = (layer.in_features, shape[1]) if down else (layer.out_features, shape[0])
+        if len(shape) != 2 or got != expected:
+            raise PipelineError(
+                f"{path}: {key!r} has shape {list(shape)} but {name} has {expected} {'inputs' if down else 'outputs'}: "
+                "the LoRA was trained for another base model"
+            )
+    ranks = {}
+    for key, shape in shapes.items():
+        match = _KEY.match(key)
+        axis = 0 if match["kind"] in ("lora.down", "lora_A") else 1
+        ranks.setdefault(match["module"], set()).add(shape[axis])
+    uneven = sorted(name for name, r in ranks.items() if len(r) != 1)
+    if uneven:
+        raise PipelineError(f"{path}: down and up weights of {uneven[0]!r} disagree on the LoRA rank")
+
+
+@contextmanager
+def _quiet_diffusers():
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+def load_lora(pipe: StableDiffusionPipeline, folder: str | Path, fuse: bool = True) -> Path:
+    """Validate, load and (by default) fuse the class LoRA into ``pipe``; returns the weights file."""
+    path = Path(folder) / LORA_FILE
+    if not path.is_file():
+        raise PipelineError(f"{path}: LoRA weights not found; run the finetune stage first")
+    check_lora_file(path, pipe.unet)
+    try:
+        with _quiet_diffusers():  # it logs that the file has no text-encoder LoRA, which is by design
+            pipe.load_lora_weights(str(folder), weight_name=LORA_FILE, adapter_name="class")
+    except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+        raise PipelineError(f"{path}: could not load LoRA ({str(exc).splitlines()[0][:300]})") from None
+    if fuse:
+        # Bake the low-rank update into the base weights: generation then costs exactly as much as the base model.
+        pipe.fuse_lora(adapter_names=["class"])
+        pipe.unload_lora_weights()
+    return path

@@ -1,0 +1,107 @@
+"""The fine-tuning set of one class, encoded once: the VAE and text encoder are frozen, so their outputs are cached.
+
+Each image is encoded twice (as is and mirrored: the only augmentation; dermoscopy has no
+left or right) and the posterior *mean and std* are kept. Every training step draws a fresh
+latent ``mean + std * noise`` from the cached posterior, exactly what ``latent_dist.sample()``
+would give, without running the VAE again.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.paths import workspace_root
+
+FINETUNE_COLUMNS = ("image_id", "lesion_id", "dx", "path")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_finetune_csv(csv_path: str | Path, class_code: str) -> list[Path]:
+    """Absolute image paths of ``data/prepared/finetune/<class>.csv``; one-line errors for anything malformed."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise PipelineError(f"{csv_path}: fine-tuning list of class {class_code!r} not found; run the prepare stage first")
+    with csv_path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in FINETUNE_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise PipelineError(f"{csv_path}: missing column(s) {', '.join(missing)}")
+        rows = list(reader)
+    if not rows:
+        raise PipelineError(f"{csv_path}: no images to fine-tune class {class_code!r} on")
+    other = sorted({row["dx"] for row in rows} - {class_code})
+    if other:
+        raise PipelineError(f"{csv_path}: rows of class {other[0]!r} in the fine-tuning list of class {class_code!r}")
+    root = workspace_root()
+    paths = [p if (p := Path(row["path"])).is_absolute() else root / p for row in rows]
+    for row, path in zip(rows, paths):
+        if not path.is_file():
+            raise PipelineError(f"{csv_path}: image {row['image_id']} not found at {path}")
+    return paths
+
+
+def load_images(paths: list[Path], resolution: int) -> torch.Tensor:
+    """Images as float [N, 3, R, R] in [-1, 1], SD's VAE input range (centre-cropped, one resize)."""
+    from pipeline.data.images import open_rgb, resize_square
+
+    arrays = [np.asarray(resize_square(open_rgb(path), resolution)) for path in paths]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+@dataclass
+class LatentCache:
+    """Posterior mean/std of every image and its mirror image, in the VAE's unscaled latent space."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    scaling_factor: float
+    shift_factor: float
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def sample(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A draw from each indexed posterior, scaled as the UNet sees latents (what SD's train scripts do)."""
+        noise = torch.randn(self.mean[index].shape, generator=generator, dtype=self.mean.dtype)
+        latents = self.mean[index] + self.std[index] * noise.to(self.mean.device)
+        return (latents - self.shift_factor) * self.scaling_factor
+
+
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor, chunk: int = 8) -> LatentCache:
+    device, dtype = vae.device, vae.dtype
+    means, stds = [], []
+    for view in (images, images.flip(-1)):
+        for start in range(0, len(view), chunk):
+            dist = vae.encode(view[start : start + chunk].to(device, dtype)).latent_dist
+            means.append(dist.mean.float())
+            stds.append(dist.std.float())
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return LatentCache(torch.cat(means), torch.cat(stds), float(vae.config.scaling_factor), float(shift))
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+@torch.no_grad()
+def encode_prompt(pipe, prompt: str) -> torch.Tensor:
+    """The frozen text encoder's [1, 77, D] embedding of one prompt (computed once per run)."""
+    ids = tokenize(pipe.tokenizer, [prompt]).to(pipe.text_encoder.device)
+    return pipe.text_encoder(ids)[0].float()
