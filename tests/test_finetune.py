@@ -1,0 +1,202 @@
+"""finetune@<class> on a tiny random SD base at 32 px: real diffusers/peft code paths, a few steps each.
+
+Runs single-threaded: these tests share 2 cores with other processes, where two OpenMP threads
+per process slow every step down tenfold or more. Bitwise claims hold for a fixed thread count.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusion_workspace import make_workspace, micro_params, pixels, trained_workspace, unet_probe
+from pipeline.cli import run_stage
+from pipeline.diffusion.base import load_base_pipeline
+from pipeline.diffusion.finetune import base_sha256, finetune_class, validation_grid
+from pipeline.diffusion.generate import load_class_pipeline
+from pipeline.diffusion.lora import LORA_FILE, load_lora
+from pipeline.diffusion.training_data import sha256_file
+from pipeline.errors import PipelineError
+
+WEIGHTS = {
+    "lora": "pytorch_lora_weights.safetensors",
+    "dreambooth": "unet/diffusion_pytorch_model.safetensors",
+    "textual_inversion": "learned_embeds.safetensors",
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    from diffusion_workspace import build_base
+
+    return build_base(tmp_path_factory.mktemp("tiny") / "base")
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_base, monkeypatch):
+    root = make_workspace(tmp_path / "ws", tiny_base)
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_base):
+    params = micro_params("lora")
+    return trained_workspace(tmp_path_factory.mktemp("lora") / "ws", tiny_base, params), params
+
+
+def regenerate_samples_matches(pipe, params, folder) -> None:
+    """The validation grid redrawn by a *reloaded* model equals samples.png drawn by the in-memory trained one."""
+    path = folder / "redrawn.png"
+    validation_grid(pipe, params, "df").save(path)
+    assert (pixels(path) == pixels(folder / "samples.png")).all()
+
+
+def test_lora_changes_the_unet_only_when_loaded(lora_run, monkeypatch):
+    root, params = lora_run
+    monkeypatch.chdir(root)
+    folder = root / "models/diffusion/df"
+    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", LORA_FILE, "samples.png"]
+    assert not (root / "checkpoints/df").exists()  # deleted after the successful save
+
+    reference = unet_probe(load_base_pipeline(root / "models/base").unet)
+    pipe = load_base_pipeline(root / "models/base")
+    load_lora(pipe, folder, fuse=False)
+    with_lora = unet_probe(pipe.unet)
+    assert (with_lora - reference).abs().max() > 1e-3
+    pipe.unet.disable_adapters()
+    assert torch.equal(unet_probe(pipe.unet), reference)  # the base weights under the adapter are untouched
+    assert torch.equal(unet_probe(load_base_pipeline(root / "models/base").unet), reference)
+
+    fused = load_base_pipeline(root / "models/base")
+    load_lora(fused, folder, fuse=True)
+    torch.testing.assert_close(unet_probe(fused.unet), with_lora, rtol=1e-4, atol=1e-5)
+
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["method"] == "lora" and meta["token"] == "sks" and meta["steps"] == 4
+    assert meta["prompt"] == "a dermoscopic image of sks dermatofibroma"
+    assert meta["weights_sha256"] == sha256_file(folder / LORA_FILE)
+    assert meta["base"]["sha256"] == base_sha256(root / "models/base")
+
+
+def test_lora_file_reloads_with_diffusers_and_reproduces_the_trained_model(lora_run, monkeypatch):
+    root, params = lora_run
+    monkeypatch.chdir(root)
+    folder = root / "models/diffusion/df"
+    pipe = load_base_pipeline(root / "models/base")
+    pipe.load_lora_weights(str(folder))  # the plain diffusers call, rank 4 / alpha 8 read from the file's metadata
+    regenerate_samples_matches(pipe, params, folder)
+
+
+def test_dreambooth_fine_tunes_the_whole_unet_with_prior_preservation(workspace):
+    params = micro_params("dreambooth", {"prior_preservation": True})
+    folder = finetune_class(params, "df")
+    assert sorted(p.name for p in (folder / "unet").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    tuned = load_file(folder / WEIGHTS["dreambooth"])
+    base = load_file(workspace / "models/base/unet/diffusion_pytorch_model.safetensors")
+    assert tuned.keys() == base.keys()
+    changed = sum(not torch.equal(tuned[k], base[k]) for k in base)
+    assert changed > 0.9 * len(base)
+    pipe, weights, meta = load_class_pipeline(params, "df")
+    assert weights == folder / WEIGHTS["dreambooth"] and meta["method"] == "dreambooth"
+    regenerate_samples_matches(pipe, params, folder)
+
+
+def test_textual_inversion_changes_only_the_new_embedding_row(workspace):
+    params = micro_params("textual_inversion")
+    folder = finetune_class(params, "df")
+    assert sorted(p.name for p in folder.iterdir()) == ["learned_embeds.safetensors", "meta.json", "samples.png"]
+    learned = load_file(folder / WEIGHTS["textual_inversion"])
+    assert list(learned) == ["sks"] and learned["sks"].shape == (1, 64)
+
+    pipe = load_base_pipeline(workspace / "models/base")
+    table = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    init = table[pipe.tokenizer("dermatofibroma", add_special_tokens=False).input_ids].mean(0)
+    pipe.load_textual_inversion(str(folder / WEIGHTS["textual_inversion"]), token="sks")  # diffusers reads the file as is
+    after = pipe.text_encoder.get_input_embeddings().weight.detach()
+    assert after.shape[0] == table.shape[0] + 1
+    assert torch.equal(after[:-1], table)
+    assert torch.equal(after[-1], learned["sks"][0])
+    assert not torch.allclose(after[-1], init)  # the row trained away from its initialisation
+
+    pipe, _, _ = load_class_pipeline(params, "df")
+    regenerate_samples_matches(pipe, params, folder)
+
+
+@pytest.mark.parametrize("method", ["lora", "textual_inversion", "dreambooth"])
+def test_resume_after_a_kill_reaches_the_same_weights_bitwise(workspace, method):
+    params = micro_params(method, {"steps": 5, "checkpoint_every": 2})
+    folder = finetune_class(params, "df")
+    uninterrupted = load_file(folder / WEIGHTS[method])
+
+    assert finetune_class(params, "df", stop_after=3) is None  # "killed" during step 4, after the checkpoint at 2
+    checkpoint = workspace / "checkpoints/df"
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "optimizer.safetensors", "rng-0.safetensors", "state.json", "trainable.safetensors"
+    ]
+    assert json.loads((checkpoint / "state.json").read_text())["step"] == 2
+
+    folder = finetune_class(params, "df")
+    resumed = load_file(folder / WEIGHTS[method])
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    assert json.loads((folder / "meta.json").read_text())["resumed_from_step"] == 2
+    assert not checkpoint.exists()
+
+
+def test_a_checkpoint_of_other_params_is_not_resumed(workspace, capsys):
+    finetune_class(micro_params("lora"), "df", stop_after=2)
+    state = workspace / "checkpoints/df/state.json"
+    assert json.loads(state.read_text())["step"] == 2
+    capsys.readouterr()
+
+    finetune_class(micro_params("lora", {"lr": 5e-3}), "df", stop_after=1)
+    assert "checkpoint was written for other params, data or base model; starting fresh" in capsys.readouterr().err
+    finetune_class(micro_params("lora", {"resume": False}), "df", stop_after=1)
+    assert "diffusion.resume is false; ignoring the checkpoint" in capsys.readouterr().err
+    assert json.loads(state.read_text())["step"] == 2
+
+
+def test_gradient_checkpointing_changes_memory_not_results(workspace, lora_run):
+    folder = finetune_class(micro_params("lora", {"gradient_checkpointing": True}), "df")
+    plain = load_file(lora_run[0] / "models/diffusion/df" / LORA_FILE)
+    checkpointed = load_file(folder / LORA_FILE)
+    assert all(torch.equal(plain[k], checkpointed[k]) for k in plain)
+
+
+def test_mixed_precision_on_cpu_falls_back_to_fp32_with_a_warning(workspace, capsys):
+    finetune_class(micro_params("lora", {"mixed_precision": "bf16"}), "df", stop_after=1)
+    assert "warning: diffusion.mixed_precision=bf16 needs a GPU; training in fp32 on CPU" in capsys.readouterr().err
+
+
+def test_missing_finetune_list_is_named(workspace):
+    (workspace / "data/prepared/finetune/df.csv").unlink()
+    with pytest.raises(PipelineError, match=r"data/prepared/finetune/df\.csv: fine-tuning list of class 'df' not found"):
+        finetune_class(micro_params(), "df")
+
+
+def test_finetune_list_with_a_missing_image_is_named(workspace):
+    (workspace / "data/raw/ISIC_df0002.png").unlink()
+    with pytest.raises(PipelineError, match=r"df\.csv: image ISIC_df0002 not found at .*ISIC_df0002\.png"):
+        finetune_class(micro_params(), "df")
+
+
+def test_class_not_selected_is_one_line_from_the_stage(workspace, capsys):
+    import yaml
+
+    (workspace / "params.yaml").write_text(yaml.safe_dump(micro_params().model_dump(mode="json")))
+    assert run_stage("finetune", finetune_class, item="class_code", track=False, argv=["mel"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: finetune@mel: class 'mel' is not in data.classes (df, vasc)"]

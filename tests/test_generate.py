@@ -1,0 +1,191 @@
+"""generate@<class> from a LoRA fine-tuned on a tiny random SD base at 32 px: determinism, manifest, bad adapters.
+
+Single-threaded for the reason given in test_finetune.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from diffusion_workspace import build_base, micro_params, pixels, trained_workspace
+from pipeline.cli import run_stage
+from pipeline.diffusion.generate import (
+    MANIFEST_COLUMNS,
+    SCHEDULERS,
+    generate_class,
+    generate_images,
+    image_seed,
+    load_class_pipeline,
+    make_scheduler,
+)
+from pipeline.diffusion.lora import LORA_FILE
+from pipeline.diffusion.training_data import sha256_file
+from pipeline.errors import PipelineError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A workspace with a LoRA for df, trained once for this module."""
+    base = build_base(tmp_path_factory.mktemp("tiny") / "base")
+    params = micro_params("lora")
+    return trained_workspace(tmp_path_factory.mktemp("gen") / "ws", base, params), params
+
+
+@pytest.fixture
+def workspace(trained, monkeypatch):
+    root, params = trained
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    shutil.rmtree(root / "data/synthetic", ignore_errors=True)
+    return root, params
+
+
+def read_manifest(folder):
+    with (folder / "manifest.csv").open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        return reader.fieldnames, list(reader)
+
+
+def pixel_hashes(folder) -> dict[str, str]:
+    return {p.name: hashlib.sha256(pixels(p).tobytes()).hexdigest() for p in sorted(folder.glob("df_*.png"))}
+
+
+def test_manifest_lists_exactly_the_images_and_the_weights_used(workspace):
+    root, params = workspace
+    folder = generate_class(params, "df")
+    columns, rows = read_manifest(folder)
+    assert tuple(columns) == MANIFEST_COLUMNS
+    assert [r["file"] for r in rows] == ["df_00000.png", "df_00001.png", "df_00002.png"]
+    assert sorted(p.name for p in folder.glob("*.png")) == ["df_00000.png", "df_00001.png", "df_00002.png", "grid.png"]
+    weights_sha = sha256_file(root / "models/diffusion/df" / LORA_FILE)
+    for k, row in enumerate(rows):
+        assert row["class"] == "df" and row["prompt"] == "a dermoscopic image of sks dermatofibroma"
+        assert row["negative_prompt"] == "" and row["scheduler"] == "dpmsolver++"
+        assert (row["steps"], row["guidance"]) == ("2", "5.0")
+        assert int(row["seed"]) == image_seed(params.seed, "df", k)
+        assert row["weights_sha256"] == weights_sha
+        assert pixels(folder / row["file"]).shape == (32, 32, 3)
+    assert pixels(folder / "grid.png").shape == (32, 3 * 32, 3)  # up to 16 samples, 4 per row
+    assert not any(p.name.startswith(".") for p in folder.parent.iterdir())  # no temporaries left
+
+
+def test_generation_is_deterministic_for_a_fixed_seed(workspace):
+    _, params = workspace
+    first = pixel_hashes(generate_class(params, "df"))
+    second = pixel_hashes(generate_class(params, "df"))
+    assert len(first) == 3 and first == second
+    reseeded = pixel_hashes(generate_class(params.model_copy(update={"seed": 1}), "df"))
+    assert reseeded.keys() == first.keys() and all(reseeded[k] != first[k] for k in first)
+
+
+def test_any_image_regenerates_alone_with_identical_pixels(workspace):
+    """Image 1 was drawn in a batch of two; drawn alone from its manifest seed it is the same (bitwise, 1 thread)."""
+    root, params = workspace
+    folder = generate_class(params, "df")
+    _, rows = read_manifest(folder)
+    row = rows[1]
+    pipe, _, _ = load_class_pipeline(params, "df")
+    pipe.scheduler = make_scheduler(row["scheduler"], pipe.scheduler.config)
+    alone = generate_images(
+        pipe, row["prompt"], row["negative_prompt"], [int(row["seed"])],
+        steps=int(row["steps"]), guidance=float(row["guidance"]), resolution=32,
+    )[0]
+    alone.save(root / "alone.png")
+    assert (pixels(root / "alone.png") == pixels(folder / row["file"])).all()
+
+
+def test_every_scheduler_builds_from_the_base_config_and_samples(workspace):
+    _, params = workspace
+    pipe, _, _ = load_class_pipeline(params, "df")
+    config = pipe.scheduler.config
+    for name, (cls, _) in SCHEDULERS.items():
+        pipe.scheduler = make_scheduler(name, config)
+        assert type(pipe.scheduler) is cls
+        assert pipe.scheduler.config.num_train_timesteps == config.num_train_timesteps
+        assert pipe.scheduler.config.prediction_type == config.prediction_type
+        image = generate_images(pipe, "a dermoscopic image of sks dermatofibroma", "", [7], steps=2, guidance=3.0, resolution=32)
+        assert image[0].size == (32, 32)
+    assert make_scheduler("dpmsolver++", config).config.algorithm_type == "dpmsolver++"
+
+
+def _wrong_shape(tensors):
+    return {k: torch.zeros(v.shape[0], v.shape[1] + 8) if "lora.down" in k else v for k, v in tensors.items()}
+
+
+def _other_modules(tensors):
+    return {k.replace("attn1.to_q", "attn1.proj_zz"): v for k, v in tensors.items()}
+
+
+def _text_encoder_keys(tensors):
+    return {k.replace("unet.", "text_encoder.", 1): v for k, v in tensors.items()}
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (_wrong_shape, r"has shape \[4, \d+\] but .* has \d+ inputs: the LoRA was trained for another base model"),
+        (_other_modules, r"targets '.*attn1\.proj_zz', which is not a linear layer of this UNet"),
+        (_text_encoder_keys, r"key 'text_encoder\..*' is not a UNet LoRA weight of this pipeline"),
+    ],
+)
+def test_a_lora_for_another_architecture_is_one_clear_error(workspace, capsys, corrupt, message):
+    root, params = workspace
+    file = root / "models/diffusion/df" / LORA_FILE
+    original = file.read_bytes()
+    try:
+        save_file(corrupt(load_file(file)), str(file))
+        with pytest.raises(PipelineError, match=message):
+            load_class_pipeline(params, "df")
+        (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
+        assert run_stage("generate", generate_class, item="class_code", track=False, argv=["df"]) == 1
+        err = capsys.readouterr().err  # also holds diffusers' loading progress bars
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith("error: generate@df: ") and "Traceback" not in err
+        assert not (root / "data/synthetic/df").exists()
+    finally:
+        file.write_bytes(original)
+
+
+def test_generate_input_errors_name_the_problem(workspace):
+    root, params = workspace
+    with pytest.raises(PipelineError, match=r"class 'mel' is not in data.classes \(df, vasc\)"):
+        generate_class(params, "mel")
+    with pytest.raises(PipelineError, match=r"models/diffusion/vasc: no fine-tuned class model .*run the finetune stage first"):
+        generate_class(params, "vasc")
+    renamed = micro_params("lora", {"instance_tokens": {"df": "zzq"}})
+    with pytest.raises(PipelineError, match=r"trained with instance token 'sks' but params give 'zzq'; rerun finetune@df"):
+        generate_class(renamed, "df")
+
+
+def test_stages_log_loss_samples_and_grid_to_mlflow(workspace, isolated_mlflow):
+    import mlflow
+
+    from pipeline.diffusion.finetune import finetune_class
+
+    root, _ = workspace
+    params = micro_params("lora", {"steps": 3}, {"per_class": 2})
+    (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    assert run_stage("finetune", finetune_class, item="class_code", argv=["df"]) == 0
+    assert run_stage("generate", generate_class, item="class_code", argv=["df"]) == 0
+
+    client = mlflow.MlflowClient()
+    runs = {r.info.run_name: r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")}
+    finetune, generate = runs["finetune@df"], runs["generate@df"]
+    assert [m.step for m in client.get_metric_history(finetune.info.run_id, "finetune/df/loss")] == [1, 2, 3]
+    assert [a.path for a in client.list_artifacts(finetune.info.run_id, "finetune/df")] == ["finetune/df/samples.png"]
+    assert [a.path for a in client.list_artifacts(generate.info.run_id, "generate/df")] == ["generate/df/grid.png"]
