@@ -134,13 +134,18 @@ class ClassifierParams(_Section):
     arch: str = "efficientnet_b0"
     pretrained: bool = False
     image_size: int = Field(64, ge=16)
-    epochs: int = Field(8, gt=0)
-    batch: int = Field(64, gt=0)
-    lr: float = Field(1e-3, gt=0)
+    epochs: int = Field(20, gt=0)
+    batch: int = Field(32, gt=0)
+    lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     balance: Literal["weighted_sampler", "class_weighted_loss", "none"] = "weighted_sampler"
-    patience: int = Field(3, gt=0)
+    patience: int = Field(5, gt=0)
+    min_epochs: int = Field(10, ge=0)  # early stopping waits this long: from scratch, val accuracy sits at chance at first
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    # True: an epoch draws as many images as there are *real* train images for both variants, so augmented gets
+    # the same number of optimizer steps as baseline (the gain measures data, not extra compute).
+    equal_steps: bool = True
+    grad_clip: float = Field(1.0, ge=0)  # max gradient norm (0: off); from scratch, Adam spikes without it
 
     @field_validator("seeds")
     @classmethod

@@ -1,0 +1,258 @@
+"""What the classifier sees: image lists from split.csv and the synthetic manifests, leakage guards, and a
+decoded-once uint8 tensor cache.
+
+Why a cache: JPEG decoding + resizing every epoch costs more than the 64px forward pass on 2 CPU cores.
+Each image is decoded once (``pipeline.data.images.open_rgb``), centre-cropped/resized once, and stored as a
+``.npy`` keyed by the file's SHA-256 and the target size, so the cache is shared by both variants, by
+evaluate and by every DVC experiment (it lives under the original repository's ``.cache/``).
+Augmentations then run on the cached tensors (torchvision.transforms.v2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from pipeline.errors import PipelineError
+from pipeline.params import Params
+from pipeline.paths import CACHE_DIR, SPLIT_CSV, SYNTHETIC_DIR, store_root, workspace_root
+
+SPLIT_COLUMNS = ("image_id", "lesion_id", "dx", "split", "path")
+MANIFEST_COLUMNS = ("file", "class")
+# ImageNet statistics: what timm's pretrained weights expect; harmless when training from scratch.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+_CACHE_VERSION = "v1"  # bump when the decode/resize recipe changes
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image the classifier may see. ``origin`` is 'real' (a split.csv row) or 'synthetic' (a manifest row)."""
+
+    path: Path  # absolute
+    label: int  # index into params.data.classes
+    origin: str
+    split: str  # train | val | test (synthetic images count as train)
+    image_id: str
+
+
+def _resolve(path: str, root: Path) -> Path:
+    p = Path(path)
+    return (p if p.is_absolute() else root / p).resolve()
+
+
+def read_split(params: Params, root: Path | None = None) -> pd.DataFrame:
+    """split.csv restricted to ``data.classes``, with ``label`` and absolute ``abs_path`` columns added."""
+    root = root or workspace_root()
+    path = root / SPLIT_CSV
+    if not path.is_file():
+        raise PipelineError(f"{path}: split table not found; run `dvc repro prepare` first")
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in SPLIT_COLUMNS if c not in frame.columns]
+    if missing:
+        raise PipelineError(f"{path}: missing column(s) {', '.join(missing)}")
+    bad = sorted(set(frame["split"]) - {"train", "val", "test"})
+    if bad:
+        raise PipelineError(f"{path}: unknown split value {bad[0]!r} (expected train, val or test)")
+    classes = list(params.data.classes)
+    frame = frame[frame["dx"].isin(classes)].copy()
+    for class_code in classes:
+        if not (frame["dx"] == class_code).any():
+            raise PipelineError(f"{path}: no rows for class {class_code!r} of data.classes; rerun `dvc repro prepare`")
+    frame["label"] = frame["dx"].map({c: i for i, c in enumerate(classes)}).astype(int)
+    frame["abs_path"] = [str(_resolve(p, root)) for p in frame["path"]]
+    return frame.reset_index(drop=True)
+
+
+def real_samples(split: pd.DataFrame, which: str) -> list[Sample]:
+    rows = split[split["split"] == which]
+    return [
+        Sample(Path(p), int(label), "real", which, image_id)
+        for p, label, image_id in zip(rows["abs_path"], rows["label"], rows["image_id"])
+    ]
+
+
+def synthetic_samples(params: Params, root: Path | None = None) -> list[Sample]:
+    """All synthetic images of the selected classes, from ``data/synthetic/<class>/manifest.csv``."""
+    root = root or workspace_root()
+    samples: list[Sample] = []
+    for label, class_code in enumerate(params.data.classes):
+        folder = root / SYNTHETIC_DIR / class_code
+        manifest = folder / "manifest.csv"
+        if not manifest.is_file():
+            raise PipelineError(
+                f"{manifest}: synthetic manifest missing; run `dvc repro generate@{class_code}` "
+                "(the augmented classifier needs synthetic images of every class in data.classes)"
+            )
+        frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+        missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
+        if missing:
+            raise PipelineError(f"{manifest}: missing column(s) {', '.join(missing)}")
+        wrong = sorted(set(frame["class"]) - {class_code})
+        if wrong:
+            raise PipelineError(f"{manifest}: rows of class {wrong[0]!r} in the folder of class {class_code!r}")
+        for name in frame["file"]:
+            path = (folder / name).resolve()
+            if folder.resolve() not in path.parents:
+                raise PipelineError(f"{manifest}: file {name!r} lies outside {folder}")
+            if not path.is_file():
+                raise PipelineError(f"{manifest}: listed image {name!r} not found")
+            samples.append(Sample(path, label, "synthetic", "train", f"synthetic:{class_code}/{name}"))
+    return samples
+
+
+def assert_no_leakage(
+    train: Sequence[Sample],
+    split: pd.DataFrame,
+    *,
+    allow_synthetic: bool,
+    synthetic_root: Path | None = None,
+    digests: dict[Path, str] | None = None,
+) -> None:
+    """Runtime leakage guard for a training list, checked against split.csv itself (not the samples' own labels).
+
+    Refuses: any val/test image (by path or image_id, or byte-identical content when ``digests`` covers the
+    held-out files); any real image that is not a train row of split.csv; any synthetic image when
+    ``allow_synthetic`` is False (baseline). Raises PipelineError naming the first offending image.
+    """
+    synthetic_root = (synthetic_root or workspace_root() / SYNTHETIC_DIR).resolve()
+    held = split[split["split"] != "train"]
+    held_paths = {Path(p).resolve(): (s, i) for p, s, i in zip(held["abs_path"], held["split"], held["image_id"])}
+    held_ids = dict(zip(held["image_id"], held["split"]))
+    train_ids = set(split.loc[split["split"] == "train", "image_id"])
+    held_digests = {}
+    if digests is not None:
+        held_digests = {digests[p]: p for p in held_paths if p in digests}
+    for sample in train:
+        path = sample.path.resolve()
+        synthetic = sample.origin == "synthetic" or synthetic_root in path.parents
+        if synthetic and not allow_synthetic:
+            raise PipelineError(f"leakage guard: synthetic image {path} is in the baseline training list")
+        if path in held_paths:
+            which, image_id = held_paths[path]
+            raise PipelineError(f"leakage guard: {which} image {image_id} ({path}) is in the training list")
+        if not synthetic and sample.image_id in held_ids:
+            raise PipelineError(f"leakage guard: {held_ids[sample.image_id]} image {sample.image_id} is in the training list")
+        if not synthetic and sample.image_id not in train_ids:
+            raise PipelineError(f"leakage guard: {sample.image_id} ({path}) is not a train row of split.csv")
+        digest = digests.get(path) if digests is not None else None
+        if digest is not None and digest in held_digests:
+            raise PipelineError(f"leakage guard: training image {path} is byte-identical to held-out image {held_digests[digest]}")
+
+
+def assert_real_heldout(samples: Sequence[Sample], split: pd.DataFrame, which: str, synthetic_root: Path | None = None) -> None:
+    """Runtime guard for val/test lists: only real rows of split.csv with split == ``which``, never synthetic."""
+    synthetic_root = (synthetic_root or workspace_root() / SYNTHETIC_DIR).resolve()
+    rows = split[split["split"] == which]
+    allowed = {Path(p).resolve(): i for p, i in zip(rows["abs_path"], rows["image_id"])}
+    for sample in samples:
+        path = sample.path.resolve()
+        if sample.origin != "real" or synthetic_root in path.parents:
+            raise PipelineError(f"leakage guard: synthetic image {path} is in the {which} list")
+        if allowed.get(path) != sample.image_id:
+            raise PipelineError(f"leakage guard: {sample.image_id} ({path}) is not a {which} row of split.csv")
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_folder(size: int) -> Path:
+    return store_root() / CACHE_DIR / "classifier" / f"{_CACHE_VERSION}-{size}px"
+
+
+def _decode(path: Path, size: int) -> np.ndarray:
+    from pipeline.data.images import open_rgb, resize_square
+
+    return np.ascontiguousarray(np.asarray(resize_square(open_rgb(path), size), dtype=np.uint8).transpose(2, 0, 1))
+
+
+def load_images(paths: Iterable[Path], size: int, digests: dict[Path, str] | None = None) -> torch.Tensor:
+    """Images as one uint8 tensor (N, 3, size, size), decoded at most once per (content, size) ever.
+
+    ``digests`` (path -> sha256) is filled in as a side effect so callers can reuse the hashes.
+    """
+    digests = {} if digests is None else digests
+    folder = cache_folder(size)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = []
+    for path in paths:
+        path = Path(path).resolve()
+        digest = digests.get(path) or file_digest(path)
+        digests[path] = digest
+        cached = folder / f"{digest}.npy"
+        try:
+            array = np.load(cached, allow_pickle=False)
+        except (FileNotFoundError, ValueError, OSError):
+            array = _decode(path, size)
+            fd, temp = tempfile.mkstemp(prefix=f".{digest}.tmp-", suffix=".npy", dir=folder)
+            with os.fdopen(fd, "wb") as handle:
+                np.save(handle, array, allow_pickle=False)
+            os.replace(temp, cached)
+        arrays.append(array)
+    if not arrays:
+        return torch.empty((0, 3, size, size), dtype=torch.uint8)
+    return torch.from_numpy(np.stack(arrays))
+
+
+def train_transform() -> v2.Compose:
+    """Label-preserving augmentations for dermoscopy (no canonical orientation), applied to uint8 CHW tensors."""
+    return v2.Compose([
+        v2.RandomHorizontalFlip(),
+        v2.RandomVerticalFlip(),
+        v2.RandomRotation(degrees=30),
+        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(MEAN, STD),
+    ])
+
+
+def eval_transform() -> v2.Compose:
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+
+
+class TensorImages(Dataset):
+    """(image, label) pairs over a cached uint8 tensor; the transform runs per sample so each draw differs."""
+
+    def __init__(self, images: torch.Tensor, labels: Sequence[int], transform: v2.Transform | None = None):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = torch.as_tensor(list(labels), dtype=torch.long)
+        self.transform = transform or eval_transform()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with single_thread():
+            return self.transform(self.images[index]), self.labels[index]
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run tiny per-image ops on one thread: on a busy 2-core box, intra-op threading made them ~30x slower (measured)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,173 @@
+"""The evaluate stage: both classifiers on the held-out *real* test split, and whether the synthetic images helped.
+
+For every seed in ``classifier.seeds`` both variants predict the same test images; metrics are reported as
+mean ± std over seeds, and the gain (augmented − baseline) gets a 95% CI from a paired bootstrap over test
+images (same resampled indices for both variants and all seeds). The verdict reads the CI of the
+balanced-accuracy gain. Confusion outputs (CSV for DVC's confusion template, PNG) use the first seed.
+
+MLflow: besides the stage's own run (``tags.stage = 'evaluate'``, holding the gain and verdict), evaluate
+creates one run per variant under the same pipeline parent, tagged ``stage=evaluate`` and
+``variant=baseline|augmented``, holding that variant's test metrics. The latest baseline-vs-augmented pair:
+
+    MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/mlflow.db} python -c "import mlflow; print(mlflow.search_runs(experiment_names=['lesion-synth'], filter_string=\\"tags.stage = 'evaluate' and tags.variant != ''\\", order_by=['attributes.start_time DESC'], max_results=2)[['tags.variant', 'metrics.balanced_accuracy', 'metrics.macro_f1', 'tags.mlflow.parentRunId']])"
+
+(``EVALUATE_RUNS_FILTER`` below is that filter string; drop ``max_results=2`` to list every past evaluation.)
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.atomic import atomic_file, write_json
+from pipeline.classifier.dataset import assert_real_heldout, load_images, read_split, real_samples
+from pipeline.classifier.metrics import (
+    classification_metrics,
+    confusion,
+    mean_std,
+    paired_bootstrap,
+    paired_gain,
+    verdict,
+)
+from pipeline.classifier.model import load_classifier, read_config
+from pipeline.classifier.train import VARIANTS, predict_proba
+from pipeline.params import Params
+from pipeline.paths import CLASSIFIER_DIR, PLOTS_DIR, REPORTS_DIR, SYNTHETIC_DIR, workspace_root
+
+METRICS_JSON = REPORTS_DIR / "metrics.json"
+EVALUATE_RUNS_FILTER = "tags.stage = 'evaluate' and tags.variant != ''"
+
+
+def confusion_csv(variant: str) -> Path:
+    return PLOTS_DIR / f"confusion_{variant}.csv"
+
+
+def confusion_png(variant: str) -> Path:
+    return PLOTS_DIR / f"confusion_{variant}.png"
+
+
+def plot_confusion(ax, matrix: np.ndarray, classes: list[str], title: str, normalize: bool = False) -> None:
+    """Counts (or row-normalised recall) with class codes on both axes; used here and by the report."""
+    shown = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1) if normalize else matrix
+    ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else max(int(matrix.max()), 1))
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title(title, fontsize=10)
+    threshold = shown.max() / 2 if shown.size else 0
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            text = f"{shown[i, j]:.2f}" if normalize else str(int(matrix[i, j]))
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if shown[i, j] > threshold else "black")
+
+
+def _write_confusion(root: Path, variant: str, y_true: np.ndarray, y_pred: np.ndarray, classes: list[str],
+                     title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = pd.DataFrame({"actual": [classes[i] for i in y_true], "predicted": [classes[i] for i in y_pred]})
+    with atomic_file(root / confusion_csv(variant)) as temp:
+        table.to_csv(temp, index=False, lineterminator="\n")
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(classes), 1.0 + 0.7 * len(classes)))
+    plot_confusion(ax, confusion(y_true, y_pred, len(classes)), classes, title)
+    fig.tight_layout()
+    with atomic_file(root / confusion_png(variant)) as temp:
+        fig.savefig(temp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def _log_variant_runs(params: Params, metrics: dict, root: Path) -> dict[str, str]:
+    """One MLflow run per variant, children of this execution's parent run; returns {variant: run_id}."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    from pipeline import tracking
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    active = mlflow.active_run()
+    parent = (active.data.tags.get("mlflow.parentRunId") if active else None) or tracking.parent_run_id(params)
+    experiment_id = tracking.ensure_experiment(params.mlflow.experiment)
+    client = mlflow.MlflowClient()
+    now = int(time.time() * 1000)
+    run_ids = {}
+    for variant in VARIANTS:
+        tags = {
+            **tracking.execution_tags(params),
+            "stage": "evaluate",
+            "variant": variant,
+            "classes": ",".join(params.data.classes),
+            "method": params.diffusion.method,
+            "seed": ",".join(map(str, params.classifier.seeds)),
+            "verdict": metrics["verdict"],
+            "mlflow.parentRunId": parent,
+        }
+        if active:
+            tags["evaluate_run_id"] = active.info.run_id
+        run = client.create_run(experiment_id, run_name=f"evaluate@{variant}", tags=tags)
+        values = [Metric(k, float(v), now, 0) for k, v in metrics[variant].items() if isinstance(v, (int, float))]
+        for start in range(0, len(values), 200):
+            client.log_batch(run.info.run_id, metrics=values[start : start + 200])
+        for path in (confusion_png(variant), confusion_csv(variant)):
+            client.log_artifact(run.info.run_id, str(root / path), artifact_path="plots")
+        client.set_terminated(run.info.run_id, status="FINISHED")
+        run_ids[variant] = run.info.run_id
+    return run_ids
+
+
+def evaluate(params: Params) -> dict:
+    """Predict the real test split with every seed of both variants; write reports/metrics.json and confusion plots."""
+    from pipeline import tracking
+
+    root = workspace_root()
+    classes, seeds = list(params.data.classes), list(params.classifier.seeds)
+    split = read_split(params, root)
+    test = real_samples(split, "test")
+    assert_real_heldout(test, split, "test", root / SYNTHETIC_DIR)  # runtime guard: real test rows only
+    y_true = np.array([s.label for s in test])
+
+    probas: dict[str, list[np.ndarray]] = {}
+    for variant in VARIANTS:
+        folder = root / CLASSIFIER_DIR / variant
+        size = int(read_config(folder)["image_size"])
+        images = load_images([s.path for s in test], size)
+        probas[variant] = [predict_proba(load_classifier(folder, seed, classes), images) for seed in seeds]
+
+    per_seed = {v: [classification_metrics(y_true, p, classes) for p in probas[v]] for v in VARIANTS}
+    gain = paired_gain(per_seed["baseline"], per_seed["augmented"])
+    ci = paired_bootstrap(y_true, probas["baseline"], probas["augmented"], classes, params.evaluate.bootstrap, params.seed)
+    low, high = ci["balanced_accuracy"]
+    metrics = {
+        **{v: {**mean_std(per_seed[v]), "n_test": len(test), "n_seeds": len(seeds)} for v in VARIANTS},
+        "gain": gain,
+        "gain_ci95": {k: {"low": lo, "high": hi} for k, (lo, hi) in ci.items() if k in gain},
+        "verdict": verdict(low, high),
+        "bootstrap": params.evaluate.bootstrap,
+        "seeds": seeds,
+        "test_counts": {c: int((y_true == i).sum()) for i, c in enumerate(classes)},
+    }
+    for variant in VARIANTS:
+        y_pred = probas[variant][0].argmax(axis=1)
+        ba = per_seed[variant][0]["balanced_accuracy"]
+        _write_confusion(root, variant, y_true, y_pred, classes, f"{variant} (seed {seeds[0]}), balanced acc {ba:.3f}")
+    write_json(root / METRICS_JSON, metrics)
+
+    print(f"evaluate: balanced accuracy baseline {metrics['baseline']['balanced_accuracy']:.4f} -> augmented "
+          f"{metrics['augmented']['balanced_accuracy']:.4f}, gain {gain['balanced_accuracy']:+.4f} "
+          f"(95% CI {low:+.4f} .. {high:+.4f}): {metrics['verdict']}")
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.set_tags({"verdict": metrics["verdict"], "classes": ",".join(classes), "method": params.diffusion.method})
+        tracking.log_metrics({f"gain_{k}": v for k, v in gain.items()})
+        tracking.log_metrics({f"gain_ci95_low_{k}": v["low"] for k, v in metrics["gain_ci95"].items()})
+        tracking.log_metrics({f"gain_ci95_high_{k}": v["high"] for k, v in metrics["gain_ci95"].items()})
+        tracking.log_artifact(root / METRICS_JSON)
+    _log_variant_runs(params, metrics, root)
+    return metrics

@@ -1,0 +1,68 @@
+"""The classifier network (timm) and its weights on disk (safetensors only: loading never unpickles code)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.errors import PipelineError
+
+CONFIG_NAME = "config.json"
+
+
+def weights_name(seed: int) -> str:
+    return f"seed{seed}.safetensors"
+
+
+def create_classifier(arch: str, num_classes: int, pretrained: bool) -> torch.nn.Module:
+    """A timm model with a fresh ``num_classes`` head; ImageNet weights when ``pretrained`` (needs them cached or a network)."""
+    import timm
+
+    if not timm.is_model(arch):
+        raise PipelineError(f"classifier.arch: unknown timm architecture {arch!r} (e.g. efficientnet_b0)")
+    try:
+        return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes)
+    except Exception as exc:  # hub/network/cache errors come in many types; all mean the same to the user
+        if not pretrained:
+            raise
+        first = str(exc).splitlines()[0].split(". ")[0] if str(exc) else ""
+        reason = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        raise PipelineError(
+            f"classifier.pretrained: could not load ImageNet weights for {arch} ({reason}); set "
+            f"`classifier.pretrained: false` in params.yaml, or pre-download them once with network access: "
+            f"python -c \"import timm; timm.create_model('{arch}', pretrained=True)\""
+        ) from None
+
+
+def state_to_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached, contiguous CPU copy of the weights (what safetensors can store)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise PipelineError(f"{path}: classifier config not found; run `dvc repro train` first")
+    return json.loads(path.read_text())
+
+
+def load_classifier(folder: Path, seed: int, classes: list[str] | None = None) -> torch.nn.Module:
+    """Rebuild the network from ``config.json`` and load ``seed<k>.safetensors`` (eval mode, CPU)."""
+    config = read_config(folder)
+    if classes is not None and list(config["classes"]) != list(classes):
+        raise PipelineError(
+            f"{folder / CONFIG_NAME}: trained for classes {config['classes']} but data.classes is {classes}; rerun `dvc repro train`"
+        )
+    path = folder / weights_name(seed)
+    if not path.is_file():
+        raise PipelineError(f"{path}: weights of seed {seed} not found; rerun `dvc repro train` (classifier.seeds changed?)")
+    model = create_classifier(config["arch"], len(config["classes"]), pretrained=False)
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()

@@ -1,0 +1,308 @@
+"""The report stage: ``reports/summary.md``, the one page a person reads, answer first.
+
+Everything on the page is derived from files earlier stages wrote (reports/data.json, reports/metrics.json,
+reports/plots/confusion_*.csv, reports/train/*.json, split.csv, the synthetic manifests), so it can be
+regenerated without touching a model. Figures go to ``reports/figures/`` and are linked relatively.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.atomic import atomic_dir, atomic_file, write_text
+from pipeline.classifier.evaluate import METRICS_JSON, confusion_csv, plot_confusion
+from pipeline.classifier.metrics import HEADLINE
+from pipeline.classifier.train import VARIANTS
+from pipeline.errors import PipelineError
+from pipeline.params import CLASS_NAMES, Params
+from pipeline.paths import REPORTS_DIR, SYNTHETIC_DIR, workspace_root
+
+SUMMARY_MD = REPORTS_DIR / "summary.md"
+FIGURES_DIR = REPORTS_DIR / "figures"
+DATA_JSON = REPORTS_DIR / "data.json"
+SAMPLES_PER_SIDE = 4
+_METRIC_LABELS = {
+    "balanced_accuracy": "balanced accuracy",
+    "macro_recall": "macro recall",
+    "macro_f1": "macro F1",
+    "auroc_macro": "macro AUROC (one-vs-rest)",
+    "accuracy": "accuracy",
+}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_file(path) as temp:
+        fig.savefig(temp, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+
+
+def _read_json(path: Path, hint: str) -> dict:
+    if not path.is_file():
+        raise PipelineError(f"{path}: not found; {hint}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def _synthetic_files(root: Path, class_code: str) -> list[Path]:
+    """The class's synthetic PNGs listed in its manifest (empty when the class has none)."""
+    manifest = root / SYNTHETIC_DIR / class_code / "manifest.csv"
+    if not manifest.is_file():
+        return []
+    frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    return [root / SYNTHETIC_DIR / class_code / name for name in frame.get("file", [])]
+
+
+# ----------------------------------------------------------------------------- figures
+
+def samples_figure(params: Params, root: Path, split: pd.DataFrame, path: Path) -> None:
+    """A row per class: a few real train images | a few synthetic ones, drawn with ``params.seed``."""
+    from pipeline.data.images import open_rgb, resize_square
+
+    plt = _pyplot()
+    classes = list(params.data.classes)
+    size = 96
+    rng = np.random.default_rng(params.seed)
+    cols = 2 * SAMPLES_PER_SIDE
+    fig, axes = plt.subplots(len(classes), cols, figsize=(cols * 1.1, len(classes) * 1.15 + 0.4), squeeze=False)
+    for row, class_code in enumerate(classes):
+        real = split.loc[(split["dx"] == class_code) & (split["split"] == "train"), "abs_path"].tolist()
+        synthetic = _synthetic_files(root, class_code)
+        picks = [rng.choice(len(real), min(SAMPLES_PER_SIDE, len(real)), replace=False) if real else [],
+                 rng.choice(len(synthetic), min(SAMPLES_PER_SIDE, len(synthetic)), replace=False) if synthetic else []]
+        for side, (files, chosen) in enumerate(zip((real, synthetic), picks)):
+            for k in range(SAMPLES_PER_SIDE):
+                ax = axes[row, side * SAMPLES_PER_SIDE + k]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if k < len(chosen):
+                    ax.imshow(resize_square(open_rgb(files[chosen[k]]), size))
+                else:
+                    ax.set_facecolor("#eeeeee")
+                if row == 0 and k == 0:
+                    ax.set_title("real (train)" if side == 0 else "synthetic", loc="left", fontsize=9)
+        axes[row, 0].set_ylabel(class_code, rotation=0, ha="right", va="center", fontsize=10)
+    fig.suptitle("Real training images vs synthetic images, per class", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def confusion_figure(classes: list[str], root: Path, metrics: dict, path: Path) -> None:
+    """Row-normalised confusion matrices of both variants side by side (the evaluate stage's CSVs)."""
+    from pipeline.classifier.metrics import confusion
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(2.6 + 1.4 * len(classes), 1.2 + 0.75 * len(classes)))
+    index = {c: i for i, c in enumerate(classes)}
+    for ax, variant in zip(axes, VARIANTS):
+        table = pd.read_csv(root / confusion_csv(variant), dtype=str, keep_default_na=False)
+        matrix = confusion(table["actual"].map(index).to_numpy(), table["predicted"].map(index).to_numpy(), len(classes))
+        ba = metrics[variant]["balanced_accuracy"]
+        plot_confusion(ax, matrix, classes, f"{variant}: balanced acc {ba:.3f}", normalize=True)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def gain_figure(classes: list[str], metrics: dict, path: Path) -> None:
+    """Per-class recall gain (augmented − baseline) with its 95% bootstrap CI."""
+    plt = _pyplot()
+    shown = [c for c in classes if f"recall_{c}" in metrics["gain"]]
+    gains = np.array([metrics["gain"][f"recall_{c}"] for c in shown])
+    ci = [metrics["gain_ci95"].get(f"recall_{c}", {"low": g, "high": g}) for c, g in zip(shown, gains)]
+    errors = np.array([[g - b["low"] for g, b in zip(gains, ci)], [b["high"] - g for g, b in zip(gains, ci)]]).clip(min=0)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * max(len(shown), 1), 3.2))
+    ax.bar(shown, gains, color=["#2e7d32" if g > 0 else "#c62828" for g in gains], yerr=errors if len(shown) else None,
+           capsize=4)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_ylabel("recall gain (augmented − baseline)")
+    ax.set_title("Per-class recall gain, 95% paired bootstrap CI", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def curves_figure(root: Path, path: Path) -> bool:
+    """Validation balanced accuracy per epoch for each variant and seed (from reports/train/*.json); False if absent."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3))
+    drawn = False
+    for variant, style in zip(VARIANTS, ("-", "--")):
+        report = root / REPORTS_DIR / "train" / f"{variant}.json"
+        if not report.is_file():
+            continue
+        for seed, result in json.loads(report.read_text()).get("seeds", {}).items():
+            history = result.get("history", [])
+            ax.plot([h["epoch"] for h in history], [h["val_balanced_accuracy"] for h in history], style, marker="o",
+                    markersize=3, label=f"{variant} seed {seed}")
+            drawn = drawn or bool(history)
+    if drawn:
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("val balanced accuracy")
+        ax.legend(fontsize=8)
+        ax.set_title("Validation balanced accuracy during training", fontsize=10)
+        fig.tight_layout()
+        _save(fig, path)
+    else:
+        _pyplot().close(fig)
+    return drawn
+
+
+# ----------------------------------------------------------------------------- markdown
+
+def _fmt(value: float | None, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "—"
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
+def _with_std(stats: dict, key: str) -> str:
+    if key not in stats:
+        return "—"
+    std = stats.get(f"{key}_std", 0.0)
+    return f"{stats[key]:.3f} ± {std:.3f}" if stats.get("n_seeds", 1) > 1 else f"{stats[key]:.3f}"
+
+
+def _ci(metrics: dict, key: str) -> str:
+    ci = metrics.get("gain_ci95", {}).get(key)
+    return f"[{ci['low']:+.3f}, {ci['high']:+.3f}]" if ci else "—"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def data_table(params: Params, data: dict, split: pd.DataFrame, synthetic: dict[str, int]) -> str:
+    """Counts per class from reports/data.json (prepare's own numbers), falling back to split.csv."""
+    per_class = data.get("classes", {}) if isinstance(data, dict) else {}
+    rows = []
+    for class_code in params.data.classes:
+        counts = per_class.get(class_code) or {}
+        frame = split[split["dx"] == class_code]
+        value = {s: counts.get(s, int((frame["split"] == s).sum())) for s in ("train", "val", "test")}
+        rows.append([f"`{class_code}`", CLASS_NAMES[class_code], str(value["train"]), str(value["val"]), str(value["test"]),
+                     str(counts.get("lesions", frame["lesion_id"].nunique())), str(counts.get("finetune", "—")),
+                     str(synthetic[class_code])])
+    rows.append(["**all**", "", *[f"**{sum(int(r[i]) for r in rows)}**" for i in (2, 3, 4, 5)],
+                 f"**{sum(int(r[6]) for r in rows if r[6] != '—')}**", f"**{sum(synthetic.values())}**"])
+    return _table(["class", "diagnosis", "train", "val", "test", "lesions", "fine-tune", "synthetic"], rows)
+
+
+def render(params: Params, metrics: dict, data: dict, split: pd.DataFrame, synthetic: dict[str, int], curves: bool) -> str:
+    classes = list(params.data.classes)
+    base, aug, gain = metrics["baseline"], metrics["augmented"], metrics["gain"]
+    low_high = metrics["gain_ci95"].get("balanced_accuracy", {"low": float("nan"), "high": float("nan")})
+    c = params.classifier
+    n_seeds = len(metrics.get("seeds", c.seeds))
+    seeds_note = f"mean over {n_seeds} seeds" if n_seeds > 1 else f"seed {metrics.get('seeds', c.seeds)[0]}"
+    answer = metrics["verdict"]
+    lines = [
+        "# lesion-synth: do synthetic images help the classifier?",
+        "",
+        f"**{answer[0].upper() + answer[1:]}.** Balanced accuracy on the held-out real test set "
+        f"({base['n_test']} images): baseline **{_fmt(base['balanced_accuracy'])}** → augmented "
+        f"**{_fmt(aug['balanced_accuracy'])}**, gain **{_fmt(gain['balanced_accuracy'], True)}** "
+        f"(95% CI {_fmt(low_high['low'], True)} to {_fmt(low_high['high'], True)}; paired bootstrap over test images, "
+        f"{metrics.get('bootstrap', params.evaluate.bootstrap)} resamples, {seeds_note}).",
+        "",
+        f"Setup: classes {', '.join(f'`{x}`' for x in classes)}; synthetic images from per-class "
+        f"{params.diffusion.method} fine-tuning of `{params.diffusion.base_model}` ({sum(synthetic.values())} in total); "
+        f"classifier `{c.arch}` at {c.image_size}px, ≤{c.epochs} epochs (best on val balanced accuracy), "
+        f"balancing `{c.balance}`, pretrained={str(c.pretrained).lower()}. Val and test images are real only; "
+        "the augmented model trains on the same real images plus the synthetic ones.",
+        "",
+        "## Data",
+        "",
+        data_table(params, data, split, synthetic),
+        "",
+        "Splits are grouped by lesion (no lesion in two splits); fine-tuning images come from train only.",
+        "",
+        "## Baseline vs augmented",
+        "",
+        _table(["metric", "baseline", "augmented", "gain", "95% CI of gain"],
+               [[_METRIC_LABELS[k], _with_std(base, k), _with_std(aug, k), _fmt(gain.get(k), True), _ci(metrics, k)]
+                for k in HEADLINE if k in base and k in aug]),
+        "",
+        "Macro recall over the classes present in the test set is balanced accuracy by definition.",
+        "",
+        "## Per-class recall",
+        "",
+    ]
+    test_counts = metrics.get("test_counts", {})
+    rows = []
+    for class_code in classes:
+        key, prec = f"recall_{class_code}", f"precision_{class_code}"
+        rows.append([f"`{class_code}`", str(test_counts.get(class_code, "—")), _with_std(base, key), _with_std(aug, key),
+                     _fmt(gain.get(key), True), _ci(metrics, key), _with_std(base, prec), _with_std(aug, prec)])
+    lines += [
+        _table(["class", "test images", "recall baseline", "recall augmented", "gain", "95% CI",
+                "precision baseline", "precision augmented"], rows),
+        "",
+        "![Per-class recall gain](figures/per_class_gain.png)",
+        "",
+        "## Real vs synthetic samples",
+        "",
+        "![Real training images (left) and synthetic images (right), one row per class](figures/samples.png)",
+        "",
+        "## Confusion matrices",
+        "",
+        f"Row-normalised (each row is an actual class; the diagonal is its recall), {seeds_note.replace('mean over', 'first of')}.",
+        "",
+        "![Confusion matrices of both variants](figures/confusion.png)",
+        "",
+    ]
+    if curves:
+        lines += ["## Training", "", "![Validation balanced accuracy per epoch](figures/training_curves.png)", ""]
+    lines += [
+        "---",
+        "Numbers: `reports/metrics.json` (all metrics, gains and CIs), `reports/train/*.json` (per-seed training). "
+        "Runs: MLflow experiment "
+        f"`{params.mlflow.experiment}` (`tags.stage = 'evaluate'` runs hold each variant's test metrics).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def report(params: Params) -> Path:
+    """Write reports/summary.md and reports/figures/*.png, log them to MLflow, and close this execution's parent run."""
+    from pipeline import tracking
+    from pipeline.classifier.dataset import read_split
+
+    root = workspace_root()
+    classes = list(params.data.classes)
+    metrics = _read_json(root / METRICS_JSON, "run `dvc repro evaluate` first")
+    missing = [v for v in (*VARIANTS, "gain", "gain_ci95", "verdict") if v not in metrics]
+    if missing:
+        raise PipelineError(f"{root / METRICS_JSON}: missing key {missing[0]!r}; rerun `dvc repro evaluate`")
+    data = _read_json(root / DATA_JSON, "run `dvc repro prepare` first") if (root / DATA_JSON).exists() else {}
+    split = read_split(params, root)
+    synthetic = {c: len(_synthetic_files(root, c)) for c in classes}
+
+    figures = root / FIGURES_DIR
+    with atomic_dir(figures) as temp:  # the folder is replaced whole: no stale figure survives a rerun
+        samples_figure(params, root, split, temp / "samples.png")
+        confusion_figure(classes, root, metrics, temp / "confusion.png")
+        gain_figure(classes, metrics, temp / "per_class_gain.png")
+        curves = curves_figure(root, temp / "training_curves.png")
+    write_text(root / SUMMARY_MD, render(params, metrics, data, split, synthetic, curves))
+
+    for figure in sorted(figures.glob("*.png")):
+        tracking.log_artifact(figure, artifact_path="figures")
+    tracking.log_artifact(root / SUMMARY_MD)
+    tracking.finish_parent(params)
+    print(f"report: {root / SUMMARY_MD} ({metrics['verdict']})")
+    return root / SUMMARY_MD

@@ -1,0 +1,9 @@
+"""evaluate: both classifiers on the real test split; metrics, paired bootstrap gain and verdict."""
+
+import sys
+
+from pipeline.classifier.evaluate import evaluate
+from pipeline.cli import run_stage
+
+if __name__ == "__main__":
+    sys.exit(run_stage("evaluate", evaluate))

@@ -1,0 +1,73 @@
+"""A tiny throw-away workspace for the classifier tests: split.csv, real JPEGs, synthetic PNGs with manifests.
+
+Images are solid-ish discs whose colour depends on the class, so a 1-epoch model can learn something,
+and every file is distinct (random noise) so content hashes never collide across splits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from PIL import Image
+
+from pipeline.params import Params, parse_params
+
+CLASSES = ["bcc", "mel", "vasc"]
+_COLOURS = {"bcc": (210, 120, 120), "mel": (60, 40, 30), "vasc": (160, 30, 110), "nv": (120, 90, 60)}
+MANIFEST_COLUMNS = ["file", "class", "prompt", "negative_prompt", "seed", "scheduler", "steps", "guidance", "weights_sha256"]
+
+
+def _image(rng: np.random.Generator, colour: tuple[int, int, int], size: int) -> Image.Image:
+    yy, xx = np.mgrid[:size, :size]
+    centre = size / 2 + rng.normal(0, size / 12, 2)
+    radius = size * rng.uniform(0.2, 0.35)
+    disc = ((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) < radius**2
+    pixels = np.full((size, size, 3), (225, 185, 160), dtype=float)
+    pixels[disc] = colour
+    pixels += rng.normal(0, 12, pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def make_workspace(root: Path, counts: tuple[int, int, int] = (6, 2, 2), synthetic: int = 4, size: int = 40,
+                   classes: list[str] = CLASSES, seed: int = 0) -> Path:
+    """Write dvc.yaml (placeholder), data/prepared/split.csv, data/raw/*.jpg and data/synthetic/<class>/ into ``root``."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    raw = root / "data" / "raw"
+    raw.mkdir(parents=True)
+    rows = []
+    for dx in [*classes, "nv"]:  # nv is in the data but not selected: the classifier must ignore it
+        for split, n in zip(("train", "val", "test"), counts):
+            for _ in range(n):
+                image_id = f"ISIC_{len(rows):07d}"
+                _image(rng, _COLOURS[dx], size).save(raw / f"{image_id}.jpg", quality=95)
+                rows.append({"image_id": image_id, "lesion_id": f"HAM_{len(rows):07d}", "dx": dx, "split": split,
+                             "path": f"data/raw/{image_id}.jpg"})
+    prepared = root / "data" / "prepared"
+    prepared.mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(prepared / "split.csv", index=False)
+    for dx in classes:
+        folder = root / "data" / "synthetic" / dx
+        folder.mkdir(parents=True)
+        entries = []
+        for k in range(synthetic):
+            name = f"{dx}_{k:04d}.png"
+            _image(rng, _COLOURS[dx], 32).save(folder / name)
+            entries.append([name, dx, f"a dermoscopic image of tok {dx}", "", k, "dpmsolver++", 20, 5.0, "0" * 64])
+        pd.DataFrame(entries, columns=MANIFEST_COLUMNS).to_csv(folder / "manifest.csv", index=False)
+    (root / "reports").mkdir(exist_ok=True)
+    return root
+
+
+def micro_params(classes: list[str] = CLASSES, evaluate: dict | None = None, **classifier) -> Params:
+    """Params for tests: efficientnet_b0 at 32px, 1 epoch, small batches."""
+    c = {"image_size": 32, "epochs": 1, "batch": 8, "patience": 3, "seeds": [0], **classifier}
+    return parse_params({"data": {"classes": classes}, "classifier": c, "evaluate": evaluate or {"bootstrap": 50}})
+
+
+def write_params(root: Path, params: Params) -> None:
+    (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))

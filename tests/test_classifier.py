@@ -1,0 +1,209 @@
+"""train@<variant>: which images each variant trains on, the leakage guards, class balancing, resumable checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+from classifier_workspace import CLASSES, make_workspace, micro_params
+from safetensors.torch import load_file
+
+from pipeline.classifier.dataset import (
+    Sample,
+    assert_no_leakage,
+    assert_real_heldout,
+    file_digest,
+    load_images,
+    read_split,
+    real_samples,
+)
+from pipeline.classifier.model import create_classifier
+from pipeline.classifier.train import make_sampler, train_variant, training_samples
+from pipeline.cli import run_stage
+from pipeline.errors import PipelineError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread is faster than two fighting other processes for a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    root = make_workspace(tmp_path / "ws")
+    monkeypatch.chdir(root)
+    return root
+
+
+def test_synthetic_images_only_in_augmented_training_list(workspace):
+    params = micro_params()
+    split = read_split(params, workspace)
+    baseline = training_samples(params, "baseline", split, workspace)
+    augmented = training_samples(params, "augmented", split, workspace)
+    held_out = real_samples(split, "val") + real_samples(split, "test")
+
+    assert {s.origin for s in baseline} == {"real"}
+    assert len(baseline) == 6 * len(CLASSES)  # nv rows exist in split.csv but are not a selected class
+    synthetic = [s for s in augmented if s.origin == "synthetic"]
+    assert len(synthetic) == 4 * len(CLASSES)
+    assert all("data/synthetic" in s.path.as_posix() for s in synthetic)
+    assert [s for s in augmented if s.origin == "real"] == baseline  # same real images, same order
+    assert {s.origin for s in held_out} == {"real"}
+    assert not {s.path for s in held_out} & {s.path for s in augmented}
+    assert {CLASSES[s.label] for s in synthetic} == set(CLASSES)
+    for bad in (baseline, augmented):  # the guards accept the lists the stage builds
+        assert_no_leakage(bad, split, allow_synthetic=bad is augmented, synthetic_root=workspace / "data/synthetic")
+    assert_real_heldout(real_samples(split, "test"), split, "test", workspace / "data/synthetic")
+
+
+def test_leakage_guard_raises_on_bad_lists(workspace):
+    params = micro_params()
+    split = read_split(params, workspace)
+    train = training_samples(params, "baseline", split, workspace)
+    augmented = training_samples(params, "augmented", split, workspace)
+    test = real_samples(split, "test")
+    synthetic_root = workspace / "data/synthetic"
+
+    with pytest.raises(PipelineError, match=r"leakage guard: test image .* is in the training list"):
+        assert_no_leakage(train + test[:1], split, allow_synthetic=False, synthetic_root=synthetic_root)
+    relabelled = Sample(test[0].path, test[0].label, "real", "train", "ISIC_9999999")  # a test file under another id
+    with pytest.raises(PipelineError, match="leakage guard: test image"):
+        assert_no_leakage([*train, relabelled], split, allow_synthetic=False, synthetic_root=synthetic_root)
+    with pytest.raises(PipelineError, match="synthetic image .* baseline training list"):
+        assert_no_leakage(augmented, split, allow_synthetic=False, synthetic_root=synthetic_root)
+
+    # A byte-identical copy of a test image, entered in split.csv as a train row: caught by content hash.
+    copy = workspace / "data/raw/copy.jpg"
+    shutil.copyfile(test[0].path, copy)
+    frame = pd.read_csv(workspace / "data/prepared/split.csv")
+    frame.loc[len(frame)] = ["ISIC_0999999", "HAM_0999999", CLASSES[test[0].label], "train", "data/raw/copy.jpg"]
+    frame.to_csv(workspace / "data/prepared/split.csv", index=False)
+    split = read_split(params, workspace)
+    train = training_samples(params, "baseline", split, workspace)
+    digests = {s.path: file_digest(s.path) for s in train + real_samples(split, "test")}
+    with pytest.raises(PipelineError, match="byte-identical to held-out image"):
+        assert_no_leakage(train, split, allow_synthetic=False, synthetic_root=synthetic_root, digests=digests)
+
+    with pytest.raises(PipelineError, match="synthetic image .* in the test list"):
+        assert_real_heldout([*test, augmented[-1]], split, "test", synthetic_root)
+    with pytest.raises(PipelineError, match="is not a test row of split.csv"):
+        assert_real_heldout([*test, train[0]], split, "test", synthetic_root)
+
+
+def test_weighted_sampler_balances_class_draws():
+    """Statistical: 1000 draws from a 90/9/1 % data set; each class near 1/3 (fails with p << 1e-6 by chance)."""
+    labels = [0] * 900 + [1] * 90 + [2] * 10
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.tensor(labels)[list(make_sampler(labels, 3, "weighted_sampler", generator))]
+    assert len(draws) == len(labels)
+    shares = torch.bincount(draws, minlength=3).double() / len(draws)
+    assert torch.allclose(shares, torch.full((3,), 1 / 3, dtype=torch.double), atol=0.06), shares
+    plain = torch.tensor(labels)[list(make_sampler(labels, 3, "none", generator))]
+    assert torch.bincount(plain, minlength=3).tolist() == [900, 90, 10]  # a shuffle keeps the imbalance
+
+
+def test_image_cache_decodes_once(workspace):
+    paths = [p for p in sorted((workspace / "data/raw").glob("*.jpg"))[:3]]
+    first = load_images(paths, 24)
+    assert first.shape == (3, 3, 24, 24) and first.dtype == torch.uint8
+    cached = sorted((workspace / ".cache/classifier").rglob("*.npy"))
+    assert len(cached) == 3
+    for path in paths:  # the cache is keyed by content: changing the files does not matter, the hash does
+        assert any(file_digest(path) in c.name for c in cached)
+    assert torch.equal(load_images(paths, 24), first)
+
+
+def test_resume_after_checkpoint_equals_uninterrupted_run(workspace):
+    params = micro_params(epochs=2, patience=5)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first_epoch(seed, epoch):
+        if epoch == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_variant(params, "baseline", on_epoch_end=stop_after_first_epoch)
+    checkpoint = workspace / "checkpoints/classifier/baseline/seed0"
+    assert json.loads((checkpoint / "state.json").read_text())["epoch"] == 1
+    assert not (workspace / "models/classifier/baseline").exists()
+
+    resumed = train_variant(params, "baseline")
+    assert resumed["seeds"]["0"]["resumed_from_epoch"] == 1
+    assert not checkpoint.exists()  # finished models replace the resumable state
+    resumed_weights = load_file(str(workspace / "models/classifier/baseline/seed0.safetensors"))
+
+    shutil.rmtree(workspace / "models")
+    fresh = train_variant(params, "baseline")
+    assert fresh["seeds"]["0"]["resumed_from_epoch"] is None
+    fresh_weights = load_file(str(workspace / "models/classifier/baseline/seed0.safetensors"))
+    assert fresh_weights.keys() == resumed_weights.keys()
+    for key in fresh_weights:
+        assert torch.equal(fresh_weights[key], resumed_weights[key]), key
+    assert fresh["seeds"]["0"]["history"] == resumed["seeds"]["0"]["history"]
+
+
+def test_train_outputs_and_stale_checkpoint_ignored(workspace):
+    params = micro_params(seeds=[0, 1])
+    def interrupt(seed, epoch):
+        raise KeyboardInterrupt
+
+    # A checkpoint left by other params (2 epochs) must not be resumed: its run key differs.
+    with pytest.raises(KeyboardInterrupt):
+        train_variant(micro_params(epochs=2), "augmented", on_epoch_end=interrupt)
+    assert (workspace / "checkpoints/classifier/augmented/seed0/state.json").is_file()
+    report = train_variant(params, "augmented")
+    assert report["seeds"]["0"]["resumed_from_epoch"] is None
+    folder = workspace / "models/classifier/augmented"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "seed0.safetensors", "seed1.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["classes"] == CLASSES and config["image_size"] == 32 and config["seeds"] == [0, 1]
+    assert set(config["best_epochs"]) == {"0", "1"}
+    written = json.loads((workspace / "reports/train/augmented.json").read_text())
+    assert written == json.loads(json.dumps(report))
+    assert written["train_counts"]["synthetic"] == {c: 4 for c in CLASSES}
+    assert written["train_counts"]["real"] == {c: 6 for c in CLASSES}
+    assert written["train_synthetic"] == 12 and written["train_real"] == 18
+    assert written["epoch_size"] == 18  # equal_steps: augmented takes as many steps per epoch as baseline
+    assert train_variant(micro_params(equal_steps=False), "augmented")["epoch_size"] == 30
+
+
+def test_bad_variant_and_missing_manifest_are_one_line_errors(workspace, capsys):
+    params = micro_params()
+    with pytest.raises(PipelineError, match="unknown variant 'fancy'; expected one of baseline, augmented"):
+        train_variant(params, "fancy")
+    (workspace / "data/synthetic/mel/manifest.csv").unlink()
+    with pytest.raises(PipelineError, match=r"data/synthetic/mel/manifest.csv: synthetic manifest missing; run `dvc repro generate@mel`"):
+        train_variant(params, "augmented")
+
+    from classifier_workspace import write_params
+
+    write_params(workspace, params)
+    assert run_stage("train", train_variant, item="variant", track=False, argv=["fancy"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: train@fancy: unknown variant 'fancy'; expected one of baseline, augmented"
+    assert run_stage("train", train_variant, item="variant", track=False, argv=["augmented"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "generate@mel" in err
+
+
+def test_pretrained_weights_offline_is_a_one_line_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: nothing to load offline
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(PipelineError, match=r"classifier.pretrained: .*set `classifier.pretrained: false`.*pre-download") as info:
+        create_classifier("efficientnet_b0", 3, pretrained=True)
+    assert "\n" not in str(info.value)
+    with pytest.raises(PipelineError, match="unknown timm architecture 'efficientnet_b99'"):
+        create_classifier("efficientnet_b99", 3, pretrained=False)

@@ -1,0 +1,189 @@
+"""evaluate: metric values on hand-made predictions, the paired bootstrap and verdict, and the MLflow one-liner."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from classifier_workspace import CLASSES, make_workspace, micro_params, write_params
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+
+from pipeline.classifier import evaluate as evaluate_module
+from pipeline.classifier.evaluate import EVALUATE_RUNS_FILTER, evaluate
+from pipeline.classifier.metrics import (
+    VERDICT_HELPED,
+    VERDICT_HURT,
+    VERDICT_UNSURE,
+    classification_metrics,
+    confusion,
+    fast_metrics,
+    mean_std,
+    paired_bootstrap,
+    paired_gain,
+    verdict,
+)
+from pipeline.classifier.train import train_variant
+from pipeline.cli import run_stage
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _onehot(pred, k=3, confidence=0.8):
+    proba = np.full((len(pred), k), (1 - confidence) / (k - 1))
+    proba[np.arange(len(pred)), pred] = confidence
+    return proba
+
+
+# Ten test images of three classes; predictions chosen so every number can be checked by hand:
+#            actual: a a a a b b b c c c
+#         predicted: a a a b b b a c a c
+Y_TRUE = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+Y_PRED = np.array([0, 0, 0, 1, 1, 1, 0, 2, 0, 2])
+NAMES = ["a", "b", "c"]
+
+
+def test_metrics_on_hand_made_predictions():
+    assert confusion(Y_TRUE, Y_PRED, 3).tolist() == [[3, 1, 0], [1, 2, 0], [1, 0, 2]]
+    proba = _onehot(Y_PRED)
+    m = classification_metrics(Y_TRUE, proba, NAMES)
+    recall = {"a": 3 / 4, "b": 2 / 3, "c": 2 / 3}
+    precision = {"a": 3 / 5, "b": 2 / 3, "c": 2 / 2}
+    f1 = {c: 2 * recall[c] * precision[c] / (recall[c] + precision[c]) for c in NAMES}
+    assert m["balanced_accuracy"] == pytest.approx((3 / 4 + 2 / 3 + 2 / 3) / 3)
+    assert m["macro_recall"] == pytest.approx(m["balanced_accuracy"])
+    assert m["accuracy"] == pytest.approx(7 / 10)
+    assert m["macro_f1"] == pytest.approx(sum(f1.values()) / 3)
+    for c in NAMES:
+        assert m[f"recall_{c}"] == pytest.approx(recall[c])
+        assert m[f"precision_{c}"] == pytest.approx(precision[c])
+    # One-vs-rest AUROC of a two-level score: AUC = P(score_pos > score_neg) + 0.5 P(tie).
+    # Class a: positives score high 3/4 of the time, negatives (6 of them) 2/6 of the time.
+    auc_a = (3 / 4) * (4 / 6) + 0.5 * ((3 / 4) * (2 / 6) + (1 / 4) * (4 / 6))
+    auc_b = (2 / 3) * (6 / 7) + 0.5 * ((2 / 3) * (1 / 7) + (1 / 3) * (6 / 7))
+    auc_c = (2 / 3) * 1 + 0.5 * ((1 / 3) * 1)
+    assert m["auroc_macro"] == pytest.approx((auc_a + auc_b + auc_c) / 3)
+    assert fast_metrics(Y_TRUE, Y_PRED, proba, NAMES) == pytest.approx(m)
+
+
+def test_class_absent_from_test_is_handled():
+    names = [*NAMES, "d"]  # class d exists in data.classes but has no test image
+    proba = np.hstack([_onehot(Y_PRED), np.zeros((10, 1))])
+    proba[0] = [0.1, 0.1, 0.1, 0.7]  # ... and is even predicted once
+    m = classification_metrics(Y_TRUE, proba, names)
+    assert "recall_d" not in m and "precision_d" not in m
+    assert m["balanced_accuracy"] == pytest.approx((2 / 4 + 2 / 3 + 2 / 3) / 3)
+    assert np.isfinite(list(m.values())).all()
+    assert fast_metrics(Y_TRUE, proba.argmax(1), proba, names) == pytest.approx(m)
+    assert confusion(Y_TRUE, proba.argmax(1), 4)[0].tolist() == [2, 1, 0, 1]
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_fast_path_matches_sklearn_on_random_predictions():
+    rng = np.random.default_rng(0)
+    names = ["a", "b", "c", "d", "e"]
+    for _ in range(20):
+        y = rng.integers(0, 4, 60)  # class e never occurs
+        proba = rng.dirichlet(np.ones(5), 60)
+        proba[:, :4] += np.eye(4)[y] * rng.uniform(0, 0.5)
+        pred = proba.argmax(1)
+        fast = fast_metrics(y, pred, proba, names)
+        assert fast == pytest.approx(classification_metrics(y, proba, names))
+        assert fast["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+        assert fast["macro_f1"] == pytest.approx(f1_score(y, pred, labels=[0, 1, 2, 3], average="macro", zero_division=0))
+        auc = np.mean([roc_auc_score(y == c, proba[:, c]) for c in range(4)])
+        assert fast["auroc_macro"] == pytest.approx(auc)
+
+
+def test_bootstrap_ci_contains_gain_and_verdicts_are_clear_cut():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 200)
+    good = _onehot(np.where(rng.random(200) < 0.9, y, (y + 1) % 3))  # ~90% right
+    poor = _onehot(np.where(rng.random(200) < 0.4, y, (y + 1) % 3))  # ~40% right
+    base, aug = [classification_metrics(y, poor, NAMES)], [classification_metrics(y, good, NAMES)]
+    gain = paired_gain(base, aug)
+    ci = paired_bootstrap(y, [poor], [good], NAMES, resamples=300, seed=0)
+    for key in ("balanced_accuracy", "macro_f1", "auroc_macro", "recall_a"):
+        low, high = ci[key]
+        assert low <= gain[key] <= high, key
+    assert ci["balanced_accuracy"][0] > 0.3
+    assert verdict(*ci["balanced_accuracy"]) == VERDICT_HELPED
+    assert verdict(*paired_bootstrap(y, [good], [poor], NAMES, 300)["balanced_accuracy"]) == VERDICT_HURT
+    same = paired_bootstrap(y, [poor], [poor], NAMES, 100)
+    assert same["balanced_accuracy"] == (0.0, 0.0) and verdict(*same["balanced_accuracy"]) == VERDICT_UNSURE
+    assert verdict(-0.01, 0.02) == VERDICT_UNSURE and verdict(0.001, 0.2) == VERDICT_HELPED and verdict(-0.3, -0.1) == VERDICT_HURT
+    # Several seeds: gain and CI pool the per-seed paired differences.
+    two = paired_bootstrap(y, [poor, poor], [good, poor], NAMES, 200)
+    assert two["balanced_accuracy"][0] > 0 and two["balanced_accuracy"][1] < ci["balanced_accuracy"][1]
+    stats = mean_std([{"x": 0.5}, {"x": 0.7}])
+    assert stats == pytest.approx({"x": 0.6, "x_std": np.std([0.5, 0.7], ddof=1)})
+
+
+def test_mlflow_one_liner_returns_one_run_per_variant(tmp_path, monkeypatch):
+    root = make_workspace(tmp_path / "ws")
+    monkeypatch.chdir(root)
+    params = micro_params(seeds=[0, 1])
+    write_params(root, params)
+    for variant in ("baseline", "augmented"):
+        assert run_stage("train", train_variant, item="variant", argv=[variant]) == 0
+    assert run_stage("evaluate", evaluate, argv=[]) == 0
+    assert run_stage("evaluate", evaluate, argv=[]) == 0  # a second evaluation must not confuse the query
+
+    # The documented one-liner (module docstring of pipeline/classifier/evaluate.py).
+    assert EVALUATE_RUNS_FILTER in evaluate_module.__doc__.replace('\\"', '"')
+    runs = mlflow.search_runs(experiment_names=["lesion-synth"], filter_string=EVALUATE_RUNS_FILTER,
+                              order_by=["attributes.start_time DESC"], max_results=2)
+    assert sorted(runs["tags.variant"]) == ["augmented", "baseline"]
+    assert runs["metrics.balanced_accuracy"].notna().all()
+    assert runs["tags.mlflow.parentRunId"].nunique() == 1
+    assert len(mlflow.search_runs(experiment_names=["lesion-synth"], filter_string=EVALUATE_RUNS_FILTER)) == 4
+
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    by_variant = runs.set_index("tags.variant")
+    for variant in ("baseline", "augmented"):
+        assert by_variant.at[variant, "metrics.balanced_accuracy"] == pytest.approx(metrics[variant]["balanced_accuracy"])
+    train_runs = mlflow.search_runs(experiment_names=["lesion-synth"], filter_string="tags.stage LIKE 'train@%'")
+    assert sorted(train_runs["tags.variant"]) == ["augmented", "baseline"]
+    assert set(train_runs["tags.mlflow.parentRunId"]) == set(runs["tags.mlflow.parentRunId"])
+    tags = train_runs.set_index("tags.variant")
+    assert tags.at["augmented", "tags.synthetic_count"] == "12" and tags.at["baseline", "tags.synthetic_count"] == "0"
+    assert tags.at["baseline", "tags.seed"] == "0,1" and tags.at["baseline", "tags.method"] == "lora"
+    assert tags.at["baseline", "tags.classes"] == ",".join(CLASSES)
+    assert train_runs["metrics.val_balanced_accuracy_seed1"].notna().all()
+
+    # metrics.json: both variants, gain, CI and verdict; mean ± std over the two seeds.
+    assert set(metrics) >= {"baseline", "augmented", "gain", "gain_ci95", "verdict"}
+    assert metrics["verdict"] in (VERDICT_HELPED, VERDICT_HURT, VERDICT_UNSURE)
+    assert metrics["baseline"]["n_seeds"] == 2 and "balanced_accuracy_std" in metrics["baseline"]
+    assert metrics["gain"]["balanced_accuracy"] == pytest.approx(
+        metrics["augmented"]["balanced_accuracy"] - metrics["baseline"]["balanced_accuracy"])
+    ci = metrics["gain_ci95"]["balanced_accuracy"]
+    assert ci["low"] <= ci["high"]
+    for variant in ("baseline", "augmented"):
+        table = pd.read_csv(root / f"reports/plots/confusion_{variant}.csv")
+        assert list(table.columns) == ["actual", "predicted"] and len(table) == 2 * len(CLASSES)
+        assert set(table["actual"]) <= set(CLASSES) and set(table["predicted"]) <= set(CLASSES)
+        assert (root / f"reports/plots/confusion_{variant}.png").stat().st_size > 1000
+
+
+def test_evaluate_refuses_a_test_list_with_synthetic_images(tmp_path, monkeypatch):
+    """The test split is re-derived from split.csv at run time; a row pointing into data/synthetic is refused."""
+    root = make_workspace(tmp_path / "ws")
+    monkeypatch.chdir(root)
+    split = pd.read_csv(root / "data/prepared/split.csv")
+    first_test_row = split.index[split["split"] == "test"][0]
+    split.loc[first_test_row, "path"] = "data/synthetic/bcc/bcc_0000.png"
+    split.to_csv(root / "data/prepared/split.csv", index=False)
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="leakage guard: synthetic image .* in the test list"):
+        evaluate(micro_params())

@@ -1,0 +1,75 @@
+"""report: summary.md answers first, carries the tables, and every figure it links exists."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import mlflow
+import pytest
+import torch
+from classifier_workspace import CLASSES, make_workspace, micro_params, write_params
+
+from pipeline.classifier.evaluate import evaluate
+from pipeline.classifier.train import train_variant
+from pipeline.cli import run_stage
+from pipeline.errors import PipelineError
+from pipeline.report import report
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_report_writes_summary_with_tables_and_figures(tmp_path, monkeypatch, capsys):
+    root = make_workspace(tmp_path / "ws")
+    monkeypatch.chdir(root)
+    params = micro_params()
+    write_params(root, params)
+    (root / "reports/data.json").write_text(json.dumps(
+        {"classes": {c: {"train": 6, "val": 2, "test": 2, "images": 10, "lesions": 10, "finetune": 3} for c in CLASSES}}))
+    for variant in ("baseline", "augmented"):
+        train_variant(params, variant)
+    metrics = evaluate(params)
+
+    assert run_stage("report", report, argv=[]) == 0
+    summary = (root / "reports/summary.md").read_text()
+    lines = [line for line in summary.splitlines() if line.strip()]
+    assert lines[0].startswith("# ")
+    verdict = metrics["verdict"]
+    assert lines[1].startswith(f"**{verdict[0].upper()}{verdict[1:]}.**")  # the answer comes first
+    assert f"baseline **{metrics['baseline']['balanced_accuracy']:.3f}**" in lines[1]
+    assert "95% CI" in lines[1]
+    for heading in ("## Data", "## Baseline vs augmented", "## Per-class recall", "## Real vs synthetic samples",
+                    "## Confusion matrices"):
+        assert heading in summary
+    assert "| class | diagnosis | train | val | test | lesions | fine-tune | synthetic |" in summary
+    assert "| `mel` | melanoma | 6 | 2 | 2 | 10 | 3 | 4 |" in summary  # counts from data.json + manifests
+    assert re.search(r"\| balanced accuracy \| [0-9.]+ \| [0-9.]+ \| [+-][0-9.]+ \| \[[+-][0-9.]+, [+-][0-9.]+\] \|", summary)
+    for c in CLASSES:
+        assert re.search(rf"\| `{c}` \| 2 \| [0-9.]+ \| [0-9.]+ \| [+-][0-9.]+ \|", summary), c
+
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", summary)
+    assert {"figures/samples.png", "figures/confusion.png", "figures/per_class_gain.png"} <= set(figures)
+    for figure in figures:
+        assert not figure.startswith("/")
+        assert (root / "reports" / figure).stat().st_size > 2000, figure
+
+    # MLflow: the report's run holds the figures, and the execution's parent run is closed.
+    runs = mlflow.search_runs(experiment_names=["lesion-synth"], filter_string="tags.stage = 'report'")
+    assert len(runs) == 1
+    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(runs.iloc[0]["run_id"], "figures")]
+    assert "figures/samples.png" in artifacts
+    parent = mlflow.get_run(runs.iloc[0]["tags.mlflow.parentRunId"])
+    assert parent.info.status == "FINISHED"
+
+
+def test_report_without_metrics_is_a_one_line_error(tmp_path, monkeypatch):
+    root = make_workspace(tmp_path / "ws")
+    monkeypatch.chdir(root)
+    with pytest.raises(PipelineError, match=r"reports/metrics.json: not found; run `dvc repro evaluate` first"):
+        report(micro_params())
