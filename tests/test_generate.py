@@ -93,8 +93,12 @@ def test_generation_is_deterministic_for_a_fixed_seed(workspace):
     assert reseeded.keys() == first.keys() and all(reseeded[k] != first[k] for k in first)
 
 
-def test_any_image_regenerates_alone_with_identical_pixels(workspace):
-    """Image 1 was drawn in a batch of two; drawn alone from its manifest seed it is the same (bitwise, 1 thread)."""
+def test_any_image_regenerates_alone_from_its_manifest_row(workspace):
+    """Image 1 was drawn in a batch of two; drawn alone from its manifest seed it is the same image.
+
+    Same noise and same denoising, but a different batch may round floats differently: at most one
+    8-bit level in a few pixels (usually none; bitwise here on 1 thread, not promised elsewhere).
+    """
     root, params = workspace
     folder = generate_class(params, "df")
     _, rows = read_manifest(folder)
@@ -106,7 +110,8 @@ def test_any_image_regenerates_alone_with_identical_pixels(workspace):
         steps=int(row["steps"]), guidance=float(row["guidance"]), resolution=32,
     )[0]
     alone.save(root / "alone.png")
-    assert (pixels(root / "alone.png") == pixels(folder / row["file"])).all()
+    difference = abs(pixels(root / "alone.png") - pixels(folder / row["file"]))
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.01
 
 
 def test_every_scheduler_builds_from_the_base_config_and_samples(workspace):

@@ -20,6 +20,7 @@ import json
 import re
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,15 @@ from tqdm.auto import tqdm
 
 from pipeline import tracking
 from pipeline.atomic import atomic_dir, clean_stale_temps
-from pipeline.diffusion.generate import META_FILE, check_class, derive_seed, generate_images, image_grid, make_scheduler
+from pipeline.diffusion.generate import (
+    META_FILE,
+    check_class,
+    cpu_only,
+    derive_seed,
+    generate_images,
+    image_grid,
+    make_scheduler,
+)
 from pipeline.diffusion.training_data import (
     encode_images,
     encode_prompt,
@@ -91,12 +100,36 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
 
 def make_accelerator(mixed_precision: str):
     """Accelerator for device placement, DDP and autocast; fp16/bf16 only where there is a GPU."""
-    from accelerate import Accelerator, PartialState
+    from accelerate import Accelerator
 
-    if mixed_precision != "no" and PartialState().device.type == "cpu":
+    cpu = cpu_only()
+    if mixed_precision != "no" and cpu:
         print(f"warning: diffusion.mixed_precision={mixed_precision} needs a GPU; training in fp32 on CPU", file=sys.stderr)
         mixed_precision = "no"
-    return Accelerator(mixed_precision=mixed_precision)
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
+class LossLog:
+    """Per-step loss for MLflow, sent in batches: one SQLite write per step costs ~25 ms, a third of a training step."""
+
+    def __init__(self, name: str, every: int = 50):
+        self.name, self.every, self.points = name, every, []
+
+    def add(self, value: float, step: int) -> None:
+        self.points.append((step, value))
+        if len(self.points) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        mlflow = sys.modules.get("mlflow")  # not imported means no run is active (and importing it costs seconds)
+        run = mlflow.active_run() if mlflow else None
+        if run is not None and self.points:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            metrics = [Metric(self.name, float(v), now, step) for step, v in self.points]
+            mlflow.MlflowClient().log_batch(run.info.run_id, metrics=metrics)
+        self.points = []
 
 
 # ------------------------------------------------------------------------------------- what trains
@@ -287,6 +320,7 @@ def finetune_class(params: Params, class_code: str, *, stop_after: int | None = 
     batch = d.batch
     model.train()
 
+    losses = LossLog(f"finetune/{class_code}/loss")
     bar = tqdm(range(start, d.steps), initial=start, total=d.steps, desc=f"finetune {class_code}", disable=not main, mininterval=1)
     for step in bar:
         # --- batch: cached latents (+ prior-class latents), noised at random timesteps
@@ -325,14 +359,17 @@ def finetune_class(params: Params, class_code: str, *, stop_after: int | None = 
         value = accelerator.reduce(loss.detach(), "mean").item()
         recent = (recent + [value])[-LOSS_WINDOW:]
         if main:
-            tracking.log_metrics({f"finetune/{class_code}/loss": value}, step=done)
-            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+            losses.add(value, done)
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", refresh=False)
         if done % d.checkpoint_every == 0 and done < d.steps:
+            losses.flush()
             info = {"fingerprint": fingerprint, "recent_losses": recent, "method": d.method, "class": class_code}
             save_checkpoint(ckpt_dir, accelerator, part, optimizer, generator, done, info)
         if stop_after is not None and done >= stop_after:
+            losses.flush()
             return None
     bar.close()
+    losses.flush()
 
     accelerator.wait_for_everyone()
     if main:

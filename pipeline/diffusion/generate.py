@@ -1,9 +1,11 @@
 """generate@<class>: sample the class's synthetic images, each from its own seed, with a manifest that explains every file.
 
 Every image ``k`` has its own seed ``image_seed(params.seed, class, k)`` and its own torch.Generator,
-so any single image can be regenerated alone (``generate_images(pipe, ..., [seed])``). Under
-``accelerate launch`` the indices are split between processes; the main process gathers the
-manifest rows and writes ``manifest.csv`` and ``grid.png``.
+so any single image can be regenerated alone (``generate_images(pipe, ..., [seed])``): same initial
+noise, same denoising; only float rounding may differ with the batch it is computed in (at most
+one 8-bit level in rare pixels, seen on CPU). Under ``accelerate launch`` the batches are split
+between processes; the main process gathers the manifest rows and writes ``manifest.csv`` and
+``grid.png``.
 """
 
 from __future__ import annotations
@@ -50,6 +52,13 @@ SCHEDULERS = {
 def derive_seed(*parts: object) -> int:
     """A stable 60-bit seed from any parts (Python's hash() is salted per process, so not that)."""
     return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:15], 16)
+
+
+def cpu_only() -> bool:
+    """No GPU-like device: accelerate must then be told ``cpu=True``, or processes started by
+    ``accelerate launch``/torchrun on a CPU machine each think they are alone (and race on the outputs)."""
+    xpu = getattr(torch, "xpu", None)
+    return not (torch.cuda.is_available() or torch.backends.mps.is_available() or (xpu is not None and xpu.is_available()))
 
 
 def image_seed(seed: int, class_code: str, index: int) -> int:
@@ -142,7 +151,7 @@ def generate_class(params: Params, class_code: str) -> Path:
 
     g = params.generate
     resolution = params.diffusion.resolution
-    state = PartialState()
+    state = PartialState(cpu=cpu_only())
     pipe, weights, _ = load_class_pipeline(params, class_code)
     pipe.scheduler = make_scheduler(g.scheduler, pipe.scheduler.config)
     pipe.to(state.device)
@@ -157,9 +166,11 @@ def generate_class(params: Params, class_code: str) -> Path:
     with atomic_dir(target) if state.is_main_process else nullcontext(None) as temp:
         out = Path(broadcast_object_list([str(temp) if temp else None])[0])
         rows = []
-        with state.split_between_processes(list(range(g.per_class))) as mine:
-            batches = [mine[i : i + g.batch] for i in range(0, len(mine), g.batch)]
-            for indices in tqdm(batches, desc=f"generate {class_code}", disable=not state.is_local_main_process):
+        # Whole batches are shared out, not single indices: every image is then computed in the same batch
+        # whatever the number of processes, so the output is bit-identical to a single-process run.
+        batches = [list(range(i, min(i + g.batch, g.per_class))) for i in range(0, g.per_class, g.batch)]
+        with state.split_between_processes(batches) as mine:
+            for indices in tqdm(mine, desc=f"generate {class_code}", disable=not state.is_local_main_process):
                 seeds = [image_seed(params.seed, class_code, k) for k in indices]
                 images = generate_images(
                     pipe, prompt, g.negative_prompt, seeds, steps=g.steps, guidance=g.guidance, resolution=resolution
