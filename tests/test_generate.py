@@ -194,3 +194,13 @@ def test_stages_log_loss_samples_and_grid_to_mlflow(workspace, isolated_mlflow):
     assert [m.step for m in client.get_metric_history(finetune.info.run_id, "finetune/df/loss")] == [1, 2, 3]
     assert [a.path for a in client.list_artifacts(finetune.info.run_id, "finetune/df")] == ["finetune/df/samples.png"]
     assert [a.path for a in client.list_artifacts(generate.info.run_id, "generate/df")] == ["generate/df/grid.png"]
+
+
+def test_a_killed_runs_leftovers_are_removed_but_not_another_class_in_progress(workspace):
+    root, params = workspace
+    synthetic = root / "data/synthetic"
+    (synthetic / ".df.tmp-killed").mkdir(parents=True)
+    (synthetic / ".vasc.tmp-running").mkdir()
+    generate_class(params, "df")
+    assert not (synthetic / ".df.tmp-killed").exists()
+    assert (synthetic / ".vasc.tmp-running").is_dir()

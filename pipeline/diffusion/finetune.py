@@ -33,10 +33,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from pipeline import tracking
-from pipeline.atomic import atomic_dir, clean_stale_temps
+from pipeline.atomic import atomic_dir
 from pipeline.diffusion.generate import (
     META_FILE,
     check_class,
+    clean_own_temps,
     cpu_only,
     derive_seed,
     generate_images,
@@ -272,8 +273,8 @@ def finetune_class(params: Params, class_code: str, *, stop_after: int | None = 
     accelerator = make_accelerator(d.mixed_precision)
     device, main = accelerator.device, accelerator.is_main_process
     if main:
-        clean_stale_temps(out_dir.parent)
-        clean_stale_temps(ckpt_dir.parent)
+        clean_own_temps(out_dir)
+        clean_own_temps(ckpt_dir)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     pipe = load_base_pipeline(base_dir)
     pipe.set_progress_bar_config(disable=True)

@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline import tracking
-from pipeline.atomic import atomic_dir, clean_stale_temps
+from pipeline.atomic import atomic_dir
 from pipeline.diffusion.training_data import sha256_file
 from pipeline.errors import PipelineError
 from pipeline.params import Params
@@ -84,6 +84,17 @@ def image_grid(images: list[Image.Image], cols: int) -> Image.Image:
     for i, img in enumerate(images):
         grid.paste(img, ((i % cols) * w, (i // cols) * h))
     return grid
+
+
+def clean_own_temps(target: Path) -> None:
+    """Remove what a killed run left beside ``target`` (.<name>.tmp-*/.old-*), and only that: the
+    folder also holds the other classes' outputs, possibly being written right now."""
+    import shutil
+
+    if target.parent.is_dir():
+        for stale in target.parent.glob(f".{target.name}.*"):
+            if stale.name.startswith((f".{target.name}.tmp-", f".{target.name}.old-")):
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 
 def check_class(params: Params, class_code: str) -> None:
@@ -161,7 +172,7 @@ def generate_class(params: Params, class_code: str) -> Path:
     root = workspace_root()
     target = root / SYNTHETIC_DIR / class_code
     if state.is_main_process:
-        clean_stale_temps(target.parent)
+        clean_own_temps(target)
     # Only the main process owns the temporary folder; the others learn its path and write into it.
     with atomic_dir(target) if state.is_main_process else nullcontext(None) as temp:
         out = Path(broadcast_object_list([str(temp) if temp else None])[0])
