@@ -79,11 +79,11 @@ def base_sha256(base_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def run_fingerprint(params: Params, class_code: str, csv_path: Path, base_sha: str, processes: int) -> str:
+def run_fingerprint(params: Params, class_code: str, images: list[Path], base_sha: str, processes: int) -> str:
     """What a checkpoint must match to be resumed: everything that changes the numbers, nothing that doesn't."""
     diffusion = params.diffusion.model_dump(mode="json", exclude={"resume", "checkpoint_every", "pretrain"})
     payload = {
-        "seed": params.seed, "class": class_code, "diffusion": diffusion, "data": sha256_file(csv_path),
+        "seed": params.seed, "class": class_code, "diffusion": diffusion, "images": [sha256_file(p) for p in images],
         "base": base_sha, "processes": processes,
     }
     return tracking.params_hash(payload)
@@ -280,7 +280,7 @@ def finetune_class(params: Params, class_code: str, *, stop_after: int | None = 
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     base_sha = base_sha256(base_dir)
-    fingerprint = run_fingerprint(params, class_code, csv_path, base_sha, accelerator.num_processes)
+    fingerprint = run_fingerprint(params, class_code, image_paths, base_sha, accelerator.num_processes)
     seed = derive_seed(params.seed, "finetune", class_code)
     torch.manual_seed(seed)  # adapter initialisation draws from the global RNG
 
