@@ -9,7 +9,7 @@ MLflow: besides the stage's own run (``tags.stage = 'evaluate'``, holding the ga
 creates one run per variant under the same pipeline parent, tagged ``stage=evaluate`` and
 ``variant=baseline|augmented``, holding that variant's test metrics. The latest baseline-vs-augmented pair:
 
-    MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/mlflow.db} python -c "import mlflow; print(mlflow.search_runs(experiment_names=['lesion-synth'], filter_string=\\"tags.stage = 'evaluate' and tags.variant != ''\\", order_by=['attributes.start_time DESC'], max_results=2)[['tags.variant', 'metrics.balanced_accuracy', 'metrics.macro_f1', 'tags.mlflow.parentRunId']])"
+    MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/mlflow.db} python -c "import mlflow; print(mlflow.search_runs(experiment_names=['lesion-synth'], filter_string=\\"tags.stage = 'evaluate' and tags.variant != ''\\", order_by=['attributes.start_time DESC'], max_results=2)[['tags.variant', 'metrics.balanced_accuracy', 'metrics.macro_f1', 'tags.mlflow.parentRunId']].to_string(index=False))"
 
 (``EVALUATE_RUNS_FILTER`` below is that filter string; drop ``max_results=2`` to list every past evaluation.)
 """

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 from tqdm.auto import tqdm
 
-from pipeline.atomic import atomic_dir, clean_stale_temps, write_json
+from pipeline.atomic import atomic_dir, write_json
 from pipeline.classifier.dataset import (
     MEAN,
     STD,
@@ -336,7 +336,9 @@ def train_variant(params: Params, variant: str, *, on_epoch_end: Callable[[int, 
             "seeds": list(c.seeds), "best_epochs": {str(s): r["best_epoch"] for s, r in per_seed.items()},
         }
         target = root / CLASSIFIER_DIR / variant
-        clean_stale_temps(target.parent)
+        for stale in target.parent.glob(f".{variant}.*"):  # temporaries a killed run of this variant left behind
+            if ".tmp-" in stale.name or ".old-" in stale.name:
+                shutil.rmtree(stale, ignore_errors=True)
         with atomic_dir(target) as temp:
             for seed, state in best_states.items():
                 save_weights(state, temp / weights_name(seed))
