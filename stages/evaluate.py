@@ -11,4 +11,5 @@ from pipeline.classifier.evaluate import evaluate  # noqa: E402
 from pipeline.cli import run_stage  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(run_stage("evaluate", evaluate))
+    # track=False: evaluate logs its own two runs (one per variant), see pipeline/classifier/evaluate.py.
+    sys.exit(run_stage("evaluate", evaluate, track=False))

@@ -128,6 +128,12 @@ def test_bootstrap_ci_contains_gain_and_verdicts_are_clear_cut():
     assert stats == pytest.approx({"x": 0.6, "x_std": np.std([0.5, 0.7], ddof=1)})
 
 
+def train_parent(root) -> str:
+    runs = mlflow.search_runs(experiment_names=["lesion-synth"], filter_string="tags.stage LIKE 'train@%'")
+    assert runs["tags.mlflow.parentRunId"].nunique() == 1
+    return runs["tags.mlflow.parentRunId"].iloc[0]
+
+
 def test_mlflow_one_liner_returns_one_run_per_variant(tmp_path, monkeypatch):
     root = make_workspace(tmp_path / "ws")
     monkeypatch.chdir(root)
@@ -135,8 +141,8 @@ def test_mlflow_one_liner_returns_one_run_per_variant(tmp_path, monkeypatch):
     write_params(root, params)
     for variant in ("baseline", "augmented"):
         assert run_stage("train", train_variant, item="variant", argv=[variant]) == 0
-    assert run_stage("evaluate", evaluate, argv=[]) == 0
-    assert run_stage("evaluate", evaluate, argv=[]) == 0  # a second evaluation must not confuse the query
+    for _ in range(2):  # as stages/evaluate.py runs it; a second evaluation must not confuse the query
+        assert run_stage("evaluate", evaluate, track=False, argv=[]) == 0
 
     # The documented one-liner (module docstring of pipeline/classifier/evaluate.py).
     assert EVALUATE_RUNS_FILTER in evaluate_module.__doc__.replace('\\"', '"')
@@ -145,7 +151,11 @@ def test_mlflow_one_liner_returns_one_run_per_variant(tmp_path, monkeypatch):
     assert sorted(runs["tags.variant"]) == ["augmented", "baseline"]
     assert runs["metrics.balanced_accuracy"].notna().all()
     assert runs["tags.mlflow.parentRunId"].nunique() == 1
-    assert len(mlflow.search_runs(experiment_names=["lesion-synth"], filter_string=EVALUATE_RUNS_FILTER)) == 4
+    every = mlflow.search_runs(experiment_names=["lesion-synth"], filter_string=EVALUATE_RUNS_FILTER)
+    assert len(every) == 4 and every.groupby("tags.evaluation_id")["tags.variant"].apply(sorted).map(tuple).tolist() == [
+        ("augmented", "baseline")] * 2
+    assert runs["tags.verdict"].nunique() == 1 and runs["metrics.gain_balanced_accuracy"].notna().all()
+    assert runs["tags.mlflow.parentRunId"].iloc[0] == train_parent(root)
 
     metrics = json.loads((root / "reports/metrics.json").read_text())
     by_variant = runs.set_index("tags.variant")

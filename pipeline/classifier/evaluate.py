@@ -5,18 +5,22 @@ mean ± std over seeds, and the gain (augmented − baseline) gets a 95% CI from
 images (same resampled indices for both variants and all seeds). The verdict reads the CI of the
 balanced-accuracy gain. Confusion outputs (CSV for DVC's confusion template, PNG) use the first seed.
 
-MLflow: besides the stage's own run (``tags.stage = 'evaluate'``, holding the gain and verdict), evaluate
-creates one run per variant under the same pipeline parent, tagged ``stage=evaluate`` and
-``variant=baseline|augmented``, holding that variant's test metrics. The latest baseline-vs-augmented pair:
+MLflow: the stage writes exactly one run per variant, children of this execution's parent run, tagged
+``stage=evaluate`` and ``variant=baseline|augmented``; each holds that variant's test metrics plus the paired
+gain (``gain_*``, ``gain_ci95_low_*``/``gain_ci95_high_*``), the ``verdict`` tag and a shared ``evaluation_id``.
+(stages/evaluate.py therefore runs with ``track=False``: no third, metric-less "evaluate" run.) The latest
+baseline-vs-augmented pair:
 
-    MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/mlflow.db} python -c "import mlflow; print(mlflow.search_runs(experiment_names=['lesion-synth'], filter_string=\\"tags.stage = 'evaluate' and tags.variant != ''\\", order_by=['attributes.start_time DESC'], max_results=2)[['tags.variant', 'metrics.balanced_accuracy', 'metrics.macro_f1', 'tags.mlflow.parentRunId']].to_string(index=False))"
+    MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/mlflow.db} python -c "import mlflow; print(mlflow.search_runs(experiment_names=['lesion-synth'], filter_string=\"tags.stage = 'evaluate'\", order_by=['attributes.start_time DESC'], max_results=2)[['tags.variant', 'metrics.balanced_accuracy', 'metrics.macro_f1', 'tags.verdict', 'tags.mlflow.parentRunId']].to_string(index=False))"
 
-(``EVALUATE_RUNS_FILTER`` below is that filter string; drop ``max_results=2`` to list every past evaluation.)
+(``EVALUATE_RUNS_FILTER`` below is that filter string; drop ``max_results=2`` to list every past evaluation,
+paired by ``tags.evaluation_id``.)
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +42,7 @@ from pipeline.params import Params
 from pipeline.paths import CLASSIFIER_DIR, PLOTS_DIR, REPORTS_DIR, SYNTHETIC_DIR, workspace_root
 
 METRICS_JSON = REPORTS_DIR / "metrics.json"
-EVALUATE_RUNS_FILTER = "tags.stage = 'evaluate' and tags.variant != ''"
+EVALUATE_RUNS_FILTER = "tags.stage = 'evaluate'"
 
 
 def confusion_csv(variant: str) -> Path:
@@ -86,16 +90,20 @@ def _write_confusion(root: Path, variant: str, y_true: np.ndarray, y_pred: np.nd
 def _log_variant_runs(params: Params, metrics: dict, root: Path) -> dict[str, str]:
     """One MLflow run per variant, children of this execution's parent run; returns {variant: run_id}."""
     import mlflow
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, Param
 
     from pipeline import tracking
 
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    active = mlflow.active_run()
-    parent = (active.data.tags.get("mlflow.parentRunId") if active else None) or tracking.parent_run_id(params)
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    parent = tracking.parent_run_id(params)
     experiment_id = tracking.ensure_experiment(params.mlflow.experiment)
-    client = mlflow.MlflowClient()
+    evaluation_id = uuid.uuid4().hex
     now = int(time.time() * 1000)
+    shared = {f"gain_{k}": v for k, v in metrics["gain"].items()}
+    shared.update({f"gain_ci95_low_{k}": v["low"] for k, v in metrics["gain_ci95"].items()})
+    shared.update({f"gain_ci95_high_{k}": v["high"] for k, v in metrics["gain_ci95"].items()})
+    logged_params = [Param(k, v) for k, v in tracking.flatten(
+        {"classifier": params.classifier.model_dump(mode="json"), "evaluate": params.evaluate.model_dump(mode="json")}).items()]
     run_ids = {}
     for variant in VARIANTS:
         tags = {
@@ -106,25 +114,45 @@ def _log_variant_runs(params: Params, metrics: dict, root: Path) -> dict[str, st
             "method": params.diffusion.method,
             "seed": ",".join(map(str, params.classifier.seeds)),
             "verdict": metrics["verdict"],
+            "evaluation_id": evaluation_id,
             "mlflow.parentRunId": parent,
         }
-        if active:
-            tags["evaluate_run_id"] = active.info.run_id
         run = client.create_run(experiment_id, run_name=f"evaluate@{variant}", tags=tags)
-        values = [Metric(k, float(v), now, 0) for k, v in metrics[variant].items() if isinstance(v, (int, float))]
-        for start in range(0, len(values), 200):
-            client.log_batch(run.info.run_id, metrics=values[start : start + 200])
+        values = {**{k: v for k, v in metrics[variant].items() if isinstance(v, (int, float))}, **shared}
+        entries = [Metric(k, float(v), now, 0) for k, v in values.items()]
+        for start in range(0, max(len(entries), len(logged_params)), 100):
+            client.log_batch(run.info.run_id, metrics=entries[start : start + 100], params=logged_params[start : start + 100])
         for path in (confusion_png(variant), confusion_csv(variant)):
             client.log_artifact(run.info.run_id, str(root / path), artifact_path="plots")
+        client.log_artifact(run.info.run_id, str(root / METRICS_JSON))
         client.set_terminated(run.info.run_id, status="FINISHED")
         run_ids[variant] = run.info.run_id
     return run_ids
 
 
-def evaluate(params: Params) -> dict:
-    """Predict the real test split with every seed of both variants; write reports/metrics.json and confusion plots."""
+def _mark_parent_failed(params: Params) -> None:
+    """What tracking.stage_run does for the other stages when they fail (evaluate runs without a stage run)."""
     from pipeline import tracking
 
+    try:
+        import mlflow
+
+        mlflow.MlflowClient(tracking.tracking_uri()).set_terminated(tracking.parent_run_id(params), status="FAILED")
+    except Exception:  # never hide the real error behind a tracking one
+        pass
+
+
+def evaluate(params: Params) -> dict:
+    """Predict the real test split with every seed of both variants; write reports/metrics.json and confusion plots,
+    and log one MLflow run per variant (see module docstring). A failure marks the execution's parent run FAILED."""
+    try:
+        return _evaluate(params)
+    except BaseException:
+        _mark_parent_failed(params)
+        raise
+
+
+def _evaluate(params: Params) -> dict:
     root = workspace_root()
     classes, seeds = list(params.data.classes), list(params.classifier.seeds)
     split = read_split(params, root)
@@ -161,13 +189,5 @@ def evaluate(params: Params) -> dict:
     print(f"evaluate: balanced accuracy baseline {metrics['baseline']['balanced_accuracy']:.4f} -> augmented "
           f"{metrics['augmented']['balanced_accuracy']:.4f}, gain {gain['balanced_accuracy']:+.4f} "
           f"(95% CI {low:+.4f} .. {high:+.4f}): {metrics['verdict']}")
-    import mlflow
-
-    if mlflow.active_run() is not None:
-        mlflow.set_tags({"verdict": metrics["verdict"], "classes": ",".join(classes), "method": params.diffusion.method})
-        tracking.log_metrics({f"gain_{k}": v for k, v in gain.items()})
-        tracking.log_metrics({f"gain_ci95_low_{k}": v["low"] for k, v in metrics["gain_ci95"].items()})
-        tracking.log_metrics({f"gain_ci95_high_{k}": v["high"] for k, v in metrics["gain_ci95"].items()})
-        tracking.log_artifact(root / METRICS_JSON)
     _log_variant_runs(params, metrics, root)
     return metrics
