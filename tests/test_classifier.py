@@ -207,3 +207,10 @@ def test_pretrained_weights_offline_is_a_one_line_error(monkeypatch, tmp_path):
     assert "\n" not in str(info.value)
     with pytest.raises(PipelineError, match="unknown timm architecture 'efficientnet_b99'"):
         create_classifier("efficientnet_b99", 3, pretrained=False)
+
+
+@pytest.mark.parametrize("balance", ["class_weighted_loss", "none"])
+def test_other_balancing_modes_train(workspace, balance):
+    report = train_variant(micro_params(balance=balance), "baseline")
+    assert report["seeds"]["0"]["epochs_run"] == 1
+    assert (workspace / "models/classifier/baseline/seed0.safetensors").is_file()
