@@ -46,7 +46,7 @@ def build_tiny_pipeline(resolution: int = 64, seed: int = 0) -> StableDiffusionP
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64),
+        block_out_channels=(32, 32, 64),
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=16,

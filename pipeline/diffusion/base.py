@@ -1,0 +1,393 @@
+"""The `base` stage and the one function every later stage uses to load the base model.
+
+``diffusion.base_model`` is either ``embedded-tiny`` (build and pre-train the tiny SD-shaped model,
+saved in diffusers' folder format under models/base) or a real Stable Diffusion checkpoint: a
+local diffusers folder or a Hugging Face Hub id. A real checkpoint is validated and *referenced*
+from ``models/base/base_model.json`` (never copied: SD 1.5 is gigabytes), and loaded from there
+with safetensors only, so no pickle from a downloaded checkpoint is ever executed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from pipeline import tracking
+from pipeline.atomic import atomic_dir, clean_stale_temps, write_json
+from pipeline.errors import PipelineError
+from pipeline.params import Params
+from pipeline.paths import BASE_MODEL_DIR, SPLIT_CSV, resolve_user_path, workspace_root
+
+if TYPE_CHECKING:  # diffusers costs seconds to import; validating a checkpoint folder does not need it
+    from diffusers import StableDiffusionPipeline
+
+EMBEDDED = "embedded-tiny"
+KEY = "diffusion.base_model"
+REFERENCE_FILE = "base_model.json"
+PRETRAIN_REPORT = "pretrain.json"
+SAMPLES_FILE = "samples.png"
+
+# The components StableDiffusionPipeline needs; safety_checker / feature_extractor are never loaded.
+REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SUPPORTED_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"}
+_WEIGHTS = {  # component -> accepted safetensors names (single file or sharded index)
+    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
+    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
+    "text_encoder": ("model.safetensors", "model.safetensors.index.json"),
+}
+_CONFIGS = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json", "scheduler": "scheduler_config.json"}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# What a Hub download fetches: configs, tokenizer files and the components' safetensors weights; not
+# the multi-GB single-file checkpoints at the repo root, not fp16/non-EMA variants, not the safety checker.
+HUB_ALLOW_PATTERNS = [
+    "model_index.json",
+    "*/*.json",
+    "*/*.txt",
+    "*/diffusion_pytorch_model.safetensors",
+    "*/diffusion_pytorch_model-*.safetensors",
+    "*/model.safetensors",
+    "*/model-*.safetensors",
+]
+HUB_IGNORE_PATTERNS = ["safety_checker/*"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+
+# ----------------------------------------------------------------------------------- validation
+
+
+def _read_model_index(folder: Path) -> dict:
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise PipelineError(f"{KEY}: {folder} is not a diffusers pipeline folder: {index_file} is missing")
+    try:
+        index = json.loads(index_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{KEY}: {index_file} is not valid JSON ({exc})") from None
+    if not isinstance(index, dict):
+        raise PipelineError(f"{KEY}: {index_file} must hold a JSON object")
+    return index
+
+
+def _check_weights(folder: Path, component: str) -> None:
+    sub = folder / component
+    names = _WEIGHTS[component]
+    if any((sub / name).is_file() for name in names):
+        return
+    present = sorted(p.name for p in sub.iterdir() if p.is_file())
+    pickles = [n for n in present if n.endswith(_PICKLE_SUFFIXES)]
+    if pickles:
+        raise PipelineError(
+            f"{KEY}: {sub} has only pickle weights ({pickles[0]}); this pipeline loads safetensors only "
+            "(pickles can run code): convert the checkpoint once, e.g. load it with diffusers and "
+            "save_pretrained(folder, safe_serialization=True)"
+        )
+    variants = [n for n in present if n.endswith(".safetensors")]
+    if variants:
+        raise PipelineError(
+            f"{KEY}: {sub} has only variant weights ({variants[0]}); expected {sub / names[0]} "
+            "(save the checkpoint without a variant)"
+        )
+    raise PipelineError(f"{KEY}: {sub / names[0]} is missing")
+
+
+def _check_tokenizer(folder: Path) -> None:
+    sub = folder / "tokenizer"
+    if (sub / "tokenizer.json").is_file() or ((sub / "vocab.json").is_file() and (sub / "merges.txt").is_file()):
+        return
+    missing = "vocab.json" if not (sub / "vocab.json").is_file() else "merges.txt"
+    raise PipelineError(f"{KEY}: {sub / missing} is missing (a CLIP tokenizer needs vocab.json and merges.txt)")
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{KEY}: {path} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise PipelineError(f"{KEY}: {path} must hold a JSON object")
+    return config
+
+
+def check_diffusers_folder(folder: str | Path) -> dict:
+    """Check that ``folder`` is a loadable SD pipeline with safetensors weights; returns model_index.json.
+
+    Everything is checked from file names and small JSON files, so a 4 GB checkpoint is validated in
+    milliseconds and every problem is one line naming the missing or offending file.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PipelineError(f"{KEY}: folder {folder} does not exist")
+    index = _read_model_index(folder)
+    pipeline_class = index.get("_class_name")
+    if pipeline_class is not None and pipeline_class not in SUPPORTED_PIPELINES:
+        raise PipelineError(
+            f"{KEY}: {folder / 'model_index.json'} describes a {pipeline_class}; "
+            "expected a Stable Diffusion 1.x/2.x pipeline (StableDiffusionPipeline)"
+        )
+    for component in REQUIRED_COMPONENTS:
+        entry = index.get(component)
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry)):
+            raise PipelineError(f"{KEY}: {folder / 'model_index.json'} lists no {component!r} component")
+        sub = folder / component
+        if not sub.is_dir():
+            raise PipelineError(f"{KEY}: component folder {sub} is missing")
+        if component in _CONFIGS and not (sub / _CONFIGS[component]).is_file():
+            raise PipelineError(f"{KEY}: {sub / _CONFIGS[component]} is missing")
+        if component in _WEIGHTS:
+            _check_weights(folder, component)
+        if component == "tokenizer":
+            _check_tokenizer(folder)
+    unet = _read_config(folder / "unet" / "config.json")
+    vae = _read_config(folder / "vae" / "config.json")
+    if unet.get("in_channels", 4) != vae.get("latent_channels", 4):
+        raise PipelineError(
+            f"{KEY}: {folder} has a UNet with {unet.get('in_channels')} input channels but a VAE with "
+            f"{vae.get('latent_channels')} latent channels (an inpainting checkpoint?); a text-to-image SD pipeline is needed"
+        )
+    return index
+
+
+def native_resolution(folder: str | Path) -> int:
+    """The image size the checkpoint was trained at: UNet sample size times the VAE's downsampling (SD 1.5: 64 * 8)."""
+    folder = Path(folder)
+    unet = _read_config(folder / "unet" / "config.json")
+    vae = _read_config(folder / "vae" / "config.json")
+    return int(unet.get("sample_size", 64)) * 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+
+
+def folder_fingerprint(folder: str | Path) -> str:
+    """sha256 of model_index.json, the component configs and every component file's name and size.
+
+    Names and sizes, not contents: hashing gigabytes of weights on every run is too slow, and a
+    checkpoint whose weights change keep their size only if someone edits them on purpose.
+    """
+    folder = Path(folder)
+    digest = hashlib.sha256((folder / "model_index.json").read_bytes())
+    for component in REQUIRED_COMPONENTS:
+        for path in sorted((folder / component).rglob("*")):
+            if not path.is_file():
+                continue
+            rel = path.relative_to(folder).as_posix()
+            digest.update(f"\n{rel}\t{path.stat().st_size}".encode())
+            if path.suffix == ".json" and path.stat().st_size < 1_000_000:
+                digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------- resolution
+
+
+def _is_offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
+    return flag in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_cache_dir() -> str:
+    """Read at call time (huggingface_hub reads HF_HOME once, at import)."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
+    return constants.HF_HUB_CACHE
+
+
+def resolve_hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot folder of a Hub repo: from the cache when offline, downloaded (safetensors only) otherwise."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    offline = _is_offline()
+    not_reachable = (
+        f"{KEY}: {repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached; "
+        f"download it once with `huggingface-cli download {repo_id}` or set base_model to a local diffusers folder"
+    )
+    try:
+        path = snapshot_download(
+            repo_id,
+            allow_patterns=HUB_ALLOW_PATTERNS,
+            ignore_patterns=HUB_IGNORE_PATTERNS,
+            local_files_only=offline,
+            cache_dir=_hub_cache_dir(),
+        )
+    except GatedRepoError:
+        raise PipelineError(f"{KEY}: {repo_id!r} is gated on the Hub: accept its licence there and log in (`hf auth login`)") from None
+    except RepositoryNotFoundError:
+        raise PipelineError(f"{KEY}: no Hub repository {repo_id!r} (or it is private: log in with `hf auth login`)") from None
+    except RevisionNotFoundError:
+        raise PipelineError(f"{KEY}: {repo_id!r} has no such revision on the Hub") from None
+    except IncompleteSnapshotError:
+        raise PipelineError(
+            f"{KEY}: the cached copy of {repo_id!r} is incomplete and the Hub cannot be reached; "
+            f"finish the download with `huggingface-cli download {repo_id}`"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise PipelineError(not_reachable) from None
+    except (HfHubHTTPError, OSError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PipelineError(f"{KEY}: could not fetch {repo_id!r} from the Hub ({first_line})") from None
+    return Path(path)
+
+
+def resolve_base_source(params: Params) -> Path:
+    """The local diffusers folder that ``diffusion.base_model`` names (a Hub id resolves to its cached snapshot).
+
+    For ``embedded-tiny`` it is models/base itself, which the base stage writes.
+    """
+    value = params.diffusion.base_model.strip()
+    if value == EMBEDDED:
+        return workspace_root() / BASE_MODEL_DIR
+    if not value:
+        raise PipelineError(f"{KEY}: empty; use '{EMBEDDED}', a Hub id (owner/name) or a local diffusers folder")
+    expanded = os.path.expanduser(value)
+    looks_like_path = os.path.isabs(expanded) or value.startswith((".", "~")) or value.endswith("/")
+    local: Path | None = None
+    path_error: PipelineError | None = None
+    try:
+        local = resolve_user_path(value, KEY)
+    except PipelineError as exc:
+        path_error = exc
+    if local is not None and local.exists():
+        if not local.is_dir():
+            raise PipelineError(f"{KEY}: {local} is a file; expected a diffusers pipeline folder (with model_index.json)")
+        return local
+    if not looks_like_path and _REPO_ID.match(value) and ".." not in value:
+        return resolve_hub_snapshot(value)
+    if local is not None:
+        raise PipelineError(f"{KEY}: folder {local} does not exist")
+    if looks_like_path and path_error is not None:
+        raise path_error
+    raise PipelineError(
+        f"{KEY}: {value!r} is neither '{EMBEDDED}', an existing diffusers folder, nor a Hub id of the form owner/name"
+    )
+
+
+# ---------------------------------------------------------------------------------------- stage
+
+
+def prepare_base(params: Params) -> None:
+    """Stage body: pre-train the embedded tiny model, or validate and reference a real checkpoint."""
+    target = workspace_root() / BASE_MODEL_DIR
+    clean_stale_temps(target.parent)
+    if params.diffusion.base_model.strip() == EMBEDDED:
+        _prepare_embedded(params, target)
+        return
+    folder = resolve_base_source(params).resolve()
+    check_diffusers_folder(folder)
+    record = {
+        "source": params.diffusion.base_model,
+        "path": str(folder),
+        "sha256": folder_fingerprint(folder),
+        "native_resolution": native_resolution(folder),
+    }
+    with atomic_dir(target) as temp:
+        write_json(temp / REFERENCE_FILE, record)
+    print(f"base: using {record['source']} from {folder} (native resolution {record['native_resolution']} px)")
+    if params.diffusion.resolution != record["native_resolution"]:
+        print(
+            f"base: note: diffusion.resolution is {params.diffusion.resolution} but this checkpoint was trained at "
+            f"{record['native_resolution']} px"
+        )
+
+
+def _prepare_embedded(params: Params, target: Path) -> None:
+    from pipeline.diffusion.pretrain import load_images, pretrain, reconstruction_grid, sample_images, image_grid, train_image_paths
+    from pipeline.diffusion.tiny import build_tiny_pipeline, save_pipeline
+
+    resolution, cfg = params.diffusion.resolution, params.diffusion.pretrain
+    if resolution % 16:
+        raise PipelineError(f"diffusion.resolution: the embedded tiny model needs a multiple of 16, got {resolution}")
+    images = load_images(train_image_paths(workspace_root() / SPLIT_CSV), resolution)
+    print(f"base: pre-training the embedded tiny model on {len(images)} train images at {resolution} px")
+    pipe = build_tiny_pipeline(resolution, params.seed)
+    report = pretrain(pipe, images, cfg, params.seed)
+    samples = image_grid(sample_images(pipe, cfg.prompt, count=16, seed=params.seed), columns=8)
+    recon = reconstruction_grid(pipe.vae, images[:8])
+    summary = {**report.summary(), "resolution": resolution, "seed": params.seed, "pretrain": cfg.model_dump()}
+    with atomic_dir(target) as temp:
+        save_pipeline(pipe, temp)
+        samples.save(temp / SAMPLES_FILE)
+        recon.save(temp / "reconstructions.png")
+        write_json(temp / PRETRAIN_REPORT, summary)
+    final = {k: v for k, v in summary.items() if k in ("vae_loss_last", "unet_loss_last") and v is not None}
+    tracking.log_metrics({**{f"base/{k}": v for k, v in final.items()}, **{f"base/seconds_{k}": v for k, v in report.seconds.items()}})
+    tracking.log_artifact(target / SAMPLES_FILE, "base")
+    tracking.log_artifact(target / "reconstructions.png", "base")
+    tracking.log_artifact(target / PRETRAIN_REPORT, "base")
+    print(
+        f"base: vae loss {summary['vae_loss_first']} -> {summary['vae_loss_last']}, "
+        f"unet loss {summary['unet_loss_first']} -> {summary['unet_loss_last']}; "
+        f"{', '.join(f'{k} {v:.0f}s' for k, v in report.seconds.items())}; samples in {target / SAMPLES_FILE}"
+    )
+
+
+# ------------------------------------------------------------------------------------- loading
+
+
+def _resolve_dir(base_dir: str | Path) -> Path:
+    base_dir = Path(base_dir)
+    return base_dir if base_dir.is_absolute() else workspace_root() / base_dir
+
+
+def base_model_folder(base_dir: str | Path = BASE_MODEL_DIR) -> Path:
+    """The diffusers folder behind models/base: itself (embedded) or the checkpoint base_model.json points to."""
+    base_dir = _resolve_dir(base_dir)
+    reference = base_dir / REFERENCE_FILE
+    if reference.is_file():
+        try:
+            record = json.loads(reference.read_text())
+            folder = Path(record["path"])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise PipelineError(f"{reference}: unreadable base model reference ({exc}); rerun `dvc repro base`") from None
+        if not folder.is_dir():
+            raise PipelineError(
+                f"{reference}: the base model folder {folder} ({record.get('source')}) no longer exists; "
+                "restore it or rerun `dvc repro --force base`"
+            )
+        check_diffusers_folder(folder)
+        if record.get("sha256") and folder_fingerprint(folder) != record["sha256"]:
+            raise PipelineError(
+                f"{reference}: the checkpoint in {folder} changed since the base stage recorded it; "
+                "rerun `dvc repro --force base` so every later stage sees the change"
+            )
+        return folder
+    if not base_dir.is_dir():
+        raise PipelineError(f"{base_dir}: base model not found; run the base stage first (dvc repro base)")
+    check_diffusers_folder(base_dir)
+    return base_dir
+
+
+def load_base_pipeline(base_dir: str | Path = BASE_MODEL_DIR, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """Load the base SD pipeline (embedded or referenced) from safetensors only, without safety checker or remote code."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = base_model_folder(base_dir)
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            str(folder),
+            torch_dtype=dtype,
+            use_safetensors=True,
+            local_files_only=True,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError, EnvironmentError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PipelineError(f"{KEY}: could not load the pipeline in {folder} ({first_line})") from None

@@ -1,0 +1,307 @@
+"""Pre-training of the embedded tiny base model on the train split, so fine-tuning starts from "skin with a lesion".
+
+A random SD-shaped pipeline only makes noise; LoRA/DreamBooth on 20 images cannot teach it what
+a dermoscopic image looks like. So, like SD's own two-stage recipe but in minutes on a CPU:
+
+1. the VAE learns to reconstruct train images (L1 + MSE + a small KL term);
+2. every train image (and its mirror image) is encoded once by the frozen VAE and the latents are
+   cached, which makes each UNet step cost only a UNet forward/backward;
+3. the UNet learns to denoise those latents conditioned on the frozen random CLIP text encoder's
+   embedding of one generic prompt (dropped 10% of the time so classifier-free guidance works later).
+
+Validation and test images are never read. Everything is seeded: the same seed on CPU gives the
+same weights.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from PIL import Image
+from tqdm.auto import tqdm
+
+from pipeline import tracking
+from pipeline.errors import PipelineError
+from pipeline.params import BasePretrainParams
+from pipeline.paths import workspace_root
+
+KL_WEIGHT = 1e-6  # SD's VAE weight: latents stay well-behaved without blurring reconstructions
+UNCOND_PROB = 0.1  # share of UNet steps that see the empty prompt (classifier-free guidance)
+WARMUP_STEPS = 20
+LOG_EVERY = 10
+
+
+@dataclass
+class PretrainReport:
+    """What happened, for pretrain.json beside the weights and for the stage log."""
+
+    train_images: int
+    vae_losses: list[float] = field(default_factory=list)
+    unet_losses: list[float] = field(default_factory=list)
+    scaling_factor: float = 1.0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """Everything but timings, so the saved pretrain.json is byte-identical for the same seed."""
+
+        def tail(losses: list[float]) -> float | None:
+            return float(np.mean(losses[-LOG_EVERY:])) if losses else None
+
+        return {
+            "train_images": self.train_images,
+            "vae_steps": len(self.vae_losses),
+            "unet_steps": len(self.unet_losses),
+            "vae_loss_first": self.vae_losses[0] if self.vae_losses else None,
+            "vae_loss_last": tail(self.vae_losses),
+            "unet_loss_first": self.unet_losses[0] if self.unet_losses else None,
+            "unet_loss_last": tail(self.unet_losses),
+            "scaling_factor": self.scaling_factor,
+        }
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def train_image_paths(split_csv: str | Path) -> list[Path]:
+    """Absolute paths of the ``split == "train"`` rows of split.csv (relative paths are from the workspace root)."""
+    split_csv = Path(split_csv)
+    if not split_csv.is_file():
+        raise PipelineError(f"{split_csv}: split file not found; run the prepare stage first (dvc repro prepare)")
+    with split_csv.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"split", "path"} - set(reader.fieldnames or [])
+        if missing:
+            raise PipelineError(f"{split_csv}: missing column(s) {', '.join(sorted(missing))}")
+        rows = [row for row in reader if row["split"] == "train"]
+    if not rows:
+        raise PipelineError(f"{split_csv}: no rows with split == 'train'; the base model needs train images")
+    root = workspace_root()
+    return [p if (p := Path(row["path"])).is_absolute() else root / p for row in rows]
+
+
+def load_images(paths: list[Path], resolution: int) -> torch.Tensor:
+    """Decode every image once into a uint8 tensor [N, 3, R, R] (1000 images at 64 px: 12 MB)."""
+    from pipeline.data.images import open_rgb, resize_square
+
+    out = torch.empty((len(paths), 3, resolution, resolution), dtype=torch.uint8)
+    for i, path in enumerate(tqdm(paths, desc="decode", mininterval=2, leave=False)):
+        out[i] = torch.from_numpy(np.array(resize_square(open_rgb(path), resolution))).permute(2, 0, 1)
+    return out
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1], the range SD's VAE works in."""
+    return images.float().div(127.5).sub(1.0)
+
+
+def random_flips(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Dermoscopy has no up or left: flip each sample horizontally and/or vertically at random."""
+    flip_h = torch.rand(x.shape[0], generator=generator) < 0.5
+    flip_v = torch.rand(x.shape[0], generator=generator) < 0.5
+    x = torch.where(flip_h[:, None, None, None], x.flip(-1), x)
+    return torch.where(flip_v[:, None, None, None], x.flip(-2), x)
+
+
+def batches(n: int, batch: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless shuffled mini-batches of indices (a fresh permutation each epoch, no sample twice per epoch)."""
+    batch = min(batch, n)
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n - batch + 1, batch):
+            yield order[start : start + batch]
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine decay to 10%: short runs need the big early steps and a calm finish."""
+    warmup = min(WARMUP_STEPS, max(1, steps // 10))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------------------------------------- VAE
+
+
+def vae_loss(vae, x: torch.Tensor) -> torch.Tensor:
+    posterior = vae.encode(x).latent_dist
+    recon = vae.decode(posterior.sample()).sample
+    return F.l1_loss(recon, x) + F.mse_loss(recon, x) + KL_WEIGHT * posterior.kl().mean()
+
+
+def train_vae(vae, images: torch.Tensor, cfg: BasePretrainParams, generator: torch.Generator) -> list[float]:
+    vae.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    schedule = warmup_cosine(optimizer, cfg.vae_steps)
+    losses: list[float] = []
+    it = batches(len(images), cfg.batch, generator)
+    for step in (bar := tqdm(range(cfg.vae_steps), desc="vae", mininterval=2)):
+        x = random_flips(to_model_range(images[next(it)]), generator)
+        loss = vae_loss(vae, x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if (step + 1) % LOG_EVERY == 0 or step + 1 == cfg.vae_steps:
+            recent = float(np.mean(losses[-LOG_EVERY:]))
+            bar.set_postfix(loss=f"{recent:.4f}")
+            tracking.log_metrics({"base/vae_loss": recent}, step=step + 1)
+    vae.eval().requires_grad_(False)
+    return losses
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of each image and of its mirror image: the UNet's whole training set."""
+    means, stds = [], []
+    for start in range(0, len(images), chunk):
+        x = to_model_range(images[start : start + chunk])
+        for view in (x, x.flip(-1)):
+            dist = vae.encode(view).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+# --------------------------------------------------------------------------------------------- UNet
+
+
+@torch.no_grad()
+def prompt_embeddings(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
+    ids = pipe.tokenizer(
+        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return pipe.text_encoder(ids)[0]
+
+
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet must predict, following the scheduler's prediction_type exactly as diffusers' train scripts do."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise PipelineError(f"scheduler prediction_type {kind!r} is not supported for pre-training")
+
+
+def train_unet(
+    pipe: StableDiffusionPipeline,
+    means: torch.Tensor,
+    stds: torch.Tensor,
+    cfg: BasePretrainParams,
+    generator: torch.Generator,
+) -> list[float]:
+    unet, scheduler = pipe.unet, pipe.scheduler
+    scale = pipe.vae.config.scaling_factor
+    pipe.text_encoder.eval().requires_grad_(False)
+    cond, uncond = prompt_embeddings(pipe, [cfg.prompt, ""]).unsqueeze(1)  # each [1, 77, D]
+    unet.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=1e-2)
+    schedule = warmup_cosine(optimizer, cfg.unet_steps)
+    losses: list[float] = []
+    it = batches(len(means), cfg.batch, generator)
+    for step in (bar := tqdm(range(cfg.unet_steps), desc="unet", mininterval=2)):
+        idx = next(it)
+        n = len(idx)
+        latents = means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=generator)
+        latents = random_flips(latents, generator).mul(scale)  # vertical flips in latent space: the VAE saw both
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        drop = (torch.rand(n, generator=generator) < UNCOND_PROB)[:, None, None]
+        text = torch.where(drop, uncond, cond)
+        pred = unet(noisy, timesteps, encoder_hidden_states=text).sample
+        loss = F.mse_loss(pred, diffusion_target(scheduler, latents, noise, timesteps))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if (step + 1) % LOG_EVERY == 0 or step + 1 == cfg.unet_steps:
+            recent = float(np.mean(losses[-LOG_EVERY:]))
+            bar.set_postfix(loss=f"{recent:.4f}")
+            tracking.log_metrics({"base/unet_loss": recent}, step=step + 1)
+    unet.eval().requires_grad_(False)
+    return losses
+
+
+# ------------------------------------------------------------------------------------------ samples
+
+
+def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
+    width, height = images[0].size
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * width, rows * height))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
+
+
+@torch.no_grad()
+def sample_images(
+    pipe: StableDiffusionPipeline, prompt: str, count: int = 16, seed: int = 0, steps: int = 25, guidance: float = 3.0
+) -> list[Image.Image]:
+    """A few images from the generic prompt, with a fast multistep solver (the saved scheduler is untouched)."""
+    sampler = StableDiffusionPipeline(
+        **{**pipe.components, "scheduler": DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)},
+        requires_safety_checker=False,
+    )
+    sampler.set_progress_bar_config(disable=True)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return sampler(
+        [prompt] * count, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(seed), output_type="pil",
+    ).images
+
+
+@torch.no_grad()
+def reconstruction_grid(vae, images: torch.Tensor) -> Image.Image:
+    """Real images (top row) over their VAE reconstructions (bottom row): shows what the latent space keeps."""
+    x = to_model_range(images)
+    recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    both = torch.cat([x, recon]).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return image_grid([Image.fromarray(a) for a in both], columns=len(images))
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+def pretrain(pipe: StableDiffusionPipeline, images: torch.Tensor, cfg: BasePretrainParams, seed: int) -> PretrainReport:
+    """VAE, then latent cache, then UNet; updates ``pipe`` in place (including the VAE's scaling_factor)."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    report = PretrainReport(train_images=len(images))
+
+    start = time.perf_counter()
+    report.vae_losses = train_vae(pipe.vae, images, cfg, generator)
+    report.seconds["vae"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    means, stds = encode_latents(pipe.vae, images)
+    # SD's rule: scale latents to unit variance so the noise schedule fits them (0.18215 for SD's own VAE).
+    report.scaling_factor = float(1.0 / means.std().clamp_min(1e-6))
+    pipe.vae.register_to_config(scaling_factor=report.scaling_factor)
+    report.seconds["encode"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    report.unet_losses = train_unet(pipe, means, stds, cfg, generator)
+    report.seconds["unet"] = time.perf_counter() - start
+    return report

@@ -1,0 +1,9 @@
+"""base: pre-train the embedded tiny SD model, or validate and reference a real checkpoint (DESIGN.md)."""
+
+import sys
+
+from pipeline.cli import run_stage
+from pipeline.diffusion.base import prepare_base
+
+if __name__ == "__main__":
+    sys.exit(run_stage("base", prepare_base))
