@@ -1,14 +1,9 @@
 """report: reports/summary.md, the one page a person reads."""
 
-import os
 import sys
 
-# Idle OpenMP threads sleep instead of spinning: on a busy 2-core box a training step measured 14x faster
-# (25 s -> 1.8 s per batch); must be set before torch loads. An explicit OMP_WAIT_POLICY wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from pipeline.cli import run_stage  # noqa: E402
-from pipeline.report import report  # noqa: E402
+from pipeline.cli import run_stage
+from pipeline.report import report
 
 if __name__ == "__main__":
     sys.exit(run_stage("report", report))

@@ -33,7 +33,7 @@ def _image(rng: np.random.Generator, colour: tuple[int, int, int], size: int) ->
 
 def make_workspace(root: Path, counts: tuple[int, int, int] = (6, 2, 2), synthetic: int = 4, size: int = 40,
                    classes: list[str] = CLASSES, seed: int = 0) -> Path:
-    """Write dvc.yaml (placeholder), data/prepared/split.csv, data/raw/*.jpg and data/synthetic/<class>/ into ``root``."""
+    """Write dvc.yaml (placeholder), data/prepared/split.csv, data/raw/*.jpg, data/synthetic/<class>/ and data/screened/synthetic.csv into ``root``."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     (root / "dvc.yaml").write_text("stages: {}\n")
@@ -50,6 +50,7 @@ def make_workspace(root: Path, counts: tuple[int, int, int] = (6, 2, 2), synthet
     prepared = root / "data" / "prepared"
     prepared.mkdir(parents=True)
     pd.DataFrame(rows).to_csv(prepared / "split.csv", index=False)
+    screened = []
     for dx in classes:
         folder = root / "data" / "synthetic" / dx
         folder.mkdir(parents=True)
@@ -59,6 +60,11 @@ def make_workspace(root: Path, counts: tuple[int, int, int] = (6, 2, 2), synthet
             _image(rng, _COLOURS[dx], 32).save(folder / name)
             entries.append([name, dx, f"a dermoscopic image of tok {dx}", "", k, "dpmsolver++", 20, 5.0, "0" * 64])
         pd.DataFrame(entries, columns=MANIFEST_COLUMNS).to_csv(folder / "manifest.csv", index=False)
+        # The `screen` stage's verdicts: the last image of each class was flagged as memorized.
+        screened += [{"class": dx, "path": f"data/synthetic/{dx}/{e[0]}", "kept": k < synthetic - 1,
+                      "memorized": k == synthetic - 1} for k, e in enumerate(entries)]
+    (root / "data" / "screened").mkdir(parents=True)
+    pd.DataFrame(screened).to_csv(root / "data" / "screened" / "synthetic.csv", index=False)
     (root / "reports").mkdir(exist_ok=True)
     return root
 

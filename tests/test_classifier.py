@@ -52,7 +52,8 @@ def test_synthetic_images_only_in_augmented_training_list(workspace):
     assert {s.origin for s in baseline} == {"real"}
     assert len(baseline) == 6 * len(CLASSES)  # nv rows exist in split.csv but are not a selected class
     synthetic = [s for s in augmented if s.origin == "synthetic"]
-    assert len(synthetic) == 4 * len(CLASSES)
+    assert len(synthetic) == 3 * len(CLASSES)  # 4 generated per class, the screen stage flagged one as memorized
+    assert not [s for s in synthetic if s.path.name.endswith("_0003.png")]
     assert all("data/synthetic" in s.path.as_posix() for s in synthetic)
     assert [s for s in augmented if s.origin == "real"] == baseline  # same real images, same order
     assert {s.origin for s in held_out} == {"real"}
@@ -169,11 +170,11 @@ def test_train_outputs_and_stale_checkpoint_ignored(workspace):
     assert set(config["best_epochs"]) == {"0", "1"}
     written = json.loads((workspace / "reports/train/augmented.json").read_text())
     assert written == json.loads(json.dumps(report))
-    assert written["train_counts"]["synthetic"] == {c: 4 for c in CLASSES}
+    assert written["train_counts"]["synthetic"] == {c: 3 for c in CLASSES}  # one per class screened out
     assert written["train_counts"]["real"] == {c: 6 for c in CLASSES}
-    assert written["train_synthetic"] == 12 and written["train_real"] == 18
+    assert written["train_synthetic"] == 9 and written["train_real"] == 18
     assert written["epoch_size"] == 18  # equal_steps: augmented takes as many steps per epoch as baseline
-    assert train_variant(micro_params(equal_steps=False), "augmented")["epoch_size"] == 30
+    assert train_variant(micro_params(equal_steps=False), "augmented")["epoch_size"] == 27
 
 
 def test_bad_variant_and_missing_manifest_are_one_line_errors(workspace, capsys):

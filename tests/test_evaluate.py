@@ -165,7 +165,7 @@ def test_mlflow_one_liner_returns_one_run_per_variant(tmp_path, monkeypatch):
     assert sorted(train_runs["tags.variant"]) == ["augmented", "baseline"]
     assert set(train_runs["tags.mlflow.parentRunId"]) == set(runs["tags.mlflow.parentRunId"])
     tags = train_runs.set_index("tags.variant")
-    assert tags.at["augmented", "tags.synthetic_count"] == "12" and tags.at["baseline", "tags.synthetic_count"] == "0"
+    assert tags.at["augmented", "tags.synthetic_count"] == "9"  # 12 generated, 3 screened out and tags.at["baseline", "tags.synthetic_count"] == "0"
     assert tags.at["baseline", "tags.seed"] == "0,1" and tags.at["baseline", "tags.method"] == "lora"
     assert tags.at["baseline", "tags.classes"] == ",".join(CLASSES)
     assert train_runs["metrics.val_balanced_accuracy_seed1"].notna().all()

@@ -48,6 +48,7 @@ from pipeline.classifier.model import CONFIG_NAME, create_classifier, save_weigh
 from pipeline.errors import PipelineError
 from pipeline.params import Params
 from pipeline.paths import CHECKPOINT_DIR, CLASSIFIER_DIR, REPORTS_DIR, SYNTHETIC_DIR, workspace_root
+from pipeline.quality.screen import SCREENED_CSV, load_kept_synthetic
 
 VARIANTS = ("baseline", "augmented")
 EVAL_BATCH = 256
@@ -59,11 +60,14 @@ def check_variant(variant: str) -> None:
 
 
 def training_samples(params: Params, variant: str, split, root: Path) -> list[Sample]:
-    """Baseline: the real train rows. Augmented: the same rows plus every synthetic image of the selected classes."""
+    """Baseline: the real train rows. Augmented: the same rows plus the synthetic images the `screen` stage kept
+    (memorized copies and, when enabled, low-confidence images are left out)."""
     check_variant(variant)
     samples = real_samples(split, "train")
     if variant == "augmented":
-        samples += synthetic_samples(params, root)
+        kept = load_kept_synthetic(root / SCREENED_CSV, params.data.classes)
+        kept_paths = {(root / path).resolve() for path in kept["path"]}
+        samples += [s for s in synthetic_samples(params, root) if s.path in kept_paths]
     return samples
 
 
