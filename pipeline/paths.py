@@ -16,10 +16,17 @@ from pipeline.errors import PipelineError
 _TEMP_EXPERIMENT = re.compile(r"^(?P<root>.+?)/\.dvc/tmp/exps/")
 
 
+WORKSPACE_ENV = "LESION_SYNTH_WORKSPACE"
+
+
 def workspace_root() -> Path:
-    """The repository checkout the stage runs in: $DVC_ROOT, else the nearest folder holding dvc.yaml."""
-    if os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"]).resolve()
+    """The checkout the stage runs in: $LESION_SYNTH_WORKSPACE, else the nearest folder holding dvc.yaml from the CWD.
+
+    Not $DVC_ROOT: in `dvc exp run --queue` DVC points it at the parent repository while the stage
+    runs (with that CWD) inside a temporary copy, and the copy is where inputs and outputs live.
+    """
+    if os.environ.get(WORKSPACE_ENV):
+        return Path(os.environ[WORKSPACE_ENV]).resolve()
     here = Path.cwd().resolve()
     for folder in (here, *here.parents):
         if (folder / "dvc.yaml").is_file():
@@ -28,8 +35,12 @@ def workspace_root() -> Path:
 
 
 def store_root() -> Path:
-    """The original repository, even from inside `dvc exp run --queue`'s copy under .dvc/tmp/exps/."""
-    root = workspace_root()
+    """The original repository, where shared stores (mlflow.db) live, also from a queued experiment's copy.
+
+    $DVC_ROOT is the parent repository under `dvc exp run --queue`; a path inside .dvc/tmp/exps/ is mapped
+    back to the repository holding it for runners that do not set it.
+    """
+    root = Path(os.environ["DVC_ROOT"]).resolve() if os.environ.get("DVC_ROOT") else workspace_root()
     match = _TEMP_EXPERIMENT.match(root.as_posix() + "/")
     return Path(match.group("root")) if match else root
 

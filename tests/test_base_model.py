@@ -88,7 +88,7 @@ def make_workspace(root: Path, train: int = 12) -> Path:
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
     root = make_workspace(tmp_path / "ws")
-    monkeypatch.setenv("DVC_ROOT", str(root))
+    monkeypatch.setenv("LESION_SYNTH_WORKSPACE", str(root))
     monkeypatch.chdir(root)
     return root
 
@@ -98,7 +98,7 @@ def embedded(tmp_path_factory):
     """One micro run of the embedded base stage, shared by the tests that inspect its output."""
     root = make_workspace(tmp_path_factory.mktemp("embedded") / "ws")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DVC_ROOT", str(root))
+        mp.setenv("LESION_SYNTH_WORKSPACE", str(root))
         mp.chdir(root)
         prepare_base(micro_params())
     return root

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline import tracking
 from pipeline.params import parse_params
-from pipeline.paths import store_root
+from pipeline.paths import store_root, workspace_root
 
 
 def test_store_is_anchored_at_the_original_repo_inside_experiment_copies(tmp_path, monkeypatch):
@@ -17,6 +17,20 @@ def test_store_is_anchored_at_the_original_repo_inside_experiment_copies(tmp_pat
     monkeypatch.setenv("DVC_ROOT", str(copy))
     assert store_root() == tmp_path / "repo"
     assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'repo' / 'mlflow.db'}"
+
+
+def test_queued_experiment_works_in_its_copy_but_logs_to_the_parent_repo(tmp_path, monkeypatch):
+    """`dvc exp run --queue` runs stages in a temp copy (the CWD) with DVC_ROOT naming the parent repo."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    parent = tmp_path / "repo"
+    copy = parent / ".dvc" / "tmp" / "exps" / "tmpq1"
+    copy.mkdir(parents=True)
+    (copy / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_ROOT", str(parent))
+    assert workspace_root() == copy
+    assert store_root() == parent
+    assert tracking.tracking_uri() == f"sqlite:///{parent / 'mlflow.db'}"
 
 
 def test_env_uri_wins(monkeypatch):
