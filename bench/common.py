@@ -265,6 +265,14 @@ class optimizer_clock:
         self._handle.remove()
 
 
+def primary_ratio(settings: "Settings", wall_ratio: float | None, cpu_ratio: float | None) -> tuple[float | None, str]:
+    """The ratio a target is judged on: CPU-time based with one torch thread (what an idle core would show,
+    robust to other processes on the box), wall-time based otherwise."""
+    if settings.threads == 1 and cpu_ratio is not None:
+        return cpu_ratio, f"judged on CPU-time rates (1 thread); wall-time ratio {fmt(wall_ratio)}"
+    return wall_ratio, f"judged on wall-time rates ({settings.threads} threads); CPU-time ratio {fmt(cpu_ratio)}"
+
+
 def ratio(ours: float, reference: float) -> float | None:
     if ours is None or reference in (None, 0) or reference != reference or ours != ours:
         return None

@@ -30,7 +30,7 @@ def data_root(settings: Settings) -> Path:
     root = CACHE / f"data-{images}-{size}"
     if not (root / "data" / "prepared" / "split.csv").is_file():
         run_arm(settings, "setup-demo-data", "bench.workspace:demo_data_child", {"root": str(root), "images": images,
-                "size": size}, env={"DVC_ROOT": str(root)})
+                "size": size}, env={"LESION_SYNTH_WORKSPACE": str(root)})
     return root
 
 
@@ -153,7 +153,7 @@ def trained_models(settings: Settings, class_code: str = BENCH_CLASS) -> tuple[P
         split = split_rows(settings)
         run_arm(settings, "setup-train-models", "bench.workspace:train_models_child",
                 {"root": str(root), "class_code": class_code, "plan": plan, "resolution": resolution, "rows": rows,
-                 "split": split}, env={"DVC_ROOT": str(root)}, timeout=3600)
+                 "split": split}, env={"LESION_SYNTH_WORKSPACE": str(root)}, timeout=3600)
     how = (f"trained by the bench (cached in {root.relative_to(REPO)}): tiny base pre-trained "
            f"{plan['pretrain']['vae_steps']}+{plan['pretrain']['unet_steps']} steps, LoRA {plan['steps']} steps")
     return root / "models" / "base", root / "models" / "diffusion" / class_code, how, resolution
