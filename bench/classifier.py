@@ -12,12 +12,11 @@ Two image sets: the demo JPEGs as drawn (128 px) and the same images re-encoded 
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 from bench import workspace as ws
-from bench.common import BenchResult, Settings, median, primary_ratio, ratio, run_arm, table, target
+from bench.common import BenchResult, Settings, enter_workspace, median, primary_ratio, ratio, run_arm, table, target
 
 CLASSES = ["akiec", "bcc", "df", "mel", "vasc"]
 SPLIT_COLUMNS = ["image_id", "lesion_id", "dx", "split", "path"]
@@ -67,8 +66,7 @@ def ours_child(workspace: str, rows: list[dict], epochs: int, batch: int, image_
     root.mkdir(parents=True, exist_ok=True)
     (root / "dvc.yaml").write_text("stages: {}\n")
     ws.write_csv(root / "data" / "prepared" / "split.csv", rows, SPLIT_COLUMNS)
-    os.chdir(root)
-    os.environ["LESION_SYNTH_WORKSPACE"] = str(root)
+    enter_workspace(root)
     params = _params(epochs, batch, image_size)
     marks: list[float] = []
     cpu_marks: list[float] = []

@@ -151,6 +151,17 @@ class TreeMonitor:
         self._thread.join()
 
 
+def workspace_env(root: Path | str) -> dict[str, str]:
+    """Point the project's ``workspace_root()`` at ``root`` (LESION_SYNTH_WORKSPACE; DVC_ROOT for older checkouts)."""
+    return {"LESION_SYNTH_WORKSPACE": str(root), "DVC_ROOT": str(root)}
+
+
+def enter_workspace(root: Path | str) -> None:
+    """Inside an arm: make ``root`` the workspace by every means the project looks at (env and CWD)."""
+    os.environ.update(workspace_env(root))
+    os.chdir(root)
+
+
 def child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {**os.environ}
     env.update({
@@ -164,7 +175,8 @@ def child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[s
         "TQDM_DISABLE": "1",
         "PYTHONWARNINGS": "ignore",
     })
-    env.pop("LESION_SYNTH_PARENT_RUN_ID", None)
+    for key in ("LESION_SYNTH_PARENT_RUN_ID", "LESION_SYNTH_WORKSPACE", "DVC_ROOT"):
+        env.pop(key, None)
     env.update(extra or {})
     return env
 

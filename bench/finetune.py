@@ -12,12 +12,23 @@ Steps/s is measured over the steady state (after ``WARMUP`` steps) in both arms.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 from bench import workspace as ws
-from bench.common import BenchResult, Settings, median, optimizer_clock, primary_ratio, ratio, run_arm, table, target
+from bench.common import (
+    BenchResult,
+    Settings,
+    enter_workspace,
+    median,
+    optimizer_clock,
+    primary_ratio,
+    ratio,
+    run_arm,
+    table,
+    target,
+    workspace_env,
+)
 
 WARMUP = 3
 DEFAULT_CLASSES = ["akiec", "bcc", "df", "mel", "vasc"]
@@ -60,8 +71,7 @@ def instrumented_finetune(params, class_code: str, with_mlflow: bool, warmup: in
 
 def ours_child(workspace: str, method: str, steps: int, resolution: int, batch: int, class_code: str,
                with_mlflow: bool = False) -> dict:
-    os.chdir(workspace)
-    os.environ["LESION_SYNTH_WORKSPACE"] = workspace
+    enter_workspace(workspace)
     params = _params(method, steps, resolution, batch, class_code)
     return instrumented_finetune(params, class_code, with_mlflow)
 
@@ -84,8 +94,7 @@ def reference_child(workspace: str, method: str, steps: int, resolution: int, ba
     from pipeline.diffusion.finetune import MAX_GRAD_NORM, WEIGHT_DECAY, derive_seed, diffusion_target
     from pipeline.diffusion.training_data import read_finetune_csv
 
-    os.chdir(workspace)
-    os.environ["LESION_SYNTH_WORKSPACE"] = workspace
+    enter_workspace(workspace)
     params = _params(method, steps, resolution, batch, class_code)
     d = params.diffusion
     start = time.perf_counter()
@@ -283,7 +292,7 @@ def run(settings: Settings) -> BenchResult:
     base = ws.tiny_base(settings, resolution)
     rows = ws.finetune_rows(settings, ws.BENCH_CLASS)
     workspace = ws.diffusion_workspace(settings.workdir / "ws-finetune", base, rows)
-    arm_env = {"LESION_SYNTH_WORKSPACE": str(workspace)}
+    arm_env = workspace_env(workspace)
     result = BenchResult("finetune")
     arms: dict[str, dict[str, list]] = {m: {"ours": [], "reference": []} for m in methods}
     for repeat in range(settings.repeats):

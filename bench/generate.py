@@ -12,12 +12,22 @@ trained baseline classifier when it exists).
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 from bench import workspace as ws
-from bench.common import REPO, BenchResult, Settings, primary_ratio, ratio, run_arm, table, target
+from bench.common import (
+    REPO,
+    BenchResult,
+    Settings,
+    enter_workspace,
+    primary_ratio,
+    ratio,
+    run_arm,
+    table,
+    target,
+    workspace_env,
+)
 
 
 def _params(per_class: int, steps: int, batch: int, resolution: int):
@@ -30,8 +40,7 @@ def _params(per_class: int, steps: int, batch: int, resolution: int):
 def ours_child(workspace: str, class_code: str, images: int, steps: int, batch: int, resolution: int) -> dict:
     from pipeline.diffusion.generate import generate_class
 
-    os.chdir(workspace)
-    os.environ["LESION_SYNTH_WORKSPACE"] = workspace
+    enter_workspace(workspace)
     params = _params(images, steps, batch, resolution)
     start = time.perf_counter()
     cpu = time.process_time()
@@ -85,8 +94,7 @@ def quality_child(real: list[str], arms: dict[str, list[str]], size: int, worksp
     from pipeline.quality.features import IMAGENET_MEAN, IMAGENET_STD, BaselineClassifier, ClassifierFeatures, load_arrays, load_baseline_classifier
     from pipeline.quality.metrics import frechet_distance
 
-    os.chdir(workspace)
-    os.environ["LESION_SYNTH_WORKSPACE"] = workspace  # the decode cache lands in the throw-away workspace
+    enter_workspace(workspace)  # the decode cache lands in the throw-away workspace
     real_arrays = load_arrays(real, size)
     torch.manual_seed(0)
     random_net = create_classifier("efficientnet_b0", 5, pretrained=False)
@@ -129,7 +137,7 @@ def run(settings: Settings) -> BenchResult:
     rows = ws.finetune_rows(settings, ws.BENCH_CLASS)
     workspace = ws.diffusion_workspace(settings.workdir / "ws-generate", base, rows, class_model=lora_dir)
     ref_out = settings.workdir / "generate-reference"
-    env = {"LESION_SYNTH_WORKSPACE": str(workspace)}
+    env = workspace_env(workspace)
     ours = run_arm(settings, "generate-ours", "bench.generate:ours_child",
                    {"workspace": str(workspace), "class_code": ws.BENCH_CLASS, "images": images, "steps": ours_steps,
                     "batch": batch, "resolution": resolution}, env=env)

@@ -56,7 +56,8 @@ def copy_repo(root: Path, quick: bool) -> dict[str, str]:
     env = {**os.environ, "PATH": f"{Path(python()).parent}{os.pathsep}{os.environ['PATH']}",
            "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1",
            "PYTHONPATH": str(root), "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}  # dvc's stage lines arrive as printed
-    env.pop("DVC_ROOT", None)
+    for key in ("DVC_ROOT", "LESION_SYNTH_WORKSPACE"):  # the copy is the workspace (stages find it from the CWD)
+        env.pop(key, None)
     env.pop("LESION_SYNTH_PARENT_RUN_ID", None)
     git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
     for cmd in (["git", "init", "-q"], [*git, "add", "-A"], [*git, "commit", "-qm", "bench snapshot"]):

@@ -8,12 +8,11 @@ real run; the plot is reports/bench_scaling.png.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 from bench import workspace as ws
-from bench.common import BenchResult, Settings, report_paths, run_arm, table
+from bench.common import BenchResult, Settings, enter_workspace, report_paths, run_arm, table
 
 RESOLUTIONS = (32, 48, 64)
 FINETUNE_IMAGES = (5, 10, 20)
@@ -56,8 +55,7 @@ def scaling_child(workdir: str, rows: list[dict], steps: int, gen_steps: int, re
         if not (base / "model_index.json").is_file():
             save_pipeline(build_tiny_pipeline(res, seed=0), base)
         root = ws.diffusion_workspace(Path(workdir) / f"ws-scaling-{res}", base, rows)
-        os.chdir(root)
-        os.environ["LESION_SYNTH_WORKSPACE"] = str(root)
+        enter_workspace(root)
         ft = _finetune_point(root, rows, res, steps)
         gen = _generate_point(res, 16 if 16 in generated else generated[0], gen_steps)
         points["resolution"].append({"resolution": res, "finetune": ft, "generate": gen})

@@ -12,7 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from bench.common import REPO, Settings, run_arm
+from bench.common import REPO, Settings, enter_workspace, run_arm, workspace_env
 
 CACHE = REPO / ".cache" / "bench"
 FINETUNE_COLUMNS = ("image_id", "lesion_id", "dx", "path")
@@ -30,7 +30,7 @@ def data_root(settings: Settings) -> Path:
     root = CACHE / f"data-{images}-{size}"
     if not (root / "data" / "prepared" / "split.csv").is_file():
         run_arm(settings, "setup-demo-data", "bench.workspace:demo_data_child", {"root": str(root), "images": images,
-                "size": size}, env={"LESION_SYNTH_WORKSPACE": str(root)})
+                "size": size}, env=workspace_env(root))
     return root
 
 
@@ -43,6 +43,7 @@ def demo_data_child(root: str, images: int, size: int) -> dict:
     root_path = Path(root)
     root_path.mkdir(parents=True, exist_ok=True)
     (root_path / "dvc.yaml").write_text("stages: {}\n")
+    enter_workspace(root_path)  # prepare writes data/prepared into the workspace, never into the repository
     params = parse_params({"demo": {"images": images, "size": size}, "data": {"finetune_images": 20 if images >= 600 else 4}})
     write_demo(root_path / "data" / "demo" / "HAM10000", params.seed, params.demo.images, params.demo.size, params.demo.min_per_class)
     prepare(params)
@@ -153,7 +154,7 @@ def trained_models(settings: Settings, class_code: str = BENCH_CLASS) -> tuple[P
         split = split_rows(settings)
         run_arm(settings, "setup-train-models", "bench.workspace:train_models_child",
                 {"root": str(root), "class_code": class_code, "plan": plan, "resolution": resolution, "rows": rows,
-                 "split": split}, env={"LESION_SYNTH_WORKSPACE": str(root)}, timeout=3600)
+                 "split": split}, env=workspace_env(root), timeout=3600)
     how = (f"trained by the bench (cached in {root.relative_to(REPO)}): tiny base pre-trained "
            f"{plan['pretrain']['vae_steps']}+{plan['pretrain']['unet_steps']} steps, LoRA {plan['steps']} steps")
     return root / "models" / "base", root / "models" / "diffusion" / class_code, how, resolution
@@ -172,6 +173,7 @@ def train_models_child(root: str, class_code: str, plan: dict, resolution: int, 
     (root_path / "dvc.yaml").write_text("stages: {}\n")
     write_csv(root_path / "data" / "prepared" / "split.csv", split, ["image_id", "lesion_id", "dx", "split", "path"])
     write_csv(root_path / "data" / "prepared" / "finetune" / f"{class_code}.csv", rows, FINETUNE_COLUMNS)
+    enter_workspace(root_path)  # models/ go to the cache folder, never into the repository
     params = parse_params({"diffusion": {"resolution": resolution, "steps": plan["steps"], "pretrain": plan["pretrain"]}})
     start = time.perf_counter()
     prepare_base(params)
