@@ -48,7 +48,7 @@ def add_token(pipe: StableDiffusionPipeline, token: str, init_text: str) -> NewT
             "(change diffusion.instance_tokens)"
         )
     init_ids = tokenizer(init_text, add_special_tokens=False).input_ids
-    text_encoder.resize_token_embeddings(len(tokenizer))
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the new row is replaced below
     text_encoder.requires_grad_(False)
     table = text_encoder.get_input_embeddings()
     init = table.weight[init_ids].mean(0)
