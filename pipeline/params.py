@@ -114,6 +114,12 @@ class DiffusionParams(_Section):
     resume: bool = True
     pretrain: BasePretrainParams = BasePretrainParams()
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no_is_false(cls, value):
+        # YAML 1.1 reads an unquoted `no` as False, and DVC's `-S` rewrite of params.yaml drops the quotes.
+        return "no" if value is False else value
+
     @model_validator(mode="after")
     def _prompt_has_token(self) -> "DiffusionParams":
         if "{token}" not in self.prompt:

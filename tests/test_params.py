@@ -72,6 +72,16 @@ def test_bad_params_fail_with_one_line_naming_the_key(path, value, expected):
     assert message.startswith("params.yaml: ")
 
 
+def test_unquoted_no_survives_dvc_rewriting_params(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml and drops the quotes: `mixed_precision: no` reads as False."""
+    rewritten = tmp_path / "params.yaml"
+    rewritten.write_text(yaml.safe_dump(REPO_PARAMS).replace("mixed_precision: 'no'", "mixed_precision: no"))
+    assert "mixed_precision: no\n" in rewritten.read_text()
+    assert load_params(rewritten).diffusion.mixed_precision == "no"
+    with pytest.raises(PipelineError, match="diffusion.mixed_precision"):
+        parse_params(with_change("diffusion.mixed_precision", True))
+
+
 def test_invalid_yaml_and_missing_file(tmp_path):
     broken = tmp_path / "params.yaml"
     broken.write_text("data: {classes: [mel, vasc\n")
