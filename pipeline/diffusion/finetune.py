@@ -375,6 +375,8 @@ def finetune_class(params: Params, class_code: str, *, stop_after: int | None = 
     accelerator.wait_for_everyone()
     if main:
         model.eval()
+        if weight_dtype != torch.float32:
+            pipe.to(dtype=torch.float32)  # sample the grid in one dtype (a DreamBooth UNet stayed fp32 beside fp16 encoders)
         with atomic_dir(out_dir) as temp:
             weights = part.save(temp)
             validation_grid(pipe, params, class_code).save(temp / "samples.png")
