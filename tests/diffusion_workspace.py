@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from pipeline.params import Params, parse_params
+from pipeline.paths import WORKSPACE_ENV
 
 CLASSES = ["df", "vasc"]
 _COLOURS = {"df": (150, 105, 75), "vasc": (160, 40, 60)}
@@ -85,6 +86,6 @@ def trained_workspace(root: Path, base: Path, params: Params, class_code: str = 
     make_workspace(root, base)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
-        patch.delenv("DVC_ROOT", raising=False)
+        patch.delenv(WORKSPACE_ENV, raising=False)
         finetune_class(params, class_code)
     return root

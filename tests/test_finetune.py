@@ -20,6 +20,7 @@ from pipeline.diffusion.generate import load_class_pipeline
 from pipeline.diffusion.lora import LORA_FILE, load_lora
 from pipeline.diffusion.training_data import sha256_file
 from pipeline.errors import PipelineError
+from pipeline.paths import WORKSPACE_ENV
 
 WEIGHTS = {
     "lora": "pytorch_lora_weights.safetensors",
@@ -47,7 +48,7 @@ def tiny_base(tmp_path_factory):
 def workspace(tmp_path, tiny_base, monkeypatch):
     root = make_workspace(tmp_path / "ws", tiny_base)
     monkeypatch.chdir(root)
-    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.delenv(WORKSPACE_ENV, raising=False)
     return root
 
 

@@ -28,6 +28,7 @@ from pipeline.diffusion.generate import (
 from pipeline.diffusion.lora import LORA_FILE
 from pipeline.diffusion.training_data import sha256_file
 from pipeline.errors import PipelineError
+from pipeline.paths import WORKSPACE_ENV
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -50,7 +51,7 @@ def trained(tmp_path_factory):
 def workspace(trained, monkeypatch):
     root, params = trained
     monkeypatch.chdir(root)
-    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.delenv(WORKSPACE_ENV, raising=False)
     shutil.rmtree(root / "data/synthetic", ignore_errors=True)
     return root, params
 
