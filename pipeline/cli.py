@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -37,7 +38,7 @@ def run_stage(
     try:
         params: Params = load_params(args.params)
         call = (lambda: work(params, value)) if item else (lambda: work(params))
-        if not track:
+        if not track or not _is_main_process():
             call()
         else:
             from pipeline import tracking
@@ -56,3 +57,8 @@ def run_stage(
 
 def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)
+
+
+def _is_main_process() -> bool:
+    """Under `accelerate launch` / torchrun only rank 0 opens the MLflow run; the others just work."""
+    return int(os.environ.get("RANK", "0")) == 0

@@ -113,3 +113,13 @@ def test_stage_wrapper_passes_the_foreach_item(tmp_path):
     code = run_stage("finetune", lambda p, c: seen.append(c), item="class_code", track=False,
                      argv=["mel", "--params", str(good)])
     assert code == 0 and seen == ["mel"]
+
+
+def test_only_rank_zero_opens_a_tracking_run(tmp_path, monkeypatch):
+    good = tmp_path / "params.yaml"
+    good.write_text(yaml.safe_dump(REPO_PARAMS))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'never.db'}")
+    ran = []
+    assert run_stage("generate", lambda p, c: ran.append(c), item="class_code", argv=["df", "--params", str(good)]) == 0
+    assert ran == ["df"] and not (tmp_path / "never.db").exists()
