@@ -129,7 +129,9 @@ def _repo_trained(class_code: str) -> tuple[Path, Path] | None:
         meta = json.loads((model / "meta.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if (base / "model_index.json").is_file() and meta.get("method") == "lora":
+    # Only a real run's models: micro test runs (32 px, a handful of steps) would say nothing about quality.
+    if (base / "model_index.json").is_file() and meta.get("method") == "lora" and meta.get("resolution", 0) >= 64 \
+            and meta.get("steps", 0) >= 100:
         return base, model
     return None
 
