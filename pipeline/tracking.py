@@ -62,16 +62,30 @@ def _mlflow():
     return mlflow
 
 
-def ensure_experiment(name: str) -> str:
-    """The experiment's id, creating it with artifacts stored beside the tracking DB (not in the CWD)."""
-    mlflow = _mlflow()
-    experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
+def _sqlite_folder() -> Path | None:
     uri = tracking_uri()
-    # A SQLite store keeps its artifacts beside the DB file; a server decides for itself.
-    artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri() if uri.startswith("sqlite:///") else None
-    return mlflow.create_experiment(name, artifact_location=artifacts)
+    return Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
+
+
+def _store_lock() -> FileLock:
+    """Serialises creating the store and the parent run across concurrent stages (`dvc queue start -j N`)."""
+    folder = _sqlite_folder() or store_root()
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(folder / ".mlflow.lock"), timeout=300)
+
+
+def ensure_experiment(name: str) -> str:
+    """The experiment's id, creating it with artifacts stored beside the tracking DB (not in the CWD).
+
+    Runs under the store lock: two processes opening a new SQLite store at once both try to create its tables.
+    """
+    mlflow = _mlflow()
+    with _store_lock():
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        folder = _sqlite_folder()  # a SQLite store keeps its artifacts beside the DB file; a server decides itself
+        return mlflow.create_experiment(name, artifact_location=(folder / "mlartifacts").as_uri() if folder else None)
 
 
 def execution_tags(params) -> dict[str, str]:
@@ -92,8 +106,7 @@ def parent_run_id(params) -> str:
     experiment_id = ensure_experiment(params.mlflow.experiment)
     tags = execution_tags(params)
     key = hashlib.sha256(json.dumps(tags, sort_keys=True).encode()).hexdigest()[:16]
-    lock_path = store_root() / ".mlflow.lock"
-    with FileLock(str(lock_path), timeout=120):
+    with _store_lock():
         found = mlflow.search_runs(
             [experiment_id], filter_string=f"tags.pipeline_key = '{key}'", max_results=1, output_format="list"
         )

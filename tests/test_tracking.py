@@ -75,3 +75,24 @@ def test_artifacts_land_beside_a_sqlite_store(isolated_mlflow):
     params = parse_params({"mlflow": {"experiment": "tracking-artifacts"}})
     experiment = mlflow.get_experiment(tracking.ensure_experiment(params.mlflow.experiment))
     assert experiment.artifact_location == (isolated_mlflow / "mlartifacts").as_uri()
+
+
+def test_concurrent_stages_can_open_a_new_store_together(tmp_path):
+    """`dvc queue start -j 2` starts two stages at once against a store that does not exist yet."""
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    code = (
+        "from pipeline import tracking; from pipeline.params import parse_params; "
+        "import sys; p = parse_params({'seed': int(sys.argv[1])}); "
+        "ctx = tracking.stage_run('demo_data', p); ctx.__enter__(); ctx.__exit__(None, None, None)"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(seed)], env=env, stderr=subprocess.PIPE, text=True)
+             for seed in (1, 2, 3)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("lesion-synth").experiment_id])
+    stage_runs = [r for r in runs if r.data.tags.get("stage") == "demo_data"]
+    assert len(stage_runs) == 3 and len({r.data.tags["mlflow.parentRunId"] for r in stage_runs}) == 3
