@@ -384,10 +384,11 @@ def write_reports(results: dict[str, BenchResult], env: dict, total_s: float, me
             payload["benchmarks"] = previous.get("benchmarks", {})
         except (json.JSONDecodeError, OSError):
             pass
-    env = {**env, "load_average_end": [round(x, 2) for x in os.getloadavg()], "wall_s": round(total_s, 1)}
+    env = {**env, "load_average_end": [round(x, 2) for x in os.getloadavg()], "wall_s": round(total_s, 1),
+           "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     payload["environment"] = env
     for name, result in results.items():
-        payload["benchmarks"][name] = {**result.as_dict(), "environment": env}
+        payload["benchmarks"][name] = {**result.as_dict(), "environment": env, "markdown": result.markdown()}
     payload["targets"] = [{"benchmark": b, **t} for b, r in payload["benchmarks"].items() for t in r.get("targets", [])]
     payload["all_pass"] = all(t["pass"] for t in payload["targets"])
     write_json(report_json, payload)
@@ -395,11 +396,15 @@ def write_reports(results: dict[str, BenchResult], env: dict, total_s: float, me
     lines = ["# Benchmarks", "", f"`python -m bench {' '.join(results)}` on {env['cpu_count']} CPU cores, "
              f"torch {env['torch']} with {env['torch_threads']} thread(s) ({env['threads_why']}); "
              f"load average {env['load_average_start']} -> {env['load_average_end']}; "
-             f"{'BENCH_QUICK micro settings; ' if env['quick'] else ''}{env['wall_s']} s in all.", ""]
+             f"{'BENCH_QUICK micro settings; ' if env['quick'] else ''}{env['wall_s']} s in all ({env['finished']}).", ""]
     lines += [r.markdown() for r in results.values()]
-    others = sorted(set(payload["benchmarks"]) - set(results))
-    if others:
-        lines.append(f"Earlier results kept in bench.json: {', '.join(others)}.\n")
+    for name in sorted(set(payload["benchmarks"]) - set(results)):  # kept from an earlier run
+        earlier = payload["benchmarks"][name]
+        when = earlier.get("environment", {})
+        if "markdown" in earlier:
+            lines += [f"_{name}: from an earlier run ({when.get('finished', '?')}, "
+                      f"{'BENCH_QUICK, ' if when.get('quick') else ''}{when.get('torch_threads', '?')} thread(s))._", "",
+                      earlier["markdown"]]
     write_text(report_md, "\n".join(lines))
 
 
