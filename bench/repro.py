@@ -178,6 +178,8 @@ def run(settings: Settings) -> BenchResult:
         [f"swap data.classes {old} -> {new}", swap["wall_s"], ", ".join(sorted(ran))],
     ])))
     budget_note = "micro params (BENCH_QUICK): not the budgeted configuration" if settings.quick else ""
+    result.notes.append("Stages run exactly as `make repro` runs them (their own torch thread count; BENCH_THREADS does not "
+                        f"apply); load average during the run: see the header. Work dir: {root}.")
     result.targets += [
         target("dvc repro total wall", first["wall_s"], BUDGET_TOTAL_S, higher_is_better=False, unit=" s", note=budget_note),
         target("dvc repro peak RSS", first["peak_rss_mib"], BUDGET_PEAK_MIB, higher_is_better=False, unit=" MiB", note=budget_note),
