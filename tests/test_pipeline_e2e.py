@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -52,10 +53,8 @@ def stages_ran(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A git+DVC copy of the repo's tracked and untracked-not-ignored files, with micro params."""
-    root = tmp_path_factory.mktemp("e2e") / "repo"
+def copy_repo(root: Path, change: dict) -> dict:
+    """Copy the repo's tracked and untracked-not-ignored files into a fresh git repo; return the env to run in it."""
     files = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.split()
@@ -63,21 +62,32 @@ def workspace(tmp_path_factory):
         if (REPO / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, root / name)
-    params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), MICRO)
+    params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), change)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
         "HF_HUB_OFFLINE": "1",
         "DVC_NO_ANALYTICS": "1",
-        "PYTHONPATH": str(root),
     }
+    for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "LESION_SYNTH_WORKSPACE", "PYTHONPATH"):
+        env.pop(name, None)  # the store must be found the way a user's run finds it: at the repo root
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     run(["git", "init", "-q"], root, env)
     run([*git, "add", "-A"], root, env)
     run([*git, "commit", "-qm", "snapshot"], root, env)
-    return root, env
+    return env
+
+
+def experiment_runs(root: Path):
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    return client.search_runs([client.get_experiment_by_name("lesion-synth").experiment_id], max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e") / "repo"
+    return root, copy_repo(root, MICRO)
 
 
 @pytest.mark.slow
@@ -96,10 +106,7 @@ def test_full_pipeline_then_noop_then_class_swap(workspace):
     manifest = pd.read_csv(root / "data/synthetic/vasc/manifest.csv")
     assert len(manifest) == 4 and all((root / "data/synthetic/vasc" / f).is_file() for f in manifest.file)
 
-    runs = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).search_runs(
-        [mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).get_experiment_by_name("lesion-synth").experiment_id],
-        filter_string="tags.stage = 'evaluate'",
-    )
+    runs = [r for r in experiment_runs(root) if r.data.tags.get("stage") == "evaluate"]
     assert sorted(r.data.tags.get("variant") for r in runs) == ["augmented", "baseline"]
     assert all("balanced_accuracy" in r.data.metrics for r in runs)
 
@@ -112,3 +119,30 @@ def test_full_pipeline_then_noop_then_class_swap(workspace):
     swapped = stages_ran(run([dvc, "repro"], root, env))
     assert {"finetune@mel", "generate@mel", "screen", "train@baseline", "train@augmented", "evaluate"} <= swapped
     assert not swapped & {"demo_data", "base", "finetune@df", "generate@df"}, swapped
+
+
+@pytest.mark.slow
+def test_two_queued_experiments_run_concurrently_into_one_store(tmp_path):
+    """`dvc exp run --queue` twice + `dvc queue start -j 2`: both finish, both log to the repo's mlflow.db."""
+    root = tmp_path / "repo"
+    env = copy_repo(root, MICRO)
+    dvc = str(Path(sys.executable).parent / "dvc")
+    for seed in (1, 2):
+        run([dvc, "exp", "run", "--queue", "-S", f"seed={seed}", "-n", f"seed{seed}", "prepare"], root, env)
+    run([dvc, "queue", "start", "-j", "2"], root, env)
+    deadline = time.monotonic() + 600
+    while "Running" in (status := run([dvc, "queue", "status"], root, env)) or "Queued" in status:
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+    assert status.count("Success") == 2, status
+
+    runs = experiment_runs(root)
+    stages = {(r.data.tags["dvc_exp_name"], r.data.tags.get("stage", "parent")): r for r in runs}
+    for name in ("seed1", "seed2"):
+        assert {"demo_data", "prepare", "parent"} <= {stage for exp, stage in stages if exp == name}
+        assert stages[(name, "prepare")].info.status == "FINISHED"
+        parent = stages[(name, "prepare")].data.tags["mlflow.parentRunId"]
+        assert parent == stages[(name, "parent")].info.run_id
+    assert stages[("seed1", "parent")].data.params["seed"] == "1"
+    assert stages[("seed2", "parent")].data.params["seed"] == "2"
+    assert not (root / "data" / "prepared").exists()  # the experiments ran in their own copies
