@@ -206,9 +206,9 @@ def test_pretraining_changes_weights_and_lowers_loss_on_a_fixed_batch(tmp_path):
     pipe = build_tiny_pipeline(32, seed=0)
     rng = np.random.default_rng(1)
     images = torch.stack(
-        [torch.from_numpy(np.asarray(lesion_image(rng, (32, 32)))).permute(2, 0, 1) for _ in range(8)]
+        [torch.from_numpy(np.array(lesion_image(rng, (32, 32)))).permute(2, 0, 1) for _ in range(8)]
     )
-    cfg = micro_params(pretrain={"vae_steps": 25, "unet_steps": 25, "batch": 8, "lr": 2e-3}).diffusion.pretrain
+    cfg = micro_params(pretrain={"vae_steps": 25, "unet_steps": 25, "batch": 8, "vae_lr": 2e-3, "unet_lr": 2e-3}).diffusion.pretrain
     x = pt.to_model_range(images)
     before = weights_hash(pipe)
 
@@ -244,7 +244,7 @@ def test_pretraining_changes_weights_and_lowers_loss_on_a_fixed_batch(tmp_path):
 
 def test_same_seed_gives_identical_weights_and_another_seed_does_not():
     rng = np.random.default_rng(2)
-    images = torch.stack([torch.from_numpy(np.asarray(lesion_image(rng, (32, 32)))).permute(2, 0, 1) for _ in range(6)])
+    images = torch.stack([torch.from_numpy(np.array(lesion_image(rng, (32, 32)))).permute(2, 0, 1) for _ in range(6)])
     cfg = micro_params().diffusion.pretrain
 
     def run(seed: int) -> str:

@@ -3,7 +3,8 @@
 A random SD-shaped pipeline only makes noise; LoRA/DreamBooth on 20 images cannot teach it what
 a dermoscopic image looks like. So, like SD's own two-stage recipe but in minutes on a CPU:
 
-1. the VAE learns to reconstruct train images (L1 + MSE + a small KL term);
+1. the VAE learns to reconstruct train images (L1 + MSE + a small KL term), mostly on half-size
+   crops: its GroupNorms make per-image colour slow to learn, so it needs many cheap steps;
 2. every train image (and its mirror image) is encoded once by the frozen VAE and the latents are
    cached, which makes each UNet step cost only a UNet forward/backward;
 3. the UNet learns to denoise those latents conditioned on the frozen random CLIP text encoder's
@@ -35,8 +36,13 @@ from pipeline.params import BasePretrainParams
 from pipeline.paths import workspace_root
 
 KL_WEIGHT = 1e-6  # SD's VAE weight: latents stay well-behaved without blurring reconstructions
-UNCOND_PROB = 0.1  # share of UNet steps that see the empty prompt (classifier-free guidance)
+UNCOND_PROB = 0.1  # share of UNet samples that see the empty prompt (classifier-free guidance)
+MIN_SNR_GAMMA = 5.0  # Min-SNR loss weighting (Hang et al. 2023): converges several times faster
 WARMUP_STEPS = 20
+# The VAE spends this share of its steps on random half-size crops: a convolutional autoencoder learns
+# colour and texture locally, a 32 px crop costs a quarter of a 64 px image, so it sees 4x more
+# samples in the same time; the last steps use whole images so GroupNorm statistics match inference.
+VAE_CROP_SHARE = 0.9
 LOG_EVERY = 10
 
 
@@ -111,6 +117,13 @@ def random_flips(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(flip_v[:, None, None, None], x.flip(-2), x)
 
 
+def random_crops(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """A ``size``×``size`` window at an independent random position in each sample."""
+    top = torch.randint(0, x.shape[-2] - size + 1, (x.shape[0],), generator=generator).tolist()
+    left = torch.randint(0, x.shape[-1] - size + 1, (x.shape[0],), generator=generator).tolist()
+    return torch.stack([img[:, t : t + size, l : l + size] for img, t, l in zip(x, top, left)])
+
+
 def batches(n: int, batch: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Endless shuffled mini-batches of indices (a fresh permutation each epoch, no sample twice per epoch)."""
     batch = min(batch, n)
@@ -144,12 +157,15 @@ def vae_loss(vae, x: torch.Tensor) -> torch.Tensor:
 
 def train_vae(vae, images: torch.Tensor, cfg: BasePretrainParams, generator: torch.Generator) -> list[float]:
     vae.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     schedule = warmup_cosine(optimizer, cfg.vae_steps)
     losses: list[float] = []
     it = batches(len(images), cfg.batch, generator)
+    crop_steps = int(cfg.vae_steps * VAE_CROP_SHARE)
     for step in (bar := tqdm(range(cfg.vae_steps), desc="vae", mininterval=2)):
         x = random_flips(to_model_range(images[next(it)]), generator)
+        if step < crop_steps:
+            x = random_crops(x, x.shape[-1] // 2, generator)
         loss = vae_loss(vae, x)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -201,6 +217,23 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
     raise PipelineError(f"scheduler prediction_type {kind!r} is not supported for pre-training")
 
 
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float = MIN_SNR_GAMMA) -> torch.Tensor:
+    """Per-sample loss weights min(SNR, gamma) / SNR (epsilon), / (SNR + 1) (v), min(SNR, gamma) (sample).
+
+    Without them the many nearly-noise-free timesteps dominate the gradient and the coarse layout
+    (vignette, one lesion) that the high-noise timesteps decide is learned slowly.
+    """
+    alphas_cumprod = scheduler.alphas_cumprod[timesteps].float()
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    clipped = snr.clamp(max=gamma)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return clipped / snr
+    if kind == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped
+
+
 def train_unet(
     pipe: StableDiffusionPipeline,
     means: torch.Tensor,
@@ -213,7 +246,7 @@ def train_unet(
     pipe.text_encoder.eval().requires_grad_(False)
     cond, uncond = prompt_embeddings(pipe, [cfg.prompt, ""]).unsqueeze(1)  # each [1, 77, D]
     unet.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
     schedule = warmup_cosine(optimizer, cfg.unet_steps)
     losses: list[float] = []
     it = batches(len(means), cfg.batch, generator)
@@ -228,7 +261,8 @@ def train_unet(
         drop = (torch.rand(n, generator=generator) < UNCOND_PROB)[:, None, None]
         text = torch.where(drop, uncond, cond)
         pred = unet(noisy, timesteps, encoder_hidden_states=text).sample
-        loss = F.mse_loss(pred, diffusion_target(scheduler, latents, noise, timesteps))
+        per_sample = F.mse_loss(pred, diffusion_target(scheduler, latents, noise, timesteps), reduction="none").mean((1, 2, 3))
+        loss = (per_sample * min_snr_weights(scheduler, timesteps)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
