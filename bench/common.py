@@ -50,7 +50,8 @@ def _auto_threads() -> tuple[int, str]:
     """BENCH_THREADS if set; else 1 on a busy box (load >= 1), else all cores (at most 4).
 
     Measured here: with 2 torch threads on 2 cores that other processes also use, a tiny-UNet step was
-    12x slower than with 1 thread (OpenMP threads spin-waiting on each other); the ratios drift with it.
+    12x slower than with 1 thread (OpenMP threads spin-waiting), and still 1.7x slower with
+    OMP_WAIT_POLICY=PASSIVE at load 1.7; the ratios drift with it.
     """
     if os.environ.get("BENCH_THREADS"):
         return max(1, int(os.environ["BENCH_THREADS"])), "BENCH_THREADS"
@@ -177,6 +178,7 @@ def child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[s
     })
     for key in ("LESION_SYNTH_PARENT_RUN_ID", "LESION_SYNTH_WORKSPACE", "DVC_ROOT"):
         env.pop(key, None)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what the project's package sets before torch loads
     env.update(extra or {})
     return env
 

@@ -65,8 +65,24 @@ def copy_repo(root: Path, quick: bool) -> dict[str, str]:
     return env
 
 
+def _kill_tree(pid: int) -> None:
+    """Kill ``pid`` and every descendant (a timed-out dvc must not leave its stage process running)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.Error:
+        return
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+
+
 def _stage_processes(pid: int) -> list[str]:
-    """Stage names of the running `python stages/<script>.py [item]` descendants of ``pid`` (finetune@df, ...)."""
+    """Stage names (finetune@df, ...) of the running stage-script descendants of ``pid``."""
     import psutil
 
     names = []
@@ -79,12 +95,16 @@ def _stage_processes(pid: int) -> list[str]:
             cmd = child.cmdline()
         except psutil.Error:
             continue
-        for i, part in enumerate(cmd):
+        for i, part in enumerate(cmd):  # `python stages/<x>.py [item]` or `python -m stages.<x> [item]`
             if part.startswith("stages/") and part.endswith(".py"):
                 stem = Path(part).stem
-                item = next((a for a in cmd[i + 1 :] if not a.startswith("-")), None)
-                names.append(f"{stem}@{item}" if item else stem)
-                break
+            elif part.startswith("stages.") and i > 0 and cmd[i - 1] == "-m":
+                stem = part.split(".", 1)[1]
+            else:
+                continue
+            item = next((a for a in cmd[i + 1 :] if not a.startswith("-")), None)
+            names.append(f"{stem}@{item}" if item else stem)
+            break
     return names
 
 
@@ -95,7 +115,7 @@ def repro(root: Path, env: dict[str, str], log: Path, timeout: float) -> dict:
     current: list[str | None] = [None]
     lock = threading.Lock()
 
-    commands: dict[str, dict] = {}  # stage -> first/last time its `python stages/<x>.py [item]` process was seen
+    commands: dict[str, dict] = {}  # stage -> first/last time its stage-script process was seen
 
     def on_sample(now: float, rss: float) -> None:
         with lock:
@@ -122,7 +142,7 @@ def repro(root: Path, env: dict[str, str], log: Path, timeout: float) -> dict:
                         current[0] = match.group(1)
                         stages[current[0]] = {"start": now, "peak_rss_mib": 0.0, "wall_s": None}
                 if now > deadline:
-                    proc.kill()
+                    _kill_tree(proc.pid)
                     break
             code = proc.wait()
         end = time.perf_counter()
