@@ -335,6 +335,13 @@ def test_uncached_hub_id_offline_is_a_clear_error(workspace, tmp_path, monkeypat
     assert not (workspace / "models" / "base").exists()
 
 
+def test_in_repo_path_that_is_missing_is_named_when_the_hub_fails_too(workspace, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    with pytest.raises(PipelineError, match=r"not in the local Hugging Face cache.*\(no folder .*/data/sd15 exists either\)$"):
+        prepare_base(micro_params(base_model="data/sd15"))
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [

@@ -201,8 +201,11 @@ def _hub_cache_dir() -> str:
     return constants.HF_HUB_CACHE
 
 
-def resolve_hub_snapshot(repo_id: str) -> Path:
-    """The local snapshot folder of a Hub repo: from the cache when offline, downloaded (safetensors only) otherwise."""
+def resolve_hub_snapshot(repo_id: str, missing_folder: Path | None = None) -> Path:
+    """The local snapshot folder of a Hub repo: from the cache when offline, downloaded (safetensors only) otherwise.
+
+    missing_folder: the in-repo folder the same value would have named, mentioned in the error if the Hub fails too.
+    """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -217,6 +220,7 @@ def resolve_hub_snapshot(repo_id: str) -> Path:
     not_reachable = (
         f"{KEY}: {repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached; "
         f"download it once with `huggingface-cli download {repo_id}` or set base_model to a local diffusers folder"
+        + (f" (no folder {missing_folder} exists either)" if missing_folder is not None else "")
     )
     try:
         path = snapshot_download(
@@ -268,7 +272,7 @@ def resolve_base_source(params: Params) -> Path:
             raise PipelineError(f"{KEY}: {local} is a file; expected a diffusers pipeline folder (with model_index.json)")
         return local
     if not looks_like_path and _REPO_ID.match(value) and ".." not in value:
-        return resolve_hub_snapshot(value)
+        return resolve_hub_snapshot(value, missing_folder=local)
     if local is not None:
         raise PipelineError(f"{KEY}: folder {local} does not exist")
     if looks_like_path and path_error is not None:
