@@ -77,7 +77,7 @@ class Settings:
     def from_env(cls, workdir: Path | None = None) -> "Settings":
         quick = _env_flag("BENCH_QUICK")
         threads, why = _auto_threads()
-        repeats = int(os.environ.get("BENCH_REPEATS", "1"))
+        repeats = int(os.environ.get("BENCH_REPEATS") or (1 if quick else 3))  # finetune arms; medians
         if workdir is None:
             workdir = Path(tempfile.mkdtemp(prefix="lesion-bench-"))
         return cls(quick, threads, why, max(1, repeats), _env_flag("BENCH_KEEP"), workdir)
