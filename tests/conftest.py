@@ -23,3 +23,13 @@ def isolated_mlflow(tmp_path_factory, monkeypatch):
     for name in ("LESION_SYNTH_PARENT_RUN_ID", "LESION_SYNTH_WORKSPACE", "DVC_ROOT", "DVC_EXP_NAME"):
         monkeypatch.delenv(name, raising=False)
     yield store
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of tiny models (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    on a 2-core box shared with other jobs, two threads spin on each other and run 3-10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -37,13 +37,7 @@ MICRO = {"diffusion": {"resolution": 32, "pretrain": {"vae_steps": 3, "unet_step
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a 2-core box shared with other jobs, two threads spin on each other and run 3-10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def micro_params(**diffusion) -> object:

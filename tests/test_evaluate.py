@@ -8,7 +8,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from classifier_workspace import CLASSES, make_workspace, micro_params, write_params
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
@@ -30,12 +29,7 @@ from pipeline.classifier.train import train_variant
 from pipeline.cli import run_stage
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _onehot(pred, k=3, confidence=0.8):

@@ -7,7 +7,6 @@ import re
 
 import mlflow
 import pytest
-import torch
 from classifier_workspace import CLASSES, make_workspace, micro_params, write_params
 
 from pipeline.classifier.evaluate import evaluate
@@ -17,12 +16,7 @@ from pipeline.errors import PipelineError
 from pipeline.report import report
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_report_writes_summary_with_tables_and_figures(tmp_path, monkeypatch, capsys):
