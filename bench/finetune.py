@@ -110,7 +110,7 @@ def reference_child(workspace: str, method: str, steps: int, resolution: int, ba
     else:
         unet.requires_grad_(True)
         trainable = list(unet.parameters())
-    optimizer = torch.optim.AdamW(trainable, lr=d.lr, weight_decay=WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW(trainable, lr=d.learning_rate, weight_decay=WEIGHT_DECAY)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     prompt = params.class_prompt(class_code)

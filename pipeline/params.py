@@ -96,13 +96,18 @@ class BasePretrainParams(_Section):
     prompt: str = "a dermoscopic image of a skin lesion"
 
 
+Method = Literal["lora", "dreambooth", "textual_inversion"]
+
+
 class DiffusionParams(_Section):
     base_model: str = "embedded-tiny"  # or a Hub id / local diffusers folder
-    method: Literal["lora", "dreambooth", "textual_inversion"] = "lora"
+    method: Method = "lora"
     resolution: int = Field(64, ge=8)
     steps: int = Field(300, gt=0)
     batch: int = Field(4, gt=0)
-    lr: float = Field(1e-4, gt=0)
+    # One rate for every method, or one per method: a rank-8 LoRA on the tiny UNet needs ~1e-2 to move in 300
+    # steps, a full-UNet DreamBooth wants far less (SD 1.5: ~1e-4 for both).
+    lr: float | dict[Method, float] = 1e-4
     lora: LoraParams = LoraParams()
     prompt: str = "a dermoscopic image of {token} {class_name}"
     instance_tokens: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_INSTANCE_TOKENS))
@@ -120,6 +125,25 @@ class DiffusionParams(_Section):
     def _yaml_no_is_false(cls, value):
         # YAML 1.1 reads an unquoted `no` as False, and DVC's `-S` rewrite of params.yaml drops the quotes.
         return "no" if value is False else value
+
+    @field_validator("lr")
+    @classmethod
+    def _positive_lr(cls, lr):
+        rates = lr.values() if isinstance(lr, dict) else [lr]
+        if any(rate <= 0 for rate in rates):
+            raise ValueError(f"learning rates must be > 0, got {lr}")
+        return lr
+
+    @model_validator(mode="after")
+    def _lr_for_method(self) -> "DiffusionParams":
+        if isinstance(self.lr, dict) and self.method not in self.lr:
+            raise ValueError(f"lr has no rate for method {self.method!r}; give one or a single number for all methods")
+        return self
+
+    @property
+    def learning_rate(self) -> float:
+        """The rate of the configured method."""
+        return self.lr[self.method] if isinstance(self.lr, dict) else self.lr
 
     @model_validator(mode="after")
     def _prompt_has_token(self) -> "DiffusionParams":
@@ -191,6 +215,22 @@ class QualityParams(_Section):
     batch: int = Field(32, gt=0)
 
 
+class SweepParams(_Section):
+    """`make sweep`: one queued DVC experiment per (diffusion.method, generate.per_class); no stage reads it."""
+
+    methods: list[Method] = Field(default_factory=lambda: ["lora", "dreambooth", "textual_inversion"], min_length=1)
+    amounts: list[int] = Field(default_factory=lambda: [50, 100, 200], min_length=1)  # synthetic images per class
+    jobs: int = Field(1, gt=0)  # `dvc queue start -j`: experiments run at once
+    timeout_minutes: float = Field(240, gt=0)
+
+    @field_validator("amounts")
+    @classmethod
+    def _positive_amounts(cls, amounts: list[int]) -> list[int]:
+        if any(a <= 0 for a in amounts) or len(set(amounts)) != len(amounts):
+            raise ValueError(f"amounts must be distinct and > 0 (0 is the baseline, drawn without a run), got {amounts}")
+        return amounts
+
+
 class MlflowParams(_Section):
     experiment: str = Field("lesion-synth", min_length=1)
 
@@ -205,6 +245,7 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams = MlflowParams()
     quality: QualityParams = QualityParams()
+    sweep: SweepParams = SweepParams()
 
     def instance_token(self, class_code: str) -> str:
         return self.diffusion.instance_tokens.get(class_code, f"{class_code}tok")

@@ -32,6 +32,14 @@ def test_repo_params_load_and_match_defaults():
     assert params.classifier.arch == "efficientnet_b0"
 
 
+def test_learning_rate_follows_the_method():
+    per_method = {"lora": 1e-2, "dreambooth": 2e-4, "textual_inversion": 5e-3}
+    for method, rate in per_method.items():
+        params = parse_params({"diffusion": {"method": method, "lr": per_method}})
+        assert params.diffusion.learning_rate == rate
+    assert parse_params({"diffusion": {"method": "dreambooth", "lr": 3e-4}}).diffusion.learning_rate == 3e-4
+
+
 def test_class_prompt_uses_a_distinct_token_per_class():
     params = parse_params({})
     prompts = {c: params.class_prompt(c) for c in CLASS_NAMES}
@@ -61,6 +69,12 @@ def test_class_prompt_uses_a_distinct_token_per_class():
         ("classifier.balance", "oversample", "classifier.balance"),
         ("classifier.seeds", [], "classifier.seeds"),
         ("data.on_bad_image", "ignore", "data.on_bad_image"),
+        ("diffusion.lr", {"dreambooth": 1e-4}, "lr has no rate for method 'lora'"),
+        ("diffusion.lr", -1.0, "learning rates must be > 0"),
+        ("diffusion.lr", {"lora": 1e-2, "hypernetwork": 1e-3}, "diffusion.lr"),
+        ("sweep.amounts", [0, 50], "amounts must be distinct and > 0"),
+        ("sweep.methods", ["gan"], "sweep.methods"),
+        ("sweep.jobs", 0, "sweep.jobs"),
     ],
 )
 def test_bad_params_fail_with_one_line_naming_the_key(path, value, expected):

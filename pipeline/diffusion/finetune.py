@@ -307,7 +307,7 @@ def finetune_class(params: Params, class_code: str, *, stop_after: int | None = 
         pipe.unet.enable_gradient_checkpointing()
     trainable = list(part.named_trainable().values())
     weight_decay = 0.0 if part.trains_text else WEIGHT_DECAY
-    optimizer = torch.optim.AdamW(trainable, lr=d.lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=d.learning_rate, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(derive_seed(seed, "steps", accelerator.process_index))
 
     start, recent = (0, [])
