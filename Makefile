@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Stage commands in dvc.yaml call `python`: make it the venv's.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test bench install clean-venv
+.PHONY: repro test bench sweep install clean-venv
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11'" >&2; exit 1; }
@@ -25,6 +25,10 @@ repro: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Method × amount sweep as queued DVC experiments (the `sweep` section of params.yaml); writes reports/sweep/.
+sweep: $(STAMP)
+	$(BIN)/python -m pipeline.sweep
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -271,7 +271,9 @@ def render(params: Params, metrics: dict, data: dict, split: pd.DataFrame, synth
         "---",
         "Numbers: `reports/metrics.json` (all metrics, gains and CIs), `reports/train/*.json` (per-seed training). "
         "Runs: MLflow experiment "
-        f"`{params.mlflow.experiment}` (`tags.stage = 'evaluate'` runs hold each variant's test metrics).",
+        f"`{params.mlflow.experiment}` (`tags.stage = 'evaluate'` runs hold each variant's test metrics). "
+        "Which method and how many images per class: `make sweep` writes [sweep/sweep.md](sweep/sweep.md) "
+        "(a gain-vs-amount chart per method, one queued DVC experiment per point).",
         "",
     ]
     return "\n".join(lines)

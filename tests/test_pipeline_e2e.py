@@ -2,7 +2,8 @@
 
 Checks the contract a researcher relies on: every stage runs and writes its outputs, a second
 `dvc repro` has nothing to do, swapping one class reruns only that class's diffusion stages plus
-the classifier stages, and MLflow holds one baseline and one augmented run.
+the classifier stages, and MLflow holds one baseline and one augmented run. Then the method sweep runs as
+queued experiments in the same copy (DVC's run cache restores the stages its points share).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -122,27 +122,38 @@ def test_full_pipeline_then_noop_then_class_swap(workspace):
 
 
 @pytest.mark.slow
-def test_two_queued_experiments_run_concurrently_into_one_store(tmp_path):
-    """`dvc exp run --queue` twice + `dvc queue start -j 2`: both finish, both log to the repo's mlflow.db."""
-    root = tmp_path / "repo"
-    env = copy_repo(root, MICRO)
-    dvc = str(Path(sys.executable).parent / "dvc")
-    for seed in (1, 2):
-        run([dvc, "exp", "run", "--queue", "-S", f"seed={seed}", "-n", f"seed{seed}", "prepare"], root, env)
-    run([dvc, "queue", "start", "-j", "2"], root, env)
-    deadline = time.monotonic() + 600
-    while "Running" in (status := run([dvc, "queue", "status"], root, env)) or "Queued" in status:
-        assert time.monotonic() < deadline, status
-        time.sleep(2)
-    assert status.count("Success") == 2, status
+def test_method_sweep_queues_one_experiment_per_point_and_draws_the_chart(workspace):
+    """`python -m pipeline.sweep` over three methods at `-j 2`: every point runs as its own queued experiment
+    (in its own copy, logging to the repo's one mlflow.db), and its gain lands in the chart's data."""
+    root, env = workspace
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    # 3 per class, not the workspace's 4: with the workspace's own params DVC's run cache would restore every stage
+    # of the lora point, evaluate included, and it would log no MLflow run of its own.
+    params["sweep"] = {"methods": ["lora", "dreambooth", "textual_inversion"], "amounts": [3], "jobs": 2,
+                       "timeout_minutes": 15}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    run([sys.executable, "-m", "pipeline.sweep", "--id", "t1"], root, env)
+
+    result = json.loads((root / "reports/sweep/sweep.json").read_text())
+    points = {(p["method"], p["amount"]): p for p in result["points"]}
+    assert set(points) == {(m, a) for m in params["sweep"]["methods"] for a in (0, 3)}
+    for method in params["sweep"]["methods"]:
+        point = points[(method, 3)]
+        assert point["experiment"] == f"t1-{method.replace('_', '-')}-3"
+        assert point["gain"] == pytest.approx(point["augmented"] - point["baseline"], abs=1e-9)
+        assert point["ci_low"] <= point["gain"] <= point["ci_high"]
+        assert points[(method, 0)]["gain"] == 0.0
+    assert (root / "reports/sweep/gain_vs_amount.png").stat().st_size > 10_000
+    assert "| dreambooth | 3 |" in (root / "reports/sweep/sweep.md").read_text()
 
     runs = experiment_runs(root)
-    stages = {(r.data.tags["dvc_exp_name"], r.data.tags.get("stage", "parent")): r for r in runs}
-    for name in ("seed1", "seed2"):
-        assert {"demo_data", "prepare", "parent"} <= {stage for exp, stage in stages if exp == name}
-        assert stages[(name, "prepare")].info.status == "FINISHED"
-        parent = stages[(name, "prepare")].data.tags["mlflow.parentRunId"]
-        assert parent == stages[(name, "parent")].info.run_id
-    assert stages[("seed1", "parent")].data.params["seed"] == "1"
-    assert stages[("seed2", "parent")].data.params["seed"] == "2"
-    assert not (root / "data" / "prepared").exists()  # the experiments ran in their own copies
+    evaluated = {r.data.tags["dvc_exp_name"]: r for r in runs
+                 if r.data.tags.get("stage") == "evaluate" and r.data.tags.get("variant") == "augmented"}
+    for method in params["sweep"]["methods"]:
+        name = f"t1-{method.replace('_', '-')}-3"
+        assert evaluated[name].data.tags["method"] == method  # each point ran its own method, in its own copy
+    parents = {evaluated[n].data.tags["mlflow.parentRunId"] for n in evaluated if n.startswith("t1-")}
+    assert len(parents) == 3
+    assert any(r.data.tags.get("kind") == "sweep" for r in runs)
+    assert yaml.safe_load((root / "params.yaml").read_text())["diffusion"]["method"] == "lora"  # workspace untouched
