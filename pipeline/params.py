@@ -88,8 +88,8 @@ class LoraParams(_Section):
 class BasePretrainParams(_Section):
     """How the embedded tiny base model is pre-trained (ignored for a real checkpoint)."""
 
-    vae_steps: int = Field(1200, ge=0)  # 90% of them on half-size crops (4x cheaper), see pretrain.py
-    unet_steps: int = Field(900, ge=0)
+    vae_steps: int = Field(1000, ge=0)  # 90% of them on half-size crops (4x cheaper), see pretrain.py
+    unet_steps: int = Field(800, ge=0)
     batch: int = Field(16, gt=0)
     vae_lr: float = Field(2e-3, gt=0)
     unet_lr: float = Field(2e-3, gt=0)
@@ -103,7 +103,7 @@ class DiffusionParams(_Section):
     base_model: str = "embedded-tiny"  # or a Hub id / local diffusers folder
     method: Method = "lora"
     resolution: int = Field(64, ge=8)
-    steps: int = Field(300, gt=0)
+    steps: int = Field(250, gt=0)
     batch: int = Field(4, gt=0)
     # One rate for every method, or one per method: a rank-8 LoRA on the tiny UNet needs ~1e-2 to move in 300
     # steps, a full-UNet DreamBooth wants far less (SD 1.5: ~1e-4 for both).
