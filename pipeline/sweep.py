@@ -3,7 +3,8 @@
 Each point (``diffusion.method``, ``generate.per_class``) is one queued DVC experiment (``dvc exp run --queue``), so
 every point is a full, recorded pipeline run (params, metrics, outputs under ``refs/exps``). DVC's run cache restores
 what points share (demo data, split, base model, baseline classifier, and one method's fine-tuned models across
-amounts), so mostly generation and the augmented classifier rerun. Amount 0 is the baseline itself (no synthetic
+amounts), so mostly generation and the augmented classifier rerun (plus the short stages whose outputs git keeps
+uncached: demo_data, screen, report). Amount 0 is the baseline itself (no synthetic
 image): its gain is 0 by definition and is drawn, not run.
 
 Results are read back from each experiment's git commit (``reports/metrics.json`` is a DVC metric kept in git), and
