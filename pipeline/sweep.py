@@ -173,8 +173,8 @@ def markdown(frame: pd.DataFrame) -> str:
         lines.append(f"| {r.method} | {r.amount} | {r.experiment} | {r.baseline:.3f} | {r.augmented:.3f} | "
                      f"{r.gain:+.3f} | {r.ci_low:+.3f} .. {r.ci_high:+.3f} | {r.verdict} |")
     best = frame[frame.amount > 0].sort_values("gain").iloc[-1]
-    lines += ["", f"Largest gain: **{best.method}** with {best.amount} images per class, {best.gain:+.3f} "
-              f"({best.verdict})."]
+    lines += ["", f"Best point: **{best.method}** with {best.amount} images per class, gain {best.gain:+.3f} "
+              f"({best.verdict}){'' if best.gain > 0 else '; no point beat the baseline'}."]
     return "\n".join(lines) + "\n"
 
 
