@@ -65,13 +65,7 @@ def _read_model_index(folder: Path) -> dict:
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise PipelineError(f"{KEY}: {folder} is not a diffusers pipeline folder: {index_file} is missing")
-    try:
-        index = json.loads(index_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{KEY}: {index_file} is not valid JSON ({exc})") from None
-    if not isinstance(index, dict):
-        raise PipelineError(f"{KEY}: {index_file} must hold a JSON object")
-    return index
+    return _read_config(index_file)
 
 
 def _check_weights(folder: Path, component: str) -> None:

@@ -44,6 +44,7 @@ from pipeline.diffusion.generate import (
     image_grid,
     make_scheduler,
 )
+from pipeline.diffusion.pretrain import diffusion_target
 from pipeline.diffusion.training_data import (
     encode_images,
     encode_prompt,
@@ -87,16 +88,6 @@ def run_fingerprint(params: Params, class_code: str, images: list[Path], base_sh
         "base": base_sha, "processes": processes,
     }
     return tracking.params_hash(payload)
-
-
-def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """The UNet's regression target for the base scheduler's prediction_type, as in diffusers' train scripts."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise PipelineError(f"base scheduler prediction_type {kind!r} is not supported (epsilon or v_prediction)")
 
 
 def make_accelerator(mixed_precision: str):

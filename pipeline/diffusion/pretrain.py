@@ -149,6 +149,22 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.l
 # ---------------------------------------------------------------------------------------------- VAE
 
 
+def optimize_and_log(loss: torch.Tensor, module, optimizer, schedule, losses: list[float], bar, metric: str) -> None:
+    """One clipped AdamW + LR-schedule step of the VAE or UNet loop; every LOG_EVERY steps (and at the end of the
+    bar) the recent mean loss goes to the progress bar and MLflow as ``metric``."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    losses.append(loss.item())
+    step, total = len(losses), bar.total
+    if step % LOG_EVERY == 0 or step == total:
+        recent = float(np.mean(losses[-LOG_EVERY:]))
+        bar.set_postfix(loss=f"{recent:.4f}")
+        tracking.log_metrics({metric: recent}, step=step)
+
+
 def vae_loss(vae, x: torch.Tensor) -> torch.Tensor:
     posterior = vae.encode(x).latent_dist
     recon = vae.decode(posterior.sample()).sample
@@ -167,16 +183,7 @@ def train_vae(vae, images: torch.Tensor, cfg: BasePretrainParams, generator: tor
         if step < crop_steps:
             x = random_crops(x, x.shape[-1] // 2, generator)
         loss = vae_loss(vae, x)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        if (step + 1) % LOG_EVERY == 0 or step + 1 == cfg.vae_steps:
-            recent = float(np.mean(losses[-LOG_EVERY:]))
-            bar.set_postfix(loss=f"{recent:.4f}")
-            tracking.log_metrics({"base/vae_loss": recent}, step=step + 1)
+        optimize_and_log(loss, vae, optimizer, schedule, losses, bar, "base/vae_loss")
     vae.eval().requires_grad_(False)
     return losses
 
@@ -206,15 +213,15 @@ def prompt_embeddings(pipe: StableDiffusionPipeline, prompts: list[str]) -> torc
 
 
 def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """What the UNet must predict, following the scheduler's prediction_type exactly as diffusers' train scripts do."""
+    """The UNet's regression target for the scheduler's prediction_type, as in diffusers' train scripts.
+
+    Shared by pre-training and fine-tuning (pipeline/diffusion/finetune.py)."""
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return noise
     if kind == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
-    if kind == "sample":
-        return latents
-    raise PipelineError(f"scheduler prediction_type {kind!r} is not supported for pre-training")
+    raise PipelineError(f"base scheduler prediction_type {kind!r} is not supported (epsilon or v_prediction)")
 
 
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float = MIN_SNR_GAMMA) -> torch.Tensor:
@@ -250,7 +257,7 @@ def train_unet(
     schedule = warmup_cosine(optimizer, cfg.unet_steps)
     losses: list[float] = []
     it = batches(len(means), cfg.batch, generator)
-    for step in (bar := tqdm(range(cfg.unet_steps), desc="unet", mininterval=2)):
+    for _ in (bar := tqdm(range(cfg.unet_steps), desc="unet", mininterval=2)):
         idx = next(it)
         n = len(idx)
         latents = means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=generator)
@@ -263,16 +270,7 @@ def train_unet(
         pred = unet(noisy, timesteps, encoder_hidden_states=text).sample
         per_sample = F.mse_loss(pred, diffusion_target(scheduler, latents, noise, timesteps), reduction="none").mean((1, 2, 3))
         loss = (per_sample * min_snr_weights(scheduler, timesteps)).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        if (step + 1) % LOG_EVERY == 0 or step + 1 == cfg.unet_steps:
-            recent = float(np.mean(losses[-LOG_EVERY:]))
-            bar.set_postfix(loss=f"{recent:.4f}")
-            tracking.log_metrics({"base/unet_loss": recent}, step=step + 1)
+        optimize_and_log(loss, unet, optimizer, schedule, losses, bar, "base/unet_loss")
     unet.eval().requires_grad_(False)
     return losses
 
