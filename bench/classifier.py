@@ -95,7 +95,7 @@ def reference_child(workspace: str, rows: list[dict], epochs: int, batch: int, i
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    from pipeline.classifier.dataset import MEAN, STD
+    from pipeline.classifier.augment import MEAN, STD
     from pipeline.classifier.model import create_classifier
 
     root = Path(workspace)

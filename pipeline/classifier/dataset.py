@@ -5,7 +5,7 @@ Why a cache: JPEG decoding + resizing every epoch costs more than the 64px forwa
 Each image is decoded once (``pipeline.data.images.open_rgb``), centre-cropped/resized once, and stored as a
 ``.npy`` keyed by the file's SHA-256 and the target size, so the cache is shared by both variants, by
 evaluate and by every DVC experiment (it lives under the original repository's ``.cache/``).
-Augmentations then run on the cached tensors (torchvision.transforms.v2).
+Augmentations then run on whole batches of the cached tensors (``pipeline.classifier.augment``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
 
 from pipeline.errors import PipelineError
 from pipeline.params import Params
@@ -30,9 +28,6 @@ from pipeline.paths import CACHE_DIR, SPLIT_CSV, SYNTHETIC_DIR, store_root, work
 
 SPLIT_COLUMNS = ("image_id", "lesion_id", "dx", "split", "path")
 MANIFEST_COLUMNS = ("file", "class")
-# ImageNet statistics: what timm's pretrained weights expect; harmless when training from scratch.
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 _CACHE_VERSION = "v1"  # bump when the decode/resize recipe changes
 
 
@@ -210,49 +205,17 @@ def load_images(paths: Iterable[Path], size: int, digests: dict[Path, str] | Non
     return torch.from_numpy(np.stack(arrays))
 
 
-def train_transform() -> v2.Compose:
-    """Label-preserving augmentations for dermoscopy (no canonical orientation), applied to uint8 CHW tensors."""
-    return v2.Compose([
-        v2.RandomHorizontalFlip(),
-        v2.RandomVerticalFlip(),
-        v2.RandomRotation(degrees=30),
-        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(MEAN, STD),
-    ])
-
-
-def eval_transform() -> v2.Compose:
-    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
-
-
 class TensorImages(Dataset):
-    """(image, label) pairs over a cached uint8 tensor; the transform runs per sample so each draw differs."""
+    """(uint8 image, label) pairs over a cached tensor; the training loop augments whole batches."""
 
-    def __init__(self, images: torch.Tensor, labels: Sequence[int], transform: v2.Transform | None = None):
+    def __init__(self, images: torch.Tensor, labels: Sequence[int]):
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images = images
         self.labels = torch.as_tensor(list(labels), dtype=torch.long)
-        self.transform = transform or eval_transform()
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        with single_thread():
-            return self.transform(self.images[index]), self.labels[index]
-
-
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """Run tiny per-image ops on one thread: on a busy 2-core box, intra-op threading made them ~30x slower (measured)."""
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+        return self.images[index], self.labels[index]
