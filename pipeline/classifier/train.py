@@ -43,6 +43,7 @@ from pipeline.classifier.dataset import (
 from pipeline.classifier.metrics import classification_metrics
 from pipeline.classifier.model import CONFIG_NAME, create_classifier, save_weights, state_to_cpu, weights_name
 from pipeline.errors import PipelineError
+from pipeline.optim import adamw, load_optimizer_state
 from pipeline.params import Params
 from pipeline.paths import CHECKPOINT_DIR, CLASSIFIER_DIR, REPORTS_DIR, SYNTHETIC_DIR, workspace_root
 from pipeline.quality.screen import SCREENED_CSV, load_kept_synthetic
@@ -172,8 +173,10 @@ def fit_seed(params: Params, variant: str, seed: int, train_images: torch.Tensor
 
     c, classes = params.classifier, list(params.data.classes)
     torch.manual_seed(seed)  # same seed -> same initial weights for both variants (paired comparison)
-    model = create_classifier(c.arch, len(classes), c.pretrained)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    # channels_last: EfficientNet-B0's depthwise convolutions train 1.4x (1 thread) to 1.8x (2 threads) faster on
+    # this CPU (bench/README.md), and it is the usual choice on GPU. Set before any optimizer state is restored.
+    model = create_classifier(c.arch, len(classes), c.pretrained).to(memory_format=torch.channels_last)
+    optimizer = adamw(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     meta = {"run_key": run_key, "epoch": 0, "best_epoch": 0, "best_score": -1.0, "bad_epochs": 0,
             "stopped": False, "history": []}
     best = None
@@ -182,12 +185,9 @@ def fit_seed(params: Params, variant: str, seed: int, train_images: torch.Tensor
     if found is not None:
         meta, model_state, best, optimizer_state = found
         model.load_state_dict(model_state)
-        optimizer.load_state_dict(optimizer_state)
+        load_optimizer_state(optimizer, optimizer_state)
         resumed_from = meta["epoch"]
         accelerator.print(f"train@{variant} seed {seed}: resuming after epoch {resumed_from} from {checkpoint}")
-    # channels_last: EfficientNet-B0's depthwise convolutions train 1.4x (1 thread) to 1.8x (2 threads) faster on
-    # this CPU (bench/README.md), and it is the usual choice on GPU.
-    model = model.to(memory_format=torch.channels_last)
 
     generator = torch.Generator()
     epoch_size = epoch_size or len(train_labels)

@@ -54,6 +54,7 @@ from pipeline.diffusion.training_data import (
     tokenize,
 )
 from pipeline.errors import PipelineError
+from pipeline.optim import adamw, load_optimizer_state
 from pipeline.params import CLASS_NAMES, Params
 from pipeline.paths import BASE_MODEL_DIR, CHECKPOINT_DIR, CLASS_MODELS_DIR, FINETUNE_DIR, workspace_root
 
@@ -231,7 +232,7 @@ def load_checkpoint(folder: Path, fingerprint: str, accelerator, part: TrainedPa
     with torch.no_grad():
         for name, p in trainable.items():
             p.copy_(weights[name])
-    optimizer.load_state_dict(_optimizer_from_safetensors(opt_tensors, state["optimizer"]))
+    load_optimizer_state(optimizer, _optimizer_from_safetensors(opt_tensors, state["optimizer"]))
     generator.set_state(rng["generator"])
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():
@@ -296,9 +297,12 @@ def finetune_class(params: Params, class_code: str, *, stop_after: int | None = 
             p.data = p.data.float()
     if d.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
+    # channels_last: diffusers' advice for UNets on GPU, and ~3% faster for the tiny one on CPU (bench/README.md).
+    # Set before any optimizer state is restored (pipeline/optim.py says why).
+    pipe.unet.to(memory_format=torch.channels_last)
     trainable = list(part.named_trainable().values())
     weight_decay = 0.0 if part.trains_text else WEIGHT_DECAY
-    optimizer = torch.optim.AdamW(trainable, lr=d.learning_rate, weight_decay=weight_decay)
+    optimizer = adamw(trainable, lr=d.learning_rate, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(derive_seed(seed, "steps", accelerator.process_index))
 
     start, recent = (0, [])
@@ -333,7 +337,8 @@ def finetune_class(params: Params, class_code: str, *, stop_after: int | None = 
         # --- forward, loss, backward, step
         unet = model if part.module is pipe.unet else pipe.unet
         with accelerator.autocast():
-            pred = unet(noisy.to(device, weight_dtype), timesteps.to(device), states.to(weight_dtype)).sample.float()
+            noisy = noisy.to(device, weight_dtype, memory_format=torch.channels_last)
+            pred = unet(noisy, timesteps.to(device), states.to(weight_dtype)).sample.float()
         if priors is not None:
             pred, pred_prior = pred.chunk(2)
             target, target_prior = target.chunk(2)
@@ -366,6 +371,7 @@ def finetune_class(params: Params, class_code: str, *, stop_after: int | None = 
     accelerator.wait_for_everyone()
     if main:
         model.eval()
+        pipe.unet.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors only
         if weight_dtype != torch.float32:
             pipe.to(dtype=torch.float32)  # sample the grid in one dtype (a DreamBooth UNet stayed fp32 beside fp16 encoders)
         with atomic_dir(out_dir) as temp:
