@@ -178,7 +178,8 @@ def child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[s
     })
     for key in ("LESION_SYNTH_PARENT_RUN_ID", "LESION_SYNTH_WORKSPACE", "DVC_ROOT"):
         env.pop(key, None)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what the project's package sets before torch loads
+    if "OMP_WAIT_POLICY" not in env:
+        env.setdefault("GOMP_SPINCOUNT", "1000")  # what the project's package sets before torch loads
     env.update(extra or {})
     return env
 

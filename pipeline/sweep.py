@@ -50,9 +50,15 @@ def plan(params: Params, sweep_id: str) -> list[Point]:
     return [Point(m, a, f"{sweep_id}-{m.replace('_', '-')}-{a}") for m in s.methods for a in s.amounts]
 
 
-def _env() -> dict[str, str]:
-    """The queue's workers run the stages' `python -m stages.<x>`: that must be this interpreter, as under `make`."""
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+def _env(jobs: int = 1) -> dict[str, str]:
+    """The queue's workers run the stages' `python -m stages.<x>`: that must be this interpreter, as under `make`.
+
+    Experiments running side by side share the cores, so their OpenMP threads sleep instead of spinning
+    (pipeline/__init__.py has the measurements)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    if jobs > 1:
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return env
 
 
 def _dvc(args: list[str], root: Path) -> str:
@@ -81,7 +87,7 @@ def run_queue(points: list[Point], root: Path, jobs: int, timeout_s: float) -> N
     """Start the queue's workers and wait for our experiments; one failure stops the sweep with its log hint."""
     from tqdm import tqdm
 
-    start = subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=root, env=_env(),
+    start = subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=root, env=_env(jobs),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # the workers it forks keep pipes open
     if start.returncode != 0:
         raise PipelineError(f"dvc queue start -j {jobs} failed (exit {start.returncode}); try it by hand to see why")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see pipeline/__init__.py
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pipeline  # noqa: F401  (first: it sets how OpenMP threads wait, before torch loads)
+import pytest
+import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
