@@ -40,7 +40,7 @@ from pipeline.classifier.dataset import (
     real_samples,
     synthetic_samples,
 )
-from pipeline.classifier.metrics import classification_metrics
+from pipeline.classifier.metrics import fast_metrics
 from pipeline.classifier.model import CONFIG_NAME, create_classifier, save_weights, state_to_cpu, weights_name
 from pipeline.errors import PipelineError
 from pipeline.optim import adamw, load_optimizer_state
@@ -223,7 +223,7 @@ def fit_seed(params: Params, variant: str, seed: int, train_images: torch.Tensor
         train_loss = total / max(seen, 1)
 
         proba = predict_proba(accelerator.unwrap_model(model), val_images, accelerator.device)
-        val = classification_metrics(val_labels, proba, classes)
+        val = fast_metrics(val_labels, proba.argmax(axis=1), proba, classes)  # scikit-learn's numbers, ~50x faster
         score = val["balanced_accuracy"]
         if score > meta["best_score"]:
             meta.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0)
