@@ -1,13 +1,14 @@
 """Fine-tuning step throughput: the project's loop (cached latents + prompt embedding) vs the textbook loop.
 
-ours       ``pipeline.diffusion.finetune.finetune_class`` itself, run as the stage runs it (inside an MLflow
-           stage run, so its per-step ``tracking.log_metrics`` costs what it costs in ``dvc repro``). Step
-           times come from wrapping ``tracking.log_metrics`` with a timestamp (the real function still runs).
+ours       ``pipeline.diffusion.finetune.finetune_class`` itself, as the stage calls it: cached posterior latents
+           and prompt embedding, channels_last UNet, fused AdamW.
 reference  diffusers' train_text_to_image_lora.py / train_dreambooth.py recipe: a Dataset that opens, resizes,
            flips and normalises each image and tokenizes the caption on every access, then per step
            ``vae.encode(...).latent_dist.sample()`` and ``text_encoder(input_ids)``; same base model, same
-           ``lora.add_lora`` adapter (or full UNet for DreamBooth), same AdamW, lr, batch, grad clipping.
-Steps/s is measured over the steady state (after ``WARMUP`` steps) in both arms.
+           ``lora.add_lora`` adapter (or full UNet for DreamBooth), AdamW (default implementation) with the same
+           lr, batch and grad clipping.
+Step times come from torch's global optimizer-step hook in both arms; steps/s is over the steady state (after
+``WARMUP`` steps).
 """
 
 from __future__ import annotations
