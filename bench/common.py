@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pipeline  # noqa: F401  (before torch: sets how OpenMP threads wait; every arm inherits it via os.environ)
+
 REPO = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024
 
@@ -178,8 +180,6 @@ def child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[s
     })
     for key in ("LESION_SYNTH_PARENT_RUN_ID", "LESION_SYNTH_WORKSPACE", "DVC_ROOT"):
         env.pop(key, None)
-    if "OMP_WAIT_POLICY" not in env:
-        env.setdefault("GOMP_SPINCOUNT", "1000")  # what the project's package sets before torch loads
     env.update(extra or {})
     return env
 
