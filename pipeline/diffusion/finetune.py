@@ -4,7 +4,8 @@ The loop is the plain diffusion recipe: draw cached latents, add noise at a rand
 predict the noise (or v), MSE, step. What differs between methods is only *which* weights train
 (``TrainedPart``). The VAE and text encoder are frozen, so latents and prompt embeddings are
 computed once (``training_data``); textual inversion is the exception that re-encodes its one
-prompt each step, because the embedding it trains feeds the text encoder.
+prompt each step, because the embedding it trains feeds the text encoder. Every image of a step has
+that one prompt, so cross-attention projects it once per step (``shared_prompt``).
 
 Resumable: every ``diffusion.checkpoint_every`` steps the trainable weights, optimizer state,
 step and RNG states go to ``checkpoints/<class>/`` (safetensors + JSON, no pickle; outside
@@ -45,6 +46,7 @@ from pipeline.diffusion.generate import (
     make_scheduler,
 )
 from pipeline.diffusion.pretrain import diffusion_target
+from pipeline.diffusion.shared_prompt import share_prompt_attention
 from pipeline.diffusion.training_data import (
     encode_images,
     encode_prompt,
@@ -300,6 +302,7 @@ def finetune_class(params: Params, class_code: str, *, stop_after: int | None = 
     # channels_last: diffusers' advice for UNets on GPU, and ~3% faster for the tiny one on CPU (bench/README.md).
     # Set before any optimizer state is restored (pipeline/optim.py says why).
     pipe.unet.to(memory_format=torch.channels_last)
+    share_prompt_attention(pipe.unet)  # the batch shares its prompt: cross-attention keys/values once per step
     trainable = list(part.named_trainable().values())
     weight_decay = 0.0 if part.trains_text else WEIGHT_DECAY
     optimizer = adamw(trainable, lr=d.learning_rate, weight_decay=weight_decay)
@@ -321,14 +324,10 @@ def finetune_class(params: Params, class_code: str, *, stop_after: int | None = 
     for step in bar:
         # --- batch: cached latents (+ prior-class latents), noised at random timesteps
         latents = instances.sample(torch.randint(len(instances), (batch,), generator=generator), generator)
-        if part.trains_text:
-            states = model(prompt_ids)[0]
-        else:
-            states = instance_embeds
-        states = states.expand(batch, -1, -1)
+        states = model(prompt_ids)[0] if part.trains_text else instance_embeds  # [1, 77, D]: one prompt, whole batch
         if priors is not None:
             latents = torch.cat([latents, priors.sample(torch.randint(len(priors), (batch,), generator=generator), generator)])
-            states = torch.cat([states, prior_embeds.expand(batch, -1, -1)])
+            states = torch.cat([states.expand(batch, -1, -1), prior_embeds.expand(batch, -1, -1)])
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, timesteps_total, (latents.shape[0],), generator=generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
