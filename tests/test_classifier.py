@@ -20,8 +20,8 @@ from pipeline.classifier.dataset import (
     read_split,
     real_samples,
 )
-from pipeline.classifier.model import create_classifier
-from pipeline.classifier.train import make_sampler, train_variant, training_samples
+from pipeline.classifier.model import create_classifier, state_to_cpu
+from pipeline.classifier.train import load_checkpoint, make_sampler, save_checkpoint, train_variant, training_samples
 from pipeline.cli import run_stage
 from pipeline.errors import PipelineError
 
@@ -144,6 +144,24 @@ def test_resume_after_checkpoint_equals_uninterrupted_run(workspace):
     for key in fresh_weights:
         assert torch.equal(fresh_weights[key], resumed_weights[key]), key
     assert fresh["seeds"]["0"]["history"] == resumed["seeds"]["0"]["history"]
+
+
+def test_checkpoint_stores_best_weights_once_when_they_are_the_model(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 3, 5, 5)).sum().backward()
+    optimizer.step()
+    earlier = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()}
+    for best_epoch, best in ((3, state_to_cpu(model)), (2, earlier)):
+        meta = {"run_key": "k", "epoch": 3, "best_epoch": best_epoch}
+        save_checkpoint(tmp_path / "ckpt", model, optimizer, best, meta)
+        stored = load_file(str(tmp_path / "ckpt/state.safetensors"))
+        assert any(k.startswith("best.") for k in stored) == (best_epoch != 3)
+        _, weights, restored, state = load_checkpoint(tmp_path / "ckpt", "k")
+        assert restored.keys() == best.keys()
+        for key in best:
+            assert torch.equal(restored[key], best[key]) and torch.equal(weights[key], model.state_dict()[key]), key
+        assert restored is not weights and len(state["state"]) == len(list(model.parameters()))
 
 
 def test_train_outputs_and_stale_checkpoint_ignored(workspace):

@@ -123,16 +123,20 @@ def _run_key(params: Params, variant: str, seed: int, train: list[Sample], diges
 
 def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     best: dict[str, torch.Tensor] | None, meta: dict) -> None:
-    """Model, best-so-far weights and optimizer as safetensors; epoch, history and run key as JSON; one atomic folder."""
-    tensors = {f"model.{k}": v for k, v in state_to_cpu(model).items()}
-    if best is not None:
+    """Model, best-so-far weights and optimizer as safetensors; epoch, history and run key as JSON; one atomic folder.
+
+    Written every epoch, so it copies no tensor it need not: the file is written before training goes on, and
+    best weights from this very epoch are the model's, stored once.
+    """
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if best is not None and meta["best_epoch"] != meta["epoch"]:
         tensors.update({f"best.{k}": v for k, v in best.items()})
     opt = optimizer.state_dict()
     scalars: dict[str, dict] = {}
     for index, entry in opt["state"].items():
         for key, value in entry.items():
             if torch.is_tensor(value):
-                tensors[f"optimizer.{index}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
+                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(index), {})[key] = value
     meta = {**meta, "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars}}
@@ -152,6 +156,8 @@ def load_checkpoint(folder: Path, run_key: str):
     tensors = load_file(str(tensor_path))
     model = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     best = {k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")} or None
+    if best is None and meta["best_epoch"] == meta["epoch"] > 0:  # the best epoch was the last one saved
+        best = {k: v.clone() for k, v in model.items()}
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):
