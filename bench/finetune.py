@@ -1,7 +1,8 @@
 """Fine-tuning step throughput: the project's loop (cached latents + prompt embedding) vs the textbook loop.
 
 ours       ``pipeline.diffusion.finetune.finetune_class`` itself, as the stage calls it: cached posterior latents
-           and prompt embedding, channels_last UNet, fused AdamW.
+           and prompt embedding, the step's one prompt projected once in cross-attention (``shared_prompt``),
+           channels_last UNet, fused AdamW.
 reference  diffusers' train_text_to_image_lora.py / train_dreambooth.py recipe: a Dataset that opens, resizes,
            flips and normalises each image and tokenizes the caption on every access, then per step
            ``vae.encode(...).latent_dist.sample()`` and ``text_encoder(input_ids)``; same base model, same
