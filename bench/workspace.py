@@ -1,7 +1,8 @@
 """Throw-away workspaces for the arms: real demo images, a base model, fine-tune lists; plus cached trained models.
 
-Data comes from the repository's own ``data/prepared`` (after ``dvc repro prepare``); without it a small
-demo set is drawn with the project's ``write_demo`` + ``prepare`` into ``.cache/bench/data`` once.
+Data comes from the repository's own ``data/prepared`` (after ``dvc repro prepare``); without it the demo
+set of the default params is drawn with the project's ``write_demo`` + ``prepare`` into ``.cache/bench/data``
+once (``BENCH_QUICK``: a small one), so a fresh clone measures on the same data as ``make repro``.
 Functions whose name ends in ``_child`` run inside a ``run_arm`` subprocess (they import torch/diffusers).
 """
 
@@ -26,7 +27,10 @@ def data_root(settings: Settings) -> Path:
     """A folder holding ``data/prepared/{split.csv,finetune/}`` whose paths resolve against it."""
     if (REPO / "data" / "prepared" / "split.csv").is_file() and (REPO / "data" / "prepared" / "finetune").is_dir():
         return REPO
-    images, size = (160, 48) if settings.quick else (600, 128)
+    from pipeline.params import parse_params
+
+    demo = parse_params({}).demo
+    images, size = (160, 48) if settings.quick else (demo.images, demo.size)
     root = CACHE / f"data-{images}-{size}"
     if not (root / "data" / "prepared" / "split.csv").is_file():
         run_arm(settings, "setup-demo-data", "bench.workspace:demo_data_child", {"root": str(root), "images": images,
