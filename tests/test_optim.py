@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
-from pipeline.optim import adamw, load_optimizer_state
+from pipeline.optim import adamw, load_optimizer_state, state_from_tensors, state_tensors
 
 
 def _one_step(fused_with_helper: bool) -> torch.Tensor:
@@ -31,3 +33,19 @@ def test_restored_state_follows_the_parameter_layout():
 
 def test_optimizer_is_fused():
     assert adamw([torch.nn.Parameter(torch.zeros(2))], lr=1e-3, weight_decay=0.0).defaults["fused"] is True
+
+
+def test_state_survives_safetensors_and_json():
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    optimizer = adamw(params, lr=1e-3, weight_decay=0.01)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    tensors, rest = state_tensors(optimizer)
+    restored = state_from_tensors(tensors, json.loads(json.dumps(rest)))  # what a checkpoint folder holds
+    original = optimizer.state_dict()
+    assert restored["param_groups"] == original["param_groups"]  # betas are a tuple again
+    assert restored["state"].keys() == original["state"].keys()
+    for index, entries in original["state"].items():
+        for name, value in entries.items():
+            assert torch.equal(restored["state"][index][name], value), (index, name)

@@ -43,7 +43,7 @@ from pipeline.classifier.dataset import (
 from pipeline.classifier.metrics import fast_metrics
 from pipeline.classifier.model import CONFIG_NAME, create_classifier, save_weights, state_to_cpu, weights_name
 from pipeline.errors import PipelineError
-from pipeline.optim import adamw, load_optimizer_state
+from pipeline.optim import adamw, load_optimizer_state, state_from_tensors, state_tensors
 from pipeline.params import Params
 from pipeline.paths import CHECKPOINT_DIR, CLASSIFIER_DIR, REPORTS_DIR, SYNTHETIC_DIR, workspace_root
 from pipeline.quality.screen import SCREENED_CSV, load_kept_synthetic
@@ -131,15 +131,9 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if best is not None and meta["best_epoch"] != meta["epoch"]:
         tensors.update({f"best.{k}": v for k, v in best.items()})
-    opt = optimizer.state_dict()
-    scalars: dict[str, dict] = {}
-    for index, entry in opt["state"].items():
-        for key, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(index), {})[key] = value
-    meta = {**meta, "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars}}
+    opt_tensors, opt_rest = state_tensors(optimizer)
+    tensors.update({f"optimizer.{k}": v for k, v in opt_tensors.items()})
+    meta = {**meta, "optimizer": opt_rest}
     with atomic_dir(folder) as temp:
         save_file(tensors, str(temp / "state.safetensors"))
         (temp / "state.json").write_text(json.dumps(meta, indent=1))
@@ -158,14 +152,8 @@ def load_checkpoint(folder: Path, run_key: str):
     best = {k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")} or None
     if best is None and meta["best_epoch"] == meta["epoch"] > 0:  # the best epoch was the last one saved
         best = {k: v.clone() for k, v in model.items()}
-    state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        if name.startswith("optimizer."):
-            _, index, key = name.split(".", 2)
-            state.setdefault(int(index), {})[key] = value
-    for index, entry in meta["optimizer"]["scalars"].items():
-        state.setdefault(int(index), {}).update(entry)
-    return meta, model, best, {"state": state, "param_groups": meta["optimizer"]["param_groups"]}
+    opt_tensors = {k.removeprefix("optimizer."): v for k, v in tensors.items() if k.startswith("optimizer.")}
+    return meta, model, best, state_from_tensors(opt_tensors, meta["optimizer"])
 
 
 # ----------------------------------------------------------------------------- one seed

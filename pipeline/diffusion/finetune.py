@@ -56,7 +56,7 @@ from pipeline.diffusion.training_data import (
     tokenize,
 )
 from pipeline.errors import PipelineError
-from pipeline.optim import adamw, load_optimizer_state
+from pipeline.optim import adamw, load_optimizer_state, state_from_tensors, state_tensors
 from pipeline.params import CLASS_NAMES, Params
 from pipeline.paths import BASE_MODEL_DIR, CHECKPOINT_DIR, CLASS_MODELS_DIR, FINETUNE_DIR, workspace_root
 
@@ -165,29 +165,6 @@ def attach_method(pipe, params: Params, class_code: str) -> TrainedPart:
 # -------------------------------------------------------------------------------------- checkpoints
 
 
-def _optimizer_to_safetensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer state as flat tensors ("<param index>.<name>") + a JSON-able rest (param groups, scalar state)."""
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, entries in state["state"].items():
-        for name, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{index}.{name}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def _optimizer_from_safetensors(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
-    state: dict[int, dict] = {}
-    for key, value in [*tensors.items(), *rest["scalars"].items()]:
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    # JSON turned tuples (betas) into lists; torch wants them back as they were.
-    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()} for g in rest["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
 def _rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
     states = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -203,7 +180,7 @@ def save_checkpoint(folder: Path, accelerator, part: TrainedPart, optimizer, gen
     if not accelerator.is_main_process:
         return
     weights = {name: p.detach().float().cpu().contiguous() for name, p in part.named_trainable().items()}
-    opt_tensors, opt_rest = _optimizer_to_safetensors(optimizer)
+    opt_tensors, opt_rest = state_tensors(optimizer)
     with atomic_dir(folder) as temp:
         save_file(weights, str(temp / "trainable.safetensors"))
         save_file(opt_tensors, str(temp / "optimizer.safetensors"))
@@ -234,7 +211,7 @@ def load_checkpoint(folder: Path, fingerprint: str, accelerator, part: TrainedPa
     with torch.no_grad():
         for name, p in trainable.items():
             p.copy_(weights[name])
-    load_optimizer_state(optimizer, _optimizer_from_safetensors(opt_tensors, state["optimizer"]))
+    load_optimizer_state(optimizer, state_from_tensors(opt_tensors, state["optimizer"]))
     generator.set_state(rng["generator"])
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():
