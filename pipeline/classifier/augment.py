@@ -5,7 +5,7 @@ per image, which cost 41 ms per batch of 64 at 64 px on 2 CPU cores (a fifth of 
 parameter per image and applying them as whole-batch tensor ops costs ~6 ms (bench/README.md). The same
 augmentations as before, all label-preserving for dermoscopy (no canonical orientation): horizontal and vertical
 flips, rotation by up to ±30°, and colour jitter (brightness, contrast, saturation ±20 %, hue ±0.02 turn).
-The output is channels_last: the layout EfficientNet-B0 trains fastest in (train.py).
+The output is channels_last: the layout EfficientNet-B0 trains fastest in (model.py, for_training).
 """
 
 from __future__ import annotations

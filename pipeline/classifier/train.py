@@ -41,7 +41,7 @@ from pipeline.classifier.dataset import (
     synthetic_samples,
 )
 from pipeline.classifier.metrics import fast_metrics
-from pipeline.classifier.model import CONFIG_NAME, create_classifier, save_weights, state_to_cpu, weights_name
+from pipeline.classifier.model import CONFIG_NAME, create_classifier, for_training, save_weights, state_to_cpu, weights_name
 from pipeline.errors import PipelineError
 from pipeline.optim import adamw, load_optimizer_state, state_from_tensors, state_tensors
 from pipeline.params import Params
@@ -167,9 +167,7 @@ def fit_seed(params: Params, variant: str, seed: int, train_images: torch.Tensor
 
     c, classes = params.classifier, list(params.data.classes)
     torch.manual_seed(seed)  # same seed -> same initial weights for both variants (paired comparison)
-    # channels_last: EfficientNet-B0's depthwise convolutions train 1.4x (1 thread) to 1.8x (2 threads) faster on
-    # this CPU (bench/README.md), and it is the usual choice on GPU. Set before any optimizer state is restored.
-    model = create_classifier(c.arch, len(classes), c.pretrained).to(memory_format=torch.channels_last)
+    model = for_training(create_classifier(c.arch, len(classes), c.pretrained))  # before any optimizer state is restored
     optimizer = adamw(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     meta = {"run_key": run_key, "epoch": 0, "best_epoch": 0, "best_score": -1.0, "bad_epochs": 0,
             "stopped": False, "history": []}
