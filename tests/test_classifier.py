@@ -116,7 +116,7 @@ def test_image_cache_decodes_once(workspace):
 
 
 def test_resume_after_checkpoint_equals_uninterrupted_run(workspace):
-    params = micro_params(epochs=2, patience=5)
+    params = micro_params(epochs=2, patience=5, checkpoint_minutes=0)
 
     class Interrupt(Exception):
         pass
@@ -146,6 +146,31 @@ def test_resume_after_checkpoint_equals_uninterrupted_run(workspace):
     assert fresh["seeds"]["0"]["history"] == resumed["seeds"]["0"]["history"]
 
 
+def test_checkpoints_wait_for_checkpoint_minutes_but_keep_finished_seeds(workspace):
+    params = micro_params(epochs=2, patience=5, seeds=[0, 1], checkpoint_minutes=60)
+    checkpoints = workspace / "checkpoints/classifier/baseline"
+
+    class Interrupt(Exception):
+        pass
+
+    def interrupt_at(when):
+        def hook(seed, epoch):
+            if (seed, epoch) == when:
+                raise Interrupt
+        return hook
+
+    with pytest.raises(Interrupt):  # an hour has not passed: epoch 1 of seed 0 is not worth a checkpoint yet
+        train_variant(params, "baseline", on_epoch_end=interrupt_at((0, 1)))
+    assert not (checkpoints / "seed0").exists()
+    with pytest.raises(Interrupt):  # a finished seed is always kept
+        train_variant(params, "baseline", on_epoch_end=interrupt_at((1, 1)))
+    assert json.loads((checkpoints / "seed0/state.json").read_text())["epoch"] == 2
+    assert not (checkpoints / "seed1").exists()
+    report = train_variant(params, "baseline")
+    assert report["seeds"]["0"]["resumed_from_epoch"] == 2
+    assert report["seeds"]["1"]["resumed_from_epoch"] is None
+
+
 def test_checkpoint_stores_best_weights_once_when_they_are_the_model(tmp_path):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters())
@@ -171,7 +196,7 @@ def test_train_outputs_and_stale_checkpoint_ignored(workspace):
 
     # A checkpoint left by other params (2 epochs) must not be resumed: its run key differs.
     with pytest.raises(KeyboardInterrupt):
-        train_variant(micro_params(epochs=2), "augmented", on_epoch_end=interrupt)
+        train_variant(micro_params(epochs=2, checkpoint_minutes=0), "augmented", on_epoch_end=interrupt)
     assert (workspace / "checkpoints/classifier/augmented/seed0/state.json").is_file()
     report = train_variant(params, "augmented")
     assert report["seeds"]["0"]["resumed_from_epoch"] is None

@@ -2,7 +2,8 @@
 
 Both variants see the same split, the same val set and, for each seed in ``classifier.seeds``, the same
 initial weights, so evaluate can pair them. The loop is deliberately plain (nanoGPT style) and runs
-unchanged under ``accelerate launch``. Every epoch ends with a checkpoint; a rerun with the same params
+unchanged under ``accelerate launch``. An epoch ends with a checkpoint once ``classifier.checkpoint_minutes``
+have passed since the last one, and when a seed other than the last finishes; a rerun with the same params
 and data resumes from it and reaches bit-identical weights on CPU, because all randomness of an epoch
 (augmentations, dropout, sampling order) is reseeded from (seed, epoch) instead of carried over.
 
@@ -17,6 +18,7 @@ import hashlib
 import json
 import math
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -110,7 +112,7 @@ def learning_rate(base: float, epoch: int, step: int, steps: int, epochs: int) -
 def _run_key(params: Params, variant: str, seed: int, train: list[Sample], digests: dict[Path, str]) -> str:
     """What a checkpoint must match to be resumed: every training knob and the exact training data, in order."""
     payload = {
-        "classifier": params.classifier.model_dump(mode="json", exclude={"seeds"}),
+        "classifier": params.classifier.model_dump(mode="json", exclude={"seeds", "checkpoint_minutes"}),
         "classes": list(params.data.classes),
         "variant": variant,
         "seed": seed,
@@ -161,8 +163,11 @@ def load_checkpoint(folder: Path, run_key: str):
 def fit_seed(params: Params, variant: str, seed: int, train_images: torch.Tensor, train_labels: list[int],
              val_images: torch.Tensor, val_labels: np.ndarray, run_key: str, checkpoint: Path, accelerator,
              on_epoch_end: Callable[[int, int], None] | None = None, metric_suffix: str = "",
-             epoch_size: int | None = None) -> tuple[dict, dict]:
-    """Train one seed with early stopping on val balanced accuracy; returns (summary, best weights)."""
+             epoch_size: int | None = None, checkpoint_at_end: bool = True) -> tuple[dict, dict]:
+    """Train one seed with early stopping on val balanced accuracy; returns (summary, best weights).
+
+    ``checkpoint_at_end``: also checkpoint the finished seed, so that an interruption while later seeds train
+    does not redo it (the last seed's finished weights are written as the model right away instead)."""
     from pipeline import tracking
 
     c, classes = params.classifier, list(params.data.classes)
@@ -193,6 +198,7 @@ def fit_seed(params: Params, variant: str, seed: int, train_images: torch.Tensor
     if loss_weight is not None:
         loss_weight = loss_weight.to(accelerator.device)
 
+    last_checkpoint = time.monotonic()
     for epoch in range(meta["epoch"], c.epochs):
         if meta["stopped"]:
             break
@@ -230,9 +236,12 @@ def fit_seed(params: Params, variant: str, seed: int, train_images: torch.Tensor
                               f"val_macro_recall{metric_suffix}": val["macro_recall"]}, step=epoch + 1)
         accelerator.print(f"train@{variant} seed {seed} epoch {epoch + 1}/{c.epochs}: train loss {train_loss:.4f}, "
                           f"val balanced acc {score:.4f} (best {meta['best_score']:.4f} @ {meta['best_epoch']})")
-        if accelerator.is_main_process:
-            save_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, best, meta)
-        accelerator.wait_for_everyone()
+        finished = meta["stopped"] or meta["epoch"] == c.epochs
+        if (finished and checkpoint_at_end) or time.monotonic() - last_checkpoint >= 60 * c.checkpoint_minutes:
+            if accelerator.is_main_process:
+                save_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, best, meta)
+            accelerator.wait_for_everyone()
+            last_checkpoint = time.monotonic()
         if on_epoch_end is not None:
             on_epoch_end(seed, epoch + 1)
         if meta["stopped"]:
@@ -260,7 +269,8 @@ def _set_tags(tags: dict[str, str]) -> None:
 def train_variant(params: Params, variant: str, *, on_epoch_end: Callable[[int, int], None] | None = None) -> dict:
     """Train every seed of ``classifier.seeds`` for one variant; writes the model folder and reports/train/<variant>.json.
 
-    ``on_epoch_end(seed, epoch)`` runs after each epoch's checkpoint (an interruption there is resumable).
+    ``on_epoch_end(seed, epoch)`` runs after each epoch, and after its checkpoint when one was due (an interruption
+    there resumes from the last checkpoint).
     Returns the report written to reports/train/<variant>.json.
     """
     from accelerate import Accelerator
@@ -308,7 +318,8 @@ def train_variant(params: Params, variant: str, *, on_epoch_end: Callable[[int, 
         suffix = f"_seed{seed}" if len(c.seeds) > 1 else ""
         per_seed[seed], best_states[seed] = fit_seed(
             params, variant, seed, train_images, train_labels, val_images, val_labels, run_key,
-            checkpoints / f"seed{seed}", accelerator, on_epoch_end, suffix, epoch_size)
+            checkpoints / f"seed{seed}", accelerator, on_epoch_end, suffix, epoch_size,
+            checkpoint_at_end=seed != c.seeds[-1])
 
     report = {
         "variant": variant,
