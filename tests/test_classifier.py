@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 
@@ -169,6 +170,20 @@ def test_checkpoints_wait_for_checkpoint_minutes_but_keep_finished_seeds(workspa
     report = train_variant(params, "baseline")
     assert report["seeds"]["0"]["resumed_from_epoch"] == 2
     assert report["seeds"]["1"]["resumed_from_epoch"] is None
+
+
+def test_training_keeps_the_collector_off_setup_objects_and_lets_go_after(workspace):
+    frozen = []
+    train_variant(micro_params(), "baseline", on_epoch_end=lambda seed, epoch: frozen.append(gc.get_freeze_count()))
+    assert frozen and min(frozen) > 100_000  # imports and set-up: all long-lived
+    assert gc.get_freeze_count() == 0
+
+    def interrupt(seed, epoch):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_variant(micro_params(epochs=2), "baseline", on_epoch_end=interrupt)
+    assert gc.get_freeze_count() == 0
 
 
 def test_checkpoint_stores_best_weights_once_when_they_are_the_model(tmp_path):
