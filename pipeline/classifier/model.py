@@ -57,7 +57,7 @@ def for_training(model: torch.nn.Module) -> torch.nn.Module:
 
 def state_to_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached, contiguous CPU copy of the weights (what safetensors can store)."""
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    return {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True) for k, v in model.state_dict().items()}
 
 
 def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
