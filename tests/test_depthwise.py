@@ -50,6 +50,8 @@ def test_large_maps_and_inference_use_the_plain_convolution(one_thread):
     assert type(holder(small).grad_fn).__name__ == "_SmallMapDepthwiseBackward"
     with torch.no_grad():
         torch.testing.assert_close(holder(small), F.conv2d(small, holder[0].weight, padding=2, groups=8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision keeps autocast's own convolution
+        assert type(holder(small).grad_fn).__name__ == "ConvolutionBackward0"
 
 
 def test_ineligible_convolutions_are_left_alone():

@@ -10,7 +10,7 @@ of 2.5-7 ms), a batched matmul for the 4x4 ones (2-3 ms instead of 3-6 ms).
 
 Forward and input gradient stay oneDNN's; only the weight gradient is computed differently, so results agree
 with ``nn.Conv2d`` to float rounding (tests/test_depthwise.py). Any other call (GPU, maps larger than the kernel,
-inference, bias, dilation) is the plain convolution.
+inference, autocast or half precision, bias, dilation) is the plain convolution.
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ class SmallMapDepthwiseConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         covered = x.shape[-2] <= self.kernel_size[0] and x.shape[-1] <= self.kernel_size[1]
-        if covered and x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad:
+        plain_fp32 = x.dtype == self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+        if covered and plain_fp32 and x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad:
             return _SmallMapDepthwise.apply(x, self.weight, self.stride, self.padding)
         return super().forward(x)
 
