@@ -9,7 +9,7 @@ product of output gradients and inputs summed into the taps: one broadcast produ
 of 2.5-7 ms), a batched matmul for the 4x4 ones (2-3 ms instead of 3-6 ms).
 
 Forward and input gradient stay oneDNN's; only the weight gradient is computed differently, so results agree
-with ``nn.Conv2d`` to float rounding (tests/test_depthwise.py). Any other call (GPU, maps larger than the kernel,
+with ``nn.Conv2d`` to float rounding (tests/test_for_training.py). Any other call (GPU, maps larger than the kernel,
 inference, autocast or half precision, bias, dilation) is the plain convolution.
 """
 

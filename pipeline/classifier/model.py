@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.classifier.depthwise import use_small_map_depthwise
+from pipeline.classifier.squeeze_excite import use_sum_pool_squeeze_excite
 from pipeline.errors import PipelineError
 
 CONFIG_NAME = "config.json"
@@ -45,13 +46,16 @@ def for_training(model: torch.nn.Module) -> torch.nn.Module:
       this CPU, and it is the usual choice on GPU.
     - SiLU out of place: autograd copies the input of an in-place SiLU to keep it for the backward pass, so
       "in place" costs one more pass over every activation (~4 % of a step).
-    - 5x5 depthwise convolutions on small maps get their weight gradient from batched matmuls (depthwise.py, ~10 %).
+    - Depthwise convolutions whose kernel covers the map get their weight gradient from small matrix products
+      (depthwise.py, ~10 %).
+    - Squeeze-and-excitation pools with sum x 1/HW, whose gradient stays a view (squeeze_excite.py, ~6 %).
     Measured at 64 px, batch 64, one thread (bench/README.md). Call before the optimizer is built.
     """
     for module in model.modules():
         if isinstance(module, torch.nn.SiLU):
             module.inplace = False
     use_small_map_depthwise(model)
+    use_sum_pool_squeeze_excite(model)
     return model.to(memory_format=torch.channels_last)
 
 

@@ -1,4 +1,5 @@
-"""The depthwise weight gradient for small maps (pipeline/classifier/depthwise.py) equals nn.Conv2d's, layer and model."""
+"""for_training's speed-ups change no number: the small-map depthwise weight gradient (depthwise.py) and the
+sum-pooled squeeze-and-excitation (squeeze_excite.py) give nn.Conv2d's and timm's results, layer and model."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 from pipeline.classifier.depthwise import SmallMapDepthwiseConv2d, use_small_map_depthwise
 from pipeline.classifier.model import create_classifier, for_training
+from pipeline.classifier.squeeze_excite import SumPoolSqueezeExcite, use_sum_pool_squeeze_excite
 
 
 def _grads(conv: torch.nn.Module, x: torch.Tensor, upstream: torch.Tensor):
@@ -66,12 +68,30 @@ def test_ineligible_convolutions_are_left_alone():
     assert all(type(m) is torch.nn.Conv2d for m in model)
 
 
+def test_sum_pooled_squeeze_excite_matches_timm(one_thread):
+    torch.manual_seed(0)
+    plain = create_classifier("efficientnet_b0", 5, pretrained=False).blocks[2][0].se  # 144 channels
+    holder = torch.nn.Sequential(copy.deepcopy(plain))
+    assert use_sum_pool_squeeze_excite(holder) == 1 and type(holder[0]) is SumPoolSqueezeExcite
+    x = torch.randn(4, 144, 16, 16).contiguous(memory_format=torch.channels_last)
+    upstream = torch.randn_like(x)
+    outputs = []
+    for block in (plain, holder[0]):
+        xi = x.clone().requires_grad_(True)
+        y = block(xi)
+        (y * upstream).sum().backward()
+        outputs.append((y, xi.grad, block.conv_reduce.weight.grad))
+    for got, want in zip(outputs[1], outputs[0]):
+        torch.testing.assert_close(got, want)
+
+
 def test_efficientnet_trains_the_same_with_for_training(one_thread):
     torch.manual_seed(0)
     plain = create_classifier("efficientnet_b0", 5, pretrained=False)
     fast = for_training(copy.deepcopy(plain))
     assert fast.state_dict().keys() == plain.state_dict().keys()
     assert sum(isinstance(m, SmallMapDepthwiseConv2d) for m in fast.modules()) == 16  # every depthwise layer
+    assert sum(isinstance(m, SumPoolSqueezeExcite) for m in fast.modules()) == 16  # every block's SE
     assert not any(getattr(m, "inplace", False) for m in fast.modules() if isinstance(m, torch.nn.SiLU))
     assert fast.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
     x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
