@@ -3,7 +3,7 @@
 ours       ``pipeline.classifier.train.train_variant(params, "baseline")`` (the train@baseline stage body): images
            hashed, decoded and resized once into the uint8 ``.npy`` cache, batched augmentations, the model set up
            by ``for_training`` (channels_last, SiLU out of place, matmul weight gradient of the depthwise layers
-           whose kernel covers the map), fused AdamW, per-epoch val, a resumable checkpoint once
+           whose kernel covers the map, squeeze-and-excitation pooled as sum x 1/HW), fused AdamW, per-epoch val, a resumable checkpoint once
            ``classifier.checkpoint_minutes`` have passed. Epoch boundaries come from its ``on_epoch_end`` callback.
 reference  ``torchvision.datasets.ImageFolder`` + ``transforms`` (Resize, CenterCrop, the same flips / rotation /
            colour jitter, ToTensor, Normalize): every JPEG is decoded and resized on every epoch; the same timm
@@ -218,5 +218,6 @@ def run(settings: Settings) -> BenchResult:
         f"Decoding + resizing is {100 * share:.0f}% of a reference epoch on the demo JPEGs, so the cache alone gives at most "
         f"{1 / max(1e-9, 1 - share):.2f}x; the rest of ours' lead is compute on the same EfficientNet-B0: channels_last, "
         "augmentations drawn per image but applied to the whole batch, fused AdamW, an exact matmul weight gradient "
-        "for the depthwise layers on 2x2 and 4x4 maps, SiLU out of place (bench/README.md).")
+        "for the depthwise layers on 2x2 and 4x4 maps, squeeze-and-excitation pooling whose gradient stays a view, "
+        "SiLU out of place (bench/README.md).")
     return result
