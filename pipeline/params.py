@@ -178,8 +178,9 @@ class ClassifierParams(_Section):
     equal_steps: bool = True
     grad_clip: float = Field(1.0, ge=0)  # max gradient norm (0: off); from scratch, Adam spikes without it
     # A resumable checkpoint at the end of an epoch once this many minutes have passed since the last one (0: every
-    # epoch), and when a seed finishes that others follow. An interruption loses at most about this much training; on the demo set an
-    # epoch takes ~1 s and a checkpoint (weights + optimizer, ~50 MB) 0.1-0.2 s, so one per epoch cost 10-15 %.
+    # epoch), and when a seed finishes that others follow. An interruption loses at most about this much training;
+    # on the demo set an epoch takes ~1 s and a checkpoint (weights + optimizer, ~50 MB) 0.1-0.2 s, so one per
+    # epoch cost 10-15 %.
     checkpoint_minutes: float = Field(1.0, ge=0)
 
     @field_validator("seeds")

@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.classifier.depthwise import use_small_map_depthwise
-from pipeline.classifier.squeeze_excite import use_sum_pool_squeeze_excite
 from pipeline.errors import PipelineError
 
 CONFIG_NAME = "config.json"
@@ -51,6 +50,8 @@ def for_training(model: torch.nn.Module) -> torch.nn.Module:
     - Squeeze-and-excitation pools with sum x 1/HW, whose gradient stays a view (squeeze_excite.py, ~6 %).
     Measured at 64 px, batch 64, one thread (bench/README.md). Call before the optimizer is built.
     """
+    from pipeline.classifier.squeeze_excite import use_sum_pool_squeeze_excite  # imports timm, like create_classifier
+
     for module in model.modules():
         if isinstance(module, torch.nn.SiLU):
             module.inplace = False
