@@ -114,17 +114,10 @@ class DiffusionParams(_Section):
     prior_preservation: bool = False
     prior_loss_weight: float = Field(1.0, ge=0)
     class_images: int = Field(20, gt=0)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     checkpoint_every: int = Field(100, gt=0)
     resume: bool = True
     pretrain: BasePretrainParams = BasePretrainParams()
-
-    @field_validator("mixed_precision", mode="before")
-    @classmethod
-    def _yaml_no_is_false(cls, value):
-        # YAML 1.1 reads an unquoted `no` as False, and DVC's `-S` rewrite of params.yaml drops the quotes.
-        return "no" if value is False else value
 
     @field_validator("lr")
     @classmethod
@@ -236,12 +229,26 @@ class SweepParams(_Section):
         return amounts
 
 
+class ComputeParams(_Section):
+    """Where the finetune, generate and train stages run: processes (``accelerate launch``) and precision."""
+
+    processes: int = Field(1, gt=0)  # > 1: the stage runs under `accelerate launch --num_processes N` (pipeline/launch.py)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # fp16/bf16 need a GPU; CPU runs fall back to fp32
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no_is_false(cls, value):
+        # YAML 1.1 reads an unquoted `no` as False, and DVC's `-S` rewrite of params.yaml drops the quotes.
+        return "no" if value is False else value
+
+
 class MlflowParams(_Section):
     experiment: str = Field("lesion-synth", min_length=1)
 
 
 class Params(_Section):
     seed: int = 0
+    compute: ComputeParams = ComputeParams()
     data: DataParams = DataParams()
     demo: DemoParams = DemoParams()
     diffusion: DiffusionParams = DiffusionParams()

@@ -20,6 +20,7 @@ from pipeline.diffusion.generate import load_class_pipeline
 from pipeline.diffusion.lora import LORA_FILE, load_lora
 from pipeline.diffusion.training_data import sha256_file
 from pipeline.errors import PipelineError
+from pipeline.params import ComputeParams
 from pipeline.paths import WORKSPACE_ENV
 
 WEIGHTS = {
@@ -173,8 +174,9 @@ def test_gradient_checkpointing_changes_memory_not_results(workspace, lora_run):
 
 
 def test_mixed_precision_on_cpu_falls_back_to_fp32_with_a_warning(workspace, capsys):
-    finetune_class(micro_params("lora", {"mixed_precision": "bf16"}), "df", stop_after=1)
-    assert "warning: diffusion.mixed_precision=bf16 needs a GPU; training in fp32 on CPU" in capsys.readouterr().err
+    params = micro_params("lora").model_copy(update={"compute": ComputeParams(mixed_precision="bf16")})
+    finetune_class(params, "df", stop_after=1)
+    assert "warning: compute.mixed_precision=bf16 needs a GPU; training in fp32 on CPU" in capsys.readouterr().err
 
 
 def test_missing_finetune_list_is_named(workspace):

@@ -91,9 +91,9 @@ def test_unquoted_no_survives_dvc_rewriting_params(tmp_path):
     rewritten = tmp_path / "params.yaml"
     rewritten.write_text(yaml.safe_dump(REPO_PARAMS).replace("mixed_precision: 'no'", "mixed_precision: no"))
     assert "mixed_precision: no\n" in rewritten.read_text()
-    assert load_params(rewritten).diffusion.mixed_precision == "no"
-    with pytest.raises(PipelineError, match="diffusion.mixed_precision"):
-        parse_params(with_change("diffusion.mixed_precision", True))
+    assert load_params(rewritten).compute.mixed_precision == "no"
+    with pytest.raises(PipelineError, match="compute.mixed_precision"):
+        parse_params(with_change("compute.mixed_precision", True))
 
 
 def test_invalid_yaml_and_missing_file(tmp_path):

@@ -99,7 +99,7 @@ def make_accelerator(mixed_precision: str):
 
     cpu = cpu_only()
     if mixed_precision != "no" and cpu:
-        print(f"warning: diffusion.mixed_precision={mixed_precision} needs a GPU; training in fp32 on CPU", file=sys.stderr)
+        print(f"warning: compute.mixed_precision={mixed_precision} needs a GPU; training in fp32 on CPU", file=sys.stderr)
         mixed_precision = "no"
     return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
@@ -241,7 +241,7 @@ def finetune_class(params: Params, class_code: str, *, stop_after: int | None = 
     out_dir = root / CLASS_MODELS_DIR / class_code
     ckpt_dir = root / CHECKPOINT_DIR / class_code
 
-    accelerator = make_accelerator(d.mixed_precision)
+    accelerator = make_accelerator(params.compute.mixed_precision)
     device, main = accelerator.device, accelerator.is_main_process
     if main:
         clean_own_temps(out_dir)
