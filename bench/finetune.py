@@ -94,7 +94,8 @@ def reference_child(workspace: str, method: str, steps: int, resolution: int, ba
 
     from pipeline.diffusion import lora
     from pipeline.diffusion.base import load_base_pipeline
-    from pipeline.diffusion.finetune import MAX_GRAD_NORM, WEIGHT_DECAY, derive_seed
+    from pipeline.diffusion.finetune import MAX_GRAD_NORM, WEIGHT_DECAY
+    from pipeline.digest import derive_seed
     from pipeline.diffusion.pretrain import diffusion_target
     from pipeline.diffusion.training_data import read_finetune_csv
 

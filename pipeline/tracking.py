@@ -9,7 +9,6 @@ stage process of one `dvc repro` computes the same key and attaches to the same 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from pipeline.digest import json_digest
 from pipeline.paths import store_root, workspace_root
 
 PARENT_RUN_ENV = "LESION_SYNTH_PARENT_RUN_ID"
@@ -40,7 +40,7 @@ def git_commit() -> str:
 
 def params_hash(params) -> str:
     payload = params.model_dump(mode="json") if hasattr(params, "model_dump") else params
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return json_digest(payload)
 
 
 def flatten(mapping: Mapping, prefix: str = "") -> dict[str, str]:
@@ -105,7 +105,7 @@ def parent_run_id(params) -> str:
     mlflow = _mlflow()
     experiment_id = ensure_experiment(params.mlflow.experiment)
     tags = execution_tags(params)
-    key = hashlib.sha256(json.dumps(tags, sort_keys=True).encode()).hexdigest()[:16]
+    key = json_digest(tags)
     with _store_lock():
         found = mlflow.search_runs(
             [experiment_id], filter_string=f"tags.pipeline_key = '{key}'", max_results=1, output_format="list"

@@ -16,7 +16,6 @@ from pipeline.classifier.dataset import (
     Sample,
     assert_no_leakage,
     assert_real_heldout,
-    file_digest,
     load_images,
     read_split,
     real_samples,
@@ -24,6 +23,7 @@ from pipeline.classifier.dataset import (
 from pipeline.classifier.model import create_classifier, state_to_cpu
 from pipeline.classifier.train import load_checkpoint, make_sampler, save_checkpoint, train_variant, training_samples
 from pipeline.cli import run_stage
+from pipeline.digest import sha256_file
 from pipeline.errors import PipelineError
 
 
@@ -83,7 +83,7 @@ def test_leakage_guard_raises_on_bad_lists(workspace):
     frame.to_csv(workspace / "data/prepared/split.csv", index=False)
     split = read_split(params, workspace)
     train = training_samples(params, "baseline", split, workspace)
-    digests = {s.path: file_digest(s.path) for s in train + real_samples(split, "test")}
+    digests = {s.path: sha256_file(s.path) for s in train + real_samples(split, "test")}
     with pytest.raises(PipelineError, match="byte-identical to held-out image"):
         assert_no_leakage(train, split, allow_synthetic=False, synthetic_root=synthetic_root, digests=digests)
 
@@ -112,7 +112,7 @@ def test_image_cache_decodes_once(workspace):
     cached = sorted((workspace / ".cache/classifier").rglob("*.npy"))
     assert len(cached) == 3
     for path in paths:  # the cache is keyed by content: changing the files does not matter, the hash does
-        assert any(file_digest(path) in c.name for c in cached)
+        assert any(sha256_file(path) in c.name for c in cached)
     assert torch.equal(load_images(paths, 24), first)
 
 

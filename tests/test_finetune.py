@@ -18,7 +18,7 @@ from pipeline.diffusion.base import load_base_pipeline
 from pipeline.diffusion.finetune import base_sha256, finetune_class, validation_grid
 from pipeline.diffusion.generate import load_class_pipeline
 from pipeline.diffusion.lora import LORA_FILE, load_lora
-from pipeline.diffusion.training_data import sha256_file
+from pipeline.digest import sha256_file
 from pipeline.errors import PipelineError
 from pipeline.params import ComputeParams
 from pipeline.paths import WORKSPACE_ENV

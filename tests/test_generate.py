@@ -26,7 +26,7 @@ from pipeline.diffusion.generate import (
     make_scheduler,
 )
 from pipeline.diffusion.lora import LORA_FILE
-from pipeline.diffusion.training_data import sha256_file
+from pipeline.digest import sha256_file
 from pipeline.errors import PipelineError
 from pipeline.paths import WORKSPACE_ENV
 

@@ -10,7 +10,6 @@ Augmentations then run on whole batches of the cached tensors (``pipeline.classi
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -22,6 +21,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from pipeline.data.images import load_square
+from pipeline.digest import sha256_file
 from pipeline.errors import PipelineError
 from pipeline.params import Params
 from pipeline.paths import CACHE_DIR, SPLIT_CSV, SYNTHETIC_DIR, store_root, workspace_root
@@ -159,22 +160,8 @@ def assert_real_heldout(samples: Sequence[Sample], split: pd.DataFrame, which: s
             raise PipelineError(f"leakage guard: {sample.image_id} ({path}) is not a {which} row of split.csv")
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def cache_folder(size: int) -> Path:
     return store_root() / CACHE_DIR / "classifier" / f"{_CACHE_VERSION}-{size}px"
-
-
-def _decode(path: Path, size: int) -> np.ndarray:
-    from pipeline.data.images import open_rgb, resize_square
-
-    return np.ascontiguousarray(np.asarray(resize_square(open_rgb(path), size), dtype=np.uint8).transpose(2, 0, 1))
 
 
 def load_images(paths: Iterable[Path], size: int, digests: dict[Path, str] | None = None) -> torch.Tensor:
@@ -188,13 +175,13 @@ def load_images(paths: Iterable[Path], size: int, digests: dict[Path, str] | Non
     arrays = []
     for path in paths:
         path = Path(path).resolve()
-        digest = digests.get(path) or file_digest(path)
+        digest = digests.get(path) or sha256_file(path)
         digests[path] = digest
         cached = folder / f"{digest}.npy"
         try:
             array = np.load(cached, allow_pickle=False)
         except (FileNotFoundError, ValueError, OSError):
-            array = _decode(path, size)
+            array = load_square([path], size)[0].numpy()
             fd, temp = tempfile.mkstemp(prefix=f".{digest}.tmp-", suffix=".npy", dir=folder)
             with os.fdopen(fd, "wb") as handle:
                 np.save(handle, array, allow_pickle=False)

@@ -15,7 +15,6 @@ cannot come from simply training longer.
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import math
 import shutil
@@ -38,7 +37,6 @@ from pipeline.classifier.dataset import (
     TensorImages,
     assert_no_leakage,
     assert_real_heldout,
-    file_digest,
     load_images,
     read_split,
     real_samples,
@@ -46,6 +44,7 @@ from pipeline.classifier.dataset import (
 )
 from pipeline.classifier.metrics import fast_metrics
 from pipeline.classifier.model import CONFIG_NAME, create_classifier, for_training, save_weights, state_to_cpu, weights_name
+from pipeline.digest import derive_seed, json_digest, sha256_file
 from pipeline.errors import PipelineError
 from pipeline.optim import adamw, load_optimizer_state, state_from_tensors, state_tensors
 from pipeline.params import Params
@@ -98,10 +97,6 @@ def make_sampler(labels: list[int], num_classes: int, balance: str, generator: t
     return RandomSampler(range(len(labels)), num_samples=num_samples, generator=generator)
 
 
-def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
-
-
 def learning_rate(base: float, epoch: int, step: int, steps: int, epochs: int) -> float:
     """Linear warm-up over the first epoch (from scratch, full lr at step 0 blows the logits up), then cosine decay.
     A pure function of (epoch, step), so a resumed run follows the same schedule without saved scheduler state."""
@@ -120,7 +115,7 @@ def _run_key(params: Params, variant: str, seed: int, train: list[Sample], diges
         "seed": seed,
         "train": [(digests[s.path.resolve()], s.label) for s in train],
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return json_digest(payload)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -204,8 +199,8 @@ def fit_seed(params: Params, variant: str, seed: int, train_images: torch.Tensor
     for epoch in range(meta["epoch"], c.epochs):
         if meta["stopped"]:
             break
-        torch.manual_seed(_epoch_seed(seed, epoch, 0))  # augmentations + dropout
-        generator.manual_seed(_epoch_seed(seed, epoch, 1))  # sampling order
+        torch.manual_seed(derive_seed(seed, "epoch", epoch, "augment"))  # augmentations + dropout
+        generator.manual_seed(derive_seed(seed, "epoch", epoch, "order"))  # sampling order
         model.train()
         total, seen = 0.0, 0
         for step, (x, y) in enumerate(tqdm(loader, desc=f"train@{variant} seed {seed} epoch {epoch + 1}/{c.epochs}",
@@ -304,7 +299,7 @@ def train_variant(params: Params, variant: str, *, on_epoch_end: Callable[[int, 
 
     digests: dict[Path, str] = {}
     for sample in real_samples(split, "test"):  # hashed only, so the guard can catch byte-identical copies
-        digests[sample.path.resolve()] = file_digest(sample.path)
+        digests[sample.path.resolve()] = sha256_file(sample.path)
     train_images = load_images([s.path for s in train], c.image_size, digests)
     val_images = load_images([s.path for s in val], c.image_size, digests)
     assert_no_leakage(train, split, allow_synthetic=variant == "augmented", synthetic_root=root / SYNTHETIC_DIR, digests=digests)

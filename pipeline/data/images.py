@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from pipeline.errors import PipelineError
@@ -94,6 +95,14 @@ def check_image(path: str | Path) -> None:
                 img.load()
     except (*_DECODE_ERRORS, Image.DecompressionBombWarning) as exc:
         raise PipelineError(f"{path}: {_describe(exc)}") from None
+
+
+def load_square(paths: list[Path], size: int) -> torch.Tensor:
+    """Decode images into one uint8 tensor [N, 3, size, size] (centre-cropped, one resize): every loader's core."""
+    out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
+    for i, path in enumerate(paths):
+        out[i] = torch.from_numpy(np.asarray(resize_square(open_rgb(path), size))).permute(2, 0, 1)
+    return out
 
 
 def resize_square(img: Image.Image, size: int) -> Image.Image:

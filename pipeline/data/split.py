@@ -11,7 +11,6 @@ Design choices (DESIGN.md):
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pandas as pd
 
 from pipeline.atomic import atomic_dir, clean_stale_temps, write_json
 from pipeline.data.ham10000 import read_source
+from pipeline.digest import derive_seed
 from pipeline.errors import PipelineError
 from pipeline.params import CLASS_NAMES, Params
 from pipeline.paths import DEMO_DIR, FINETUNE_DIR, PREPARED_DIR, REPORTS_DIR, SPLIT_CSV, resolve_user_path, workspace_root
@@ -32,7 +32,7 @@ DATA_JSON = REPORTS_DIR / "data.json"
 
 def _class_seed(seed: int, name: str, purpose: int) -> np.random.Generator:
     """A generator that depends only on (seed, class, purpose): stable whatever other classes exist."""
-    return np.random.default_rng([seed, zlib.crc32(name.encode()), purpose])
+    return np.random.default_rng(derive_seed(seed, name, purpose))
 
 
 def source_folder(params: Params) -> Path:

@@ -305,13 +305,14 @@ def prepare_base(params: Params) -> None:
 
 
 def _prepare_embedded(params: Params, target: Path) -> None:
-    from pipeline.diffusion.pretrain import load_images, pretrain, reconstruction_grid, sample_images, image_grid, train_image_paths
+    from pipeline.data.images import load_square
+    from pipeline.diffusion.pretrain import pretrain, reconstruction_grid, sample_images, image_grid, train_image_paths
     from pipeline.diffusion.tiny import build_tiny_pipeline, save_pipeline
 
     resolution, cfg = params.diffusion.resolution, params.diffusion.pretrain
     if resolution % 16:
         raise PipelineError(f"diffusion.resolution: the embedded tiny model needs a multiple of 16, got {resolution}")
-    images = load_images(train_image_paths(workspace_root() / SPLIT_CSV), resolution)
+    images = load_square(train_image_paths(workspace_root() / SPLIT_CSV), resolution)
     print(f"base: pre-training the embedded tiny model on {len(images)} train images at {resolution} px")
     pipe = build_tiny_pipeline(resolution, params.seed)
     report = pretrain(pipe, images, cfg, params.seed)

@@ -40,7 +40,6 @@ from pipeline.diffusion.generate import (
     check_class,
     clean_own_temps,
     cpu_only,
-    derive_seed,
     generate_images,
     image_grid,
     make_scheduler,
@@ -52,9 +51,9 @@ from pipeline.diffusion.training_data import (
     encode_prompt,
     load_images,
     read_finetune_csv,
-    sha256_file,
     tokenize,
 )
+from pipeline.digest import derive_seed, sha256_file
 from pipeline.errors import PipelineError
 from pipeline.optim import adamw, load_optimizer_state, state_from_tensors, state_tensors
 from pipeline.params import CLASS_NAMES, Params

@@ -11,7 +11,6 @@ between processes; the main process gathers the manifest rows and writes ``manif
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from contextlib import nullcontext
 from pathlib import Path
@@ -30,7 +29,7 @@ from tqdm.auto import tqdm
 
 from pipeline import tracking
 from pipeline.atomic import atomic_dir
-from pipeline.diffusion.training_data import sha256_file
+from pipeline.digest import derive_seed, sha256_file
 from pipeline.errors import PipelineError
 from pipeline.params import Params
 from pipeline.paths import BASE_MODEL_DIR, CLASS_MODELS_DIR, SYNTHETIC_DIR, workspace_root
@@ -47,11 +46,6 @@ SCHEDULERS = {
     "euler": (EulerDiscreteScheduler, {}),
     "pndm": (PNDMScheduler, {"skip_prk_steps": True}),  # as SD 1.x ships it; PRK warm-up needs many steps
 }
-
-
-def derive_seed(*parts: object) -> int:
-    """A stable 60-bit seed from any parts (Python's hash() is salted per process, so not that)."""
-    return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:15], 16)
 
 
 def cpu_only() -> bool:

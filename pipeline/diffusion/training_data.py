@@ -9,25 +9,15 @@ would give, without running the VAE again.
 from __future__ import annotations
 
 import csv
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
 from pipeline.paths import workspace_root
 
 FINETUNE_COLUMNS = ("image_id", "lesion_id", "dx", "path")
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_finetune_csv(csv_path: str | Path, class_code: str) -> list[Path]:
@@ -55,11 +45,10 @@ def read_finetune_csv(csv_path: str | Path, class_code: str) -> list[Path]:
 
 
 def load_images(paths: list[Path], resolution: int) -> torch.Tensor:
-    """Images as float [N, 3, R, R] in [-1, 1], SD's VAE input range (centre-cropped, one resize)."""
-    from pipeline.data.images import open_rgb, resize_square
+    """Images as float [N, 3, R, R] in [-1, 1], SD's VAE input range."""
+    from pipeline.data.images import load_square
 
-    arrays = [np.asarray(resize_square(open_rgb(path), resolution)) for path in paths]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return load_square(paths, resolution).float().div(127.5).sub(1.0)
 
 
 @dataclass
