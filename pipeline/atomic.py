@@ -68,12 +68,20 @@ def write_json(target: str | Path, payload: object) -> None:
     write_text(target, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
-def clean_stale_temps(folder: str | Path) -> int:
-    """Remove temporaries a killed run left behind (``.name.tmp-*`` / ``.name.old-*``); returns how many."""
+def clean_stale_temps(folder: str | Path, name: str | None = None) -> int:
+    """Remove temporaries a killed run left behind (``.name.tmp-*`` / ``.name.old-*``); returns how many.
+
+    name: only those of this target, for a folder that holds other targets possibly being written right now."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
-    stale = [p for p in folder.iterdir() if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name)]
+
+    def is_stale(path: Path) -> bool:
+        if name is not None:
+            return path.name.startswith((f".{name}.tmp-", f".{name}.old-"))
+        return path.name.startswith(".") and (".tmp-" in path.name or ".old-" in path.name)
+
+    stale = [p for p in folder.iterdir() if is_stale(p)]
     for path in stale:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     return len(stale)
