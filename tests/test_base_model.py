@@ -28,6 +28,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from pipeline.diffusion import pretrain as pt
 from pipeline.diffusion.base import load_base_pipeline, prepare_base
 from pipeline.diffusion.tiny import build_tiny_pipeline
+from pipeline.diffusion.training_data import encode_images, encode_prompts, to_model_range
 from pipeline.diffusion.tokenizer import write_tokenizer
 from pipeline.errors import PipelineError
 from pipeline.params import parse_params
@@ -203,7 +204,7 @@ def test_pretraining_changes_weights_and_lowers_loss_on_a_fixed_batch(tmp_path):
         [torch.from_numpy(np.array(lesion_image(rng, (32, 32)))).permute(2, 0, 1) for _ in range(8)]
     )
     cfg = micro_params(pretrain={"vae_steps": 25, "unet_steps": 25, "batch": 8, "vae_lr": 2e-3, "unet_lr": 2e-3}).diffusion.pretrain
-    x = pt.to_model_range(images)
+    x = to_model_range(images)
     before = weights_hash(pipe)
 
     def vae_eval() -> float:
@@ -216,13 +217,14 @@ def test_pretraining_changes_weights_and_lowers_loss_on_a_fixed_batch(tmp_path):
     vae_after = vae_eval()
     assert vae_after < 0.7 * vae_before, (vae_before, vae_after)
 
-    means, stds = pt.encode_latents(pipe.vae, images)
-    pipe.vae.register_to_config(scaling_factor=float(1 / means.std()))
-    latents = means * pipe.vae.config.scaling_factor
+    cache = encode_images(pipe.vae, images)
+    cache.scaling_factor = float(1 / cache.mean.std())
+    pipe.vae.register_to_config(scaling_factor=cache.scaling_factor)
+    latents = cache.mean * cache.scaling_factor
     gen = torch.Generator().manual_seed(7)
     noise = torch.randn(latents.shape, generator=gen)
     timesteps = torch.randint(0, 1000, (len(latents),), generator=gen)
-    text = pt.prompt_embeddings(pipe, [cfg.prompt]).expand(len(latents), -1, -1)
+    text = encode_prompts(pipe, [cfg.prompt]).expand(len(latents), -1, -1)
 
     def unet_eval() -> float:
         with torch.no_grad():
@@ -230,7 +232,7 @@ def test_pretraining_changes_weights_and_lowers_loss_on_a_fixed_batch(tmp_path):
             return torch.nn.functional.mse_loss(pipe.unet(noisy, timesteps, encoder_hidden_states=text).sample, noise).item()
 
     unet_before = unet_eval()
-    pt.train_unet(pipe, means, stds, cfg, torch.Generator().manual_seed(0))
+    pt.train_unet(pipe, cache, cfg, torch.Generator().manual_seed(0))
     unet_after = unet_eval()
     assert unet_after < unet_before, (unet_before, unet_after)
     assert weights_hash(pipe) != before

@@ -7,6 +7,7 @@ per process slow every step down tenfold or more. Bitwise claims hold for a fixe
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 from diffusion_workspace import make_workspace, micro_params, pixels, trained_workspace, unet_probe
 from pipeline.cli import run_stage
 from pipeline.diffusion.base import load_base_pipeline
+from pipeline.diffusion import finetune
 from pipeline.diffusion.finetune import base_sha256, finetune_class, validation_grid
 from pipeline.diffusion.generate import load_class_pipeline
 from pipeline.diffusion.lora import LORA_FILE, load_lora
@@ -52,6 +54,24 @@ def workspace(tmp_path, tiny_base, monkeypatch):
 def lora_run(tmp_path_factory, tiny_base):
     params = micro_params("lora")
     return trained_workspace(tmp_path_factory.mktemp("lora") / "ws", tiny_base, params), params
+
+
+@contextmanager
+def killed_during_step(step: int):
+    """The run inside dies with KeyboardInterrupt (as on Ctrl-C) when step ``step`` computes its loss."""
+    real = finetune.diffusion_loss
+    calls = []
+
+    def loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(finetune, "diffusion_loss", loss)
+        yield
+    assert len(calls) == step
 
 
 def regenerate_samples_matches(pipe, params, folder) -> None:
@@ -138,7 +158,8 @@ def test_resume_after_a_kill_reaches_the_same_weights_bitwise(workspace, method)
     folder = finetune_class(params, "df")
     uninterrupted = load_file(folder / WEIGHTS[method])
 
-    assert finetune_class(params, "df", stop_after=3) is None  # "killed" during step 4, after the checkpoint at 2
+    with killed_during_step(4):  # after the checkpoint at step 2
+        finetune_class(params, "df")
     checkpoint = workspace / "checkpoints/df"
     assert sorted(p.name for p in checkpoint.iterdir()) == [
         "optimizer.safetensors", "rng-0.safetensors", "state.json", "trainable.safetensors"
@@ -154,14 +175,17 @@ def test_resume_after_a_kill_reaches_the_same_weights_bitwise(workspace, method)
 
 
 def test_a_checkpoint_of_other_params_is_not_resumed(workspace, capsys):
-    finetune_class(micro_params("lora"), "df", stop_after=2)
+    with killed_during_step(3):
+        finetune_class(micro_params("lora"), "df")
     state = workspace / "checkpoints/df/state.json"
     assert json.loads(state.read_text())["step"] == 2
     capsys.readouterr()
 
-    finetune_class(micro_params("lora", {"lr": 5e-3}), "df", stop_after=1)
+    with killed_during_step(2):
+        finetune_class(micro_params("lora", {"lr": 5e-3}), "df")
     assert "checkpoint was written for other params, data or base model; starting fresh" in capsys.readouterr().err
-    finetune_class(micro_params("lora", {"resume": False}), "df", stop_after=1)
+    with killed_during_step(2):
+        finetune_class(micro_params("lora", {"resume": False}), "df")
     assert "diffusion.resume is false; ignoring the checkpoint" in capsys.readouterr().err
     assert json.loads(state.read_text())["step"] == 2
 
@@ -175,7 +199,8 @@ def test_gradient_checkpointing_changes_memory_not_results(workspace, lora_run):
 
 def test_mixed_precision_on_cpu_falls_back_to_fp32_with_a_warning(workspace, capsys):
     params = micro_params("lora").model_copy(update={"compute": ComputeParams(mixed_precision="bf16")})
-    finetune_class(params, "df", stop_after=1)
+    with killed_during_step(1):
+        finetune_class(params, "df")
     assert "warning: compute.mixed_precision=bf16 needs a GPU; training in fp32 on CPU" in capsys.readouterr().err
 
 

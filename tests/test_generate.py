@@ -9,6 +9,7 @@ import csv
 import hashlib
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -19,11 +20,14 @@ from pipeline.cli import run_stage
 from pipeline.diffusion.generate import (
     MANIFEST_COLUMNS,
     SCHEDULERS,
+    Sampling,
     generate_class,
     generate_images,
     image_seed,
     load_class_pipeline,
     make_scheduler,
+    padded_grid,
+    png_writer,
 )
 from pipeline.diffusion.lora import LORA_FILE
 from pipeline.digest import sha256_file
@@ -101,10 +105,8 @@ def test_any_image_regenerates_alone_from_its_manifest_row(workspace):
     row = rows[1]
     pipe, _, _ = load_class_pipeline(params, "df")
     pipe.scheduler = make_scheduler(row["scheduler"], pipe.scheduler.config)
-    alone = generate_images(
-        pipe, row["prompt"], row["negative_prompt"], [int(row["seed"])],
-        steps=int(row["steps"]), guidance=float(row["guidance"]), resolution=32,
-    )[0]
+    sampling = Sampling(int(row["steps"]), float(row["guidance"]), resolution=32)
+    alone = generate_images(pipe, row["prompt"], row["negative_prompt"], [int(row["seed"])], sampling)[0]
     alone.save(root / "alone.png")
     difference = abs(pixels(root / "alone.png") - pixels(folder / row["file"]))
     assert difference.max() <= 1 and (difference > 0).mean() < 0.01
@@ -119,7 +121,7 @@ def test_every_scheduler_builds_from_the_base_config_and_samples(workspace):
         assert type(pipe.scheduler) is cls
         assert pipe.scheduler.config.num_train_timesteps == config.num_train_timesteps
         assert pipe.scheduler.config.prediction_type == config.prediction_type
-        image = generate_images(pipe, "a dermoscopic image of sks dermatofibroma", "", [7], steps=2, guidance=3.0, resolution=32)
+        image = generate_images(pipe, "a dermoscopic image of sks dermatofibroma", "", [7], Sampling(2, 3.0, 32))
         assert image[0].size == (32, 32)
     assert make_scheduler("dpmsolver++", config).config.algorithm_type == "dpmsolver++"
 
@@ -200,3 +202,37 @@ def test_a_killed_runs_leftovers_are_removed_but_not_another_class_in_progress(w
     generate_class(params, "df")
     assert not (synthetic / ".df.tmp-killed").exists()
     assert (synthetic / ".vasc.tmp-running").is_dir()
+
+
+def test_mixed_precision_on_cpu_generates_in_fp32_with_a_warning(workspace, capsys):
+    from pipeline.params import ComputeParams
+
+    _, params = workspace
+    plain = pixel_hashes(generate_class(params, "df"))
+    half = params.model_copy(update={"compute": ComputeParams(mixed_precision="fp16")})
+    assert pixel_hashes(generate_class(half, "df")) == plain
+    assert "warning: compute.mixed_precision=fp16 needs a GPU; generating in fp32 on CPU" in capsys.readouterr().err
+
+
+def test_the_png_writer_thread_writes_the_same_bytes_and_raises_the_first_error(tmp_path):
+    from PIL import Image
+
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)) for i in range(5)]
+    with png_writer(max_pending=2) as save:
+        for i, image in enumerate(images):
+            save(image, tmp_path / f"threaded_{i}.png")
+    for i, image in enumerate(images):
+        image.save(tmp_path / f"direct_{i}.png", format="PNG")
+        assert (tmp_path / f"threaded_{i}.png").read_bytes() == (tmp_path / f"direct_{i}.png").read_bytes()
+    with pytest.raises(FileNotFoundError), png_writer() as save:
+        save(images[0], tmp_path / "missing-folder" / "x.png")
+
+
+def test_the_grid_fills_its_last_row_with_white():
+    from PIL import Image
+
+    images = [Image.new("RGB", (8, 8), (10 * i, 0, 0)) for i in range(6)]
+    grid = np.asarray(padded_grid(images, cols=4))
+    assert grid.shape == (16, 32, 3)
+    assert (grid[8:, 16:] == 255).all() and (grid[8:, :16, 0] == [[40] * 8 + [50] * 8] * 8).all()
+    assert np.asarray(padded_grid(images[:3], cols=4)).shape == (8, 24, 3)

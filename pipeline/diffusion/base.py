@@ -306,7 +306,9 @@ def prepare_base(params: Params) -> None:
 
 def _prepare_embedded(params: Params, target: Path) -> None:
     from pipeline.data.images import load_square
-    from pipeline.diffusion.pretrain import pretrain, reconstruction_grid, sample_images, image_grid, train_image_paths
+    from diffusers.utils import make_image_grid
+
+    from pipeline.diffusion.pretrain import pretrain, reconstruction_grid, sample_images, train_image_paths
     from pipeline.diffusion.tiny import build_tiny_pipeline, save_pipeline
 
     resolution, cfg = params.diffusion.resolution, params.diffusion.pretrain
@@ -316,7 +318,7 @@ def _prepare_embedded(params: Params, target: Path) -> None:
     print(f"base: pre-training the embedded tiny model on {len(images)} train images at {resolution} px")
     pipe = build_tiny_pipeline(resolution, params.seed)
     report = pretrain(pipe, images, cfg, params.seed)
-    samples = image_grid(sample_images(pipe, cfg.prompt, count=16, seed=params.seed), columns=8)
+    samples = make_image_grid(sample_images(pipe, cfg.prompt, count=16, seed=params.seed), rows=2, cols=8)
     recon = reconstruction_grid(pipe.vae, images[:8])
     summary = {**report.summary(), "resolution": resolution, "seed": params.seed, "pretrain": cfg.model_dump()}
     with atomic_dir(target) as temp:

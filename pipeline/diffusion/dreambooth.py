@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
+from pipeline.diffusion.generate import Sampling, sample_images
 from pipeline.errors import PipelineError
 
 UNET_DIR = "unet"
@@ -22,22 +23,18 @@ PRIOR_GUIDANCE = 5.0
 _INTERFACE = ("in_channels", "out_channels", "cross_attention_dim", "sample_size")
 
 
-@torch.no_grad()
 def prior_images(pipe: StableDiffusionPipeline, prompt: str, count: int, resolution: int, seed: int, batch: int = 8) -> torch.Tensor:
-    """``count`` images of the generic class prompt from the untouched base model, float [-1, 1]."""
+    """``count`` images of the generic class prompt from the untouched base model, uint8 [N, 3, R, R] on its device
+    (8-bit like the class images diffusers' DreamBooth script saves as files)."""
     scheduler = pipe.scheduler
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type="dpmsolver++")
     pipe.set_progress_bar_config(disable=True)
+    sampling = Sampling(PRIOR_STEPS, PRIOR_GUIDANCE, resolution)
     images = []
     try:
         for start in range(0, count, batch):
-            n = min(batch, count - start)
-            generators = [torch.Generator().manual_seed(seed + start + i) for i in range(n)]
-            out = pipe(
-                [prompt] * n, height=resolution, width=resolution, num_inference_steps=PRIOR_STEPS,
-                guidance_scale=PRIOR_GUIDANCE, generator=generators, output_type="pt",
-            ).images
-            images.append(out.float().cpu() * 2 - 1)
+            generators = [torch.Generator(pipe.device).manual_seed(seed + i) for i in range(start, min(count, start + batch))]
+            images.append(sample_images(pipe, prompt, "", generators, sampling).float().mul(255).round().to(torch.uint8))
     finally:
         pipe.scheduler = scheduler
     return torch.cat(images)

@@ -1,11 +1,13 @@
 """finetune@<class>: teach the base model one class under its own instance token (LoRA, DreamBooth or textual inversion).
 
-The loop is the plain diffusion recipe: draw cached latents, add noise at a random timestep,
-predict the noise (or v), MSE, step. What differs between methods is only *which* weights train
-(``TrainedPart``). The VAE and text encoder are frozen, so latents and prompt embeddings are
-computed once (``training_data``); textual inversion is the exception that re-encodes its one
-prompt each step, because the embedding it trains feeds the text encoder. Every image of a step has
-that one prompt, so cross-attention projects it once per step (``shared_prompt``).
+The loop is the plain diffusion recipe: draw cached latents (``draw_batch``), add noise at a random
+timestep, predict the noise (or v), MSE (``diffusion_loss``), step. What differs between methods is
+only *which* weights train (``TrainedPart``). The VAE and text encoder are frozen, so latents and
+prompt embeddings are computed once (``training_data``); textual inversion is the exception that
+re-encodes its one prompt each step, because the embedding it trains feeds the text encoder.
+
+Every tensor of a step is made on the model's device from one ``torch.Generator`` that lives there
+too: no host round trip inside the loop, and the same seed gives the same run on the same device type.
 
 Resumable: every ``diffusion.checkpoint_every`` steps the trainable weights, optimizer state,
 step and RNG states go to ``checkpoints/<class>/`` (safetensors + JSON, no pickle; outside
@@ -29,30 +31,27 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import make_image_grid
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from pipeline import tracking
-from pipeline.atomic import atomic_dir
+from pipeline.atomic import atomic_dir, clean_stale_temps
+from pipeline.data.images import load_square
 from pipeline.diffusion.generate import (
+    DTYPES,
     META_FILE,
+    Sampling,
     check_class,
-    clean_own_temps,
     cpu_only,
     generate_images,
-    image_grid,
+    gpu_precision,
     make_scheduler,
 )
 from pipeline.diffusion.pretrain import diffusion_target
-from pipeline.diffusion.shared_prompt import share_prompt_attention
-from pipeline.diffusion.training_data import (
-    encode_images,
-    encode_prompt,
-    load_images,
-    read_finetune_csv,
-    tokenize,
-)
+from pipeline.diffusion.training_data import LatentCache, encode_images, encode_prompts, read_finetune_csv, tokenize
 from pipeline.digest import derive_seed, sha256_file
 from pipeline.errors import PipelineError
 from pipeline.optim import adamw, load_optimizer_state, state_from_tensors, state_tensors
@@ -96,11 +95,7 @@ def make_accelerator(mixed_precision: str):
     """Accelerator for device placement, DDP and autocast; fp16/bf16 only where there is a GPU."""
     from accelerate import Accelerator
 
-    cpu = cpu_only()
-    if mixed_precision != "no" and cpu:
-        print(f"warning: compute.mixed_precision={mixed_precision} needs a GPU; training in fp32 on CPU", file=sys.stderr)
-        mixed_precision = "no"
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    return Accelerator(mixed_precision=gpu_precision(mixed_precision, "training"), cpu=cpu_only())
 
 
 class LossLog:
@@ -159,6 +154,54 @@ def attach_method(pipe, params: Params, class_code: str) -> TrainedPart:
     return TrainedPart(
         pipe.text_encoder, lambda folder: textual_inversion.save_embedding(embedding, token, folder), trains_text=True
     )
+
+
+# ------------------------------------------------------------------------------------- one step
+
+
+@dataclass
+class Priors:
+    """DreamBooth's prior preservation: latents of base-model images of the generic class, and its prompt."""
+
+    latents: LatentCache
+    embeds: torch.Tensor  # [1, 77, D]
+
+
+@dataclass
+class Batch:
+    """One step's latents and prompt embeddings (one row each), on the model's device."""
+
+    latents: torch.Tensor
+    states: torch.Tensor
+    priors: int = 0  # the last this many rows are prior-class samples
+
+
+def draw_batch(instances: LatentCache, priors: Priors | None, states: torch.Tensor, size: int, generator: torch.Generator) -> Batch:
+    """``size`` instance latents under the class prompt ``states`` ([1, 77, D]), then as many prior-class ones."""
+    latents, states = instances.draw(size, generator), states.expand(size, -1, -1)
+    if priors is None:
+        return Batch(latents, states)
+    prior_states = priors.embeds.expand(size, -1, -1)
+    return Batch(torch.cat([latents, priors.latents.draw(size, generator)]), torch.cat([states, prior_states]), priors=size)
+
+
+def diffusion_loss(unet, noise_scheduler, batch: Batch, generator: torch.Generator, prior_weight: float = 1.0,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Noise the batch at random timesteps, predict with ``unet`` (run in ``dtype``), MSE against the scheduler's
+    target; prior-class rows add ``prior_weight`` times their own MSE. Noise and timesteps are drawn on the
+    latents' device, so ``generator`` must live there."""
+    latents = batch.latents
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator, device=latents.device
+    )
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps).to(dtype, memory_format=torch.channels_last)
+    pred = unet(noisy, timesteps, batch.states.to(dtype)).sample.float()
+    target = diffusion_target(noise_scheduler, latents, noise, timesteps)
+    if not batch.priors:
+        return F.mse_loss(pred, target)
+    n = len(latents) - batch.priors
+    return F.mse_loss(pred[:n], target[:n]) + prior_weight * F.mse_loss(pred[n:], target[n:])
 
 
 # -------------------------------------------------------------------------------------- checkpoints
@@ -222,12 +265,8 @@ def load_checkpoint(folder: Path, fingerprint: str, accelerator, part: TrainedPa
 # ---------------------------------------------------------------------------------------- the stage
 
 
-def finetune_class(params: Params, class_code: str, *, stop_after: int | None = None) -> Path | None:
-    """Fine-tune the base model on ``data/prepared/finetune/<class>.csv``; writes ``models/diffusion/<class>/``.
-
-    stop_after: end the run after this many steps as if killed (checkpoints written so far stay,
-    no model is saved); used to test resuming. Returns the model folder, or None when stopped.
-    """
+def finetune_class(params: Params, class_code: str) -> Path:
+    """Fine-tune the base model on ``data/prepared/finetune/<class>.csv``; writes ``models/diffusion/<class>/``."""
     from pipeline.diffusion.base import load_base_pipeline
     from pipeline.diffusion.dreambooth import prior_images
 
@@ -243,9 +282,9 @@ def finetune_class(params: Params, class_code: str, *, stop_after: int | None = 
     accelerator = make_accelerator(params.compute.mixed_precision)
     device, main = accelerator.device, accelerator.is_main_process
     if main:
-        clean_own_temps(out_dir)
-        clean_own_temps(ckpt_dir)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        clean_stale_temps(out_dir.parent, out_dir.name)
+        clean_stale_temps(ckpt_dir.parent, ckpt_dir.name)
+    weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
     pipe = load_base_pipeline(base_dir)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
@@ -256,33 +295,31 @@ def finetune_class(params: Params, class_code: str, *, stop_after: int | None = 
 
     # Frozen encoders run once: latents of every image and its mirror image, embeddings of the prompts.
     prompt = params.class_prompt(class_code)
-    instances = encode_images(pipe.vae, load_images(image_paths, d.resolution))
-    priors, prior_embeds = None, None
+    instances = encode_images(pipe.vae, load_square(image_paths, d.resolution))
+    priors = None
     if d.method == "dreambooth" and d.prior_preservation:
         generic = generic_prompt(params, class_code)
-        priors = encode_images(pipe.vae, prior_images(pipe, generic, d.class_images, d.resolution, derive_seed(seed, "prior")))
-        prior_embeds = encode_prompt(pipe, generic)
+        prior_pixels = prior_images(pipe, generic, d.class_images, d.resolution, derive_seed(seed, "prior"))
+        priors = Priors(encode_images(pipe.vae, prior_pixels), encode_prompts(pipe, [generic]))
     part = attach_method(pipe, params, class_code)
     prompt_ids = tokenize(pipe.tokenizer, [prompt]).to(device)  # after attach: TI adds the token to the tokenizer
-    instance_embeds = None if part.trains_text else encode_prompt(pipe, prompt)
+    instance_embeds = None if part.trains_text else encode_prompts(pipe, [prompt])
 
     # Frozen weights may be half precision on a GPU; trainable ones stay fp32 for the optimizer.
     if weight_dtype != torch.float32:
         for module in (pipe.vae, pipe.text_encoder, pipe.unet):
             if module is not part.module or d.method == "lora":
                 module.to(device, weight_dtype)
-        for p in part.named_trainable().values():
-            p.data = p.data.float()
+        cast_training_params(part.module, dtype=torch.float32)
     if d.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-    # channels_last: diffusers' advice for UNets on GPU, and ~3% faster for the tiny one on CPU (bench/README.md).
-    # Set before any optimizer state is restored (pipeline/optim.py says why).
+    # channels_last: diffusers' advice for UNets on GPU. Set before any optimizer state is restored (pipeline/optim.py).
     pipe.unet.to(memory_format=torch.channels_last)
-    share_prompt_attention(pipe.unet)  # the batch shares its prompt: cross-attention keys/values once per step
     trainable = list(part.named_trainable().values())
     weight_decay = 0.0 if part.trains_text else WEIGHT_DECAY
     optimizer = adamw(trainable, lr=d.learning_rate, weight_decay=weight_decay)
-    generator = torch.Generator().manual_seed(derive_seed(seed, "steps", accelerator.process_index))
+    # Every draw of the loop comes from this generator, on the model's device (one stream per process).
+    generator = torch.Generator(device).manual_seed(derive_seed(seed, "steps", accelerator.process_index))
 
     start, recent = (0, [])
     if d.resume:
@@ -290,36 +327,20 @@ def finetune_class(params: Params, class_code: str, *, stop_after: int | None = 
     elif (ckpt_dir / "state.json").is_file() and main:
         print(f"{ckpt_dir}: diffusion.resume is false; ignoring the checkpoint there", file=sys.stderr)
     model, optimizer = accelerator.prepare(part.module, optimizer)
+    unet = model if part.module is pipe.unet else pipe.unet
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    timesteps_total = noise_scheduler.config.num_train_timesteps
-    batch = d.batch
     model.train()
 
     losses = LossLog(f"finetune/{class_code}/loss")
     bar = tqdm(range(start, d.steps), initial=start, total=d.steps, desc=f"finetune {class_code}", disable=not main, mininterval=1)
     for step in bar:
-        # --- batch: cached latents (+ prior-class latents), noised at random timesteps
-        latents = instances.sample(torch.randint(len(instances), (batch,), generator=generator), generator)
+        # --- batch: cached latents (+ prior-class latents) under their prompts
         states = model(prompt_ids)[0] if part.trains_text else instance_embeds  # [1, 77, D]: one prompt, whole batch
-        if priors is not None:
-            latents = torch.cat([latents, priors.sample(torch.randint(len(priors), (batch,), generator=generator), generator)])
-            states = torch.cat([states.expand(batch, -1, -1), prior_embeds.expand(batch, -1, -1)])
-        noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, timesteps_total, (latents.shape[0],), generator=generator)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        target = diffusion_target(noise_scheduler, latents, noise, timesteps).to(device)
+        batch = draw_batch(instances, priors, states, d.batch, generator)
 
         # --- forward, loss, backward, step
-        unet = model if part.module is pipe.unet else pipe.unet
         with accelerator.autocast():
-            noisy = noisy.to(device, weight_dtype, memory_format=torch.channels_last)
-            pred = unet(noisy, timesteps.to(device), states.to(weight_dtype)).sample.float()
-        if priors is not None:
-            pred, pred_prior = pred.chunk(2)
-            target, target_prior = target.chunk(2)
-            loss = F.mse_loss(pred, target) + d.prior_loss_weight * F.mse_loss(pred_prior, target_prior)
-        else:
-            loss = F.mse_loss(pred, target)
+            loss = diffusion_loss(unet, noise_scheduler, batch, generator, d.prior_loss_weight, weight_dtype)
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             accelerator.clip_grad_norm_(trainable, MAX_GRAD_NORM)
@@ -337,9 +358,6 @@ def finetune_class(params: Params, class_code: str, *, stop_after: int | None = 
             losses.flush()
             info = {"fingerprint": fingerprint, "recent_losses": recent, "method": d.method, "class": class_code}
             save_checkpoint(ckpt_dir, accelerator, part, optimizer, generator, done, info)
-        if stop_after is not None and done >= stop_after:
-            losses.flush()
-            return None
     bar.close()
     losses.flush()
 
@@ -377,10 +395,8 @@ def validation_grid(pipe, params: Params, class_code: str):
     pipe.scheduler = make_scheduler(VALIDATION["scheduler"], scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     try:
-        images = generate_images(
-            pipe, params.class_prompt(class_code), "", seeds, steps=VALIDATION["steps"],
-            guidance=VALIDATION["guidance"], resolution=params.diffusion.resolution,
-        )
+        sampling = Sampling(VALIDATION["steps"], VALIDATION["guidance"], params.diffusion.resolution)
+        images = generate_images(pipe, params.class_prompt(class_code), "", seeds, sampling)
     finally:
         pipe.scheduler = scheduler
-    return image_grid(images, cols=VALIDATION["images"])
+    return make_image_grid(images, rows=1, cols=len(images))

@@ -3,16 +3,26 @@
 Every image ``k`` has its own seed ``image_seed(params.seed, class, k)`` and its own torch.Generator,
 so any single image can be regenerated alone (``generate_images(pipe, ..., [seed])``): same initial
 noise, same denoising; only float rounding may differ with the batch it is computed in (at most
-one 8-bit level in rare pixels, seen on CPU). Under ``accelerate launch`` the batches are split
+one 8-bit level in rare pixels, seen on CPU). The generators live on the pipeline's device, so an
+image is reproducible on the same device type. Under ``accelerate launch`` the batches are split
 between processes; the main process gathers the manifest rows and writes ``manifest.csv`` and
 ``grid.png``.
+
+At the user's scale: the pipeline runs in ``compute.mixed_precision`` (fp16/bf16) on a GPU, the VAE
+decodes one image at a time (a 512 px batch decode needs several GB at once), and PNGs are encoded on
+a worker thread while the next batch is sampled.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from contextlib import nullcontext
+import sys
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,11 +34,12 @@ from diffusers import (
     PNDMScheduler,
     StableDiffusionPipeline,
 )
+from diffusers.utils import make_image_grid
 from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline import tracking
-from pipeline.atomic import atomic_dir
+from pipeline.atomic import atomic_dir, clean_stale_temps
 from pipeline.digest import derive_seed, sha256_file
 from pipeline.errors import PipelineError
 from pipeline.params import Params
@@ -36,7 +47,10 @@ from pipeline.paths import BASE_MODEL_DIR, CLASS_MODELS_DIR, SYNTHETIC_DIR, work
 
 MANIFEST_COLUMNS = ("file", "class", "prompt", "negative_prompt", "seed", "scheduler", "steps", "guidance", "weights_sha256")
 GRID_IMAGES = 16
+GRID_COLUMNS = 4
 META_FILE = "meta.json"
+PNG_QUEUE = 16  # images waiting for the PNG writer thread at most
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # compute.mixed_precision -> weight dtype; "no" is fp32
 
 # generate.scheduler -> (diffusers class, overrides); each is built from the base model's scheduler config.
 SCHEDULERS = {
@@ -55,6 +69,23 @@ def cpu_only() -> bool:
     return not (torch.cuda.is_available() or torch.backends.mps.is_available() or (xpu is not None and xpu.is_available()))
 
 
+def gpu_precision(mixed_precision: str, doing: str) -> str:
+    """``compute.mixed_precision`` where a GPU can use it; on CPU "no", with a one-line warning."""
+    if mixed_precision != "no" and cpu_only():
+        print(f"warning: compute.mixed_precision={mixed_precision} needs a GPU; {doing} in fp32 on CPU", file=sys.stderr)
+        return "no"
+    return mixed_precision
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How each image is sampled (the scheduler is the pipeline's own)."""
+
+    steps: int
+    guidance: float
+    resolution: int
+
+
 def image_seed(seed: int, class_code: str, index: int) -> int:
     return derive_seed(seed, "generate", class_code, index)
 
@@ -70,25 +101,12 @@ def make_scheduler(name: str, config):
     return cls.from_config(config, **overrides)
 
 
-def image_grid(images: list[Image.Image], cols: int) -> Image.Image:
+def padded_grid(images: list[Image.Image], cols: int) -> Image.Image:
+    """``make_image_grid`` for any count: one row if they fit in it, else white cells fill the last row."""
     cols = max(1, min(cols, len(images)))
     rows = -(-len(images) // cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, img in enumerate(images):
-        grid.paste(img, ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
-def clean_own_temps(target: Path) -> None:
-    """Remove what a killed run left beside ``target`` (.<name>.tmp-*/.old-*), and only that: the
-    folder also holds the other classes' outputs, possibly being written right now."""
-    import shutil
-
-    if target.parent.is_dir():
-        for stale in target.parent.glob(f".{target.name}.*"):
-            if stale.name.startswith((f".{target.name}.tmp-", f".{target.name}.old-")):
-                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    blank = Image.new("RGB", images[0].size, "white")
+    return make_image_grid(images + [blank] * (rows * cols - len(images)), rows=rows, cols=cols)
 
 
 def check_class(params: Params, class_code: str) -> None:
@@ -106,8 +124,10 @@ def read_model_meta(model_dir: Path) -> dict:
         raise PipelineError(f"{path}: not valid JSON ({exc.msg})") from None
 
 
-def load_class_pipeline(params: Params, class_code: str, fuse: bool = True) -> tuple[StableDiffusionPipeline, Path, dict]:
-    """Base model + the class's adapter, fine-tuned UNet or learned word; returns (pipe, weights file, meta)."""
+def load_class_pipeline(
+    params: Params, class_code: str, fuse: bool = True, dtype: torch.dtype = torch.float32
+) -> tuple[StableDiffusionPipeline, Path, dict]:
+    """Base model + the class's adapter, fine-tuned UNet or learned word, in ``dtype``; returns (pipe, weights file, meta)."""
     from pipeline.diffusion.base import load_base_pipeline
     from pipeline.diffusion.dreambooth import load_unet
     from pipeline.diffusion.lora import load_lora
@@ -122,7 +142,7 @@ def load_class_pipeline(params: Params, class_code: str, fuse: bool = True) -> t
         raise PipelineError(
             f"{model_dir}: trained with instance token {meta.get('token')!r} but params give {token!r}; rerun finetune@{class_code}"
         )
-    pipe = load_base_pipeline(root / BASE_MODEL_DIR)
+    pipe = load_base_pipeline(root / BASE_MODEL_DIR, dtype)
     method = meta.get("method")
     if method == "lora":
         weights = load_lora(pipe, model_dir, fuse=fuse)
@@ -137,16 +157,47 @@ def load_class_pipeline(params: Params, class_code: str, fuse: bool = True) -> t
 
 
 @torch.no_grad()
-def generate_images(
-    pipe: StableDiffusionPipeline, prompt: str, negative_prompt: str, seeds: list[int], *, steps: int, guidance: float, resolution: int
-) -> list[Image.Image]:
-    """One image per seed, each drawn from its own CPU generator (identical on any device and in any batch)."""
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
-    n = len(seeds)
+def sample_images(
+    pipe: StableDiffusionPipeline, prompt: str, negative_prompt: str, generators: list[torch.Generator], sampling: Sampling
+) -> torch.Tensor:
+    """One image per generator, float [N, 3, R, R] in [0, 1] on the pipeline's device (classifier-free guidance
+    with ``negative_prompt`` as the unconditional prompt)."""
+    n = len(generators)
     return pipe(
-        [prompt] * n, negative_prompt=[negative_prompt] * n, generator=generators, num_inference_steps=steps,
-        guidance_scale=guidance, height=resolution, width=resolution, output_type="pil",
+        [prompt] * n, negative_prompt=[negative_prompt] * n, generator=generators, num_inference_steps=sampling.steps,
+        guidance_scale=sampling.guidance, height=sampling.resolution, width=sampling.resolution, output_type="pt",
     ).images
+
+
+def to_pil(pipe: StableDiffusionPipeline, images: torch.Tensor) -> list[Image.Image]:
+    """``sample_images``' output as PIL images, rounded exactly as diffusers' ``output_type="pil"`` does."""
+    processor = pipe.image_processor
+    return processor.numpy_to_pil(processor.pt_to_numpy(images))
+
+
+def generate_images(
+    pipe: StableDiffusionPipeline, prompt: str, negative_prompt: str, seeds: list[int], sampling: Sampling
+) -> list[Image.Image]:
+    """One image per seed, each drawn from its own generator on the pipeline's device (the same in any batch)."""
+    generators = [torch.Generator(pipe.device).manual_seed(s) for s in seeds]
+    return to_pil(pipe, sample_images(pipe, prompt, negative_prompt, generators, sampling))
+
+
+@contextmanager
+def png_writer(max_pending: int = PNG_QUEUE) -> Iterator[Callable[[Image.Image, Path], None]]:
+    """``save(image, path)`` that encodes the PNG on a worker thread, at most ``max_pending`` images behind, so the
+    accelerator samples the next batch meanwhile. On exit every file is written, or the first error raised."""
+    pending: deque[Future] = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="png") as pool:
+
+        def save(image: Image.Image, path: Path) -> None:
+            pending.append(pool.submit(image.save, path, format="PNG"))
+            while len(pending) > max_pending:
+                pending.popleft().result()
+
+        yield save
+        while pending:
+            pending.popleft().result()
 
 
 def generate_class(params: Params, class_code: str) -> Path:
@@ -157,16 +208,19 @@ def generate_class(params: Params, class_code: str) -> Path:
     g = params.generate
     resolution = params.diffusion.resolution
     state = PartialState(cpu=cpu_only())
-    pipe, weights, _ = load_class_pipeline(params, class_code)
+    dtype = DTYPES.get(gpu_precision(params.compute.mixed_precision, "generating"), torch.float32)
+    pipe, weights, _ = load_class_pipeline(params, class_code, dtype=dtype)
     pipe.scheduler = make_scheduler(g.scheduler, pipe.scheduler.config)
+    pipe.vae.enable_slicing()
     pipe.to(state.device)
+    sampling = Sampling(g.steps, g.guidance, resolution)
     weights_sha = sha256_file(weights)
     prompt = params.class_prompt(class_code)
 
     root = workspace_root()
     target = root / SYNTHETIC_DIR / class_code
     if state.is_main_process:
-        clean_own_temps(target)
+        clean_stale_temps(target.parent, target.name)
     # Only the main process owns the temporary folder; the others learn its path and write into it.
     with atomic_dir(target) if state.is_main_process else nullcontext(None) as temp:
         out = Path(broadcast_object_list([str(temp) if temp else None])[0])
@@ -174,14 +228,12 @@ def generate_class(params: Params, class_code: str) -> Path:
         # Whole batches are shared out, not single indices: every image is then computed in the same batch
         # whatever the number of processes, so the output is bit-identical to a single-process run.
         batches = [list(range(i, min(i + g.batch, g.per_class))) for i in range(0, g.per_class, g.batch)]
-        with state.split_between_processes(batches) as mine:
+        with state.split_between_processes(batches) as mine, png_writer() as save:
             for indices in tqdm(mine, desc=f"generate {class_code}", disable=not state.is_local_main_process):
                 seeds = [image_seed(params.seed, class_code, k) for k in indices]
-                images = generate_images(
-                    pipe, prompt, g.negative_prompt, seeds, steps=g.steps, guidance=g.guidance, resolution=resolution
-                )
+                images = generate_images(pipe, prompt, g.negative_prompt, seeds, sampling)
                 for k, seed, img in zip(indices, seeds, images):
-                    img.save(out / image_name(class_code, k), format="PNG")
+                    save(img, out / image_name(class_code, k))
                     rows.append({
                         "file": image_name(class_code, k), "class": class_code, "prompt": prompt,
                         "negative_prompt": g.negative_prompt, "seed": seed, "scheduler": g.scheduler,
@@ -197,7 +249,7 @@ def generate_class(params: Params, class_code: str) -> Path:
                 writer.writerows(rows)
             if rows:
                 shown = [Image.open(out / row["file"]).convert("RGB") for row in rows[:GRID_IMAGES]]
-                image_grid(shown, cols=4).save(out / "grid.png")
+                padded_grid(shown, cols=GRID_COLUMNS).save(out / "grid.png")
     state.wait_for_everyone()
     if state.is_main_process and (target / "grid.png").is_file():
         tracking.log_artifact(target / "grid.png", artifact_path=f"generate/{class_code}")

@@ -17,7 +17,6 @@ same weights.
 from __future__ import annotations
 
 import csv
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,10 +26,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers.training_utils import compute_snr
+from diffusers.utils import make_image_grid
 from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline import tracking
+from pipeline.diffusion.training_data import LatentCache, encode_images, encode_prompts, to_model_range
 from pipeline.errors import PipelineError
 from pipeline.params import BasePretrainParams
 from pipeline.paths import workspace_root
@@ -39,6 +41,7 @@ KL_WEIGHT = 1e-6  # SD's VAE weight: latents stay well-behaved without blurring 
 UNCOND_PROB = 0.1  # share of UNet samples that see the empty prompt (classifier-free guidance)
 MIN_SNR_GAMMA = 5.0  # Min-SNR loss weighting (Hang et al. 2023): converges several times faster
 WARMUP_STEPS = 20
+MIN_LR_RATE = 0.1  # the learning rate ends at this share of its peak
 # The VAE spends this share of its steps on random half-size crops: a convolutional autoencoder learns
 # colour and texture locally, a 32 px crop costs a quarter of a 64 px image, so it sees 4x more
 # samples in the same time; the last steps use whole images so GroupNorm statistics match inference.
@@ -94,11 +97,6 @@ def train_image_paths(split_csv: str | Path) -> list[Path]:
     return [p if (p := Path(row["path"])).is_absolute() else root / p for row in rows]
 
 
-def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float [-1, 1], the range SD's VAE works in."""
-    return images.float().div(127.5).sub(1.0)
-
-
 def random_flips(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Dermoscopy has no up or left: flip each sample horizontally and/or vertically at random."""
     flip_h = torch.rand(x.shape[0], generator=generator) < 0.5
@@ -124,16 +122,13 @@ def batches(n: int, batch: int, generator: torch.Generator) -> Iterator[torch.Te
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then cosine decay to 10%: short runs need the big early steps and a calm finish."""
+    """Linear warm-up, then cosine decay to 10%: short runs need the big early steps and a calm finish.
+
+    transformers' variant, because diffusers' ``get_cosine_schedule_with_warmup`` has no floor (it decays to 0)."""
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
     warmup = min(WARMUP_STEPS, max(1, steps // 10))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, max(steps, warmup + 1), min_lr_rate=MIN_LR_RATE)
 
 
 # ---------------------------------------------------------------------------------------------- VAE
@@ -178,28 +173,7 @@ def train_vae(vae, images: torch.Tensor, cfg: BasePretrainParams, generator: tor
     return losses
 
 
-@torch.no_grad()
-def encode_latents(vae, images: torch.Tensor, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of each image and of its mirror image: the UNet's whole training set."""
-    means, stds = [], []
-    for start in range(0, len(images), chunk):
-        x = to_model_range(images[start : start + chunk])
-        for view in (x, x.flip(-1)):
-            dist = vae.encode(view).latent_dist
-            means.append(dist.mean)
-            stds.append(dist.std)
-    return torch.cat(means), torch.cat(stds)
-
-
 # --------------------------------------------------------------------------------------------- UNet
-
-
-@torch.no_grad()
-def prompt_embeddings(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
-    ids = pipe.tokenizer(
-        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    return pipe.text_encoder(ids)[0]
 
 
 def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -220,8 +194,7 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float = MIN_SNR_G
     Without them the many nearly-noise-free timesteps dominate the gradient and the coarse layout
     (vignette, one lesion) that the high-noise timesteps decide is learned slowly.
     """
-    alphas_cumprod = scheduler.alphas_cumprod[timesteps].float()
-    snr = alphas_cumprod / (1 - alphas_cumprod)
+    snr = compute_snr(scheduler, timesteps)
     clipped = snr.clamp(max=gamma)
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
@@ -231,34 +204,26 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float = MIN_SNR_G
     return clipped
 
 
-def train_unet(
-    pipe: StableDiffusionPipeline,
-    means: torch.Tensor,
-    stds: torch.Tensor,
-    cfg: BasePretrainParams,
-    generator: torch.Generator,
-) -> list[float]:
+def train_unet(pipe: StableDiffusionPipeline, latents: LatentCache, cfg: BasePretrainParams, generator: torch.Generator) -> list[float]:
     unet, scheduler = pipe.unet, pipe.scheduler
-    scale = pipe.vae.config.scaling_factor
     pipe.text_encoder.eval().requires_grad_(False)
-    cond, uncond = prompt_embeddings(pipe, [cfg.prompt, ""]).unsqueeze(1)  # each [1, 77, D]
+    cond, uncond = encode_prompts(pipe, [cfg.prompt, ""]).unsqueeze(1)  # each [1, 77, D]
     unet.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
     schedule = warmup_cosine(optimizer, cfg.unet_steps)
     losses: list[float] = []
-    it = batches(len(means), cfg.batch, generator)
+    it = batches(len(latents), cfg.batch, generator)
     for _ in (bar := tqdm(range(cfg.unet_steps), desc="unet", mininterval=2)):
         idx = next(it)
         n = len(idx)
-        latents = means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=generator)
-        latents = random_flips(latents, generator).mul(scale)  # vertical flips in latent space: the VAE saw both
-        noise = torch.randn(latents.shape, generator=generator)
+        x = random_flips(latents.sample(idx, generator), generator)  # vertical flips in latent space: the VAE saw both
+        noise = torch.randn(x.shape, generator=generator)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
+        noisy = scheduler.add_noise(x, noise, timesteps)
         drop = (torch.rand(n, generator=generator) < UNCOND_PROB)[:, None, None]
         text = torch.where(drop, uncond, cond)
         pred = unet(noisy, timesteps, encoder_hidden_states=text).sample
-        per_sample = F.mse_loss(pred, diffusion_target(scheduler, latents, noise, timesteps), reduction="none").mean((1, 2, 3))
+        per_sample = F.mse_loss(pred, diffusion_target(scheduler, x, noise, timesteps), reduction="none").mean((1, 2, 3))
         loss = (per_sample * min_snr_weights(scheduler, timesteps)).mean()
         optimize_and_log(loss, unet, optimizer, schedule, losses, bar, "base/unet_loss")
     unet.eval().requires_grad_(False)
@@ -266,15 +231,6 @@ def train_unet(
 
 
 # ------------------------------------------------------------------------------------------ samples
-
-
-def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
-    width, height = images[0].size
-    rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * width, rows * height))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height))
-    return grid
 
 
 @torch.no_grad()
@@ -300,7 +256,7 @@ def reconstruction_grid(vae, images: torch.Tensor) -> Image.Image:
     x = to_model_range(images)
     recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     both = torch.cat([x, recon]).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    return image_grid([Image.fromarray(a) for a in both], columns=len(images))
+    return make_image_grid([Image.fromarray(a) for a in both], rows=2, cols=len(images))
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -317,13 +273,13 @@ def pretrain(pipe: StableDiffusionPipeline, images: torch.Tensor, cfg: BasePretr
     report.seconds["vae"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    means, stds = encode_latents(pipe.vae, images)
+    latents = encode_images(pipe.vae, images, chunk=64)
     # SD's rule: scale latents to unit variance so the noise schedule fits them (0.18215 for SD's own VAE).
-    report.scaling_factor = float(1.0 / means.std().clamp_min(1e-6))
+    report.scaling_factor = latents.scaling_factor = float(1.0 / latents.mean.std().clamp_min(1e-6))
     pipe.vae.register_to_config(scaling_factor=report.scaling_factor)
     report.seconds["encode"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    report.unet_losses = train_unet(pipe, means, stds, cfg, generator)
+    report.unet_losses = train_unet(pipe, latents, cfg, generator)
     report.seconds["unet"] = time.perf_counter() - start
     return report

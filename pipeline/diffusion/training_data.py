@@ -1,9 +1,9 @@
-"""The fine-tuning set of one class, encoded once: the VAE and text encoder are frozen, so their outputs are cached.
+"""Training images and prompts, encoded once: the VAE and text encoder are frozen, so their outputs are cached.
 
-Each image is encoded twice (as is and mirrored: the only augmentation; dermoscopy has no
-left or right) and the posterior *mean and std* are kept. Every training step draws a fresh
-latent ``mean + std * noise`` from the cached posterior, exactly what ``latent_dist.sample()``
-would give, without running the VAE again.
+Used by fine-tuning and by the tiny base model's UNet pre-training. Each image is encoded twice
+(as is and mirrored: dermoscopy has no left or right) and the posterior *mean and std* are kept.
+Every training step draws a fresh latent ``mean + std * noise`` from the cached posterior, exactly
+what ``latent_dist.sample()`` would give, without running the VAE again.
 """
 
 from __future__ import annotations
@@ -44,16 +44,14 @@ def read_finetune_csv(csv_path: str | Path, class_code: str) -> list[Path]:
     return paths
 
 
-def load_images(paths: list[Path], resolution: int) -> torch.Tensor:
-    """Images as float [N, 3, R, R] in [-1, 1], SD's VAE input range."""
-    from pipeline.data.images import load_square
-
-    return load_square(paths, resolution).float().div(127.5).sub(1.0)
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1], the range SD's VAE works in."""
+    return images.float().div(127.5).sub(1.0)
 
 
 @dataclass
 class LatentCache:
-    """Posterior mean/std of every image and its mirror image, in the VAE's unscaled latent space."""
+    """Posterior mean/std of every image and its mirror image, in the VAE's unscaled latent space, on the VAE's device."""
 
     mean: torch.Tensor
     std: torch.Tensor
@@ -64,19 +62,28 @@ class LatentCache:
         return len(self.mean)
 
     def sample(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """A draw from each indexed posterior, scaled as the UNet sees latents (what SD's train scripts do)."""
-        noise = torch.randn(self.mean[index].shape, generator=generator, dtype=self.mean.dtype)
-        latents = self.mean[index] + self.std[index] * noise.to(self.mean.device)
-        return (latents - self.shift_factor) * self.scaling_factor
+        """A draw from each indexed posterior, scaled as the UNet sees latents (what SD's train scripts do).
+
+        The noise is drawn on the cache's device: on a GPU ``generator`` must live there too."""
+        mean, std = self.mean[index], self.std[index]
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return (mean + std * noise - self.shift_factor) * self.scaling_factor
+
+    def draw(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """``count`` latents of images chosen at random (with replacement), drawn on the cache's device."""
+        index = torch.randint(len(self), (count,), generator=generator, device=self.mean.device)
+        return self.sample(index, generator)
 
 
 @torch.no_grad()
 def encode_images(vae, images: torch.Tensor, chunk: int = 8) -> LatentCache:
+    """Encode uint8 [N, 3, R, R] images and their mirror images with the frozen VAE, ``chunk`` at a time on its device."""
     device, dtype = vae.device, vae.dtype
     means, stds = [], []
-    for view in (images, images.flip(-1)):
-        for start in range(0, len(view), chunk):
-            dist = vae.encode(view[start : start + chunk].to(device, dtype)).latent_dist
+    for flip in (False, True):
+        for start in range(0, len(images), chunk):
+            x = to_model_range(images[start : start + chunk].to(device))
+            dist = vae.encode((x.flip(-1) if flip else x).to(dtype)).latent_dist
             means.append(dist.mean.float())
             stds.append(dist.std.float())
     shift = getattr(vae.config, "shift_factor", None) or 0.0
@@ -90,7 +97,7 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_prompt(pipe, prompt: str) -> torch.Tensor:
-    """The frozen text encoder's [1, 77, D] embedding of one prompt (computed once per run)."""
-    ids = tokenize(pipe.tokenizer, [prompt]).to(pipe.text_encoder.device)
+def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
+    """The frozen text encoder's [N, 77, D] embeddings of ``prompts`` (fp32, on its device; computed once per run)."""
+    ids = tokenize(pipe.tokenizer, prompts).to(pipe.text_encoder.device)
     return pipe.text_encoder(ids)[0].float()
