@@ -30,7 +30,7 @@ from diffusers import DDPMScheduler
 from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
 
 from diffusion_workspace import micro_params
-from pipeline.diffusion.finetune import Priors, attach_method, diffusion_loss, draw_batch, generic_prompt
+from pipeline.diffusion.finetune import Priors, attach_method, cast_frozen, diffusion_loss, draw_batch, generic_prompt
 from pipeline.diffusion.generate import Sampling, sample_images
 from pipeline.diffusion.tiny import build_tiny_pipeline
 from pipeline.diffusion.training_data import encode_images, encode_prompts, tokenize
@@ -62,11 +62,14 @@ def fake_images(count: int) -> torch.Tensor:
     return torch.randint(0, 256, (count, 3, RESOLUTION, RESOLUTION), dtype=torch.uint8)
 
 
-def finetune_loss(method: str, prior_preservation: bool = False) -> torch.Tensor:
-    """The stage's set-up and one step of its loop, up to the loss."""
+def finetune_loss(method: str, prior_preservation: bool = False, dtype: torch.dtype = torch.float32):
+    """The stage's set-up and one step of its loop with frozen weights in ``dtype`` (compute.mixed_precision), up to
+    the loss; returns (loss, the pipeline, its trained part). Without autocast: torch disables
+    ``torch.autocast("cuda")`` where no CUDA device exists, so the step relies on its explicit casts alone."""
     params = micro_params(method, {"prior_preservation": prior_preservation})
     pipe = build_tiny_pipeline(RESOLUTION)
     part = attach_method(pipe, params, "df")
+    cast_frozen(pipe, part, dtype)
     with on_fake_cuda(pipe):
         instances = encode_images(pipe.vae, fake_images(3))
         priors = None
@@ -78,10 +81,10 @@ def finetune_loss(method: str, prior_preservation: bool = False) -> torch.Tensor
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         generator = torch.Generator().manual_seed(0)
         batch = draw_batch(instances, priors, states, BATCH, generator)
-        loss = diffusion_loss(pipe.unet, noise_scheduler, batch, generator, params.diffusion.prior_loss_weight)
+        loss = diffusion_loss(pipe.unet, noise_scheduler, batch, generator, params.diffusion.prior_loss_weight, dtype)
         assert batch.latents.device.type == "cuda" and batch.states.device.type == "cuda"
         assert len(batch.latents) == len(batch.states) == BATCH * (2 if prior_preservation else 1)
-        return loss
+        return loss, pipe, part
 
 
 def test_the_fake_device_catches_a_cpu_cuda_mix():
@@ -93,9 +96,16 @@ def test_the_fake_device_catches_a_cpu_cuda_mix():
     ("method", "prior_preservation"), [("lora", False), ("dreambooth", True), ("textual_inversion", False)]
 )
 def test_one_fine_tuning_step_runs_on_cuda_up_to_the_loss(method, prior_preservation):
-    loss = finetune_loss(method, prior_preservation)
+    loss, _, _ = finetune_loss(method, prior_preservation)
     assert loss.device.type == "cuda" and loss.shape == () and loss.dtype == torch.float32
     assert loss.requires_grad
+
+
+def test_a_half_precision_lora_step_keeps_the_adapter_in_fp32_and_the_loss_in_fp32():
+    loss, pipe, part = finetune_loss("lora", dtype=torch.float16)
+    assert loss.device.type == "cuda" and loss.dtype == torch.float32 and loss.requires_grad
+    assert {p.dtype for p in part.named_trainable().values()} == {torch.float32}
+    assert pipe.unet.conv_in.weight.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float16
 
 
 class OneStepScheduler:

@@ -131,6 +131,7 @@ class TrainedPart:
     module: torch.nn.Module
     save: Callable[[Path], Path]  # writes the final weights into a folder; returns the weights file
     trains_text: bool = False  # textual inversion: prompt embeddings change every step
+    adapter: bool = False  # LoRA: the module is frozen but for an adapter, so it may run in half precision
 
     def named_trainable(self) -> dict[str, torch.nn.Parameter]:
         return {name: p for name, p in self.module.named_parameters() if p.requires_grad}
@@ -144,7 +145,7 @@ def attach_method(pipe, params: Params, class_code: str) -> TrainedPart:
     pipe.text_encoder.requires_grad_(False)
     if d.method == "lora":
         lora.add_lora(pipe.unet, d.lora)
-        return TrainedPart(pipe.unet, lambda folder: lora.save_lora(pipe.unet, folder))
+        return TrainedPart(pipe.unet, lambda folder: lora.save_lora(pipe.unet, folder), adapter=True)
     if d.method == "dreambooth":
         pipe.unet.requires_grad_(True)
         return TrainedPart(pipe.unet, lambda folder: dreambooth.save_unet(pipe.unet, folder))
@@ -202,6 +203,16 @@ def diffusion_loss(unet, noise_scheduler, batch: Batch, generator: torch.Generat
         return F.mse_loss(pred, target)
     n = len(latents) - batch.priors
     return F.mse_loss(pred[:n], target[:n]) + prior_weight * F.mse_loss(pred[n:], target[n:])
+
+
+def cast_frozen(pipe, part: TrainedPart, weight_dtype: torch.dtype) -> None:
+    """Frozen weights in ``weight_dtype`` (half precision on a GPU); trainable ones stay fp32 for the optimizer."""
+    if weight_dtype == torch.float32:
+        return
+    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+        if module is not part.module or part.adapter:
+            module.to(dtype=weight_dtype)
+    cast_training_params(part.module, dtype=torch.float32)
 
 
 # -------------------------------------------------------------------------------------- checkpoints
@@ -305,12 +316,7 @@ def finetune_class(params: Params, class_code: str) -> Path:
     prompt_ids = tokenize(pipe.tokenizer, [prompt]).to(device)  # after attach: TI adds the token to the tokenizer
     instance_embeds = None if part.trains_text else encode_prompts(pipe, [prompt])
 
-    # Frozen weights may be half precision on a GPU; trainable ones stay fp32 for the optimizer.
-    if weight_dtype != torch.float32:
-        for module in (pipe.vae, pipe.text_encoder, pipe.unet):
-            if module is not part.module or d.method == "lora":
-                module.to(device, weight_dtype)
-        cast_training_params(part.module, dtype=torch.float32)
+    cast_frozen(pipe, part, weight_dtype)
     if d.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     # channels_last: diffusers' advice for UNets on GPU. Set before any optimizer state is restored (pipeline/optim.py).
