@@ -7,7 +7,8 @@ prompt embeddings are computed once (``training_data``); textual inversion is th
 re-encodes its one prompt each step, because the embedding it trains feeds the text encoder.
 
 Every tensor of a step is made on the model's device from one ``torch.Generator`` that lives there
-too: no host round trip inside the loop, and the same seed gives the same run on the same device type.
+too, so the same seed gives the same run on the same device type; the host waits for the device only
+when it reads the loss back (every ``SHOW_LOSS_EVERY`` steps and at checkpoints).
 
 Resumable: every ``diffusion.checkpoint_every`` steps the trainable weights, optimizer state,
 step and RNG states go to ``checkpoints/<class>/`` (safetensors + JSON, no pickle; outside
@@ -61,6 +62,7 @@ from pipeline.paths import BASE_MODEL_DIR, CHECKPOINT_DIR, CLASS_MODELS_DIR, FIN
 WEIGHT_DECAY = 1e-2
 MAX_GRAD_NORM = 1.0
 LOSS_WINDOW = 20  # final_loss in meta.json is the mean of the last this many steps
+SHOW_LOSS_EVERY = 10  # steps between progress-bar loss updates (each waits for the device)
 VALIDATION = {"images": 4, "steps": 20, "guidance": 5.0, "scheduler": "dpmsolver++"}
 
 
@@ -99,19 +101,39 @@ def make_accelerator(mixed_precision: str):
 
 
 class LossLog:
-    """Per-step loss for MLflow, sent in batches: one SQLite write per step costs ~25 ms, a third of a training step."""
+    """Per-step loss, kept on the device until read (``mean``, ``flush``): the loop reads it every few steps, so the
+    host waits for the device then, not every step. The main process sends it to MLflow in batches (one SQLite
+    write per step costs ~25 ms)."""
 
-    def __init__(self, name: str, every: int = 50):
-        self.name, self.every, self.points = name, every, []
+    def __init__(self, name: str, recent: list[float], send: bool, send_every: int = 50):
+        self.name, self.send, self.send_every = name, send, send_every
+        self.recent = recent  # the last LOSS_WINDOW values: progress bar, checkpoint, meta.json
+        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.points: list[tuple[int, float]] = []
 
-    def add(self, value: float, step: int) -> None:
-        self.points.append((step, value))
-        if len(self.points) >= self.every:
-            self.flush()
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        self.pending.append((step, loss))
+
+    def read(self) -> list[float]:
+        """Bring the pending losses to the host; returns the recent window."""
+        if self.pending:
+            steps = [step for step, _ in self.pending]
+            values = torch.stack([loss for _, loss in self.pending]).tolist()
+            self.pending = []
+            self.recent = (self.recent + values)[-LOSS_WINDOW:]
+            self.points += zip(steps, values)
+            if len(self.points) >= self.send_every:
+                self.flush()
+        return self.recent
+
+    def mean(self) -> float:
+        recent = self.read()
+        return sum(recent) / len(recent)
 
     def flush(self) -> None:
+        self.read()
         mlflow = sys.modules.get("mlflow")  # not imported means no run is active (and importing it costs seconds)
-        run = mlflow.active_run() if mlflow else None
+        run = mlflow.active_run() if mlflow and self.send else None
         if run is not None and self.points:
             from mlflow.entities import Metric
 
@@ -337,7 +359,7 @@ def finetune_class(params: Params, class_code: str) -> Path:
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     model.train()
 
-    losses = LossLog(f"finetune/{class_code}/loss")
+    losses = LossLog(f"finetune/{class_code}/loss", recent, send=main)
     bar = tqdm(range(start, d.steps), initial=start, total=d.steps, desc=f"finetune {class_code}", disable=not main, mininterval=1)
     for step in bar:
         # --- batch: cached latents (+ prior-class latents) under their prompts
@@ -355,14 +377,12 @@ def finetune_class(params: Params, class_code: str) -> Path:
 
         # --- bookkeeping
         done = step + 1
-        value = accelerator.reduce(loss.detach(), "mean").item()
-        recent = (recent + [value])[-LOSS_WINDOW:]
-        if main:
-            losses.add(value, done)
-            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", refresh=False)
+        losses.add(accelerator.reduce(loss.detach(), "mean"), done)
+        if done % SHOW_LOSS_EVERY == 0:
+            bar.set_postfix(loss=f"{losses.mean():.4f}", refresh=False)
         if done % d.checkpoint_every == 0 and done < d.steps:
             losses.flush()
-            info = {"fingerprint": fingerprint, "recent_losses": recent, "method": d.method, "class": class_code}
+            info = {"fingerprint": fingerprint, "recent_losses": losses.recent, "method": d.method, "class": class_code}
             save_checkpoint(ckpt_dir, accelerator, part, optimizer, generator, done, info)
     bar.close()
     losses.flush()
@@ -379,7 +399,7 @@ def finetune_class(params: Params, class_code: str) -> Path:
             meta = {
                 "method": d.method, "class": class_code, "token": params.instance_token(class_code), "prompt": prompt,
                 "steps": d.steps, "resumed_from_step": start or None,
-                "final_loss": sum(recent) / len(recent), "last_loss": recent[-1],
+                "final_loss": losses.mean(), "last_loss": losses.recent[-1],
                 "base": {"source": d.base_model, "sha256": base_sha},
                 "params_hash": fingerprint,
                 "weights": weights.relative_to(temp).as_posix(), "weights_sha256": sha256_file(weights),
