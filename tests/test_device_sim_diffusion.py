@@ -124,10 +124,12 @@ class OneStepScheduler:
         return (sample - 0.1 * model_output,)
 
 
-def test_one_guided_denoising_step_and_the_sliced_vae_decode_run_on_cuda():
-    with on_fake_cuda(build_tiny_pipeline(RESOLUTION)) as pipe:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_one_guided_denoising_step_and_the_sliced_vae_decode_run_on_cuda(dtype):
+    """In fp32 and in the fp16 that generate loads the pipeline in for compute.mixed_precision=fp16."""
+    with on_fake_cuda(build_tiny_pipeline(RESOLUTION).to(dtype=dtype)) as pipe:
         pipe.scheduler = OneStepScheduler()
         pipe.vae.enable_slicing()  # as generate_class does
         generators = [torch.Generator().manual_seed(seed) for seed in (1, 2, 3)]
         images = sample_images(pipe, "a dermoscopic image of sks dermatofibroma", "blurry", generators, Sampling(1, 5.0, RESOLUTION))
-        assert images.device.type == "cuda" and images.shape == (3, 3, RESOLUTION, RESOLUTION)
+        assert images.device.type == "cuda" and images.shape == (3, 3, RESOLUTION, RESOLUTION) and images.dtype == dtype
