@@ -210,6 +210,7 @@ class QualityParams(_Section):
     kid_subsets: int = Field(100, gt=0)
     pr_neighbours: int = Field(3, gt=0)
     closest_pairs: int = Field(8, gt=0)  # pairs drawn per class in reports/quality/closest_<class>.png
+    sanity_factor: float = Field(50.0, gt=1)  # an FID above this many times the real-vs-real FID is flagged
     batch: int = Field(32, gt=0)
 
 

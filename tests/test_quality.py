@@ -18,8 +18,10 @@ from pipeline.cli import run_stage
 from pipeline.data.images import open_rgb, resize_square
 from pipeline.errors import PipelineError
 from pipeline.params import MemorizationParams, parse_params
-from pipeline.quality.memorization import centred_cosine, check_memorization, flag, pair_ssim
+from pipeline.quality.features import feature_space
+from pipeline.quality.memorization import check_memorization, cosine_matrix, flag, pair_ssim
 from pipeline.quality.metrics import frechet_distance, kernel_inception_distance, knn_radii, precision_recall
+from pipeline.quality.sanity import Bounds, out_of_range
 from pipeline.quality.screen import load_kept_synthetic, screen
 
 SIZE = 32  # classifier input and synthetic resolution in the toy workspace
@@ -29,24 +31,62 @@ CLASSES = ["df", "vasc"]
 # ---------------------------------------------------------------- metrics on hand-made arrays
 
 
-def test_fid_is_zero_for_a_set_with_itself_and_grows_with_a_shift():
+def nuclear_norm_fid(real: np.ndarray, fake: np.ndarray) -> float:
+    """The hand-written FID the stage used before torchmetrics: tr sqrt(S_r S_f) as the nuclear norm of A_r A_f^T."""
+    def factor(x):
+        a = (x - x.mean(axis=0)) / np.sqrt(len(x) - 1)
+        return np.linalg.qr(a, mode="r") if a.shape[0] > a.shape[1] else a
+
+    a, b = factor(real), factor(fake)
+    diff = real.mean(axis=0) - fake.mean(axis=0)
+    return float(diff @ diff + (a * a).sum() + (b * b).sum() - 2.0 * np.linalg.svd(a @ b.T, compute_uv=False).sum())
+
+
+def hand_written_kid(real: np.ndarray, fake: np.ndarray) -> float:
+    """The hand-written unbiased MMD^2 with the cubic kernel (x.y / d + 1)^3, on whole sets of equal size."""
+    m, d = len(real), real.shape[1]
+    kxx, kyy, kxy = ((real @ real.T / d + 1) ** 3, (fake @ fake.T / d + 1) ** 3, (real @ fake.T / d + 1) ** 3)
+    return float((kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean())
+
+
+def test_fid_is_about_zero_for_a_set_with_itself_and_grows_with_a_shift():
     rng = np.random.default_rng(0)
     real = rng.normal(size=(300, 16))
-    assert frechet_distance(real, real) == pytest.approx(0.0, abs=1e-9)
+    assert frechet_distance(real, real) == pytest.approx(0.0, abs=1e-6)
     shifts = [frechet_distance(real, real + s) for s in (0.5, 1.0, 2.0)]
     # A pure mean shift of s in 16 dims adds exactly 16 s^2.
     assert shifts == pytest.approx([16 * 0.25, 16 * 1.0, 16 * 4.0], rel=1e-6)
     assert frechet_distance(real, rng.normal(size=(300, 16))) < shifts[0]
 
 
-def test_fid_matches_the_textbook_formula_with_fewer_samples_than_features():
+def test_fid_rises_monotonically_as_noise_is_added_to_the_images():
+    rng = np.random.default_rng(7)
+    images = torch.from_numpy(np.stack([np.asarray(lesion_image(rng, SIZE)) for _ in range(40)])).permute(0, 3, 1, 2)
+    noisy = [images.double() + torch.from_numpy(rng.normal(0, sigma, size=images.shape)) for sigma in (0, 8, 16, 32, 64)]
+    flat = [x.clamp(0, 255).reshape(len(x), -1) for x in noisy]  # pixels as features: nothing else to get wrong
+    first, second = flat[0][:20], [x[20:] for x in flat]
+    fids = [frechet_distance(first, other) for other in second]
+    assert all(a < b for a, b in zip(fids, fids[1:])), fids
+    assert frechet_distance(flat[0], flat[0]) == pytest.approx(0.0, abs=1e-6 * fids[-1])
+
+
+def test_torchmetrics_fid_and_kid_agree_with_the_hand_written_formulas():
+    """Tolerance: 1e-6 relative (float64 eigen-solve vs SVD), on shapes like the stage's (fewer samples than features)."""
     from scipy.linalg import sqrtm
 
     rng = np.random.default_rng(1)
+    for n_real, n_fake, dims in ((40, 30, 24), (120, 100, 1280), (300, 200, 16)):
+        a, b = rng.normal(size=(n_real, dims)), rng.normal(0.2, 1.3, size=(n_fake, dims))
+        assert frechet_distance(a, b) == pytest.approx(nuclear_norm_fid(a, b), rel=1e-6)
     a, b = rng.normal(size=(40, 24)), rng.normal(0.2, 1.3, size=(30, 24))
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * sqrtm(s1 @ s2).real)
-    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-5)
+    textbook = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * sqrtm(s1 @ s2).real)
+    assert frechet_distance(a, b) == pytest.approx(textbook, rel=1e-5)
+    # KID on whole sets (one subset of every sample) is the hand-written MMD exactly, whatever the subset draw.
+    x, y = rng.normal(size=(60, 32)), rng.normal(0.3, 1.0, size=(60, 32))
+    mean, std = kernel_inception_distance(x, y, subset_size=60, subsets=3)
+    assert mean == pytest.approx(hand_written_kid(x, y), rel=1e-9) and std == pytest.approx(0.0, abs=1e-12)
+    assert kernel_inception_distance(x, y, 20, 10, seed=4) == kernel_inception_distance(x, y, 20, 10, seed=4)
 
 
 def test_kid_is_near_zero_for_one_distribution_and_positive_for_another():
@@ -77,8 +117,8 @@ def test_precision_recall_on_point_clouds():
 
 def test_knn_radius_is_the_distance_to_the_kth_other_point():
     points = np.array([[0.0], [1.0], [3.0], [7.0]])
-    assert knn_radii(points, 1).tolist() == [1.0, 1.0, 4.0, 16.0]  # squared distances
-    assert knn_radii(points, 2).tolist() == [9.0, 4.0, 9.0, 36.0]
+    assert knn_radii(points, 1).tolist() == [1.0, 1.0, 2.0, 4.0]
+    assert knn_radii(points, 2).tolist() == [3.0, 2.0, 3.0, 6.0]
     with pytest.raises(ValueError):
         precision_recall(points, points[:2], k=3)
 
@@ -94,22 +134,28 @@ def test_memorization_rule_both_needs_both_scores_either_needs_one():
     assert flag(cos, ssim, either).tolist() == [True, True, True, False]
 
 
-def test_centred_cosine_separates_what_raw_cosine_of_positive_features_cannot():
+def test_feature_space_lets_the_cosine_tell_a_copy_from_a_sibling_despite_heavy_tailed_norms():
+    """The stage's failure: pooled features of a from-scratch classifier, a few images 100x the usual norm."""
     rng = np.random.default_rng(4)
-    feats = 10 + rng.normal(size=(5, 64))  # all-positive, like pooled activations
-    raw = centred_cosine(feats, feats)
-    centred = centred_cosine(feats, feats, centre=feats.mean(0))
-    off_diagonal = ~np.eye(5, dtype=bool)
-    assert raw[off_diagonal].min() > 0.97  # every pair would pass the default tau_cos
-    assert centred[off_diagonal].max() < 0.5
-    assert np.allclose(np.diag(centred), 1.0)
+    real = torch.from_numpy(np.abs(rng.normal(size=(60, 64))))  # non-negative, like pooled activations
+    real[:3] *= 100.0  # three real images with outsized activations
+    fine_tune, synthetic = real[10:30], torch.from_numpy(np.abs(rng.normal(size=(10, 64))))
+    synthetic[0] = fine_tune[5]  # a planted copy
+    centre = real.mean(0)
+    naive = cosine_matrix(synthetic - centre, fine_tune - centre).max(dim=1).values
+    assert naive.min() > MemorizationParams().cosine  # centred on an outlier-dragged mean, every image passes
+    real_s, ft_s, syn_s = feature_space(real, fine_tune, synthetic)
+    nearest = cosine_matrix(syn_s, ft_s).max(dim=1).values
+    assert nearest[0] == pytest.approx(1.0)
+    assert nearest[1:].max() < 0.8
+    assert real_s[3:].pow(2).sum(1).mean() == pytest.approx(64, rel=0.3)  # unit scale per feature on average
 
 
 def test_ssim_is_one_for_identical_images_and_low_for_unrelated_ones():
     rng = np.random.default_rng(5)
-    a = rng.integers(0, 256, size=(2, SIZE, SIZE, 3), dtype=np.uint8)
-    b = rng.integers(0, 256, size=(2, SIZE, SIZE, 3), dtype=np.uint8)
-    assert pair_ssim(a, a) == pytest.approx([1.0, 1.0])
+    a = torch.from_numpy(rng.integers(0, 256, size=(2, 3, SIZE, SIZE), dtype=np.uint8))
+    b = torch.from_numpy(rng.integers(0, 256, size=(2, 3, SIZE, SIZE), dtype=np.uint8))
+    assert pair_ssim(a, a).tolist() == pytest.approx([1.0, 1.0])
     assert (pair_ssim(a, b) < 0.2).all()
 
 
@@ -151,7 +197,8 @@ def workspace(tmp_path, monkeypatch):
     """A workspace with split, fine-tune lists, manifests, images and a baseline classifier, as the stages leave it.
 
     Per class: 12 real train images (48 px JPEG, 5 of them the fine-tune set), 2 test images,
-    10 synthetic 32 px PNGs; synthetic image 0 of 'df' is an exact copy of its fine-tune image 2.
+    10 synthetic 32 px PNGs; synthetic image 0 of 'df' is an exact copy of its fine-tune image 2, and
+    synthetic image 1 of 'vasc' a near-duplicate of that same df image (another class's: not a copy for vasc).
     """
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DVC_ROOT", raising=False)
@@ -182,6 +229,10 @@ def workspace(tmp_path, monkeypatch):
             name = f"{code}_{i:04d}.png"
             if code == "df" and i == 0:  # the generator regurgitated fine-tune image 2, at its own resolution
                 resize_square(open_rgb(tmp_path / ft.iloc[2]["path"]), SIZE).save(folder / name)
+            elif code == "vasc" and i == 1:  # a near-duplicate of df's fine-tune image 2
+                df_image = split[(split.dx == "df") & (split.split == "train")].iloc[2]["path"]
+                pixels = np.asarray(resize_square(open_rgb(tmp_path / df_image), SIZE)).astype(int)
+                Image.fromarray(np.clip(pixels + rng.integers(-2, 3, pixels.shape), 0, 255).astype(np.uint8)).save(folder / name)
             else:
                 lesion_image(rng, SIZE).save(folder / name)
             files.append(name)
@@ -214,6 +265,10 @@ def test_screen_end_to_end_flags_the_planted_copy_and_writes_everything(workspac
     others = table.iloc[1:]
     assert not others["memorized"].any() and others["kept"].all()
     assert (others["nn_ssim"] < 0.9).all()
+    # The near-duplicate of a df image sits in vasc's folder: the gate compares it with vasc's own fine-tuning images.
+    near_duplicate = table.set_index("path").loc["data/synthetic/vasc/vasc_0001.png"]
+    vasc_ft = pd.read_csv(workspace / "data/prepared/finetune/vasc.csv")
+    assert not near_duplicate["memorized"] and near_duplicate["nn_image_id"] in set(vasc_ft["image_id"])
     assert table["confidence"].between(0, 1).all()
 
     saved = json.loads((workspace / "reports/quality.json").read_text())
@@ -223,7 +278,8 @@ def test_screen_end_to_end_flags_the_planted_copy_and_writes_everything(workspac
     assert (vasc["n_synthetic"], vasc["n_memorized"], vasc["n_kept"], vasc["n_real_train"]) == (10, 0, 10, 12)
     for key in ("fid", "kid_mean", "kid_std", "precision", "recall", "coverage", "fid_kept"):
         assert isinstance(df[key], float) and np.isfinite(df[key]), key
-    assert df["fid"] > 0
+    assert df["fid"] > 0 and df["fid_real_vs_real"] > 0 and df["median_nn_cosine"] < 0.97
+    assert df["flags"] == {} and vasc["flags"] == {} and saved["totals"]["flagged"] == []
     assert saved["totals"]["n_synthetic"] == 20 and saved["totals"]["n_kept"] == 19
     assert saved["extractor"] == "baseline_classifier"
     for code in CLASSES:
@@ -233,6 +289,42 @@ def test_screen_end_to_end_flags_the_planted_copy_and_writes_everything(workspac
     kept = load_kept_synthetic(classes=CLASSES)
     assert list(kept.columns) == ["class", "path"] and len(kept) == 19
     assert "data/synthetic/df/df_0000.png" not in set(kept["path"])
+
+
+def test_a_figure_out_of_range_is_flagged_in_quality_json_and_named_in_the_log(workspace, capsys):
+    report = screen(toy_params(kid_subset_size=50))  # 10 synthetic images per class: KID rests on fewer
+
+    logged = [line for line in capsys.readouterr().err.splitlines() if "flagged" in line]
+    for code in CLASSES:
+        flags = report["classes"][code]["flags"]
+        assert list(flags) == ["kid_mean"] and "subsets of 10 images" in flags["kid_mean"]
+        assert any(f"screen: {code}: kid_mean flagged: " in line and "subsets of 10 images" in line for line in logged)
+    assert report["totals"]["flagged"] == ["df.kid_mean", "vasc.kid_mean"]
+    assert report["totals"]["kid_mean_macro"] is None  # flagged figures stay out of the macro mean
+    assert json.loads((workspace / "reports/quality.json").read_text())["classes"]["df"]["flags"] == report["classes"]["df"]["flags"]
+
+
+def bounds(**overrides) -> Bounds:
+    values = {"fid_real_vs_real": 10.0, "kid_real_vs_real": 0.01, "kid_subset_used": 50, "kid_subset_size": 50, "sanity_factor": 50.0,
+              "memorization_cosine": 0.97, "n_real": 60, "n_synthetic": 100}
+    return Bounds(**{**values, **overrides})
+
+
+def test_out_of_range_names_each_figure_that_cannot_be_read_as_a_number():
+    sane = {"fid": 40.0, "fid_kept": 41.0, "kid_mean": 0.5, "kid_std": 0.1, "precision": 0.5, "recall": 0.4,
+            "coverage": 0.3, "median_nn_cosine": 0.6, "n_kept": 90}
+    assert out_of_range(sane, bounds()) == {}
+    flags = out_of_range({**sane, "fid": 22784.0, "fid_kept": float("nan"), "kid_mean": -0.5, "recall": None,
+                          "median_nn_cosine": 0.996}, bounds())
+    assert set(flags) == {"fid", "fid_kept", "kid_mean", "recall", "median_nn_cosine"}
+    assert "2278x the real-vs-real FID 10" in flags["fid"] and "not finite" in flags["fid_kept"]
+    assert "negative beyond sampling noise" in flags["kid_mean"] and "not computed" in flags["recall"]
+    assert "cannot tell a copy from a sibling" in flags["median_nn_cosine"]
+    assert out_of_range({**sane, "kid_mean": -0.15}, bounds()) == {}  # within 2 std of zero: noise
+    assert out_of_range({**sane, "kid_mean": -0.5}, bounds(kid_real_vs_real=-0.3)) == {}  # real-vs-real noise as large
+    assert "negative beyond round-off" in out_of_range({**sane, "fid": -1.0}, bounds())["fid"]
+    assert out_of_range({**sane, "fid_kept": None, "n_kept": 0}, bounds()) == {}  # nothing kept: nothing to measure
+    assert out_of_range({**sane, "fid": 22784.0}, bounds(fid_real_vs_real=None)) == {}  # no real-vs-real: no ratio
 
 
 def test_confidence_filter_keeps_exactly_the_images_at_or_above_tau_and_exclude_false_keeps_copies(workspace):
@@ -316,9 +408,10 @@ def test_load_kept_synthetic_rejects_missing_malformed_and_stale_files(workspace
 
 def test_check_memorization_on_controlled_features():
     rng = np.random.default_rng(6)
-    ref_feats, ref_px = rng.normal(size=(4, 32)), rng.integers(0, 256, size=(4, 16, 16, 3), dtype=np.uint8)
-    syn_feats = np.concatenate([ref_feats[[3]], rng.normal(size=(3, 32))])
-    syn_px = np.concatenate([ref_px[[3]], rng.integers(0, 256, size=(3, 16, 16, 3), dtype=np.uint8)])
+    ref_feats = torch.from_numpy(rng.normal(size=(4, 32)))
+    ref_px = torch.from_numpy(rng.integers(0, 256, size=(4, 3, 16, 16), dtype=np.uint8))
+    syn_feats = torch.cat([ref_feats[[3]], torch.from_numpy(rng.normal(size=(3, 32)))])
+    syn_px = torch.cat([ref_px[[3]], torch.from_numpy(rng.integers(0, 256, size=(3, 3, 16, 16), dtype=np.uint8))])
     result = check_memorization(syn_feats, syn_px, ref_feats, ref_px, MemorizationParams())
     assert result.nn_index[0] == 3 and result.memorized.tolist() == [True, False, False, False]
     assert result.nn_cosine[0] == pytest.approx(1.0) and result.nn_ssim[0] == pytest.approx(1.0)

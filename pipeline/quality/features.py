@@ -5,6 +5,10 @@ pre_logits=True)``): it exists offline after ``train@baseline``, and it measures
 the very feature space the augmented classifier learns from. Inception-v3 (the FID standard,
 via torchmetrics/torch-fidelity) is offered only when its weights are already on disk, because
 stages never download.
+
+Extraction runs on the models' device (a GPU when there is one): images go there once per batch and
+every tensor the extractors make is created there. ``feature_space`` maps raw features to the space
+the metrics and the memorization gate compare in.
 """
 
 from __future__ import annotations
@@ -14,15 +18,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
 
-# timm's default normalisation (its pretrained_cfg for efficientnet_b0); config.json may override it.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # torch-fidelity's FID Inception weights, as torchmetrics would download them into torch hub's cache.
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
@@ -39,8 +40,13 @@ class BaselineClassifier:
     source: Path
 
 
-def load_baseline_classifier(model_dir: str | Path) -> BaselineClassifier:
-    """Every seed's model of a trained classifier folder, built by the classifier package; one-line errors name the file."""
+def screening_device() -> torch.device:
+    """The accelerator torch sees (CUDA, MPS, XPU...), else the CPU."""
+    return torch.accelerator.current_accelerator(check_available=True) or torch.device("cpu")
+
+
+def load_baseline_classifier(model_dir: str | Path, device: torch.device | str = "cpu") -> BaselineClassifier:
+    """Every seed's model of a trained classifier folder on ``device``; one-line errors name the file."""
     from safetensors import SafetensorError
 
     from pipeline.classifier.model import CONFIG_NAME, load_classifier, read_config, weights_name
@@ -64,45 +70,46 @@ def load_baseline_classifier(model_dir: str | Path) -> BaselineClassifier:
         if not weights.is_file():
             raise PipelineError(f"{weights}: baseline classifier weights not found (run `dvc repro train@baseline`)")
         try:
-            models.append(load_classifier(model_dir, seed))
+            models.append(load_classifier(model_dir, seed).to(device))
         except (SafetensorError, OSError, RuntimeError) as exc:
             raise PipelineError(
                 f"{weights}: cannot load into {config['arch']} with {len(config['classes'])} classes "
                 f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
             ) from None
-    mean = tuple(config.get("mean", IMAGENET_MEAN))
-    std = tuple(config.get("std", IMAGENET_STD))
+    mean = tuple(config.get("mean", IMAGENET_DEFAULT_MEAN))
+    std = tuple(config.get("std", IMAGENET_DEFAULT_STD))
     return BaselineClassifier(models, list(config["classes"]), int(config["image_size"]), mean, std, model_dir)
 
 
 class ClassifierFeatures:
-    """Penultimate-layer features of the first seed's model, and class probabilities averaged over all seeds."""
+    """Penultimate-layer features of the first seed's model, and class probabilities averaged over all seeds.
+
+    Works on the device the models are on; call ``features_and_probs`` with uint8 (n, 3, S, S) images
+    on any device (they are copied to the models' device) and get tensors on that device back.
+    """
 
     name = "baseline_classifier"
 
     def __init__(self, classifier: BaselineClassifier):
         self.classifier = classifier
         self.input_size = classifier.image_size
-        self._mean = torch.tensor(classifier.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self._std = torch.tensor(classifier.std, dtype=torch.float32).view(1, 3, 1, 1)
-
-    def _tensor(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
-        return (x - self._mean) / self._std
+        self.device = next(classifier.models[0].parameters()).device
+        self._mean = torch.tensor(classifier.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(classifier.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
 
     @torch.no_grad()
-    def features_and_probs(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """(features, probabilities) for uint8 HxWx3 arrays of size ``input_size``."""
-        x = self._tensor(images)
+    def features_and_probs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float64 features, probabilities) of uint8 (n, 3, input_size, input_size) images, on the models' device."""
+        x = (images.to(self.device).float() / 255.0 - self._mean) / self._std
         first, *others = self.classifier.models
         trunk = first.forward_features(x)  # the expensive part, shared by features and logits
         pooled = first.forward_head(trunk, pre_logits=True)
         probs = torch.softmax(first.forward_head(trunk), dim=1)
         for model in others:
             probs = probs + torch.softmax(model(x), dim=1)
-        return pooled.numpy().astype(np.float64), (probs / len(self.classifier.models)).numpy()
+        return pooled.double(), probs / len(self.classifier.models)
 
-    def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.features_and_probs(images)[0]
 
 
@@ -112,11 +119,11 @@ class InceptionFeatures:
     name = "inception"
     input_size = 299
 
-    def __init__(self, weights: Path):
+    def __init__(self, weights: Path, device: torch.device | str = "cpu"):
         try:
             from torchmetrics.image.fid import NoTrainInceptionV3
 
-            self.model = NoTrainInceptionV3(
+            model = NoTrainInceptionV3(
                 name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(weights)
             )
         except ModuleNotFoundError as exc:
@@ -124,12 +131,34 @@ class InceptionFeatures:
                 f"quality.extractor: inception needs the torch-fidelity package ({exc}); "
                 "install it or use extractor: baseline_classifier"
             ) from None
-        self.model.eval()
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
 
     @torch.no_grad()
-    def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # uint8, as torch-fidelity expects
-        return self.model(x).reshape(len(images), -1).numpy().astype(np.float64)
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """float64 features of uint8 (n, 3, S, S) images (uint8, as torch-fidelity expects), on the model's device."""
+        return self.model(images.to(self.device)).reshape(len(images), -1).double()
+
+
+def feature_space(real: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    """``real`` and ``others`` as the metrics compare them: each feature replaced by the normal quantile of its mid-rank among ``real``.
+
+    Why ranks: a small from-scratch classifier's activations grow 50-190x on ordinary images (thin hairs, on the
+    demo), and those few rows own the mean, the covariance and every centred cosine of raw or rescaled features;
+    ranks are immune to that, give real features unit scale and zero mean (KID's kernel and the memorization
+    cosine assume both), and keep an exact copy of a real image at cosine 1.
+    """
+    ordered = real.T.contiguous().sort(dim=1).values  # (features, n_real)
+    n = ordered.shape[1]
+
+    def gaussianise(x: torch.Tensor) -> torch.Tensor:
+        values = x.T.contiguous()
+        below = torch.searchsorted(ordered, values, side="left")
+        at_or_below = torch.searchsorted(ordered, values, side="right")
+        mid_rank = (below + at_or_below).to(x.dtype) / 2  # 0 .. n; a real value at sorted position i gets i + 0.5
+        return torch.special.ndtri((mid_rank + 0.5) / (n + 1)).T
+
+    return [gaussianise(x) for x in (real, *others)]
 
 
 def inception_weights_path(configured: str | None) -> Path:
@@ -148,8 +177,8 @@ def inception_weights_path(configured: str | None) -> Path:
     return path
 
 
-def load_arrays(paths: Sequence[str | Path], size: int, desc: str = "images", quiet: bool = False) -> np.ndarray:
-    """Images as uint8 (n, size, size, 3), centre-cropped and resized exactly as the classifier sees them.
+def load_arrays(paths: Sequence[str | Path], size: int, desc: str = "images", quiet: bool = False) -> torch.Tensor:
+    """Images as uint8 (n, 3, size, size), centre-cropped and resized exactly as the classifier sees them.
 
     Goes through the classifier's decode cache (``.cache/classifier``), so real images that
     train@baseline already decoded are not decoded again; a broken file is a one-line error naming it.
@@ -159,23 +188,22 @@ def load_arrays(paths: Sequence[str | Path], size: int, desc: str = "images", qu
     missing = next((p for p in paths if not Path(p).is_file()), None)
     if missing is not None:
         raise PipelineError(f"{missing}: image file not found")
-    chunks = []
+    chunks = [torch.empty((0, 3, size, size), dtype=torch.uint8)]
     step = 64
     for start in tqdm(range(0, len(paths), step), desc=desc, unit="chunk", disable=quiet or len(paths) < 4 * step, leave=False):
-        chunks.append(load_images([Path(p) for p in paths[start : start + step]], size).permute(0, 2, 3, 1).numpy())
-    return np.concatenate(chunks) if chunks else np.empty((0, size, size, 3), dtype=np.uint8)
+        chunks.append(load_images([Path(p) for p in paths[start : start + step]], size))
+    return torch.cat(chunks)
 
 
 def embed_paths(
     paths: Sequence[str | Path],
-    extract: Callable[[Sequence[np.ndarray]], np.ndarray],
+    extract: Callable[[torch.Tensor], torch.Tensor],
     size: int,
     batch: int = 32,
     desc: str = "features",
-) -> np.ndarray:
+) -> torch.Tensor:
     """Features of many image files, streamed in batches so thousands of real images never sit in memory at once."""
     chunks = []
     for start in tqdm(range(0, len(paths), batch), desc=desc, unit="batch", disable=len(paths) < 4 * batch, leave=False):
-        arrays = load_arrays(paths[start : start + batch], size, quiet=True)
-        chunks.append(extract(list(arrays)))
-    return np.concatenate(chunks) if chunks else np.empty((0, 0))
+        chunks.append(extract(load_arrays(paths[start : start + batch], size, quiet=True)))
+    return torch.cat(chunks) if chunks else torch.empty((0, 0), dtype=torch.float64)

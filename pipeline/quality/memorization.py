@@ -3,9 +3,9 @@
 A diffusion model fine-tuned on 20 images can regurgitate them (Somepalli et al. 2023, Carlini
 et al. 2023); a copied patient image must not be published or counted as "new" training data.
 
-For every synthetic image we find the fine-tuning image of its class with the highest *centred*
-feature cosine, then measure the pixel SSIM of that one pair (both images centre-cropped and
-resized to the same size). The rule (``quality.memorization``):
+For every synthetic image we find the fine-tuning image of its class with the highest feature
+cosine, then measure the pixel SSIM of that one pair (both images centre-cropped and resized to the
+same size). The rule (``quality.memorization``):
 
 - ``rule: both`` (default): memorized when cosine >= tau_cos AND ssim >= tau_ssim. A copy is close
   in both spaces; either signal alone misfires on this data (smooth dermoscopy images with the
@@ -14,9 +14,9 @@ resized to the same size). The rule (``quality.memorization``):
 - ``rule: either``: memorized when cosine >= tau_cos OR ssim >= tau_ssim (stricter privacy gate,
   more false positives).
 
-Features are centred on the class's real-train mean before the cosine: penultimate activations
-are non-negative after pooling, so raw cosines of any two images sit near 1 and would not tell a
-copy from a sibling. An exact copy still scores exactly 1.
+The features come from ``features.feature_space``: centred on the class's real-train mean, because
+pooled activations are non-negative, so raw cosines of any two images sit near 1 and would not tell
+a copy from a sibling. An exact copy still scores exactly 1. Everything runs on the features' device.
 """
 
 from __future__ import annotations
@@ -39,31 +39,26 @@ class MemorizationResult:
     memorized: np.ndarray  # bool
 
 
-def centred_cosine(queries: np.ndarray, references: np.ndarray, centre: np.ndarray | None = None) -> np.ndarray:
-    """(n_queries, n_references) cosine similarities after subtracting ``centre`` from both sides."""
-    q = np.asarray(queries, dtype=np.float64)
-    r = np.asarray(references, dtype=np.float64)
-    if centre is not None:
-        q, r = q - centre, r - centre
-    q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-    r = r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12)
-    return np.clip(q @ r.T, -1.0, 1.0)
+def cosine_matrix(queries: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """(n_queries, n_references) cosine similarities of feature rows."""
+    q = torch.nn.functional.normalize(queries.double(), dim=1)
+    r = torch.nn.functional.normalize(references.double(), dim=1)
+    return (q @ r.T).clamp(-1.0, 1.0)
 
 
-def pair_ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """SSIM of a[i] vs b[i] for uint8 (n, H, W, 3) arrays of the same size (RGB, data range [0, 1])."""
+def pair_ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """SSIM of a[i] vs b[i] for uint8 (n, 3, H, W) images of the same size (data range [0, 1]), on a's device."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     if a.shape != b.shape:
-        raise ValueError(f"SSIM needs images of the same size, got {a.shape} and {b.shape}")
+        raise ValueError(f"SSIM needs images of the same size, got {tuple(a.shape)} and {tuple(b.shape)}")
     if len(a) == 0:
-        return np.empty(0)
-    side = min(a.shape[1], a.shape[2])
+        return torch.empty(0, dtype=torch.float64, device=a.device)
+    side = min(a.shape[2], a.shape[3])
     kernel = 11 if side >= 11 else max(3, side - (side % 2 == 0))  # the kernel must fit inside the image
-    x = torch.from_numpy(a).permute(0, 3, 1, 2).double() / 255.0
-    y = torch.from_numpy(b).permute(0, 3, 1, 2).double() / 255.0
+    x, y = a.float() / 255.0, b.to(a.device).float() / 255.0  # float32: 10x faster than float64 on a CPU, error ~1e-6
     values = structural_similarity_index_measure(x, y, data_range=1.0, kernel_size=kernel, reduction="none")
-    return values.reshape(len(a)).numpy()
+    return values.reshape(len(a)).double()
 
 
 def flag(cosine: np.ndarray, ssim: np.ndarray, params: MemorizationParams) -> np.ndarray:
@@ -74,22 +69,20 @@ def flag(cosine: np.ndarray, ssim: np.ndarray, params: MemorizationParams) -> np
 
 
 def check_memorization(
-    synthetic_features: np.ndarray,
-    synthetic_pixels: np.ndarray,
-    reference_features: np.ndarray,
-    reference_pixels: np.ndarray,
+    synthetic_features: torch.Tensor,
+    synthetic_pixels: torch.Tensor,
+    reference_features: torch.Tensor,
+    reference_pixels: torch.Tensor,
     params: MemorizationParams,
-    centre: np.ndarray | None = None,
 ) -> MemorizationResult:
-    """Nearest reference image by centred cosine for each synthetic image, that pair's SSIM, and the flag."""
+    """Nearest reference image by feature cosine for each synthetic image, that pair's SSIM, and the flag."""
     if len(reference_features) == 0:
         raise ValueError("the memorization check needs at least one reference (fine-tuning) image")
-    n = len(synthetic_features)
-    if n == 0:
+    if len(synthetic_features) == 0:
         empty = np.empty(0)
         return MemorizationResult(np.empty(0, dtype=int), empty, empty, np.empty(0, dtype=bool))
-    cosine = centred_cosine(synthetic_features, reference_features, centre)
-    nn_index = cosine.argmax(axis=1)
-    nn_cosine = cosine[np.arange(n), nn_index]
-    nn_ssim = pair_ssim(np.asarray(synthetic_pixels), np.asarray(reference_pixels)[nn_index])
+    nn_cosine, nn_index = cosine_matrix(synthetic_features, reference_features.to(synthetic_features.device)).max(dim=1)
+    nearest = reference_pixels.to(synthetic_pixels.device)[nn_index.to(synthetic_pixels.device)]
+    nn_ssim = pair_ssim(synthetic_pixels, nearest).cpu().numpy()
+    nn_cosine, nn_index = nn_cosine.cpu().numpy(), nn_index.cpu().numpy()
     return MemorizationResult(nn_index, nn_cosine, nn_ssim, flag(nn_cosine, nn_ssim, params))

@@ -15,11 +15,13 @@ Outputs (all written atomically):
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm import tqdm
 
 from pipeline import atomic, tracking
@@ -99,14 +101,14 @@ def gather_inputs(classes: list[str], root: Path) -> dict[str, ClassInputs]:
 
 
 def _metric(fn, *args, **kwargs):
-    """A metric's value, or None when the sets are too small for it (reported as null, never as a fake number)."""
+    """A metric's value, or None when the sets are too small for it (reported as null and flagged, never as a fake number)."""
     try:
         return fn(*args, **kwargs)
     except ValueError:
         return None
 
 
-def distribution_metrics(real: np.ndarray, fake: np.ndarray, params: Params, seed: int) -> dict[str, float | None]:
+def distribution_metrics(real: torch.Tensor, fake: torch.Tensor, params: Params, seed: int) -> dict[str, float | None]:
     """FID, KID mean/std and k-NN precision/recall/coverage of ``fake`` against ``real``."""
     from pipeline.quality.metrics import frechet_distance, kernel_inception_distance, precision_recall
 
@@ -121,6 +123,22 @@ def distribution_metrics(real: np.ndarray, fake: np.ndarray, params: Params, see
         "recall": pr.get("recall"),
         "coverage": pr.get("coverage"),
     }
+
+
+def real_vs_real(real: torch.Tensor, size: int, params: Params, seed: int) -> dict[str, float | None]:
+    """FID and KID between two disjoint random sets of ``size`` real images (at most half each).
+
+    The floor a synthetic set's figures are read against; drawn at the synthetic set's size, because FID's
+    small-sample bias depends on it.
+    """
+    from pipeline.quality.metrics import frechet_distance, kernel_inception_distance
+
+    q = params.quality
+    size = min(size, len(real) // 2)
+    order = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed)).to(real.device)
+    first, second = real[order[:size]], real[order[size : 2 * size]]
+    kid = _metric(kernel_inception_distance, first, second, subset_size=q.kid_subset_size, subsets=q.kid_subsets, seed=seed)
+    return {"fid_real_vs_real": _metric(frechet_distance, first, second), "kid_real_vs_real": kid[0] if kid else None}
 
 
 def _reason(memorized: bool, exclude: bool, low_confidence: bool, confidence: float, tau: float | None) -> str:
@@ -148,8 +166,8 @@ def _closest_figure(target: Path, code: str, synth_px, ft_px, frame: pd.DataFram
         axes[0, 0].text(0.5, 0.5, "no synthetic images", ha="center", va="center")
     for col, i in enumerate(order):
         row = frame.iloc[i]
-        axes[0, col].imshow(synth_px[i])
-        axes[1, col].imshow(ft_px[nn_index[i]])
+        axes[0, col].imshow(synth_px[i].permute(1, 2, 0).numpy())
+        axes[1, col].imshow(ft_px[nn_index[i]].permute(1, 2, 0).numpy())
         colour = "red" if row["memorized"] else "black"
         axes[0, col].set_title(
             f"cos {row['nn_cosine']:.3f}\nssim {row['nn_ssim']:.3f}" + ("\nMEMORIZED" if row["memorized"] else ""),
@@ -168,19 +186,17 @@ def screen(params: Params) -> dict:
     from pipeline.quality.features import (
         ClassifierFeatures,
         InceptionFeatures,
-        embed_paths,
         inception_weights_path,
-        load_arrays,
         load_baseline_classifier,
+        screening_device,
     )
-    from pipeline.quality.memorization import check_memorization
-    from pipeline.quality.metrics import frechet_distance
 
     root = workspace_root()
     q = params.quality
     classes = params.data.classes
     inputs = gather_inputs(classes, root)
-    baseline = load_baseline_classifier(root / BASELINE_DIR)
+    device = screening_device()
+    baseline = load_baseline_classifier(root / BASELINE_DIR, device)
     unknown = [c for c in classes if c not in baseline.classes]
     if unknown:
         raise PipelineError(
@@ -188,78 +204,30 @@ def screen(params: Params) -> dict:
             f"(trained on {', '.join(baseline.classes)}; run `dvc repro train@baseline`)"
         )
     classifier = ClassifierFeatures(baseline)
-    extractor = classifier if q.extractor == "baseline_classifier" else InceptionFeatures(inception_weights_path(q.inception_weights))
+    extractor = (
+        classifier if q.extractor == "baseline_classifier" else InceptionFeatures(inception_weights_path(q.inception_weights), device)
+    )
 
     frames, report, figures = [], {}, {}
     for index, code in enumerate(tqdm(classes, desc="screen", unit="class")):
-        inp = inputs[code]
-        n = len(inp.synthetic)
-        train_feats = embed_paths(inp.train, extractor, extractor.input_size, q.batch, desc=f"{code} real train")
-        ft_feats = embed_paths(inp.finetune, extractor, extractor.input_size, q.batch, desc=f"{code} fine-tune")
-        synth_in = load_arrays(inp.synthetic, extractor.input_size, desc=f"{code} synthetic")
-        if extractor is classifier:
-            synth_feats, probs = _batched(classifier.features_and_probs, synth_in, q.batch)
-        else:
-            synth_feats = _batched(lambda chunk: (extractor(chunk),), synth_in, q.batch)[0]
-            clf_in = load_arrays(inp.synthetic, classifier.input_size, desc=f"{code} synthetic")
-            probs = _batched(classifier.features_and_probs, clf_in, q.batch)[1]
-        confidence = probs[:, baseline.classes.index(code)] if n else np.empty(0)
-
-        # Pixels for SSIM and the figure: the synthetic resolution (all generated images share it), capped.
-        px_size = min(SSIM_MAX_SIZE, *open_rgb(inp.synthetic[0]).size) if n else SSIM_MAX_SIZE
-        synth_px = load_arrays(inp.synthetic, px_size, desc=f"{code} synthetic pixels")
-        ft_px = load_arrays(inp.finetune, px_size, desc=f"{code} fine-tune pixels")
-        centre = train_feats.mean(axis=0) if len(train_feats) else ft_feats.mean(axis=0)
-        memo = check_memorization(synth_feats, synth_px, ft_feats, ft_px, q.memorization, centre=centre)
-
-        tau = q.filter_confidence
-        low_conf = confidence < tau if tau is not None else np.zeros(n, dtype=bool)
-        dropped_mem = memo.memorized & q.memorization.exclude
-        kept = ~dropped_mem & ~low_conf
-        frame = pd.DataFrame(
-            {
-                "class": code,
-                "path": inp.synthetic_rel,
-                "kept": kept,
-                "memorized": memo.memorized,
-                "nn_image_id": [inp.finetune_ids[i] for i in memo.nn_index],
-                "nn_cosine": np.round(memo.nn_cosine, 6),
-                "nn_ssim": np.round(memo.nn_ssim, 6),
-                "confidence": np.round(confidence, 6),
-                "reason": [
-                    _reason(bool(m), q.memorization.exclude, bool(lc), float(c), tau)
-                    for m, lc, c in zip(memo.memorized, low_conf, confidence)
-                ],
-            },
-            columns=COLUMNS,
-        )
+        entry, frame, pixels = screen_class(code, inputs[code], extractor, classifier, params, seed=params.seed + index)
+        for key, why in entry["flags"].items():
+            tqdm.write(f"warning: screen: {code}: {key} flagged: {why}", file=sys.stderr)
+        report[code] = entry
         frames.append(frame)
-
-        metrics = distribution_metrics(train_feats, synth_feats, params, seed=params.seed + index)
-        metrics["fid_kept"] = _metric(frechet_distance, train_feats, synth_feats[kept]) if kept.sum() else None
-        report[code] = {
-            **metrics,
-            "n_synthetic": n,
-            "n_real_train": len(inp.train),
-            "n_finetune": len(inp.finetune),
-            "n_memorized": int(memo.memorized.sum()),
-            "n_filtered": int(low_conf.sum()),
-            "n_kept": int(kept.sum()),
-            "max_nn_cosine": float(memo.nn_cosine.max()) if n else None,
-            "max_nn_ssim": float(memo.nn_ssim.max()) if n else None,
-            "mean_confidence": float(confidence.mean()) if n else None,
-        }
-        figures[code] = (synth_px, ft_px, frame, memo.nn_index)
+        figures[code] = (frame, *pixels)
 
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
     quality = {
         "extractor": extractor.name,
+        "feature_space": "unit-norm rows, centred and scaled by the class's real train images (features.feature_space)",
         "settings": {
             "memorization_cosine": q.memorization.cosine,
             "memorization_ssim": q.memorization.ssim,
             "memorization_rule": q.memorization.rule,
             "memorization_exclude": q.memorization.exclude,
             "filter_confidence": q.filter_confidence,
+            "sanity_factor": q.sanity_factor,
         },
         "classes": report,
         "totals": _totals(report),
@@ -268,11 +236,14 @@ def screen(params: Params) -> dict:
     with atomic.atomic_dir(root / SCREENED_DIR) as folder:
         table.to_csv(folder / SCREENED_CSV.name, index=False)
     with atomic.atomic_dir(root / QUALITY_DIR) as folder:
-        for code, (synth_px, ft_px, frame, nn_index) in figures.items():
+        for code, (frame, synth_px, ft_px, nn_index) in figures.items():
             _closest_figure(folder / f"closest_{code}.png", code, synth_px, ft_px, frame, nn_index, q.closest_pairs)
     atomic.write_json(root / QUALITY_JSON, quality)
 
-    flat = {f"quality.{code}.{k}": v for code, values in report.items() for k, v in values.items() if _loggable(v)}
+    flat = {
+        f"quality.{code}.{k}": v for code, values in report.items() for k, v in values.items() if _loggable(v) and k not in values["flags"]
+    }
+    flat.update({f"quality.{code}.n_flags": len(values["flags"]) for code, values in report.items()})
     flat.update({f"quality.total.{k}": v for k, v in quality["totals"].items() if _loggable(v)})
     tracking.log_metrics(flat)
     for code in classes:
@@ -282,12 +253,92 @@ def screen(params: Params) -> dict:
     return quality
 
 
-def _batched(fn, arrays: np.ndarray, batch: int) -> tuple[np.ndarray, ...]:
-    """``fn`` (returning a tuple of arrays) over chunks of ``batch`` images, concatenated; (0, 0) arrays for no images."""
-    parts = [fn(list(arrays[start : start + batch])) for start in range(0, len(arrays), batch)]
+def screen_class(code: str, inp: ClassInputs, extractor, classifier, params: Params, seed: int):
+    """One class's quality entry, its rows of the screened table, and the (synthetic, fine-tune) pixels for its figure."""
+    from pipeline.quality.features import embed_paths, feature_space, load_arrays
+    from pipeline.quality.memorization import check_memorization
+    from pipeline.quality.metrics import frechet_distance
+    from pipeline.quality.sanity import Bounds, out_of_range
+
+    q = params.quality
+    n = len(inp.synthetic)
+    train_raw = embed_paths(inp.train, extractor, extractor.input_size, q.batch, desc=f"{code} real train")
+    ft_raw = embed_paths(inp.finetune, extractor, extractor.input_size, q.batch, desc=f"{code} fine-tune")
+    synth_in = load_arrays(inp.synthetic, extractor.input_size, desc=f"{code} synthetic")
+    if extractor is classifier:
+        synth_raw, probs = _batched(classifier.features_and_probs, synth_in, q.batch)
+    else:
+        synth_raw = _batched(lambda chunk: (extractor(chunk),), synth_in, q.batch)[0]
+        clf_in = load_arrays(inp.synthetic, classifier.input_size, desc=f"{code} synthetic")
+        probs = _batched(classifier.features_and_probs, clf_in, q.batch)[1]
+    confidence = probs[:, classifier.classifier.classes.index(code)].cpu().numpy() if n else np.empty(0)
+    train, ft, synth = feature_space(train_raw, ft_raw, synth_raw)
+
+    # Pixels for SSIM and the figure: the synthetic resolution (all generated images share it), capped.
+    px_size = min(SSIM_MAX_SIZE, *open_rgb(inp.synthetic[0]).size) if n else SSIM_MAX_SIZE
+    synth_px = load_arrays(inp.synthetic, px_size, desc=f"{code} synthetic pixels")
+    ft_px = load_arrays(inp.finetune, px_size, desc=f"{code} fine-tune pixels")
+    memo = check_memorization(synth, synth_px.to(synth.device), ft, ft_px, q.memorization)
+
+    tau = q.filter_confidence
+    low_conf = confidence < tau if tau is not None else np.zeros(n, dtype=bool)
+    kept = ~(memo.memorized & q.memorization.exclude) & ~low_conf
+    frame = pd.DataFrame(
+        {
+            "class": code,
+            "path": inp.synthetic_rel,
+            "kept": kept,
+            "memorized": memo.memorized,
+            "nn_image_id": [inp.finetune_ids[i] for i in memo.nn_index],
+            "nn_cosine": np.round(memo.nn_cosine, 6),
+            "nn_ssim": np.round(memo.nn_ssim, 6),
+            "confidence": np.round(confidence, 6),
+            "reason": [
+                _reason(bool(m), q.memorization.exclude, bool(lc), float(c), tau)
+                for m, lc, c in zip(memo.memorized, low_conf, confidence)
+            ],
+        },
+        columns=COLUMNS,
+    )
+
+    metrics = distribution_metrics(train, synth, params, seed=seed)
+    keep = torch.from_numpy(kept).to(synth.device)
+    metrics["fid_kept"] = _metric(frechet_distance, train, synth[keep]) if kept.sum() else None
+    reference = real_vs_real(train, n, params, seed=seed)
+    entry = {
+        **metrics,
+        **reference,
+        "n_synthetic": n,
+        "n_real_train": len(inp.train),
+        "n_finetune": len(inp.finetune),
+        "n_memorized": int(memo.memorized.sum()),
+        "n_filtered": int(low_conf.sum()),
+        "n_kept": int(kept.sum()),
+        "max_nn_cosine": float(memo.nn_cosine.max()) if n else None,
+        "median_nn_cosine": float(np.median(memo.nn_cosine)) if n else None,
+        "max_nn_ssim": float(memo.nn_ssim.max()) if n else None,
+        "mean_confidence": float(confidence.mean()) if n else None,
+    }
+    bounds = Bounds(
+        fid_real_vs_real=reference["fid_real_vs_real"],
+        kid_real_vs_real=reference["kid_real_vs_real"],
+        kid_subset_used=min(q.kid_subset_size, len(train), n),
+        kid_subset_size=q.kid_subset_size,
+        sanity_factor=q.sanity_factor,
+        memorization_cosine=q.memorization.cosine,
+        n_real=len(inp.train),
+        n_synthetic=n,
+    )
+    entry["flags"] = out_of_range(entry, bounds)
+    return entry, frame, (synth_px, ft_px, memo.nn_index)
+
+
+def _batched(fn, images: torch.Tensor, batch: int) -> tuple[torch.Tensor, ...]:
+    """``fn`` (returning a tuple of tensors) over chunks of ``batch`` images, concatenated; (0, 0) tensors for no images."""
+    parts = [fn(images[start : start + batch]) for start in range(0, len(images), batch)]
     if not parts:
-        return (np.empty((0, 0)), np.empty((0, 0)))
-    return tuple(np.concatenate(column) for column in zip(*parts))
+        return (torch.empty((0, 0), dtype=torch.float64),) * 2
+    return tuple(torch.cat(column) for column in zip(*parts))
 
 
 def _loggable(value) -> bool:
@@ -295,14 +346,12 @@ def _loggable(value) -> bool:
 
 
 def _totals(report: dict[str, dict]) -> dict[str, float | int | None]:
-    """Counts summed over classes; metrics averaged over the classes where they are defined (macro mean)."""
-    totals: dict[str, float | int | None] = {
-        key: int(sum(r[key] for r in report.values()))
-        for key in ("n_synthetic", "n_memorized", "n_filtered", "n_kept")
-    }
+    """Counts summed over classes; metrics averaged over the classes where they are defined and not flagged (macro mean)."""
+    totals: dict = {key: int(sum(r[key] for r in report.values())) for key in ("n_synthetic", "n_memorized", "n_filtered", "n_kept")}
     for key in ("fid", "kid_mean", "precision", "recall", "coverage"):
-        values = [r[key] for r in report.values() if r[key] is not None]
+        values = [r[key] for r in report.values() if r[key] is not None and key not in r["flags"]]
         totals[f"{key}_macro"] = float(np.mean(values)) if values else None
+    totals["flagged"] = [f"{code}.{key}" for code, r in report.items() for key in r["flags"]]
     return totals
 
 
