@@ -90,16 +90,20 @@ def reference_child(base: str, lora_dir: str, out: str, class_code: str, images:
 
 
 def quality_child(real: list[str], arms: dict[str, list[str]], size: int, workspace: str) -> dict:
-    """FID and ||mean_real - mean_fake|| per arm, per feature extractor (random-init EfficientNet-B0, trained baseline)."""
+    """FID and ||mean_real - mean_fake|| per arm, per feature extractor (random-init EfficientNet-B0, trained baseline).
+
+    Features go through the screen stage's ``feature_space`` (ranks among the real images), so the figures are the stage's.
+    """
     import numpy as np
     import torch
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     from pipeline.classifier.model import create_classifier
-    from pipeline.quality.features import IMAGENET_MEAN, IMAGENET_STD, BaselineClassifier, ClassifierFeatures, load_arrays, load_baseline_classifier
+    from pipeline.quality.features import BaselineClassifier, ClassifierFeatures, feature_space, load_arrays, load_baseline_classifier
     from pipeline.quality.metrics import frechet_distance
 
     enter_workspace(workspace)  # the decode cache lands in the throw-away workspace
-    real_arrays = load_arrays(real, size)
+    real_images = load_arrays(real, size)
     torch.manual_seed(0)
     random_net = create_classifier("efficientnet_b0", 5, pretrained=False)
     # A random network's BatchNorm at init passes activations through unscaled and they vanish with depth;
@@ -108,13 +112,13 @@ def quality_child(real: list[str], arms: dict[str, list[str]], size: int, worksp
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.reset_running_stats()
             module.momentum = None  # cumulative average over the calibration batch
-    x = torch.from_numpy(real_arrays).permute(0, 3, 1, 2).float() / 255.0
-    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    x = real_images.float() / 255.0
+    x = (x - torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
     random_net.train()
     with torch.no_grad():
         random_net(x)
     extractors = {"random_init_efficientnet_b0": ClassifierFeatures(BaselineClassifier(
-        [random_net.eval()], ["c"] * 5, size, IMAGENET_MEAN, IMAGENET_STD, Path("random-init, BN calibrated on real")))}
+        [random_net.eval()], ["c"] * 5, size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Path("random-init, BN calibrated on real")))}
     baseline = REPO / "models" / "classifier" / "baseline"
     if (baseline / "config.json").is_file():
         try:
@@ -123,9 +127,8 @@ def quality_child(real: list[str], arms: dict[str, list[str]], size: int, worksp
             print(f"baseline classifier not usable: {exc}")
     out: dict = {}
     for name, extractor in extractors.items():
-        feats = {"real": extractor(list(load_arrays(real, extractor.input_size)))}
-        for arm, files in arms.items():
-            feats[arm] = extractor(list(load_arrays(files, extractor.input_size)))
+        raw = [extractor(load_arrays(files, extractor.input_size)) for files in (real, *arms.values())]
+        feats = dict(zip(("real", *arms), (f.numpy() for f in feature_space(*raw))))
         out[name] = {arm: {"fid": frechet_distance(feats["real"], f),
                            "mean_feature_distance": float(np.linalg.norm(feats["real"].mean(0) - f.mean(0)))}
                      for arm, f in feats.items() if arm != "real"}
