@@ -1,13 +1,18 @@
 """The `screen` stage: measure every class's synthetic images against real ones and decide which may be used.
 
-Per class it embeds the synthetic images, the real *train* images and the fine-tuning images once,
-then computes FID / KID / k-NN precision-recall-coverage against real train, the memorization gate
-against the fine-tuning images, and (optionally) the baseline classifier's confidence filter.
+Per class it embeds the synthetic images, the real *train* images and the fine-tuning images once (on the
+GPU when there is one), maps them into ``features.feature_space``, then computes FID / KID / k-NN
+precision-recall-coverage against real train, the same FID / KID between two sets of real images (the
+floor to read them against), the memorization gate against the fine-tuning images, and (optionally)
+the baseline classifier's confidence filter. A figure out of range (``sanity``) is named in the log
+and listed in the class's ``flags``.
 
 Outputs (all written atomically):
 - ``data/screened/synthetic.csv``: one row per synthetic image with ``kept``; augmented training
   reads only kept rows, through ``load_kept_synthetic``.
-- ``reports/quality.json``: per-class metrics and counts plus totals (a DVC metrics file).
+- ``reports/quality.json``: per-class metrics and counts plus totals (a DVC metrics file); per class,
+  ``flags`` maps each figure that must not be shown as a plain number to the reason, and
+  ``totals.flagged`` lists them as ``<class>.<figure>``.
 - ``reports/quality/closest_<class>.png``: the synthetic images closest to a fine-tuning image,
   side by side with it, for a person to judge the memorization gate.
 """
