@@ -152,6 +152,8 @@ def feature_space(real: torch.Tensor, *others: torch.Tensor) -> list[torch.Tenso
     n = ordered.shape[1]
 
     def gaussianise(x: torch.Tensor) -> torch.Tensor:
+        if len(x) == 0:
+            return x.new_empty((0, ordered.shape[0]))
         values = x.T.contiguous()
         below = torch.searchsorted(ordered, values, side="left")
         at_or_below = torch.searchsorted(ordered, values, side="right")
