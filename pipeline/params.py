@@ -50,6 +50,7 @@ class DataParams(_Section):
     classes: list[str] = Field(default_factory=lambda: ["akiec", "bcc", "df", "mel", "vasc"])
     split: SplitParams = SplitParams()
     finetune_images: int = Field(20, gt=0)
+    real_per_class: int | None = Field(None, gt=0)  # cap on classifier-train images per class; the rest is the reserve
     image_size: int = Field(128, gt=0)
     on_bad_image: Literal["error", "skip"] = "error"
 

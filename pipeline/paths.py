@@ -53,6 +53,7 @@ FINETUNE_DIR = PREPARED_DIR / "finetune"
 BASE_MODEL_DIR = Path("models/base")
 CLASS_MODELS_DIR = Path("models/diffusion")
 SYNTHETIC_DIR = Path("data/synthetic")
+SYNTHETIC_BASE_DIR = Path("data/synthetic_base")  # the base_only control: base model, class prompt, no class weights
 CLASSIFIER_DIR = Path("models/classifier")
 CHECKPOINT_DIR = Path("checkpoints")  # resumable state; deliberately not a DVC output
 CACHE_DIR = Path(".cache")  # decoded-image caches; safe to delete

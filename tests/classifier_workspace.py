@@ -32,8 +32,10 @@ def _image(rng: np.random.Generator, colour: tuple[int, int, int], size: int) ->
 
 
 def make_workspace(root: Path, counts: tuple[int, int, int] = (6, 2, 2), synthetic: int = 4, size: int = 40,
-                   classes: list[str] = CLASSES, seed: int = 0) -> Path:
-    """Write dvc.yaml (placeholder), data/prepared/split.csv, data/raw/*.jpg, data/synthetic/<class>/ and data/screened/synthetic.csv into ``root``."""
+                   classes: list[str] = CLASSES, seed: int = 0, reserve: int = 0) -> Path:
+    """Write dvc.yaml (placeholder), data/prepared/split.csv, data/raw/*.jpg, data/synthetic/<class>/,
+    data/synthetic_base/<class>/ and data/screened/synthetic.csv into ``root``.
+    ``counts``: train, val and test images per class; ``reserve``: reserve rows per class (split value 'reserve')."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     (root / "dvc.yaml").write_text("stages: {}\n")
@@ -41,7 +43,7 @@ def make_workspace(root: Path, counts: tuple[int, int, int] = (6, 2, 2), synthet
     raw.mkdir(parents=True)
     rows = []
     for dx in [*classes, "nv"]:  # nv is in the data but not selected: the classifier must ignore it
-        for split, n in zip(("train", "val", "test"), counts):
+        for split, n in zip(("train", "val", "test", "reserve"), (*counts, reserve)):
             for _ in range(n):
                 image_id = f"ISIC_{len(rows):07d}"
                 _image(rng, _COLOURS[dx], size).save(raw / f"{image_id}.jpg", quality=95)
@@ -63,16 +65,26 @@ def make_workspace(root: Path, counts: tuple[int, int, int] = (6, 2, 2), synthet
         # The `screen` stage's verdicts: the last image of each class was flagged as memorized.
         screened += [{"class": dx, "path": f"data/synthetic/{dx}/{e[0]}", "kept": k < synthetic - 1,
                       "memorized": k == synthetic - 1} for k, e in enumerate(entries)]
+    for dx in classes:  # the base_only control's images: same layout, a duller colour (the base model's guess)
+        folder = root / "data" / "synthetic_base" / dx
+        folder.mkdir(parents=True)
+        names = [f"{dx}_{k:04d}.png" for k in range(synthetic)]
+        for name in names:
+            _image(rng, tuple((c + 150) // 2 for c in _COLOURS[dx]), 32).save(folder / name)
+        pd.DataFrame([[n, dx, f"a dermoscopic image of tok {dx}", "", k, "dpmsolver++", 20, 5.0, "0" * 64]
+                      for k, n in enumerate(names)], columns=MANIFEST_COLUMNS).to_csv(folder / "manifest.csv", index=False)
     (root / "data" / "screened").mkdir(parents=True)
     pd.DataFrame(screened).to_csv(root / "data" / "screened" / "synthetic.csv", index=False)
     (root / "reports").mkdir(exist_ok=True)
     return root
 
 
-def micro_params(classes: list[str] = CLASSES, evaluate: dict | None = None, **classifier) -> Params:
-    """Params for tests: efficientnet_b0 at 32px, 1 epoch, small batches."""
+def micro_params(classes: list[str] = CLASSES, evaluate: dict | None = None, real_per_class: int | None = None,
+                 per_class: int = 4, **classifier) -> Params:
+    """Params for tests: efficientnet_b0 at 32px, 1 epoch, small batches; ``per_class``: generate.per_class."""
     c = {"image_size": 32, "epochs": 1, "batch": 8, "patience": 3, "seeds": [0], **classifier}
-    return parse_params({"data": {"classes": classes}, "classifier": c, "evaluate": evaluate or {"bootstrap": 50}})
+    return parse_params({"data": {"classes": classes, "real_per_class": real_per_class}, "classifier": c,
+                         "generate": {"per_class": per_class}, "evaluate": evaluate or {"bootstrap": 50}})
 
 
 def write_params(root: Path, params: Params) -> None:

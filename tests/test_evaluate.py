@@ -128,35 +128,48 @@ def train_parent(root) -> str:
     return runs["tags.mlflow.parentRunId"].iloc[0]
 
 
+ALL_VARIANTS = ["augmented", "base_only", "baseline", "real_ceiling"]
+
+
+def latest_evaluation():
+    """The documented one-liner's query (module docstring of pipeline/classifier/evaluate.py)."""
+    runs = mlflow.search_runs(experiment_names=["lesion-synth"], filter_string=EVALUATE_RUNS_FILTER,
+                              order_by=["attributes.start_time DESC"])
+    return runs[runs["tags.evaluation_id"] == runs["tags.evaluation_id"].iloc[0]]
+
+
 def test_mlflow_one_liner_returns_one_run_per_variant(tmp_path, monkeypatch):
-    root = make_workspace(tmp_path / "ws")
+    root = make_workspace(tmp_path / "ws", reserve=3)
     monkeypatch.chdir(root)
-    params = micro_params(seeds=[0, 1])
+    params = micro_params(seeds=[0, 1], real_per_class=6, per_class=2)
     write_params(root, params)
-    for variant in ("baseline", "augmented"):
+    for variant in ALL_VARIANTS:
         assert run_stage("train", train_variant, item="variant", argv=[variant]) == 0
     for _ in range(2):  # as stages/evaluate.py runs it; a second evaluation must not confuse the query
         assert run_stage("evaluate", evaluate, track=False, argv=[]) == 0
 
-    # The documented one-liner (module docstring of pipeline/classifier/evaluate.py).
     assert EVALUATE_RUNS_FILTER in evaluate_module.__doc__.replace('\\"', '"')
-    runs = mlflow.search_runs(experiment_names=["lesion-synth"], filter_string=EVALUATE_RUNS_FILTER,
-                              order_by=["attributes.start_time DESC"], max_results=2)
-    assert sorted(runs["tags.variant"]) == ["augmented", "baseline"]
+    assert "r[r['tags.evaluation_id'] == r['tags.evaluation_id'].iloc[0]]" in evaluate_module.__doc__
+    runs = latest_evaluation()
+    assert sorted(runs["tags.variant"]) == ALL_VARIANTS
     assert runs["metrics.balanced_accuracy"].notna().all()
     assert runs["tags.mlflow.parentRunId"].nunique() == 1
     every = mlflow.search_runs(experiment_names=["lesion-synth"], filter_string=EVALUATE_RUNS_FILTER)
-    assert len(every) == 4 and every.groupby("tags.evaluation_id")["tags.variant"].apply(sorted).map(tuple).tolist() == [
-        ("augmented", "baseline")] * 2
+    assert len(every) == 8 and every.groupby("tags.evaluation_id")["tags.variant"].apply(sorted).map(tuple).tolist() == [
+        tuple(ALL_VARIANTS)] * 2
     assert runs["tags.verdict"].nunique() == 1 and runs["metrics.gain_balanced_accuracy"].notna().all()
     assert runs["tags.mlflow.parentRunId"].iloc[0] == train_parent(root)
 
     metrics = json.loads((root / "reports/metrics.json").read_text())
     by_variant = runs.set_index("tags.variant")
-    for variant in ("baseline", "augmented"):
+    for variant in ALL_VARIANTS:
         assert by_variant.at[variant, "metrics.balanced_accuracy"] == pytest.approx(metrics[variant]["balanced_accuracy"])
+    for variant in ("augmented", "base_only", "real_ceiling"):
+        assert by_variant.at[variant, "metrics.gain_over_baseline"] == pytest.approx(
+            metrics["gain_over_baseline"][variant]["balanced_accuracy"])
+    assert np.isnan(by_variant.at["baseline", "metrics.gain_over_baseline"])
     train_runs = mlflow.search_runs(experiment_names=["lesion-synth"], filter_string="tags.stage LIKE 'train@%'")
-    assert sorted(train_runs["tags.variant"]) == ["augmented", "baseline"]
+    assert sorted(train_runs["tags.variant"]) == ALL_VARIANTS
     assert set(train_runs["tags.mlflow.parentRunId"]) == set(runs["tags.mlflow.parentRunId"])
     tags = train_runs.set_index("tags.variant")
     assert tags.at["augmented", "tags.synthetic_count"] == "9"  # 12 generated, 3 screened out and tags.at["baseline", "tags.synthetic_count"] == "0"
@@ -172,11 +185,34 @@ def test_mlflow_one_liner_returns_one_run_per_variant(tmp_path, monkeypatch):
         metrics["augmented"]["balanced_accuracy"] - metrics["baseline"]["balanced_accuracy"])
     ci = metrics["gain_ci95"]["balanced_accuracy"]
     assert ci["low"] <= ci["high"]
+    # The controls: every variant's gain over baseline from one shared bootstrap, and the recovered share.
+    assert metrics["variants"] == ["baseline", "augmented", "base_only", "real_ceiling"] and metrics["skipped"] == {}
+    for variant in ("augmented", "base_only", "real_ceiling"):
+        g = metrics["gain_over_baseline"][variant]
+        assert g["balanced_accuracy"] == pytest.approx(
+            metrics[variant]["balanced_accuracy"] - metrics["baseline"]["balanced_accuracy"])
+        assert g["ci_low"] <= g["balanced_accuracy"] <= g["ci_high"]
+    assert metrics["gain_over_baseline"]["augmented"]["balanced_accuracy"] == pytest.approx(metrics["gain"]["balanced_accuracy"])
+    share = metrics["recovered_share"]
+    assert set(share) == {"value", "ci_low", "ci_high", "defined", "note"}
+    assert share["defined"] == (metrics["gain_over_baseline"]["real_ceiling"]["ci_low"] > 0)
+    assert (share["value"] is None) == (not share["defined"])
+    assert len(evaluate_module.verdict_lines(metrics)) == 4
     for variant in ("baseline", "augmented"):
         table = pd.read_csv(root / f"reports/plots/confusion_{variant}.csv")
         assert list(table.columns) == ["actual", "predicted"] and len(table) == 2 * len(CLASSES)
         assert set(table["actual"]) <= set(CLASSES) and set(table["predicted"]) <= set(CLASSES)
         assert (root / f"reports/plots/confusion_{variant}.png").stat().st_size > 1000
+
+    # Without a reserve (data.real_per_class null) the ceiling is skipped: three runs, the share undefined.
+    write_params(root, micro_params(seeds=[0, 1], per_class=2))
+    assert run_stage("train", train_variant, item="variant", argv=["real_ceiling"]) == 0
+    assert run_stage("evaluate", evaluate, track=False, argv=[]) == 0
+    assert sorted(latest_evaluation()["tags.variant"]) == ["augmented", "base_only", "baseline"]
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    assert "real_ceiling" not in metrics and set(metrics["skipped"]) == {"real_ceiling"}
+    assert set(metrics["gain_over_baseline"]) == {"augmented", "base_only"}
+    assert not metrics["recovered_share"]["defined"] and metrics["recovered_share"]["value"] is None
 
 
 def test_evaluate_refuses_a_test_list_with_synthetic_images(tmp_path, monkeypatch):

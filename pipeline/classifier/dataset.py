@@ -25,9 +25,10 @@ from pipeline.data.images import load_square
 from pipeline.digest import sha256_file
 from pipeline.errors import PipelineError
 from pipeline.params import Params
-from pipeline.paths import CACHE_DIR, SPLIT_CSV, SYNTHETIC_DIR, store_root, workspace_root
+from pipeline.paths import CACHE_DIR, SPLIT_CSV, SYNTHETIC_BASE_DIR, SYNTHETIC_DIR, store_root, workspace_root
 
 SPLIT_COLUMNS = ("image_id", "lesion_id", "dx", "split", "path")
+TRAIN_SIDE = ("train", "reserve")  # reserve: train rows beyond data.real_per_class (real_ceiling and oracle only)
 MANIFEST_COLUMNS = ("file", "class")
 _CACHE_VERSION = "v1"  # bump when the decode/resize recipe changes
 
@@ -58,9 +59,9 @@ def read_split(params: Params, root: Path | None = None) -> pd.DataFrame:
     missing = [c for c in SPLIT_COLUMNS if c not in frame.columns]
     if missing:
         raise PipelineError(f"{path}: missing column(s) {', '.join(missing)}")
-    bad = sorted(set(frame["split"]) - {"train", "val", "test"})
+    bad = sorted(set(frame["split"]) - {*TRAIN_SIDE, "val", "test"})
     if bad:
-        raise PipelineError(f"{path}: unknown split value {bad[0]!r} (expected train, val or test)")
+        raise PipelineError(f"{path}: unknown split value {bad[0]!r} (expected train, reserve, val or test)")
     classes = list(params.data.classes)
     frame = frame[frame["dx"].isin(classes)].copy()
     for class_code in classes:
@@ -79,17 +80,18 @@ def real_samples(split: pd.DataFrame, which: str) -> list[Sample]:
     ]
 
 
-def synthetic_samples(params: Params, root: Path | None = None) -> list[Sample]:
-    """All synthetic images of the selected classes, from ``data/synthetic/<class>/manifest.csv``."""
+def synthetic_samples(params: Params, root: Path | None = None, images_dir: Path = SYNTHETIC_DIR) -> list[Sample]:
+    """All synthetic images of the selected classes, from ``<images_dir>/<class>/manifest.csv`` (data/synthetic by default)."""
     root = root or workspace_root()
     samples: list[Sample] = []
     for label, class_code in enumerate(params.data.classes):
-        folder = root / SYNTHETIC_DIR / class_code
+        folder = root / images_dir / class_code
         manifest = folder / "manifest.csv"
         if not manifest.is_file():
             raise PipelineError(
-                f"{manifest}: synthetic manifest missing; run `dvc repro generate@{class_code}` "
-                "(the augmented classifier needs synthetic images of every class in data.classes)"
+                f"{manifest}: synthetic manifest missing; run `dvc repro "
+                f"{'generate_base' if images_dir == SYNTHETIC_BASE_DIR else 'generate'}@{class_code}` "
+                "(the classifier needs synthetic images of every class in data.classes)"
             )
         frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
         missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
@@ -123,10 +125,10 @@ def assert_no_leakage(
     ``allow_synthetic`` is False (baseline). Raises PipelineError naming the first offending image.
     """
     synthetic_root = (synthetic_root or workspace_root() / SYNTHETIC_DIR).resolve()
-    held = split[split["split"] != "train"]
+    held = split[~split["split"].isin(TRAIN_SIDE)]
     held_paths = {Path(p).resolve(): (s, i) for p, s, i in zip(held["abs_path"], held["split"], held["image_id"])}
     held_ids = dict(zip(held["image_id"], held["split"]))
-    train_ids = set(split.loc[split["split"] == "train", "image_id"])
+    train_ids = set(split.loc[split["split"].isin(TRAIN_SIDE), "image_id"])
     held_digests = {}
     if digests is not None:
         held_digests = {digests[p]: p for p in held_paths if p in digests}

@@ -1,20 +1,24 @@
-"""The evaluate stage: both classifiers on the held-out *real* test split, and whether the synthetic images helped.
+"""The evaluate stage: every classifier variant on the held-out *real* test split, and what the synthetic images bought.
 
-For every seed in ``classifier.seeds`` both variants predict the same test images; metrics are reported as
-mean ± std over seeds, and the gain (augmented − baseline) gets a 95% CI from a paired bootstrap over test
-images (same resampled indices for both variants and all seeds). The verdict reads the CI of the
-balanced-accuracy gain. Confusion outputs (CSV for DVC's confusion template, PNG) use the first seed.
+Variants: baseline, augmented, and the controls base_only and real_ceiling (variants.py; real_ceiling only when
+``data.real_per_class`` leaves a reserve). For every seed in ``classifier.seeds`` each variant predicts the same
+test images; metrics are reported as mean ± std over seeds. The augmented − baseline gain of every metric gets a
+95% CI from a paired bootstrap over test images (``gain``, ``gain_ci95``, ``verdict``); the balanced-accuracy gain
+of every variant over baseline and the share of the real ceiling's gain that the synthetic images recover come
+from one shared paired bootstrap (gains.py): ``gain_over_baseline`` and ``recovered_share``. ``verdict_lines``
+says it in plain words. Confusion outputs (CSV for DVC's confusion template, PNG) show baseline and augmented,
+first seed.
 
-MLflow: the stage writes exactly one run per variant, children of this execution's parent run, tagged
-``stage=evaluate`` and ``variant=baseline|augmented``; each holds that variant's test metrics plus the paired
-gain (``gain_*``, ``gain_ci95_low_*``/``gain_ci95_high_*``), the ``verdict`` tag and a shared ``evaluation_id``.
-(stages/evaluate.py therefore runs with ``track=False``: no third, metric-less "evaluate" run.) The latest
-baseline-vs-augmented pair:
+MLflow: the stage writes exactly one run per evaluated variant, children of this execution's parent run, tagged
+``stage=evaluate`` and ``variant=<variant>``; each holds that variant's test metrics and its
+``gain_over_baseline`` (with ``gain_over_baseline_ci95_low``/``_high``), plus the shared augmented gain
+(``gain_*``, ``gain_ci95_low_*``/``gain_ci95_high_*``), ``recovered_share`` where defined, the ``verdict`` tag and
+a shared ``evaluation_id``. (stages/evaluate.py therefore runs with ``track=False``: no extra, metric-less
+"evaluate" run.) The latest evaluation, one row per variant:
 
-    MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/mlflow.db} python -c "import mlflow; print(mlflow.search_runs(experiment_names=['lesion-synth'], filter_string=\"tags.stage = 'evaluate'\", order_by=['attributes.start_time DESC'], max_results=2)[['tags.variant', 'metrics.balanced_accuracy', 'metrics.macro_f1', 'tags.verdict', 'tags.mlflow.parentRunId']].to_string(index=False))"
+    MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/mlflow.db} python -c "import mlflow; r = mlflow.search_runs(experiment_names=['lesion-synth'], filter_string=\"tags.stage = 'evaluate'\", order_by=['attributes.start_time DESC']); print(r[r['tags.evaluation_id'] == r['tags.evaluation_id'].iloc[0]][['tags.variant', 'metrics.balanced_accuracy', 'metrics.gain_over_baseline', 'tags.verdict', 'tags.mlflow.parentRunId']].to_string(index=False))"
 
-(``EVALUATE_RUNS_FILTER`` below is that filter string; drop ``max_results=2`` to list every past evaluation,
-paired by ``tags.evaluation_id``.)
+(``EVALUATE_RUNS_FILTER`` below is that filter string; every past evaluation is grouped by ``tags.evaluation_id``.)
 """
 
 from __future__ import annotations
@@ -36,8 +40,10 @@ from pipeline.classifier.metrics import (
     paired_gain,
     verdict,
 )
+from pipeline.classifier.gains import BASELINE, CEILING, SYNTHETIC, bootstrap_gains, recovered_share
 from pipeline.classifier.model import load_classifier, read_config
 from pipeline.classifier.train import VARIANTS, predict_proba
+from pipeline.classifier.variants import CONTROL_VARIANTS, skip_reason
 from pipeline.params import Params
 from pipeline.paths import CLASSIFIER_DIR, PLOTS_DIR, REPORTS_DIR, SYNTHETIC_DIR, workspace_root
 
@@ -102,10 +108,14 @@ def _log_variant_runs(params: Params, metrics: dict, root: Path) -> dict[str, st
     shared = {f"gain_{k}": v for k, v in metrics["gain"].items()}
     shared.update({f"gain_ci95_low_{k}": v["low"] for k, v in metrics["gain_ci95"].items()})
     shared.update({f"gain_ci95_high_{k}": v["high"] for k, v in metrics["gain_ci95"].items()})
+    share = metrics["recovered_share"]
+    if share["defined"]:
+        shared.update(recovered_share=share["value"], recovered_share_ci95_low=share["ci_low"],
+                      recovered_share_ci95_high=share["ci_high"])
     logged_params = [Param(k, v) for k, v in tracking.flatten(
         {"classifier": params.classifier.model_dump(mode="json"), "evaluate": params.evaluate.model_dump(mode="json")}).items()]
     run_ids = {}
-    for variant in VARIANTS:
+    for variant in metrics["variants"]:
         tags = {
             **tracking.execution_tags(params),
             "stage": "evaluate",
@@ -119,10 +129,14 @@ def _log_variant_runs(params: Params, metrics: dict, root: Path) -> dict[str, st
         }
         run = client.create_run(experiment_id, run_name=f"evaluate@{variant}", tags=tags)
         values = {**{k: v for k, v in metrics[variant].items() if isinstance(v, (int, float))}, **shared}
+        if variant in metrics["gain_over_baseline"]:
+            own = metrics["gain_over_baseline"][variant]
+            values.update(gain_over_baseline=own["balanced_accuracy"], gain_over_baseline_ci95_low=own["ci_low"],
+                          gain_over_baseline_ci95_high=own["ci_high"])
         entries = [Metric(k, float(v), now, 0) for k, v in values.items()]
         for start in range(0, max(len(entries), len(logged_params)), 100):
             client.log_batch(run.info.run_id, metrics=entries[start : start + 100], params=logged_params[start : start + 100])
-        for path in (confusion_png(variant), confusion_csv(variant)):
+        for path in (confusion_png(variant), confusion_csv(variant)) if variant in VARIANTS else ():
             client.log_artifact(run.info.run_id, str(root / path), artifact_path="plots")
         client.log_artifact(run.info.run_id, str(root / METRICS_JSON))
         client.set_terminated(run.info.run_id, status="FINISHED")
@@ -152,30 +166,82 @@ def evaluate(params: Params) -> dict:
         raise
 
 
+def evaluated_variants(params: Params) -> tuple[list[str], dict[str, str]]:
+    """(the variants evaluate reads, {skipped variant: why})."""
+    reasons = {v: skip_reason(params, v) for v in (*VARIANTS, *CONTROL_VARIANTS)}
+    return [v for v, r in reasons.items() if r is None], {v: r for v, r in reasons.items() if r is not None}
+
+
+def _ci_words(low: float, high: float) -> str:
+    if low > 0:
+        return "clearly above 0"
+    if high < 0:
+        return "clearly below 0"
+    return "not distinguishable from 0"
+
+
+def verdict_lines(metrics: dict) -> list[str]:
+    """The summary's first lines: what each variant's images bought over baseline, and how much of what real images
+    buy the synthetic ones recover, in plain words (figures from reports/metrics.json)."""
+    base = metrics[BASELINE]["balanced_accuracy"]
+    gains = metrics["gain_over_baseline"]
+    aug = gains[SYNTHETIC]
+    lines = [f"Synthetic images from the fine-tuned models (augmented): balanced accuracy {base:.3f} -> "
+             f"{metrics[SYNTHETIC]['balanced_accuracy']:.3f}, gain {aug['balanced_accuracy']:+.3f} "
+             f"(95% CI {aug['ci_low']:+.3f} .. {aug['ci_high']:+.3f}): {metrics['verdict']}."]
+    described = {"base_only": "The same number of images from the base model with the class prompt but without "
+                              "fine-tuning (base_only)",
+                 CEILING: "The same number of extra real images per class (real_ceiling)"}
+    for variant, words in described.items():
+        if variant in gains:
+            g = gains[variant]
+            lines.append(f"{words}: gain {g['balanced_accuracy']:+.3f} (95% CI {g['ci_low']:+.3f} .. "
+                         f"{g['ci_high']:+.3f}), {_ci_words(g['ci_low'], g['ci_high'])}.")
+        elif variant in metrics.get("skipped", {}):
+            lines.append(f"{words}: not run, {metrics['skipped'][variant]}.")
+    share = metrics["recovered_share"]
+    if share["defined"]:
+        beyond = " (more than the real images themselves)" if share["value"] > 1 else ""
+        lines.append(f"The synthetic images recover {share['value']:.0%} of the real images' gain{beyond} "
+                     f"(95% CI {share['ci_low']:.0%} .. {share['ci_high']:.0%}).")
+    else:
+        lines.append(f"Share of the real images' gain that the synthetic images recover: undefined, {share['note']}.")
+    return lines
+
+
 def _evaluate(params: Params) -> dict:
     root = workspace_root()
     classes, seeds = list(params.data.classes), list(params.classifier.seeds)
+    variants, skipped = evaluated_variants(params)
     split = read_split(params, root)
     test = real_samples(split, "test")
     assert_real_heldout(test, split, "test", root / SYNTHETIC_DIR)  # runtime guard: real test rows only
     y_true = np.array([s.label for s in test])
 
     probas: dict[str, list[np.ndarray]] = {}
-    for variant in VARIANTS:
+    for variant in variants:
         folder = root / CLASSIFIER_DIR / variant
         size = int(read_config(folder)["image_size"])
         images = load_images([s.path for s in test], size)
         probas[variant] = [predict_proba(load_classifier(folder, seed, classes), images) for seed in seeds]
 
-    per_seed = {v: [classification_metrics(y_true, p, classes) for p in probas[v]] for v in VARIANTS}
+    per_seed = {v: [classification_metrics(y_true, p, classes) for p in probas[v]] for v in variants}
     gain = paired_gain(per_seed["baseline"], per_seed["augmented"])
     ci = paired_bootstrap(y_true, probas["baseline"], probas["augmented"], classes, params.evaluate.bootstrap, params.seed)
     low, high = ci["balanced_accuracy"]
+    preds = {v: [p.argmax(axis=1) for p in probas[v]] for v in variants}
+    gains, draws = bootstrap_gains(y_true, preds, len(classes), params.evaluate.bootstrap, params.seed)
+    share = (recovered_share(gains, draws) if CEILING in gains else
+             {"value": None, "ci_low": None, "ci_high": None, "defined": False, "note": f"no real_ceiling variant: {skipped[CEILING]}"})
     metrics = {
-        **{v: {**mean_std(per_seed[v]), "n_test": len(test), "n_seeds": len(seeds)} for v in VARIANTS},
+        **{v: {**mean_std(per_seed[v]), "n_test": len(test), "n_seeds": len(seeds)} for v in variants},
         "gain": gain,
         "gain_ci95": {k: {"low": lo, "high": hi} for k, (lo, hi) in ci.items() if k in gain},
         "verdict": verdict(low, high),
+        "gain_over_baseline": gains,
+        "recovered_share": share,
+        "variants": variants,
+        "skipped": skipped,
         "bootstrap": params.evaluate.bootstrap,
         "seeds": seeds,
         "test_counts": {c: int((y_true == i).sum()) for i, c in enumerate(classes)},
@@ -186,8 +252,6 @@ def _evaluate(params: Params) -> dict:
         _write_confusion(root, variant, y_true, y_pred, classes, f"{variant} (seed {seeds[0]}), balanced acc {ba:.3f}")
     write_json(root / METRICS_JSON, metrics)
 
-    print(f"evaluate: balanced accuracy baseline {metrics['baseline']['balanced_accuracy']:.4f} -> augmented "
-          f"{metrics['augmented']['balanced_accuracy']:.4f}, gain {gain['balanced_accuracy']:+.4f} "
-          f"(95% CI {low:+.4f} .. {high:+.4f}): {metrics['verdict']}")
+    print("evaluate: " + "\n          ".join(verdict_lines(metrics)))
     _log_variant_runs(params, metrics, root)
     return metrics

@@ -44,6 +44,7 @@ from pipeline.classifier.dataset import (
 )
 from pipeline.classifier.metrics import fast_metrics
 from pipeline.classifier.model import CONFIG_NAME, create_classifier, for_training, save_weights, state_to_cpu, weights_name
+from pipeline.classifier.variants import EXTRA_VARIANTS, SYNTHETIC_VARIANTS, skip_reason, variant_samples, write_skipped
 from pipeline.digest import derive_seed, json_digest, sha256_file
 from pipeline.errors import PipelineError
 from pipeline.optim import adamw, load_optimizer_state, state_from_tensors, state_tensors
@@ -56,14 +57,16 @@ EVAL_BATCH = 256
 
 
 def check_variant(variant: str) -> None:
-    if variant not in VARIANTS:
-        raise PipelineError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    if variant not in (*VARIANTS, *EXTRA_VARIANTS):
+        raise PipelineError(f"unknown variant {variant!r}; expected one of {', '.join((*VARIANTS, *EXTRA_VARIANTS))}")
 
 
 def training_samples(params: Params, variant: str, split, root: Path) -> list[Sample]:
     """Baseline: the real train rows. Augmented: the same rows plus the synthetic images the `screen` stage kept
-    (memorized copies and, when enabled, low-confidence images are left out)."""
+    (memorized copies and, when enabled, low-confidence images are left out). The controls and the oracle: variants.py."""
     check_variant(variant)
+    if variant in EXTRA_VARIANTS:
+        return variant_samples(params, variant, split, root)
     samples = real_samples(split, "train")
     if variant == "augmented":
         kept = load_kept_synthetic(root / SCREENED_CSV, params.data.classes)
@@ -291,6 +294,8 @@ def train_variant(params: Params, variant: str, *, on_epoch_end: Callable[[int, 
     from pipeline import tracking
 
     check_variant(variant)
+    if (reason := skip_reason(params, variant)) is not None:
+        return write_skipped(params, variant, reason)
     root = workspace_root()
     c, classes = params.classifier, list(params.data.classes)
     split = read_split(params, root)
@@ -302,7 +307,7 @@ def train_variant(params: Params, variant: str, *, on_epoch_end: Callable[[int, 
         digests[sample.path.resolve()] = sha256_file(sample.path)
     train_images = load_images([s.path for s in train], c.image_size, digests)
     val_images = load_images([s.path for s in val], c.image_size, digests)
-    assert_no_leakage(train, split, allow_synthetic=variant == "augmented", synthetic_root=root / SYNTHETIC_DIR, digests=digests)
+    assert_no_leakage(train, split, allow_synthetic=variant in SYNTHETIC_VARIANTS, synthetic_root=root / SYNTHETIC_DIR, digests=digests)
     assert_real_heldout(val, split, "val", root / SYNTHETIC_DIR)
 
     train_labels = [s.label for s in train]

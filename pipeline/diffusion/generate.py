@@ -43,7 +43,7 @@ from pipeline.atomic import atomic_dir, clean_stale_temps
 from pipeline.digest import derive_seed, sha256_file
 from pipeline.errors import PipelineError
 from pipeline.params import Params
-from pipeline.paths import BASE_MODEL_DIR, CLASS_MODELS_DIR, SYNTHETIC_DIR, workspace_root
+from pipeline.paths import BASE_MODEL_DIR, CLASS_MODELS_DIR, SYNTHETIC_BASE_DIR, SYNTHETIC_DIR, workspace_root
 
 MANIFEST_COLUMNS = ("file", "class", "prompt", "negative_prompt", "seed", "scheduler", "steps", "guidance", "weights_sha256")
 GRID_IMAGES = 16
@@ -156,6 +156,21 @@ def load_class_pipeline(
     return pipe, weights, meta
 
 
+def load_base_only_pipeline(
+    params: Params, class_code: str, dtype: torch.dtype = torch.float32
+) -> tuple[StableDiffusionPipeline, Path, dict]:
+    """The base model alone, for the base_only control: the class's prompt without its fine-tuned weights.
+    Returns (pipe, the base UNet's weights file, {}) like ``load_class_pipeline``."""
+    from pipeline.diffusion.base import base_model_folder, load_base_pipeline
+
+    check_class(params, class_code)
+    pipe = load_base_pipeline(workspace_root() / BASE_MODEL_DIR, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    unet = base_model_folder(workspace_root() / BASE_MODEL_DIR) / "unet"
+    names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
+    return pipe, next(unet / name for name in names if (unet / name).is_file()), {}
+
+
 @torch.no_grad()
 def sample_images(
     pipe: StableDiffusionPipeline, prompt: str, negative_prompt: str, generators: list[torch.Generator], sampling: Sampling
@@ -200,8 +215,9 @@ def png_writer(max_pending: int = PNG_QUEUE) -> Iterator[Callable[[Image.Image, 
             pending.popleft().result()
 
 
-def generate_class(params: Params, class_code: str) -> Path:
-    """Write ``data/synthetic/<class>/``: ``<class>_<k:05d>.png``, ``manifest.csv`` and ``grid.png``, atomically."""
+def generate_class(params: Params, class_code: str, base_only: bool = False) -> Path:
+    """Write ``data/synthetic/<class>/``: ``<class>_<k:05d>.png``, ``manifest.csv`` and ``grid.png``, atomically.
+    ``base_only``: the same images from the base model without the class's weights, in ``data/synthetic_base/<class>/``."""
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list, gather_object
 
@@ -209,7 +225,7 @@ def generate_class(params: Params, class_code: str) -> Path:
     resolution = params.diffusion.resolution
     state = PartialState(cpu=cpu_only())
     dtype = DTYPES.get(gpu_precision(params.compute.mixed_precision, "generating"), torch.float32)
-    pipe, weights, _ = load_class_pipeline(params, class_code, dtype=dtype)
+    pipe, weights, _ = (load_base_only_pipeline if base_only else load_class_pipeline)(params, class_code, dtype=dtype)
     pipe.scheduler = make_scheduler(g.scheduler, pipe.scheduler.config)
     pipe.vae.enable_slicing()
     pipe.to(state.device)
@@ -218,7 +234,7 @@ def generate_class(params: Params, class_code: str) -> Path:
     prompt = params.class_prompt(class_code)
 
     root = workspace_root()
-    target = root / SYNTHETIC_DIR / class_code
+    target = root / (SYNTHETIC_BASE_DIR if base_only else SYNTHETIC_DIR) / class_code
     if state.is_main_process:
         clean_stale_temps(target.parent, target.name)
     # Only the main process owns the temporary folder; the others learn its path and write into it.
@@ -252,5 +268,5 @@ def generate_class(params: Params, class_code: str) -> Path:
                 padded_grid(shown, cols=GRID_COLUMNS).save(out / "grid.png")
     state.wait_for_everyone()
     if state.is_main_process and (target / "grid.png").is_file():
-        tracking.log_artifact(target / "grid.png", artifact_path=f"generate/{class_code}")
+        tracking.log_artifact(target / "grid.png", artifact_path=f"generate{'_base' if base_only else ''}/{class_code}")
     return target

@@ -1,0 +1,150 @@
+"""Class fidelity: did the generator learn the class? An oracle classifier judges each class's synthetic images.
+
+The oracle is the project's EfficientNet-B0, trained by ``train_variant`` (same loop, same knobs, first seed of
+``classifier.seeds``) on every real train-side image: the train rows and the reserve (variants.py). It never trains
+on a val, test or synthetic image; like every variant it picks its epoch by val balanced accuracy. The ``fidelity``
+stage then scores, per class:
+
+- ``share_own_class``: the share of that class's synthetic images the oracle assigns to the class;
+- ``mean_p_own_class``: the oracle's mean probability of the class on them;
+- beside both, ``oracle_test_recall``: the same oracle's recall on the class's real test images, so a low fidelity
+  can be told from an oracle that cannot recognise the class at all;
+
+for the fine-tuned model's images (``augmented``: data/synthetic) and the base model's (``base_only``:
+data/synthetic_base). Written to reports/fidelity.json and logged to MLflow.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline import tracking
+from pipeline.atomic import write_json
+from pipeline.classifier.dataset import assert_real_heldout, load_images, read_split, real_samples, synthetic_samples
+from pipeline.classifier.model import load_classifier, read_config
+from pipeline.classifier.train import predict_proba, train_variant
+from pipeline.classifier.variants import ORACLE
+from pipeline.errors import PipelineError
+from pipeline.params import Params
+from pipeline.paths import CLASSIFIER_DIR, REPORTS_DIR, SYNTHETIC_BASE_DIR, SYNTHETIC_DIR, workspace_root
+
+FIDELITY_JSON = REPORTS_DIR / "fidelity.json"
+SOURCES = {"augmented": SYNTHETIC_DIR, "base_only": SYNTHETIC_BASE_DIR}  # source -> folder of its images
+
+
+def oracle_params(params: Params) -> Params:
+    """The classifier params with one seed: one judge is enough, and more seeds would only multiply its cost."""
+    classifier = params.classifier.model_copy(update={"seeds": params.classifier.seeds[:1]})
+    return params.model_copy(update={"classifier": classifier})
+
+
+def train_oracle(params: Params) -> dict:
+    """The `oracle` stage: models/classifier/oracle and reports/train/oracle.json."""
+    return train_variant(oracle_params(params), ORACLE)
+
+
+def own_class_scores(labels: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict[str, dict]:
+    """Per class with images: the share predicted as their own class and the mean p(own class). On real test images
+    the share is the class's recall."""
+    labels, proba = np.asarray(labels), np.asarray(proba)
+    out = {}
+    for index, class_code in enumerate(classes):
+        mine = labels == index
+        if mine.any():
+            out[class_code] = {
+                "share_own_class": float((proba[mine].argmax(axis=1) == index).mean()),
+                "mean_p_own_class": float(proba[mine, index].mean()),
+                "images": int(mine.sum()),
+            }
+    return out
+
+
+def fidelity_table(test: dict[str, dict], sources: dict[str, dict[str, dict]], classes: list[str]) -> dict:
+    """reports/fidelity.json's content from ``own_class_scores`` of the real test images and of each source."""
+    chance = 1 / len(classes)
+    per_class, warnings = {}, []
+    for class_code in classes:
+        recall = test.get(class_code, {}).get("share_own_class")
+        entry = {"oracle_test_recall": recall, "test_images": test.get(class_code, {}).get("images", 0)}
+        for source, scores in sources.items():
+            if class_code not in scores:
+                raise PipelineError(f"{SOURCES[source] / class_code}: no synthetic image of class {class_code!r} to score")
+            entry[source] = {k: scores[class_code][k] for k in ("share_own_class", "mean_p_own_class", "images")}
+        per_class[class_code] = entry
+        if recall is None:
+            warnings.append(f"{class_code}: no real test image, so the oracle's own recall is unknown")
+        elif recall <= chance:
+            warnings.append(f"{class_code}: the oracle recognises only {recall:.0%} of the real test images (chance "
+                            f"{chance:.0%}), so its fidelity figures for {class_code} say little")
+    mean = {source: {key: float(np.mean([per_class[c][source][key] for c in classes]))
+                     for key in ("share_own_class", "mean_p_own_class")} for source in sources}
+    recalls = [per_class[c]["oracle_test_recall"] for c in classes if per_class[c]["oracle_test_recall"] is not None]
+    mean["oracle_test_recall"] = float(np.mean(recalls)) if recalls else None
+    table = {"classes": per_class, "mean": mean, "warnings": warnings}
+    if {"augmented", "base_only"} <= set(sources):
+        table["fine_tuning_adds"] = mean["augmented"]["share_own_class"] - mean["base_only"]["share_own_class"]
+    return table
+
+
+def fidelity_lines(table: dict) -> list[str]:
+    """Plain words for the summary: how often the oracle recognises each source's images as their own class."""
+    mean = table["mean"]
+    words = {"augmented": "the fine-tuned models' images", "base_only": "the base model's images (class prompt, no fine-tuning)"}
+    parts = [f"{mean[s]['share_own_class']:.0%} of {words.get(s, s)}" for s in SOURCES if s in mean]
+    recall = mean.get("oracle_test_recall")
+    real = f", and {recall:.0%} of real test images (its recall)" if recall is not None else ""
+    lines = [f"Class fidelity: an oracle classifier trained on every real train image assigns {' and '.join(parts)} "
+             f"to their own class{real}."]
+    return lines + [f"Warning: {w}." for w in table.get("warnings", [])]
+
+
+def score_fidelity(params: Params) -> dict:
+    """The `fidelity` stage: score each source's images with the oracle; write reports/fidelity.json, log to MLflow."""
+    root = workspace_root()
+    classes = list(params.data.classes)
+    folder = root / CLASSIFIER_DIR / ORACLE
+    config = read_config(folder)
+    model = load_classifier(folder, int(config["seeds"][0]), classes)
+    size = int(config["image_size"])
+
+    def scores(samples) -> dict[str, dict]:
+        proba = predict_proba(model, load_images([s.path for s in samples], size))
+        return own_class_scores(np.array([s.label for s in samples]), proba, classes)
+
+    split = read_split(params, root)
+    test = real_samples(split, "test")
+    assert_real_heldout(test, split, "test", root / SYNTHETIC_DIR)
+    table = fidelity_table(scores(test), {s: scores(synthetic_samples(params, root, d)) for s, d in SOURCES.items()}, classes)
+    table["oracle"] = {"seed": int(config["seeds"][0]), "image_size": size, "test_images": len(test)}
+    write_json(root / FIDELITY_JSON, table)
+    _log(table)
+    _print(table, classes)
+    return table
+
+
+def _log(table: dict) -> None:
+    metrics = {}
+    for class_code, entry in table["classes"].items():
+        if entry["oracle_test_recall"] is not None:
+            metrics[f"oracle_test_recall_{class_code}"] = entry["oracle_test_recall"]
+        for source in SOURCES:
+            metrics[f"fidelity_{source}_{class_code}"] = entry[source]["share_own_class"]
+            metrics[f"p_own_class_{source}_{class_code}"] = entry[source]["mean_p_own_class"]
+    for source in SOURCES:
+        metrics[f"fidelity_{source}_mean"] = table["mean"][source]["share_own_class"]
+    if table["mean"]["oracle_test_recall"] is not None:
+        metrics["oracle_test_recall_mean"] = table["mean"]["oracle_test_recall"]
+    tracking.log_metrics(metrics)
+    tracking.log_artifact(workspace_root() / FIDELITY_JSON)
+
+
+def _print(table: dict, classes: list[str]) -> None:
+    print(f"{'class':8} {'oracle recall':>13} " + " ".join(f"{s + ' share':>18} {'p(own)':>7}" for s in SOURCES))
+    for class_code in classes:
+        entry = table["classes"][class_code]
+        recall = entry["oracle_test_recall"]
+        cells = " ".join(f"{entry[s]['share_own_class']:>18.3f} {entry[s]['mean_p_own_class']:>7.3f}" for s in SOURCES)
+        print(f"{class_code:8} {'n/a' if recall is None else f'{recall:.3f}':>13} {cells}")
+    for line in fidelity_lines(table):
+        print(line)
+

@@ -1,0 +1,225 @@
+"""The control variants (base_only, real_ceiling), their gains and the recovered share, and the class-fidelity oracle."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from classifier_workspace import CLASSES, make_workspace, micro_params, write_params
+
+from pipeline.classifier.dataset import assert_no_leakage, read_split
+from pipeline.classifier.evaluate import verdict_lines
+from pipeline.classifier.gains import balanced_accuracy, bootstrap_gains, recovered_share
+from pipeline.classifier.metrics import classification_metrics, paired_bootstrap
+from pipeline.classifier.oracle import FIDELITY_JSON, fidelity_lines, fidelity_table, own_class_scores, score_fidelity, train_oracle
+from pipeline.classifier.train import train_variant, training_samples
+from pipeline.classifier.variants import skip_reason
+from pipeline.cli import run_stage
+from pipeline.errors import PipelineError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ----------------------------------------------------------------------------- gains and the recovered share
+
+def _predictions(right_per_class: int, per_class: int = 20, classes: int = 3) -> np.ndarray:
+    """Labels 0..classes-1, ``per_class`` each; the first ``right_per_class`` of each class right, the rest wrong.
+    So a variant with more right images is right on a superset of another's: paired differences never change sign."""
+    y = np.repeat(np.arange(classes), per_class)
+    pred = (y + 1) % classes
+    for c in range(classes):
+        pred[c * per_class : c * per_class + right_per_class] = c
+    return pred
+
+
+Y = np.repeat(np.arange(3), 20)
+
+
+def test_gains_and_recovered_share_on_hand_made_predictions():
+    # balanced accuracy: baseline 10/20 = 0.5, augmented 0.6, base_only 0.45, real_ceiling 0.7.
+    preds = {"baseline": [_predictions(10)], "augmented": [_predictions(12)], "base_only": [_predictions(9)],
+             "real_ceiling": [_predictions(14)]}
+    assert balanced_accuracy(Y, preds["augmented"][0], 3) == pytest.approx(0.6)
+    gains, draws = bootstrap_gains(Y, preds, 3, resamples=400, seed=0)
+    assert gains["augmented"]["balanced_accuracy"] == pytest.approx(0.1)
+    assert gains["base_only"]["balanced_accuracy"] == pytest.approx(-0.05)
+    assert gains["real_ceiling"]["balanced_accuracy"] == pytest.approx(0.2)
+    for variant, g in gains.items():
+        assert g["ci_low"] <= g["balanced_accuracy"] <= g["ci_high"], variant
+        assert len(draws[variant]) == 400
+    assert gains["augmented"]["ci_low"] > 0 and gains["base_only"]["ci_high"] <= 0  # supersets: one sign in every resample
+    share = recovered_share(gains, draws)
+    assert share["defined"] and share["value"] == pytest.approx(0.5)
+    assert 0 <= share["ci_low"] <= 0.5 <= share["ci_high"] <= 1  # augmented's extra hits are a subset of the ceiling's
+
+
+def test_recovered_share_is_undefined_when_the_ceiling_gain_may_be_zero():
+    noisy = _predictions(10).copy()
+    noisy[[0, 20]] = [1, 2]  # two hits lost ...
+    noisy[[15, 35]] = [0, 1]  # ... two gained: the ceiling's gain is 0 and its CI straddles 0
+    gains, draws = bootstrap_gains(Y, {"baseline": [_predictions(10)], "augmented": [_predictions(12)],
+                                       "real_ceiling": [noisy]}, 3, resamples=300, seed=1)
+    assert gains["real_ceiling"]["ci_low"] < 0 < gains["real_ceiling"]["ci_high"]
+    share = recovered_share(gains, draws)
+    assert not share["defined"] and share["value"] is None and "includes 0" in share["note"]
+    worse = {**gains, "real_ceiling": {"balanced_accuracy": -0.2, "ci_low": -0.3, "ci_high": -0.1}}
+    assert "below 0" in recovered_share(worse, draws)["note"]
+
+
+def test_gains_pool_paired_seeds_and_match_the_metrics_bootstrap():
+    # Seed 0: augmented +0.1, seed 1: augmented +0.3 -> pooled gain +0.2.
+    preds = {"baseline": [_predictions(10), _predictions(8)], "augmented": [_predictions(12), _predictions(14)]}
+    gains, _ = bootstrap_gains(Y, preds, 3, resamples=200, seed=0)
+    assert gains["augmented"]["balanced_accuracy"] == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="seed"):
+        bootstrap_gains(Y, {"baseline": preds["baseline"], "augmented": preds["augmented"][:1]}, 3, 10, 0)
+    # On random predictions the shared bootstrap agrees with the per-metric one of metrics.py (other draws, same law).
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 4, 300)
+    base = np.where(rng.random(300) < 0.5, y, rng.integers(0, 4, 300))
+    aug = np.where(rng.random(300) < 0.7, y, rng.integers(0, 4, 300))
+    gains, _ = bootstrap_gains(y, {"baseline": [base], "augmented": [aug]}, 4, resamples=500, seed=0)
+    onehot = [np.eye(4)[base]], [np.eye(4)[aug]]
+    low, high = paired_bootstrap(y, *onehot, list("abcd"), resamples=500, seed=5)["balanced_accuracy"]
+    assert gains["augmented"]["balanced_accuracy"] == pytest.approx(
+        classification_metrics(y, onehot[1][0], list("abcd"))["balanced_accuracy"]
+        - classification_metrics(y, onehot[0][0], list("abcd"))["balanced_accuracy"])
+    assert gains["augmented"]["ci_low"] == pytest.approx(low, abs=0.025)
+    assert gains["augmented"]["ci_high"] == pytest.approx(high, abs=0.025)
+
+
+def _metrics(share: dict, skipped: dict | None = None) -> dict:
+    gains = {"augmented": {"balanced_accuracy": 0.1, "ci_low": 0.02, "ci_high": 0.18},
+             "base_only": {"balanced_accuracy": -0.04, "ci_low": -0.1, "ci_high": 0.01}}
+    if not skipped:
+        gains["real_ceiling"] = {"balanced_accuracy": 0.2, "ci_low": 0.1, "ci_high": 0.3}
+    return {"baseline": {"balanced_accuracy": 0.5}, "augmented": {"balanced_accuracy": 0.6}, "verdict": "augmentation helped",
+            "gain_over_baseline": gains, "recovered_share": share, "skipped": skipped or {}}
+
+
+def test_verdict_lines_say_it_in_plain_words():
+    lines = verdict_lines(_metrics({"value": 0.5, "ci_low": 0.2, "ci_high": 0.8, "defined": True, "note": None}))
+    assert lines[0] == ("Synthetic images from the fine-tuned models (augmented): balanced accuracy 0.500 -> 0.600, "
+                        "gain +0.100 (95% CI +0.020 .. +0.180): augmentation helped.")
+    assert "without fine-tuning (base_only): gain -0.040 (95% CI -0.100 .. +0.010), not distinguishable from 0." in lines[1]
+    assert "extra real images per class (real_ceiling): gain +0.200 (95% CI +0.100 .. +0.300), clearly above 0." in lines[2]
+    assert lines[3] == "The synthetic images recover 50% of the real images' gain (95% CI 20% .. 80%)."
+    reason = skip_reason(micro_params(), "real_ceiling")
+    lines = verdict_lines(_metrics({"value": None, "ci_low": None, "ci_high": None, "defined": False,
+                                    "note": f"no real_ceiling variant: {reason}"}, skipped={"real_ceiling": reason}))
+    assert lines[2].endswith("(real_ceiling): not run, data.real_per_class is null: every real train image is already "
+                             "used, so no reserve is left for a ceiling.")
+    assert lines[3].startswith("Share of the real images' gain that the synthetic images recover: undefined, no real_ceiling")
+
+
+# ----------------------------------------------------------------------------- the variants' training images
+
+def test_variant_training_samples(tmp_path, monkeypatch):
+    root = make_workspace(tmp_path / "ws", counts=(3, 1, 1), reserve=5, synthetic=3)
+    monkeypatch.chdir(root)
+    params = micro_params(real_per_class=3, per_class=2)
+    split = read_split(params, root)
+    baseline = training_samples(params, "baseline", split, root)
+    assert {s.split for s in baseline} == {"train"} and len(baseline) == 3 * len(CLASSES)
+
+    base_only = training_samples(params, "base_only", split, root)
+    extra = base_only[len(baseline):]
+    assert base_only[: len(baseline)] == baseline and len(extra) == 3 * len(CLASSES)
+    assert all(s.origin == "synthetic" and "data/synthetic_base/" in s.path.as_posix() for s in extra)
+    assert_no_leakage(base_only, split, allow_synthetic=True)
+    with pytest.raises(PipelineError, match="leakage guard: synthetic image .*synthetic_base"):
+        assert_no_leakage(base_only, split, allow_synthetic=False)
+
+    ceiling = training_samples(params, "real_ceiling", split, root)
+    extra = ceiling[len(baseline):]
+    reserve_ids = set(split.loc[split["split"] == "reserve", "image_id"])
+    assert all(s.origin == "real" and s.split == "reserve" and s.image_id in reserve_ids for s in extra)
+    assert pd.Series([s.label for s in extra]).value_counts().to_dict() == {0: 2, 1: 2, 2: 2}  # generate.per_class each
+    assert training_samples(params, "real_ceiling", split, root) == ceiling  # a seeded draw
+    other_seed = training_samples(params.model_copy(update={"seed": 1}), "real_ceiling", split, root)
+    assert {s.image_id for s in other_seed} != {s.image_id for s in ceiling}
+    assert_no_leakage(ceiling, split, allow_synthetic=False)
+    big = micro_params(real_per_class=3, per_class=50)  # more than the reserve holds: all of it
+    assert len(training_samples(big, "real_ceiling", split, root)) == len(baseline) + 5 * len(CLASSES)
+
+    oracle = training_samples(params, "oracle", split, root)
+    assert len(oracle) == len(baseline) + 5 * len(CLASSES) and {s.origin for s in oracle} == {"real"}
+    assert {s.split for s in oracle} == {"train", "reserve"}
+    val_row = split[split["split"] == "val"].iloc[0]
+    leaked = [*ceiling, type(ceiling[0])(ceiling[0].path.parent / val_row["path"].split("/")[-1], 0, "real", "train",
+                                         val_row["image_id"])]
+    with pytest.raises(PipelineError, match="leakage guard: val image"):
+        assert_no_leakage(leaked, split, allow_synthetic=False)
+
+
+def test_real_ceiling_is_skipped_without_a_reserve(tmp_path, monkeypatch):
+    root = make_workspace(tmp_path / "ws")
+    monkeypatch.chdir(root)
+    params = micro_params()  # data.real_per_class: null
+    assert skip_reason(params, "real_ceiling").startswith("data.real_per_class is null")
+    assert skip_reason(params, "base_only") is None and skip_reason(micro_params(real_per_class=4), "real_ceiling") is None
+    report = train_variant(params, "real_ceiling")
+    assert report["skipped"] == skip_reason(params, "real_ceiling")
+    assert json.loads((root / "reports/train/real_ceiling.json").read_text()) == report
+    assert json.loads((root / "models/classifier/real_ceiling/config.json").read_text())["skipped"] == report["skipped"]
+    assert not list((root / "models/classifier/real_ceiling").glob("*.safetensors"))
+
+
+# ----------------------------------------------------------------------------- class fidelity
+
+def test_fidelity_numbers_on_a_hand_made_set():
+    classes = ["a", "b"]
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    proba = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8], [0.5, 0.5001], [0.0, 1.0]])
+    scores = own_class_scores(labels, proba, classes)
+    assert scores["a"] == pytest.approx({"share_own_class": 0.5, "mean_p_own_class": 0.5, "images": 4})
+    assert scores["b"] == pytest.approx({"share_own_class": 1.0, "mean_p_own_class": 0.75005, "images": 2})
+    test = own_class_scores(np.array([0, 0, 1, 1]), np.array([[1, 0], [0, 1], [0, 1], [0, 1.0]]), classes)
+    base = own_class_scores(labels, proba[:, ::-1], classes)
+    table = fidelity_table(test, {"augmented": scores, "base_only": base}, classes)
+    assert table["classes"]["a"]["oracle_test_recall"] == 0.5 and table["classes"]["b"]["oracle_test_recall"] == 1.0
+    assert table["classes"]["a"]["augmented"]["share_own_class"] == 0.5
+    assert table["mean"]["augmented"] == pytest.approx({"share_own_class": 0.75, "mean_p_own_class": (0.5 + 0.75005) / 2})
+    assert table["mean"]["base_only"]["share_own_class"] == pytest.approx(0.25)
+    assert table["fine_tuning_adds"] == pytest.approx(0.5) and table["mean"]["oracle_test_recall"] == 0.75
+    assert table["warnings"] == ["a: the oracle recognises only 50% of the real test images (chance 50%), so its "
+                                 "fidelity figures for a say little"]
+    lines = fidelity_lines(table)
+    assert lines[0] == ("Class fidelity: an oracle classifier trained on every real train image assigns 75% of the "
+                        "fine-tuned models' images and 25% of the base model's images (class prompt, no fine-tuning) "
+                        "to their own class, and 75% of real test images (its recall).")
+    assert lines[1].startswith("Warning: a: the oracle recognises only 50%")
+    with pytest.raises(PipelineError, match="no synthetic image of class 'b'"):
+        fidelity_table(test, {"augmented": {"a": scores["a"]}}, classes)
+
+
+def test_oracle_and_fidelity_stages_at_micro_settings(tmp_path, monkeypatch):
+    root = make_workspace(tmp_path / "ws", counts=(4, 2, 2), reserve=2)
+    monkeypatch.chdir(root)
+    params = micro_params(real_per_class=4, seeds=[1, 0])
+    write_params(root, params)
+    assert run_stage("oracle", train_oracle, argv=[]) == 0
+    trained = json.loads((root / "reports/train/oracle.json").read_text())
+    assert trained["train_real"] == (4 + 2) * len(CLASSES) and trained["train_synthetic"] == 0  # train + reserve rows
+    assert list(trained["seeds"]) == ["1"]  # one judge: the first seed
+    assert run_stage("fidelity", score_fidelity, argv=[]) == 0
+    table = json.loads((root / FIDELITY_JSON).read_text())
+    assert set(table["classes"]) == set(CLASSES) and table["oracle"] == {"seed": 1, "image_size": 32, "test_images": 6}
+    for entry in table["classes"].values():
+        assert entry["test_images"] == 2 and 0 <= entry["oracle_test_recall"] <= 1
+        for source in ("augmented", "base_only"):
+            assert entry[source]["images"] == 4
+            assert 0 <= entry[source]["share_own_class"] <= 1 and 0 < entry[source]["mean_p_own_class"] < 1
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=["lesion-synth"], filter_string="tags.stage = 'fidelity'")
+    assert len(runs) == 1 and runs["metrics.fidelity_augmented_mean"].iloc[0] == pytest.approx(
+        table["mean"]["augmented"]["share_own_class"])
+    # The oracle never trains on a val/test image: a reserve row that is really a test image is refused.
+    split = pd.read_csv(root / "data/prepared/split.csv")
+    split.loc[split.index[split["split"] == "reserve"][0], "image_id"] = split.loc[split["split"] == "test", "image_id"].iloc[0]
+    split.to_csv(root / "data/prepared/split.csv", index=False)
+    with pytest.raises(PipelineError, match="leakage guard: test image"):
+        train_oracle(params)
