@@ -242,7 +242,7 @@ def test_bad_variant_and_missing_manifest_are_one_line_errors(workspace, capsys)
     write_params(workspace, params)
     assert run_stage("train", train_variant, item="variant", track=False, argv=["fancy"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == "error: train@fancy: unknown variant 'fancy'; expected one of baseline, augmented"
+    assert err == "error: train@fancy: unknown variant 'fancy'; expected one of baseline, augmented, base_only, real_ceiling, oracle"
     assert run_stage("train", train_variant, item="variant", track=False, argv=["augmented"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "generate@mel" in err

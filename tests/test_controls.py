@@ -223,3 +223,38 @@ def test_oracle_and_fidelity_stages_at_micro_settings(tmp_path, monkeypatch):
     split.to_csv(root / "data/prepared/split.csv", index=False)
     with pytest.raises(PipelineError, match="leakage guard: test image"):
         train_oracle(params)
+
+
+# ----------------------------------------------------------------------------- the base_only control's images
+
+def test_generate_base_draws_the_class_prompt_from_the_base_model_alone(tmp_path, monkeypatch):
+    """No class model exists at all: the images are the base pipeline's, with the class's prompt and image seeds."""
+    import csv
+
+    from diffusion_workspace import build_base, pixels
+    from diffusion_workspace import make_workspace as make_diffusion_workspace
+    from diffusion_workspace import micro_params as diffusion_params
+
+    from pipeline.diffusion.base import load_base_pipeline
+    from pipeline.diffusion.generate import generate_class, generate_images, image_seed, make_scheduler
+    from pipeline.digest import sha256_file
+    from pipeline.paths import WORKSPACE_ENV
+
+    root = make_diffusion_workspace(tmp_path / "ws", build_base(tmp_path / "base"))
+    monkeypatch.chdir(root)
+    monkeypatch.delenv(WORKSPACE_ENV, raising=False)
+    params = diffusion_params(generate={"per_class": 2})
+    folder = generate_class(params, "vasc", base_only=True)
+    assert folder == root / "data/synthetic_base/vasc" and not (root / "data/synthetic").exists()
+    with (folder / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    seeds = [image_seed(params.seed, "vasc", k) for k in range(2)]
+    assert [int(r["seed"]) for r in rows] == seeds and {r["prompt"] for r in rows} == {params.class_prompt("vasc")}
+    assert {r["weights_sha256"] for r in rows} == {sha256_file(root / "models/base/unet/diffusion_pytorch_model.safetensors")}
+    pipe = load_base_pipeline(root / "models/base")
+    pipe.scheduler = make_scheduler(params.generate.scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    expected = generate_images(pipe, params.class_prompt("vasc"), "", seeds, steps=params.generate.steps,
+                               guidance=params.generate.guidance, resolution=params.diffusion.resolution)
+    for row, image in zip(rows, expected):
+        assert np.abs(pixels(folder / row["file"]) - np.asarray(image, dtype=np.int16)).max() <= 1

@@ -96,8 +96,9 @@ def test_full_pipeline_then_noop_then_class_swap(workspace):
     dvc = str(Path(sys.executable).parent / "dvc")
 
     first = run([dvc, "repro"], root, env)
-    assert {"demo_data", "prepare", "base", "finetune@df", "generate@vasc", "train@baseline",
-            "screen", "train@augmented", "evaluate", "report"} <= stages_ran(first)
+    assert {"demo_data", "prepare", "base", "finetune@df", "generate@vasc", "generate_base@vasc", "train@baseline",
+            "screen", "train@augmented", "train@base_only", "train@real_ceiling", "oracle", "fidelity", "evaluate",
+            "report"} <= stages_ran(first)
 
     metrics = json.loads((root / "reports/metrics.json").read_text())
     for variant in ("baseline", "augmented"):
@@ -107,7 +108,10 @@ def test_full_pipeline_then_noop_then_class_swap(workspace):
     assert len(manifest) == 4 and all((root / "data/synthetic/vasc" / f).is_file() for f in manifest.file)
 
     runs = [r for r in experiment_runs(root) if r.data.tags.get("stage") == "evaluate"]
-    assert sorted(r.data.tags.get("variant") for r in runs) == ["augmented", "baseline"]
+    assert sorted(r.data.tags.get("variant") for r in runs) == ["augmented", "base_only", "baseline"]  # no reserve: no ceiling
+    assert metrics["skipped"] == {"real_ceiling": json.loads((root / "reports/train/real_ceiling.json").read_text())["skipped"]}
+    fidelity = json.loads((root / "reports/fidelity.json").read_text())
+    assert set(fidelity["classes"]) == {"df", "vasc"} and set(fidelity["mean"]) == {"augmented", "base_only", "oracle_test_recall"}
     assert all("balanced_accuracy" in r.data.metrics for r in runs)
 
     second = run([dvc, "repro"], root, env)

@@ -26,7 +26,7 @@ def test_report_writes_summary_with_tables_and_figures(tmp_path, monkeypatch, ca
     write_params(root, params)
     (root / "reports/data.json").write_text(json.dumps(
         {"classes": {c: {"train": 6, "val": 2, "test": 2, "images": 10, "lesions": 10, "finetune": 3} for c in CLASSES}}))
-    for variant in ("baseline", "augmented"):
+    for variant in ("baseline", "augmented", "base_only"):  # evaluate reads the base_only control too
         train_variant(params, variant)
     metrics = evaluate(params)
 
