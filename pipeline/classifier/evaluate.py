@@ -44,6 +44,7 @@ from pipeline.classifier.gains import BASELINE, CEILING, SYNTHETIC, bootstrap_ga
 from pipeline.classifier.model import load_classifier, read_config
 from pipeline.classifier.train import VARIANTS, predict_proba
 from pipeline.classifier.variants import CONTROL_VARIANTS, skip_reason
+from pipeline.errors import PipelineError
 from pipeline.params import Params
 from pipeline.paths import CLASSIFIER_DIR, PLOTS_DIR, REPORTS_DIR, SYNTHETIC_DIR, workspace_root
 
@@ -221,8 +222,11 @@ def _evaluate(params: Params) -> dict:
     probas: dict[str, list[np.ndarray]] = {}
     for variant in variants:
         folder = root / CLASSIFIER_DIR / variant
-        size = int(read_config(folder)["image_size"])
-        images = load_images([s.path for s in test], size)
+        config = read_config(folder)
+        if "skipped" in config:
+            raise PipelineError(f"{folder}: train@{variant} was skipped ({config['skipped']}) but these params need it; "
+                                f"run `dvc repro train@{variant}`")
+        images = load_images([s.path for s in test], int(config["image_size"]))
         probas[variant] = [predict_proba(load_classifier(folder, seed, classes), images) for seed in seeds]
 
     per_seed = {v: [classification_metrics(y_true, p, classes) for p in probas[v]] for v in variants}
