@@ -236,7 +236,7 @@ def test_generate_base_draws_the_class_prompt_from_the_base_model_alone(tmp_path
     from diffusion_workspace import micro_params as diffusion_params
 
     from pipeline.diffusion.base import load_base_pipeline
-    from pipeline.diffusion.generate import generate_class, generate_images, image_seed, make_scheduler
+    from pipeline.diffusion.generate import Sampling, generate_class, generate_images, image_seed, make_scheduler
     from pipeline.digest import sha256_file
     from pipeline.paths import WORKSPACE_ENV
 
@@ -254,7 +254,7 @@ def test_generate_base_draws_the_class_prompt_from_the_base_model_alone(tmp_path
     pipe = load_base_pipeline(root / "models/base")
     pipe.scheduler = make_scheduler(params.generate.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    expected = generate_images(pipe, params.class_prompt("vasc"), "", seeds, steps=params.generate.steps,
-                               guidance=params.generate.guidance, resolution=params.diffusion.resolution)
+    sampling = Sampling(params.generate.steps, params.generate.guidance, params.diffusion.resolution)
+    expected = generate_images(pipe, params.class_prompt("vasc"), "", seeds, sampling)
     for row, image in zip(rows, expected):
         assert np.abs(pixels(folder / row["file"]) - np.asarray(image, dtype=np.int16)).max() <= 1
