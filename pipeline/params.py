@@ -35,7 +35,7 @@ class _Section(BaseModel):
 
 
 class SplitParams(_Section):
-    val: float = Field(0.15, gt=0, lt=1)
+    val: float = Field(0.2, gt=0, lt=1)
     test: float = Field(0.2, gt=0, lt=1)
 
     @model_validator(mode="after")
@@ -67,17 +67,24 @@ class DataParams(_Section):
             raise ValueError(f"at least 2 classes are needed to train a classifier, got {classes}")
         return classes
 
+    @model_validator(mode="after")
+    def _finetune_within_cap(self) -> "DataParams":
+        if self.real_per_class is not None and self.finetune_images > self.real_per_class:
+            raise ValueError(f"finetune_images ({self.finetune_images}) exceeds real_per_class ({self.real_per_class}): "
+                             "fine-tune images are drawn from the capped train images")
+        return self
+
     @property
     def is_demo(self) -> bool:
         return self.source == "demo"
 
 
 class DemoParams(_Section):
-    images: int = Field(1500, gt=0)
+    images: int = Field(2000, gt=0)
     size: int = Field(128, ge=32)
-    # Floor on every class's image count (HAM10000 has only ~1% df/vasc): enough for a 20-image
-    # fine-tune drawn from train while val and test still get some.
-    min_per_class: int = Field(40, gt=0)
+    # Floor on every class's image count (HAM10000 has only ~1% df/vasc). 260 at val = test = 0.2 gives each class
+    # >= 50 val and test images and ~156 train: a reserve of >= 100 (generate.per_class) at data.real_per_class 50.
+    min_per_class: int = Field(260, gt=0)
 
 
 class LoraParams(_Section):
@@ -216,10 +223,13 @@ class QualityParams(_Section):
 
 
 class SweepParams(_Section):
-    """`make sweep`: one queued DVC experiment per (diffusion.method, generate.per_class); no stage reads it."""
+    """`make sweep`: one queued DVC experiment per point of two axes, method × generate.per_class (at
+    data.real_per_class) and method × data.real_per_class (at generate.per_class); no stage reads it."""
 
     methods: list[Method] = Field(default_factory=lambda: ["lora", "dreambooth", "textual_inversion"], min_length=1)
     amounts: list[int] = Field(default_factory=lambda: [50, 100, 200], min_length=1)  # synthetic images per class
+    # Real train images per class (data.real_per_class), each at generate.per_class; [] leaves this axis out.
+    real_per_class: list[int] = Field(default_factory=lambda: [5, 10, 20, 50])
     jobs: int = Field(1, gt=0)  # `dvc queue start -j`: experiments run at once
     timeout_minutes: float = Field(240, gt=0)
 
@@ -229,6 +239,13 @@ class SweepParams(_Section):
         if any(a <= 0 for a in amounts) or len(set(amounts)) != len(amounts):
             raise ValueError(f"amounts must be distinct and > 0 (0 is the baseline, drawn without a run), got {amounts}")
         return amounts
+
+    @field_validator("real_per_class")
+    @classmethod
+    def _positive_caps(cls, caps: list[int]) -> list[int]:
+        if any(k <= 0 for k in caps) or len(set(caps)) != len(caps):
+            raise ValueError(f"real_per_class must be distinct and > 0, got {caps}")
+        return caps
 
 
 class ComputeParams(_Section):

@@ -11,9 +11,12 @@ import pytest
 from fixtures_data import make_workspace
 from PIL import Image
 
-from pipeline.data.demo import HAM_COUNTS, METADATA_COLUMNS, class_counts, make_demo, write_demo
+from pipeline.data.demo import HAM_COUNTS, METADATA_COLUMNS, class_counts, make_demo, plan, write_demo
 from pipeline.data.ham10000 import load_metadata
-from pipeline.params import parse_params
+from pipeline.data.split import assign_splits, cap_train
+from pipeline.params import load_params, parse_params
+
+REPO = Path(__file__).resolve().parents[1]
 
 PARTS = {"HAM10000_images_part_1", "HAM10000_images_part_2"}
 
@@ -38,6 +41,24 @@ def test_class_counts_follow_ham10000_with_a_floor():
     assert big == HAM_COUNTS
     tiny = class_counts(70, 40)
     assert sum(tiny.values()) == 70 and min(tiny.values()) == 10
+
+
+def test_default_demo_fills_val_test_and_a_reserve_for_every_cap_of_the_sweep():
+    """At the repository's params: >= 40 val and test images per selected class (recall in steps of <= 0.025), and a
+    reserve of >= generate.per_class images per class at data.real_per_class and at every cap the sweep tries."""
+    params = load_params(REPO / "params.yaml")
+    table = plan(params.seed, params.demo.images, params.demo.min_per_class)  # the metadata only: nothing drawn
+    table["path"] = "x"
+    split = assign_splits(table, params.data.split.val, params.data.split.test, params.seed)
+    selected = split[split["dx"].isin(params.data.classes)]
+    counts = selected.groupby(["dx", "split"]).size().unstack(fill_value=0)
+    assert (counts["val"] >= 40).all() and (counts["test"] >= 40).all(), counts
+    assert params.data.real_per_class is not None  # the embedded default is the scarce setting
+    for cap in {params.data.real_per_class, *params.sweep.real_per_class}:
+        capped = cap_train(split, params.data.classes, cap, params.seed)
+        kept = capped[capped["dx"].isin(params.data.classes)].groupby(["dx", "split"]).size().unstack(fill_value=0)
+        assert (kept["reserve"] >= params.generate.per_class).all(), (cap, kept)
+        assert (kept["train"] == cap).all() and kept[["val", "test"]].equals(counts[["val", "test"]])
 
 
 def test_exact_release_layout_and_schema(demo):

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from fixtures_data import ham_table, image_path, make_ham_folder, make_workspace, write_params
 
-from pipeline.data.split import assign_splits, check_no_leakage, prepare, sample_finetune
+from pipeline.data.split import assign_splits, cap_train, check_no_leakage, prepare, sample_finetune
 from pipeline.errors import PipelineError
 from pipeline.params import parse_params
 
@@ -110,6 +110,67 @@ def test_leakage_guard_fires_on_corrupted_frames():
     bad_sample = {"mel": pd.concat([sample["mel"], val_image[sample["mel"].columns]])}
     with pytest.raises(PipelineError, match=f"fine-tune image '{val_image['image_id'].iloc[0]}' of class 'mel'"):
         check_no_leakage(split, bad_sample)
+
+
+def _split_of(root: Path) -> pd.DataFrame:
+    return pd.read_csv(root / "data/prepared/split.csv", dtype=str).set_index("image_id")
+
+
+def test_cap_keeps_whole_lesions_moves_the_rest_to_reserve_and_leaves_val_test_alone(tmp_path, monkeypatch):
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    root = make_workspace(tmp_path / "ws")
+    make_ham_folder(root / "data/ham", lesions_per_class=12)  # 21 images per class, lesions of 1, 2, 1 and 3 images
+    monkeypatch.chdir(root)
+    classes = ["df", "mel"]
+    prepare(_params(classes=classes))
+    full = _split_of(root)
+    report = prepare(_params(classes=classes, real_per_class=6))
+    capped = _split_of(root)
+
+    assert list(capped.index) == list(full.index)
+    for name in ("val", "test"):
+        assert set(capped.index[capped["split"] == name]) == set(full.index[full["split"] == name])
+    moved = capped["split"] != full["split"]
+    assert (full.loc[moved, "split"] == "train").all() and (capped.loc[moved, "split"] == "reserve").all()
+    assert set(capped.loc[moved, "dx"]) == set(classes)  # only the selected classes are capped
+    assert (capped.groupby("lesion_id")["split"].nunique() == 1).all()  # no lesion split between train and reserve
+    written = json.loads((root / "reports/data.json").read_text())
+    assert written["real_per_class"] == 6
+    for class_code in classes:
+        rows = capped[capped["dx"] == class_code]
+        train, reserve = rows.index[rows["split"] == "train"], rows.index[rows["split"] == "reserve"]
+        assert len(train) == 6  # single-image lesions exist, so first-fit reaches the cap exactly
+        assert len(train) + len(reserve) == int((full.loc[full["dx"] == class_code, "split"] == "train").sum())
+        assert written["classes"][class_code]["reserve"] == len(reserve) > 0
+        assert written["classes"][class_code]["train"] == 6
+        sample = pd.read_csv(root / f"data/prepared/finetune/{class_code}.csv", dtype=str)
+        assert len(sample) == 3 and set(sample["image_id"]) <= set(train)  # fine-tune images come from the K
+    assert written["totals"]["reserve"] == sum(written["classes"][c]["reserve"] for c in classes)
+    assert report["classes"]["mel"] == written["classes"]["mel"]
+
+
+def test_cap_rounds_down_when_no_lesion_fits():
+    table = ham_table(lesions_per_class=6, classes=("mel", "nv"), images_per_lesion=(3,))
+    table["path"] = "x"
+    split = assign_splits(table, val=0.2, test=0.2, seed=0)
+    capped = cap_train(split, ["mel"], 5, seed=0)
+    mel = capped[capped["dx"] == "mel"]
+    assert (mel["split"] == "train").sum() == 3  # lesions of 3: one fits under 5, two would overshoot
+    assert (mel["split"] == "reserve").sum() == (split[split["dx"] == "mel"]["split"] == "train").sum() - 3
+    assert cap_train(split, ["mel"], 5, seed=0).equals(capped)  # deterministic
+
+
+def test_cap_above_a_class_train_split_is_a_one_line_error(workspace):
+    with pytest.raises(PipelineError) as exc:
+        prepare(_params(classes=["df", "mel"], real_per_class=40))
+    message = str(exc.value)
+    assert message.startswith("data.real_per_class is 40 but class 'df' has only") and "\n" not in message
+    assert not (workspace / "data/prepared").exists() and not (workspace / "reports/data.json").exists()
+
+
+def test_finetune_images_above_the_cap_is_refused():
+    with pytest.raises(PipelineError, match=r"data: finetune_images \(3\) exceeds real_per_class \(2\)"):
+        _params(real_per_class=2)
 
 
 def test_unknown_class_in_params():

@@ -2,10 +2,14 @@
 
 Design choices (DESIGN.md):
 - The split covers every class in the data, not only ``data.classes``, so changing the class list
-  leaves split.csv byte-identical and DVC does not retrain the base model.
+  leaves split.csv byte-identical and DVC does not retrain the base model (with ``data.real_per_class`` null).
 - Each class is split on its own, by shuffling its lesions with a generator seeded by (seed, class):
   one class's split never depends on another class's data.
-- Fine-tune images come from train only, seeded by (seed, class), preferring distinct lesions.
+- Scarcity (``data.real_per_class`` = K): each selected class keeps at most K train images, whole lesions only;
+  the rest of its train split is marked ``reserve``, the real images a user would not have. Only the
+  ``real_ceiling`` classifier variant and the oracle read them; everything that reads ``split == "train"``
+  (the base model, fine-tuning, the baseline and augmented classifiers, screening) never sees them.
+- Fine-tune images come from train only (so from the K), seeded by (seed, class), preferring distinct lesions.
 - A runtime guard refuses to write anything if a lesion crosses splits or a fine-tune image is not in train.
 """
 
@@ -25,6 +29,8 @@ from pipeline.params import CLASS_NAMES, Params
 from pipeline.paths import DEMO_DIR, FINETUNE_DIR, PREPARED_DIR, REPORTS_DIR, SPLIT_CSV, resolve_user_path, workspace_root
 
 SPLITS = ("train", "val", "test")
+RESERVE = "reserve"  # train images of a selected class beyond data.real_per_class
+SPLIT_VALUES = (*SPLITS, RESERVE)
 SPLIT_COLUMNS = ["image_id", "lesion_id", "dx", "split", "path"]
 FINETUNE_COLUMNS = ["image_id", "lesion_id", "dx", "path"]
 DATA_JSON = REPORTS_DIR / "data.json"
@@ -78,6 +84,32 @@ def assign_splits(frame: pd.DataFrame, val: float, test: float, seed: int) -> pd
     return out
 
 
+def cap_train(split: pd.DataFrame, classes: list[str], per_class: int, seed: int) -> pd.DataFrame:
+    """Keep at most ``per_class`` train images of each of ``classes``, whole lesions only; the rest becomes ``reserve``.
+
+    The class's train lesions are shuffled (seeded by (seed, class)) and taken first-fit: a lesion that would
+    overshoot the cap is passed over for a later, smaller one, so a class gets exactly ``per_class`` images
+    unless no remaining lesion fits; then it rounds down (never up: a lesion is never split).
+    """
+    out = split.copy()
+    for class_code in classes:
+        train = out[(out["dx"] == class_code) & (out["split"] == "train")]
+        if len(train) < per_class:
+            raise PipelineError(
+                f"data.real_per_class is {per_class} but class {class_code!r} has only {len(train)} train image(s) "
+                f"({train['lesion_id'].nunique()} lesion(s)); lower data.real_per_class or set it to null (all)"
+            )
+        sizes = train.groupby("lesion_id").size().sort_index()
+        order = sizes.iloc[_class_seed(seed, class_code, 3).permutation(len(sizes))]
+        kept, taken = set(), 0
+        for lesion, size in order.items():
+            if taken + size <= per_class:
+                kept.add(lesion)
+                taken += size
+        out.loc[train.index[~train["lesion_id"].isin(kept)], "split"] = RESERVE
+    return out
+
+
 def sample_finetune(split: pd.DataFrame, class_code: str, count: int, seed: int) -> pd.DataFrame:
     """``count`` train images of one class, one per lesion before any lesion gives a second; sorted by image_id."""
     train = split[(split["dx"] == class_code) & (split["split"] == "train")].sort_values("image_id")
@@ -103,9 +135,9 @@ def check_no_leakage(split: pd.DataFrame, finetune: Mapping[str, pd.DataFrame]) 
         raise PipelineError(
             f"leakage: lesion {lesion!r} is in several splits ({', '.join(where)}); {len(crossing)} lesion(s) affected"
         )
-    bad_split = split.loc[~split["split"].isin(SPLITS), "split"]
+    bad_split = split.loc[~split["split"].isin(SPLIT_VALUES), "split"]
     if len(bad_split):
-        raise PipelineError(f"split column holds {bad_split.iloc[0]!r}; expected one of {', '.join(SPLITS)}")
+        raise PipelineError(f"split column holds {bad_split.iloc[0]!r}; expected one of {', '.join(SPLIT_VALUES)}")
     train_ids = set(split.loc[split["split"] == "train", "image_id"])
     for class_code, sample in finetune.items():
         outside = sample.loc[~sample["image_id"].isin(train_ids), "image_id"]
@@ -144,8 +176,10 @@ def build(params: Params) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict, 
     root = workspace_root()
     split["path"] = split["path"].map(lambda p: _relative(p, root))
     split = split.sort_values("image_id")[SPLIT_COLUMNS].reset_index(drop=True)
+    if data.real_per_class is not None:
+        split = cap_train(split, data.classes, data.real_per_class, params.seed)
 
-    per_class = split.groupby(["dx", "split"]).size().unstack(fill_value=0).reindex(columns=list(SPLITS), fill_value=0)
+    per_class = split.groupby(["dx", "split"]).size().unstack(fill_value=0).reindex(columns=list(SPLIT_VALUES), fill_value=0)
     for class_code in data.classes:
         for name in ("val", "test"):
             if per_class.at[class_code, name] == 0:
@@ -162,9 +196,10 @@ def build(params: Params) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict, 
     report = {
         "source": data.source,  # as configured: absolute paths would differ per machine in `dvc metrics diff`
         "layout": source.layout,
+        "real_per_class": data.real_per_class,  # null: no cap, so no reserve
         "classes": {
             c: {
-                **{name: int(per_class.at[c, name]) for name in SPLITS},
+                **{name: int(per_class.at[c, name]) for name in SPLIT_VALUES},
                 "images": int(per_class.loc[c].sum()),
                 "lesions": int(split.loc[split["dx"] == c, "lesion_id"].nunique()),
                 "finetune": len(finetune[c]),
@@ -172,14 +207,14 @@ def build(params: Params) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict, 
             for c in data.classes
         },
         "totals": {
-            **{name: int((selected["split"] == name).sum()) for name in SPLITS},
+            **{name: int((selected["split"] == name).sum()) for name in SPLIT_VALUES},
             "images": len(selected),
             "lesions": int(selected["lesion_id"].nunique()),
         },
         "all_classes": {
             "images": len(split),
             "lesions": int(split["lesion_id"].nunique()),
-            **{name: int((split["split"] == name).sum()) for name in SPLITS},
+            **{name: int((split["split"] == name).sum()) for name in SPLIT_VALUES},
         },
         "skipped_images": len(source.skipped),
         "warnings": len(source.warnings),
@@ -207,6 +242,11 @@ def prepare(params: Params) -> dict:
     from pipeline import tracking
 
     split, finetune, report, skipped = build(params)
+    cap = params.data.real_per_class
+    for class_code, counts in report["classes"].items():
+        if cap is not None and counts["train"] < cap:
+            print(f"prepare: class {class_code!r} keeps {counts['train']} train images, not data.real_per_class={cap}: "
+                  "no remaining lesion fits the cap (lesions are never split)")
     root = workspace_root()
     write_outputs(root, split, finetune, report, skipped)
     metrics = {f"{c}.{k}": v for c, counts in report["classes"].items() for k, v in counts.items()}
