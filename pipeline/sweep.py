@@ -1,15 +1,22 @@
-"""The method × amount sweep: which fine-tuning method, and how many synthetic images per class, help the most?
+"""The sweep: which fine-tuning method, how many synthetic images, and how scarce the real ones, make augmentation pay?
 
-Each point (``diffusion.method``, ``generate.per_class``) is one queued DVC experiment (``dvc exp run --queue``), so
-every point is a full, recorded pipeline run (params, metrics, outputs under ``refs/exps``). DVC's run cache restores
-what points share (demo data, split, base model, baseline classifier, and one method's fine-tuned models across
-amounts), so mostly generation and the augmented classifier rerun (plus the short stages whose outputs git keeps
-uncached: demo_data, screen, report). Amount 0 is the baseline itself (no synthetic
-image): its gain is 0 by definition and is drawn, not run.
+Two axes, each crossed with ``sweep.methods``:
+- amount: ``generate.per_class`` over ``sweep.amounts``, at the configured ``data.real_per_class``;
+- scarcity: ``data.real_per_class`` (K real train images per class) over ``sweep.real_per_class``, at the configured
+  ``generate.per_class``. Fine-tuning images are drawn from the K, so a point sets ``data.finetune_images`` to
+  min(configured, K).
+A point on both axes runs once. Each point (``diffusion.method``, ``generate.per_class``, ``data.real_per_class``)
+is one queued DVC experiment (``dvc exp run --queue``), so every point is a full, recorded pipeline run (params,
+metrics, outputs under ``refs/exps``). DVC's run cache restores what points share (demo data, and per K the split,
+base model and baseline classifier), so mostly generation and the classifiers after it rerun (plus the short
+stages whose outputs git keeps uncached). Amount 0 is the baseline itself (no synthetic image): its gain is 0 by
+definition and is drawn, not run.
 
-Results are read back from each experiment's git commit (``reports/metrics.json`` is a DVC metric kept in git), and
-written to ``reports/sweep/``: ``gain_vs_amount.png`` (one line per method, 95% CI bars), ``sweep.md`` and
-``sweep.json``; the same files go to an MLflow run tagged ``kind=sweep``.
+Results are read back from each experiment's git commit (``reports/metrics.json`` is a DVC metric kept in git):
+the augmented gain with its 95% CI, and the gain of every control variant the file holds (base_only, real_ceiling).
+They are written to ``reports/sweep/``: ``gain_vs_amount.png`` and ``gain_vs_real.png`` (one line per method, one
+per control, 95% CI bars; a line without data is left out), ``sweep.md`` and ``sweep.json``; the same files go to
+an MLflow run tagged ``kind=sweep``.
 
     python -m pipeline.sweep            # or: make sweep   (methods, amounts, jobs: the `sweep` section of params.yaml)
 """
@@ -25,6 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -35,6 +43,9 @@ from pipeline.paths import REPORTS_DIR, workspace_root
 
 SWEEP_DIR = REPORTS_DIR / "sweep"
 METRIC = "balanced_accuracy"
+CONTROLS = ("base_only", "real_ceiling")  # control variants whose gain over baseline metrics.json may hold
+CHARTS = {"amount": ("gain_vs_amount.png", "synthetic images per class (generate.per_class)"),
+          "real_per_class": ("gain_vs_real.png", "real train images per class (data.real_per_class)")}
 POLL_SECONDS = 5
 
 
@@ -42,12 +53,31 @@ POLL_SECONDS = 5
 class Point:
     method: str
     amount: int
+    real_per_class: int | None  # None: every train image (no cap)
     name: str  # the DVC experiment name
 
 
+def _cap_label(cap: int | None) -> str:
+    return "all" if cap is None else str(cap)
+
+
 def plan(params: Params, sweep_id: str) -> list[Point]:
-    s = params.sweep
-    return [Point(m, a, f"{sweep_id}-{m.replace('_', '-')}-{a}") for m in s.methods for a in s.amounts]
+    """Both axes' points, method-major; the point the axes share appears once."""
+    s, cap, amount = params.sweep, params.data.real_per_class, params.generate.per_class
+    keys: list[tuple[str, int, int | None]] = []
+    for m in s.methods:
+        for key in [(m, a, cap) for a in s.amounts] + [(m, amount, k) for k in s.real_per_class]:
+            if key not in keys:
+                keys.append(key)
+    return [Point(m, a, k, f"{sweep_id}-{m.replace('_', '-')}-{a}-real{_cap_label(k)}") for m, a, k in keys]
+
+
+def overrides(point: Point, params: Params) -> dict[str, object]:
+    """The params a point changes (``dvc exp run -S``); fine-tuning images stay within the K real ones."""
+    cap = point.real_per_class
+    finetune = params.data.finetune_images if cap is None else min(params.data.finetune_images, cap)
+    return {"diffusion.method": point.method, "generate.per_class": point.amount,
+            "data.real_per_class": "null" if cap is None else cap, "data.finetune_images": finetune}
 
 
 def _env(jobs: int = 1) -> dict[str, str]:
@@ -69,10 +99,10 @@ def _dvc(args: list[str], root: Path) -> str:
     return done.stdout
 
 
-def queue(points: list[Point], root: Path) -> None:
+def queue(points: list[Point], params: Params, root: Path) -> None:
     for p in points:
-        _dvc(["exp", "run", "--queue", "-n", p.name, "-S", f"diffusion.method={p.method}",
-              "-S", f"generate.per_class={p.amount}"], root)
+        settings = [arg for key, value in overrides(p, params).items() for arg in ("-S", f"{key}={value}")]
+        _dvc(["exp", "run", "--queue", "-n", p.name, *settings], root)
 
 
 def queue_states(root: Path) -> dict[str, str]:
@@ -123,77 +153,163 @@ def _git_show(root: Path, ref: str, path: str) -> str:
     return done.stdout
 
 
+def control_gains(metrics: dict) -> dict[str, tuple[float, float, float]]:
+    """{control variant: (gain, ci_low, ci_high)} for each of CONTROLS that metrics.json holds.
+
+    The gain comes from ``gain_over_baseline`` when evaluate wrote it (with its CI); otherwise from the variant's own
+    figure minus baseline's, with no CI (NaN)."""
+    out = {}
+    recorded = metrics.get("gain_over_baseline", {})
+    for variant in CONTROLS:
+        if isinstance(recorded.get(variant), dict) and METRIC in recorded[variant]:
+            entry = recorded[variant]
+            out[variant] = (entry[METRIC], entry.get("ci_low", np.nan), entry.get("ci_high", np.nan))
+        elif isinstance(metrics.get(variant), dict) and METRIC in metrics[variant]:
+            out[variant] = (metrics[variant][METRIC] - metrics["baseline"][METRIC], np.nan, np.nan)
+    return out
+
+
+def _row(p: Point, metrics: dict) -> dict:
+    row = {
+        "method": p.method, "amount": p.amount, "real_per_class": p.real_per_class, "experiment": p.name,
+        "baseline": metrics["baseline"][METRIC], "augmented": metrics["augmented"][METRIC],
+        "gain": metrics["gain"][METRIC], "ci_low": metrics["gain_ci95"][METRIC]["low"],
+        "ci_high": metrics["gain_ci95"][METRIC]["high"], "verdict": metrics["verdict"],
+    }
+    controls = control_gains(metrics)
+    for variant in CONTROLS:
+        row.update(zip((f"{variant}_gain", f"{variant}_ci_low", f"{variant}_ci_high"),
+                       controls.get(variant, (np.nan,) * 3)))
+    return row
+
+
 def collect(points: list[Point], root: Path) -> pd.DataFrame:
-    """One row per point from the experiment's own params.yaml and reports/metrics.json, plus the amount-0 rows."""
+    """One row per point from the experiment's own params.yaml and reports/metrics.json, plus amount-0 rows (the
+    baseline) at every real_per_class the amount axis ran at."""
     refs = _experiment_refs(root)
     rows = []
     for p in points:
         if p.name not in refs:
             raise PipelineError(f"experiment {p.name} not found under refs/exps; did it run?")
         ran = yaml.safe_load(_git_show(root, refs[p.name], "params.yaml"))
-        if ran["diffusion"]["method"] != p.method or ran["generate"]["per_class"] != p.amount:
-            raise PipelineError(f"experiment {p.name}: its params.yaml is not ({p.method}, {p.amount})")
-        metrics = json.loads(_git_show(root, refs[p.name], "reports/metrics.json"))
-        rows.append({
-            "method": p.method, "amount": p.amount, "experiment": p.name,
-            "baseline": metrics["baseline"][METRIC], "augmented": metrics["augmented"][METRIC],
-            "gain": metrics["gain"][METRIC], "ci_low": metrics["gain_ci95"][METRIC]["low"],
-            "ci_high": metrics["gain_ci95"][METRIC]["high"], "verdict": metrics["verdict"],
-        })
+        cap = ran.get("data", {}).get("real_per_class")
+        if ran["diffusion"]["method"] != p.method or ran["generate"]["per_class"] != p.amount or cap != p.real_per_class:
+            raise PipelineError(f"experiment {p.name}: its params.yaml is not ({p.method}, {p.amount}, "
+                                f"real_per_class {_cap_label(p.real_per_class)})")
+        rows.append(_row(p, json.loads(_git_show(root, refs[p.name], "reports/metrics.json"))))
     frame = pd.DataFrame(rows)
-    zero = frame.groupby("method", as_index=False)["baseline"].first()
+    frame["real_per_class"] = pd.Series([None if pd.isna(k) else int(k) for k in frame["real_per_class"]], dtype=object)
+    group = frame["method"] + "|" + frame["real_per_class"].map(_cap_label)
+    zero = frame.loc[~group.duplicated(), ["method", "real_per_class", "baseline"]].reset_index(drop=True)
     zero = zero.assign(amount=0, experiment="(baseline)", augmented=zero.baseline, gain=0.0, ci_low=0.0, ci_high=0.0,
                        verdict="reference")
-    return pd.concat([zero, frame], ignore_index=True).sort_values(["method", "amount"], ignore_index=True)
+    zero_group = zero["method"] + "|" + zero["real_per_class"].map(_cap_label)
+    for variant in CONTROLS:  # no extra image: no gain, drawn only where the control ran
+        ran_control = zero_group.map(frame[f"{variant}_gain"].notna().groupby(group).any())
+        for column in ("gain", "ci_low", "ci_high"):
+            zero[f"{variant}_{column}"] = np.where(ran_control, 0.0, np.nan)
+    frame = pd.concat([zero, frame], ignore_index=True)
+    order = frame["real_per_class"].map(lambda k: np.inf if k is None else k)
+    return frame.assign(_order=order).sort_values(["method", "_order", "amount"], ignore_index=True).drop(columns="_order")
 
 
-def plot(frame: pd.DataFrame, path: Path) -> None:
+def axis_rows(frame: pd.DataFrame, axis: str, params: Params) -> pd.DataFrame:
+    """The rows of one axis: the amount axis at data.real_per_class, the scarcity axis (capped points) at
+    generate.per_class."""
+    if axis == "amount":
+        return frame[frame["real_per_class"].map(lambda k: k == params.data.real_per_class)]
+    capped = frame["real_per_class"].map(lambda k: k is not None)
+    return frame[capped & (frame["amount"] == params.generate.per_class)].astype({"real_per_class": int})
+
+
+def plot(rows: pd.DataFrame, x: str, xlabel: str, path: Path) -> list[str]:
+    """Gain against ``x``: a line per method (augmented), one per control present in ``rows`` (the mean over
+    methods: a control does not depend on the method), 95% CI bars where known. Returns the lines' labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for method, rows in frame.groupby("method"):
-        err = [100 * (rows.gain - rows.ci_low), 100 * (rows.ci_high - rows.gain)]
-        ax.errorbar(rows.amount, 100 * rows.gain, yerr=err, marker="o", capsize=3, label=method)
+    drawn: list[str] = []
+
+    def line(points: pd.DataFrame, prefix: str, label: str, **style) -> None:
+        points = points.dropna(subset=[f"{prefix}gain"]).sort_values(x)
+        if points.empty:
+            return
+        gain, low, high = (100 * points[f"{prefix}{c}"] for c in ("gain", "ci_low", "ci_high"))
+        err = None if low.isna().all() else [(gain - low).fillna(0), (high - gain).fillna(0)]
+        ax.errorbar(points[x], gain, yerr=err, marker="o", capsize=3, label=label, **style)
+        drawn.append(label)
+
+    for method, points in rows.groupby("method"):
+        line(points, "", label=method)
+    for variant, style in (("base_only", {"ls": ":", "color": "grey"}), ("real_ceiling", {"ls": "--", "color": "black"})):
+        columns = [f"{variant}_{c}" for c in ("gain", "ci_low", "ci_high")]
+        line(rows.groupby(x, as_index=False)[columns].mean(), f"{variant}_", label=variant, **style)
     ax.axhline(0, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("synthetic images per class (generate.per_class)")
+    if x == "real_per_class":  # caps grow roughly geometrically (5, 10, 20, 50)
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(rows[x].unique()), [str(k) for k in sorted(rows[x].unique())])
+        ax.minorticks_off()
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("balanced accuracy gain (pp), 95% CI")
-    ax.set_title("augmented − baseline on the real test split")
+    ax.set_title("gain over baseline on the real test split")
     ax.legend()
     fig.tight_layout()
     with atomic_file(path) as temp:
         fig.savefig(temp, format="png", dpi=120)
     plt.close(fig)
+    return drawn
 
 
-def markdown(frame: pd.DataFrame) -> str:
-    lines = ["# Method × amount sweep", "",
-             "Balanced accuracy on the real test split; gain = augmented − baseline with its paired-bootstrap 95% CI. "
-             "Amount 0 is the baseline (no synthetic image).", "",
-             "![gain vs amount](gain_vs_amount.png)", "",
-             "| method | per class | experiment | baseline | augmented | gain | 95% CI | verdict |",
-             "|---|---:|---|---:|---:|---:|---|---|"]
-    for r in frame.itertuples():
-        lines.append(f"| {r.method} | {r.amount} | {r.experiment} | {r.baseline:.3f} | {r.augmented:.3f} | "
-                     f"{r.gain:+.3f} | {r.ci_low:+.3f} .. {r.ci_high:+.3f} | {r.verdict} |")
+def _figure(value: float) -> str:
+    return "–" if pd.isna(value) else f"{value:+.3f}"
+
+
+def markdown(frame: pd.DataFrame, charts: list[str]) -> str:
+    controls = [v for v in CONTROLS if frame[f"{v}_gain"].notna().any()]
+    lines = ["# Sweep: method × synthetic amount, method × real images per class", "",
+             "Balanced accuracy on the real test split; gain = augmented − baseline with its paired-bootstrap 95% CI"
+             f"{''.join(f'; {v} gain = {v} − baseline' for v in controls)}. Amount 0 is the baseline (no synthetic "
+             "image). Real per class: data.real_per_class, the classifier's real train images per class (all: no cap).",
+             "", *[f"![{name[:-4].replace('_', ' ')}]({name})" for name in charts], "",
+             "| method | synthetic per class | real per class | experiment | baseline | augmented | gain | 95% CI | "
+             + "".join(f"{v} gain | " for v in controls) + "verdict |",
+             "|---|---:|---:|---|---:|---:|---:|---|" + "---:|" * len(controls) + "---|"]
+    for r in frame.to_dict("records"):
+        lines.append(f"| {r['method']} | {r['amount']} | {_cap_label(r['real_per_class'])} | {r['experiment']} | "
+                     f"{r['baseline']:.3f} | {r['augmented']:.3f} | {r['gain']:+.3f} | {r['ci_low']:+.3f} .. "
+                     f"{r['ci_high']:+.3f} | " + "".join(f"{_figure(r[f'{v}_gain'])} | " for v in controls)
+                     + f"{r['verdict']} |")
     best = frame[frame.amount > 0].sort_values("gain").iloc[-1]
-    lines += ["", f"Best point: **{best.method}** with {best.amount} images per class, gain {best.gain:+.3f} "
+    lines += ["", f"Best point: **{best.method}** with {best.amount} synthetic images per class at "
+              f"{_cap_label(best.real_per_class)} real per class, gain {best.gain:+.3f} "
               f"({best.verdict}){'' if best.gain > 0 else '; no point beat the baseline'}."]
     return "\n".join(lines) + "\n"
 
 
+def _json_records(frame: pd.DataFrame) -> list[dict]:
+    """Rows as JSON-ready dicts: NaN (a control that did not run) becomes null."""
+    return [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
+            for row in frame.to_dict("records")]
+
+
 def write_outputs(frame: pd.DataFrame, params: Params, root: Path, sweep_id: str) -> Path:
     folder = root / SWEEP_DIR
-    plot(frame, folder / "gain_vs_amount.png")
-    write_text(folder / "sweep.md", markdown(frame))
-    write_json(folder / "sweep.json", {"sweep_id": sweep_id, "metric": METRIC, "points": frame.to_dict("records")})
-    _log_to_mlflow(frame, params, folder, sweep_id)
+    charts = []
+    for axis, (name, xlabel) in CHARTS.items():
+        rows = axis_rows(frame, axis, params)
+        if axis == "amount" or rows["real_per_class"].nunique() > 0:
+            plot(rows, axis, xlabel, folder / name)
+            charts.append(name)
+    write_text(folder / "sweep.md", markdown(frame, charts))
+    write_json(folder / "sweep.json", {"sweep_id": sweep_id, "metric": METRIC, "points": _json_records(frame)})
+    _log_to_mlflow(frame, params, folder, sweep_id, charts)
     return folder / "sweep.md"
 
 
-def _log_to_mlflow(frame: pd.DataFrame, params: Params, folder: Path, sweep_id: str) -> None:
+def _log_to_mlflow(frame: pd.DataFrame, params: Params, folder: Path, sweep_id: str, charts: list[str]) -> None:
     import mlflow
 
     from pipeline import tracking
@@ -202,16 +318,23 @@ def _log_to_mlflow(frame: pd.DataFrame, params: Params, folder: Path, sweep_id: 
     experiment_id = tracking.ensure_experiment(params.mlflow.experiment)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"sweep {sweep_id}",
                           tags={"kind": "sweep", "sweep_id": sweep_id}):
-        mlflow.log_metrics({f"gain_{r.method}_{r.amount}": r.gain for r in frame.itertuples() if r.amount > 0})
-        for name in ("gain_vs_amount.png", "sweep.md", "sweep.json"):
+        ran = frame[frame.amount > 0].to_dict("records")
+        gains = {f"gain_{r['method']}_{r['amount']}_real{_cap_label(r['real_per_class'])}": r["gain"] for r in ran}
+        for variant in CONTROLS:  # one figure per (amount, cap): a control does not depend on the method
+            gains.update({f"gain_{variant}_{r['amount']}_real{_cap_label(r['real_per_class'])}": r[f"{variant}_gain"]
+                          for r in ran if not pd.isna(r[f"{variant}_gain"])})
+        mlflow.log_metrics(gains)
+        for name in (*charts, "sweep.md", "sweep.json"):
             mlflow.log_artifact(str(folder / name))
 
 
 def sweep(params: Params, root: Path, sweep_id: str) -> Path:
     points = plan(params, sweep_id)
-    print(f"sweep {sweep_id}: {len(points)} experiments ({', '.join(params.sweep.methods)} × "
-          f"{params.sweep.amounts} per class), {params.sweep.jobs} at a time")
-    queue(points, root)
+    s = params.sweep
+    print(f"sweep {sweep_id}: {len(points)} experiments ({', '.join(s.methods)} × {s.amounts} synthetic per class at "
+          f"{_cap_label(params.data.real_per_class)} real, and × {s.real_per_class} real per class at "
+          f"{params.generate.per_class} synthetic), {s.jobs} at a time")
+    queue(points, params, root)
     run_queue(points, root, params.sweep.jobs, params.sweep.timeout_minutes * 60)
     return write_outputs(collect(points, root), params, root, sweep_id)
 

@@ -24,7 +24,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 MICRO = {
-    "data": {"classes": ["df", "vasc"], "finetune_images": 4, "image_size": 32},
+    "data": {"classes": ["df", "vasc"], "finetune_images": 4, "real_per_class": 4, "image_size": 32},
     "demo": {"images": 160, "size": 48},
     "diffusion": {
         "resolution": 32, "steps": 4, "batch": 2, "checkpoint_every": 2,
@@ -127,37 +127,41 @@ def test_full_pipeline_then_noop_then_class_swap(workspace):
 
 @pytest.mark.slow
 def test_method_sweep_queues_one_experiment_per_point_and_draws_the_chart(workspace):
-    """`python -m pipeline.sweep` over three methods at `-j 2`: every point runs as its own queued experiment
-    (in its own copy, logging to the repo's one mlflow.db), and its gain lands in the chart's data."""
+    """`python -m pipeline.sweep` over three methods at `-j 2`, on both axes (synthetic amount, real images per
+    class): every point runs as its own queued experiment (in its own copy, logging to the repo's one mlflow.db),
+    and its gain lands in the charts' data."""
     root, env = workspace
     params = yaml.safe_load((root / "params.yaml").read_text())
     # 3 per class, not the workspace's 4: with the workspace's own params DVC's run cache would restore every stage
     # of the lora point, evaluate included, and it would log no MLflow run of its own.
-    params["sweep"] = {"methods": ["lora", "dreambooth", "textual_inversion"], "amounts": [3], "jobs": 2,
-                       "timeout_minutes": 15}
+    params["sweep"] = {"methods": ["lora", "dreambooth", "textual_inversion"], "amounts": [3], "real_per_class": [2],
+                       "jobs": 2, "timeout_minutes": 25}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     run([sys.executable, "-m", "pipeline.sweep", "--id", "t1"], root, env)
 
     result = json.loads((root / "reports/sweep/sweep.json").read_text())
-    points = {(p["method"], p["amount"]): p for p in result["points"]}
-    assert set(points) == {(m, a) for m in params["sweep"]["methods"] for a in (0, 3)}
-    for method in params["sweep"]["methods"]:
-        point = points[(method, 3)]
-        assert point["experiment"] == f"t1-{method.replace('_', '-')}-3"
-        assert point["gain"] == pytest.approx(point["augmented"] - point["baseline"], abs=1e-9)
-        assert point["ci_low"] <= point["gain"] <= point["ci_high"]
-        assert points[(method, 0)]["gain"] == 0.0
-    assert (root / "reports/sweep/gain_vs_amount.png").stat().st_size > 10_000
-    assert "| dreambooth | 3 |" in (root / "reports/sweep/sweep.md").read_text()
+    points = {(p["method"], p["amount"], p["real_per_class"]): p for p in result["points"]}
+    methods = params["sweep"]["methods"]
+    assert set(points) == {(m, a, 4) for m in methods for a in (0, 3)} | {(m, a, 2) for m in methods for a in (0, 4)}
+    names = {f"t1-{m.replace('_', '-')}-{a}-real{k}": m for m in methods for a, k in ((3, 4), (4, 2))}
+    for method in methods:
+        for amount, cap in ((3, 4), (4, 2)):
+            point = points[(method, amount, cap)]
+            assert point["experiment"] == f"t1-{method.replace('_', '-')}-{amount}-real{cap}"
+            assert point["gain"] == pytest.approx(point["augmented"] - point["baseline"], abs=1e-9)
+            assert point["ci_low"] <= point["gain"] <= point["ci_high"]
+            assert points[(method, 0, cap)]["gain"] == 0.0
+    for chart in ("gain_vs_amount.png", "gain_vs_real.png"):
+        assert (root / "reports/sweep" / chart).stat().st_size > 10_000
+    assert "| dreambooth | 3 | 4 |" in (root / "reports/sweep/sweep.md").read_text()
 
     runs = experiment_runs(root)
     evaluated = {r.data.tags["dvc_exp_name"]: r for r in runs
                  if r.data.tags.get("stage") == "evaluate" and r.data.tags.get("variant") == "augmented"}
-    for method in params["sweep"]["methods"]:
-        name = f"t1-{method.replace('_', '-')}-3"
+    for name, method in names.items():
         assert evaluated[name].data.tags["method"] == method  # each point ran its own method, in its own copy
-    parents = {evaluated[n].data.tags["mlflow.parentRunId"] for n in evaluated if n.startswith("t1-")}
-    assert len(parents) == 3
+    parents = {evaluated[n].data.tags["mlflow.parentRunId"] for n in names}
+    assert len(parents) == len(names)
     assert any(r.data.tags.get("kind") == "sweep" for r in runs)
     assert yaml.safe_load((root / "params.yaml").read_text())["diffusion"]["method"] == "lora"  # workspace untouched
