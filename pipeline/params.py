@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pipeline.errors import PipelineError
 
@@ -233,19 +233,13 @@ class SweepParams(_Section):
     jobs: int = Field(1, gt=0)  # `dvc queue start -j`: experiments run at once
     timeout_minutes: float = Field(240, gt=0)
 
-    @field_validator("amounts")
+    @field_validator("amounts", "real_per_class")
     @classmethod
-    def _positive_amounts(cls, amounts: list[int]) -> list[int]:
-        if any(a <= 0 for a in amounts) or len(set(amounts)) != len(amounts):
-            raise ValueError(f"amounts must be distinct and > 0 (0 is the baseline, drawn without a run), got {amounts}")
-        return amounts
-
-    @field_validator("real_per_class")
-    @classmethod
-    def _positive_caps(cls, caps: list[int]) -> list[int]:
-        if any(k <= 0 for k in caps) or len(set(caps)) != len(caps):
-            raise ValueError(f"real_per_class must be distinct and > 0, got {caps}")
-        return caps
+    def _distinct_positive(cls, values: list[int], info: ValidationInfo) -> list[int]:
+        if any(v <= 0 for v in values) or len(set(values)) != len(values):
+            why = " (0 is the baseline, drawn without a run)" if info.field_name == "amounts" else ""
+            raise ValueError(f"{info.field_name} must be distinct and > 0{why}")
+        return values
 
 
 class ComputeParams(_Section):

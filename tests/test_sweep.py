@@ -68,6 +68,8 @@ def test_plan_crosses_methods_with_both_axes_once_each():
     assert overrides(points[0], params)["data.finetune_images"] == 20  # fine-tune images drawn from the K
     uncapped = parse_params({"sweep": {"methods": ["lora"], "amounts": [50], "real_per_class": []}})
     assert [(p.name, overrides(p, uncapped)["data.real_per_class"]) for p in plan(uncapped, "s2")] == [("s2-lora-50-realall", "null")]
+    with pytest.raises(PipelineError, match=r"sweep.real_per_class: real_per_class must be distinct and > 0 \(got \[5, 5\]\)"):
+        parse_params({"sweep": {"real_per_class": [5, 5]}})
 
 
 def test_collect_reads_each_point_from_its_commit_and_adds_the_baseline_point(repo, tmp_path):
