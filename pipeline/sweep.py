@@ -18,7 +18,7 @@ They are written to ``reports/sweep/``: ``gain_vs_amount.png`` and ``gain_vs_rea
 per control, 95% CI bars; a line without data is left out), ``sweep.md`` and ``sweep.json``; the same files go to
 an MLflow run tagged ``kind=sweep``.
 
-    python -m pipeline.sweep            # or: make sweep   (methods, amounts, jobs: the `sweep` section of params.yaml)
+    python -m pipeline.sweep            # or: make sweep   (the `sweep` section of params.yaml)
 """
 
 from __future__ import annotations
@@ -184,8 +184,8 @@ def _row(p: Point, metrics: dict) -> dict:
 
 
 def collect(points: list[Point], root: Path) -> pd.DataFrame:
-    """One row per point from the experiment's own params.yaml and reports/metrics.json, plus amount-0 rows (the
-    baseline) at every real_per_class the amount axis ran at."""
+    """One row per point from the experiment's own params.yaml and reports/metrics.json, plus an amount-0 row (the
+    baseline) per method and real_per_class."""
     refs = _experiment_refs(root)
     rows = []
     for p in points:
