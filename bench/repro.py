@@ -24,7 +24,7 @@ BUDGET_TOTAL_S = 15 * 60
 BUDGET_PEAK_MIB = 4 * 1024
 BUDGET_NOOP_S = 10.0
 MICRO = {
-    "data": {"classes": ["df", "vasc"], "finetune_images": 4, "real_per_class": 4, "image_size": 32},
+    "data": {"classes": ["df", "vasc"], "finetune_images": 4, "real_per_class": None, "image_size": 32},
     "demo": {"images": 160, "size": 48},
     "diffusion": {"resolution": 32, "steps": 4, "batch": 2, "checkpoint_every": 2,
                   "pretrain": {"vae_steps": 3, "unet_steps": 3, "batch": 4}},

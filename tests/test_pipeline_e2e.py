@@ -24,7 +24,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 MICRO = {
-    "data": {"classes": ["df", "vasc"], "finetune_images": 4, "real_per_class": 4, "image_size": 32},
+    "data": {"classes": ["df", "vasc"], "finetune_images": 4, "real_per_class": None, "image_size": 32},
     "demo": {"images": 160, "size": 48},
     "diffusion": {
         "resolution": 32, "steps": 4, "batch": 2, "checkpoint_every": 2,
@@ -143,18 +143,19 @@ def test_method_sweep_queues_one_experiment_per_point_and_draws_the_chart(worksp
     result = json.loads((root / "reports/sweep/sweep.json").read_text())
     points = {(p["method"], p["amount"], p["real_per_class"]): p for p in result["points"]}
     methods = params["sweep"]["methods"]
-    assert set(points) == {(m, a, 4) for m in methods for a in (0, 3)} | {(m, a, 2) for m in methods for a in (0, 4)}
-    names = {f"t1-{m.replace('_', '-')}-{a}-real{k}": m for m in methods for a, k in ((3, 4), (4, 2))}
+    # the amount axis at the workspace's data.real_per_class (null: all train images), the scarcity axis at K = 2
+    assert set(points) == {(m, a, None) for m in methods for a in (0, 3)} | {(m, a, 2) for m in methods for a in (0, 4)}
+    names = {f"t1-{m.replace('_', '-')}-{a}-real{k or 'all'}": m for m in methods for a, k in ((3, None), (4, 2))}
     for method in methods:
-        for amount, cap in ((3, 4), (4, 2)):
+        for amount, cap in ((3, None), (4, 2)):
             point = points[(method, amount, cap)]
-            assert point["experiment"] == f"t1-{method.replace('_', '-')}-{amount}-real{cap}"
+            assert point["experiment"] == f"t1-{method.replace('_', '-')}-{amount}-real{cap or 'all'}"
             assert point["gain"] == pytest.approx(point["augmented"] - point["baseline"], abs=1e-9)
             assert point["ci_low"] <= point["gain"] <= point["ci_high"]
             assert points[(method, 0, cap)]["gain"] == 0.0
     for chart in ("gain_vs_amount.png", "gain_vs_real.png"):
         assert (root / "reports/sweep" / chart).stat().st_size > 10_000
-    assert "| dreambooth | 3 | 4 |" in (root / "reports/sweep/sweep.md").read_text()
+    assert "| dreambooth | 3 | all |" in (root / "reports/sweep/sweep.md").read_text()
 
     runs = experiment_runs(root)
     evaluated = {r.data.tags["dvc_exp_name"]: r for r in runs

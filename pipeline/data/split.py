@@ -1,8 +1,9 @@
 """The prepare stage: validated table -> lesion-grouped, dx-stratified train/val/test split + per-class fine-tune samples.
 
 Design choices (DESIGN.md):
-- The split covers every class in the data, not only ``data.classes``, so changing the class list
-  leaves split.csv byte-identical and DVC does not retrain the base model (with ``data.real_per_class`` null).
+- The split covers every class in the data, not only ``data.classes``, so with ``data.real_per_class`` null
+  changing the class list leaves split.csv byte-identical and DVC does not retrain the base model. With a cap,
+  a newly selected class's reserve leaves the train split the base model reads, so the base retrains.
 - Each class is split on its own, by shuffling its lesions with a generator seeded by (seed, class):
   one class's split never depends on another class's data.
 - Scarcity (``data.real_per_class`` = K): each selected class keeps at most K train images, whole lesions only;
