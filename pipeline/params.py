@@ -67,13 +67,6 @@ class DataParams(_Section):
             raise ValueError(f"at least 2 classes are needed to train a classifier, got {classes}")
         return classes
 
-    @model_validator(mode="after")
-    def _finetune_within_cap(self) -> "DataParams":
-        if self.real_per_class is not None and self.finetune_images > self.real_per_class:
-            raise ValueError(f"finetune_images ({self.finetune_images}) exceeds real_per_class ({self.real_per_class}): "
-                             "fine-tune images are drawn from the capped train images")
-        return self
-
     @property
     def is_demo(self) -> bool:
         return self.source == "demo"

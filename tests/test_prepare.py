@@ -168,9 +168,10 @@ def test_cap_above_a_class_train_split_is_a_one_line_error(workspace):
     assert not (workspace / "data/prepared").exists() and not (workspace / "reports/data.json").exists()
 
 
-def test_finetune_images_above_the_cap_is_refused():
-    with pytest.raises(PipelineError, match=r"data: finetune_images \(3\) exceeds real_per_class \(2\)"):
-        _params(real_per_class=2)
+def test_finetune_images_above_the_cap_is_refused(workspace):
+    with pytest.raises(PipelineError, match=r"^data.finetune_images \(3\) exceeds data.real_per_class \(2\)"):
+        prepare(_params(real_per_class=2))
+    assert not (workspace / "data/prepared").exists()
 
 
 def test_unknown_class_in_params():

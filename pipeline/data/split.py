@@ -161,6 +161,9 @@ def _relative(path: str, root: Path) -> str:
 def build(params: Params) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict, list[dict]]:
     """Everything prepare writes, computed in memory: (split table, fine-tune tables, data report, skipped images)."""
     data = params.data
+    if data.real_per_class is not None and data.finetune_images > data.real_per_class:
+        raise PipelineError(f"data.finetune_images ({data.finetune_images}) exceeds data.real_per_class "
+                            f"({data.real_per_class}): fine-tune images are drawn from the capped train images")
     folder = source_folder(params)
     if data.is_demo and not folder.exists():
         raise PipelineError(f"{folder}: demo data not found; run `dvc repro demo_data` first")
