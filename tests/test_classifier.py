@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import shutil
 
@@ -20,8 +19,10 @@ from pipeline.classifier.dataset import (
     read_split,
     real_samples,
 )
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.classifier import train
 from pipeline.classifier.model import create_classifier, state_to_cpu
-from pipeline.classifier.train import load_checkpoint, make_sampler, save_checkpoint, train_variant, training_samples
+from pipeline.classifier.train import epoch_batches, make_sampler, train_variant, training_samples
 from pipeline.cli import run_stage
 from pipeline.digest import sha256_file
 from pipeline.errors import PipelineError
@@ -35,6 +36,24 @@ def workspace(tmp_path, monkeypatch):
     root = make_workspace(tmp_path / "ws")
     monkeypatch.chdir(root)
     return root
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_after(monkeypatch, when):
+    """Make the training loop raise after epoch ``(seed, epoch)`` is logged (its checkpoint, if one was due, is written):
+    what a kill between two epochs leaves behind. ``when`` None: after the first epoch logged."""
+    real = train.log_epoch
+
+    def log_then_maybe_stop(accelerator, label, epochs, entry, meta, suffix):
+        real(accelerator, label, epochs, entry, meta, suffix)
+        seed = int(label.rsplit(" ", 1)[1])
+        if when is None or (seed, entry["epoch"]) == when:
+            raise Interrupt
+
+    monkeypatch.setattr(train, "log_epoch", log_then_maybe_stop)
 
 
 def test_synthetic_images_only_in_augmented_training_list(workspace):
@@ -116,20 +135,16 @@ def test_image_cache_decodes_once(workspace):
     assert torch.equal(load_images(paths, 24), first)
 
 
-def test_resume_after_checkpoint_equals_uninterrupted_run(workspace):
+def test_resume_after_checkpoint_equals_uninterrupted_run(workspace, monkeypatch):
     params = micro_params(epochs=2, patience=5, checkpoint_minutes=0)
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_first_epoch(seed, epoch):
-        if epoch == 1:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train_variant(params, "baseline", on_epoch_end=stop_after_first_epoch)
+    with monkeypatch.context() as patch, pytest.raises(Interrupt):
+        interrupt_after(patch, (0, 1))
+        train_variant(params, "baseline")
     checkpoint = workspace / "checkpoints/classifier/baseline/seed0"
     assert json.loads((checkpoint / "state.json").read_text())["epoch"] == 1
+    stored = load_file(str(checkpoint / "state.safetensors"))
+    assert not any(k.startswith("best.") for k in stored)  # epoch 1 is the best so far: the model, stored once
+    assert any(k.startswith("model.") for k in stored) and any(k.startswith("optimizer.") for k in stored)
     assert not (workspace / "models/classifier/baseline").exists()
 
     resumed = train_variant(params, "baseline")
@@ -147,24 +162,17 @@ def test_resume_after_checkpoint_equals_uninterrupted_run(workspace):
     assert fresh["seeds"]["0"]["history"] == resumed["seeds"]["0"]["history"]
 
 
-def test_checkpoints_wait_for_checkpoint_minutes_but_keep_finished_seeds(workspace):
+def test_checkpoints_wait_for_checkpoint_minutes_but_keep_finished_seeds(workspace, monkeypatch):
     params = micro_params(epochs=2, patience=5, seeds=[0, 1], checkpoint_minutes=60)
     checkpoints = workspace / "checkpoints/classifier/baseline"
 
-    class Interrupt(Exception):
-        pass
-
-    def interrupt_at(when):
-        def hook(seed, epoch):
-            if (seed, epoch) == when:
-                raise Interrupt
-        return hook
-
-    with pytest.raises(Interrupt):  # an hour has not passed: epoch 1 of seed 0 is not worth a checkpoint yet
-        train_variant(params, "baseline", on_epoch_end=interrupt_at((0, 1)))
+    with monkeypatch.context() as patch, pytest.raises(Interrupt):
+        interrupt_after(patch, (0, 1))  # an hour has not passed: epoch 1 of seed 0 is not worth a checkpoint yet
+        train_variant(params, "baseline")
     assert not (checkpoints / "seed0").exists()
-    with pytest.raises(Interrupt):  # a finished seed is always kept
-        train_variant(params, "baseline", on_epoch_end=interrupt_at((1, 1)))
+    with monkeypatch.context() as patch, pytest.raises(Interrupt):
+        interrupt_after(patch, (1, 1))  # a finished seed is always kept
+        train_variant(params, "baseline")
     assert json.loads((checkpoints / "seed0/state.json").read_text())["epoch"] == 2
     assert not (checkpoints / "seed1").exists()
     report = train_variant(params, "baseline")
@@ -172,46 +180,44 @@ def test_checkpoints_wait_for_checkpoint_minutes_but_keep_finished_seeds(workspa
     assert report["seeds"]["1"]["resumed_from_epoch"] is None
 
 
-def test_training_keeps_the_collector_off_setup_objects_and_lets_go_after(workspace):
-    frozen = []
-    train_variant(micro_params(), "baseline", on_epoch_end=lambda seed, epoch: frozen.append(gc.get_freeze_count()))
-    assert frozen and min(frozen) > 100_000  # imports and set-up: all long-lived
-    assert gc.get_freeze_count() == 0
-
-    def interrupt(seed, epoch):
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_variant(micro_params(epochs=2), "baseline", on_epoch_end=interrupt)
-    assert gc.get_freeze_count() == 0
-
-
-def test_checkpoint_stores_best_weights_once_when_they_are_the_model(tmp_path):
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).to(memory_format=torch.channels_last)
+def test_checkpoint_round_trip_key_check_and_atomic_replace(tmp_path, monkeypatch, capsys):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     optimizer = torch.optim.AdamW(model.parameters())
     model(torch.randn(2, 3, 5, 5)).sum().backward()
     optimizer.step()
-    earlier = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()}
-    for best_epoch, best in ((3, state_to_cpu(model)), (2, earlier)):
-        meta = {"run_key": "k", "epoch": 3, "best_epoch": best_epoch}
-        save_checkpoint(tmp_path / "ckpt", model, optimizer, best, meta)
-        stored = load_file(str(tmp_path / "ckpt/state.safetensors"))
-        assert any(k.startswith("best.") for k in stored) == (best_epoch != 3)
-        _, weights, restored, state = load_checkpoint(tmp_path / "ckpt", "k")
-        assert restored.keys() == best.keys()
-        for key in best:
-            assert torch.equal(restored[key], best[key]) and torch.equal(weights[key], model.state_dict()[key]), key
-        assert restored is not weights and len(state["state"]) == len(list(model.parameters()))
+    folder = tmp_path / "ckpt"
+    save_checkpoint(folder, "k", {"model": model.state_dict(), "extra": {"x": torch.arange(3)}}, {"epoch": 3}, optimizer)
+    assert sorted(p.name for p in folder.iterdir()) == ["state.json", "state.safetensors"]
 
+    found = load_checkpoint(folder, "k")
+    assert found.meta["epoch"] == 3 and torch.equal(found.group("extra")["x"], torch.arange(3))
+    assert found.group("model").keys() == model.state_dict().keys()
+    assert all(torch.equal(found.group("model")[k], v) for k, v in model.state_dict().items())
+    fresh = torch.optim.AdamW(model.parameters())
+    found.restore_optimizer(fresh)
+    for key, value in optimizer.state_dict()["state"][0].items():
+        assert torch.equal(fresh.state_dict()["state"][0][key], value), key
 
-def test_train_outputs_and_stale_checkpoint_ignored(workspace):
-    params = micro_params(seeds=[0, 1])
-    def interrupt(seed, epoch):
+    assert load_checkpoint(folder, "other") is None
+    assert "checkpoint was written for other params, data or base model; starting fresh" in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "none", "k") is None
+
+    def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
+    monkeypatch.setattr("pipeline.checkpoint.save_file", killed)
+    with pytest.raises(KeyboardInterrupt):  # killed mid-write: the previous checkpoint stays whole
+        save_checkpoint(folder, "k", {"model": {}}, {"epoch": 4})
+    assert load_checkpoint(folder, "k").meta["epoch"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_train_outputs_and_stale_checkpoint_ignored(workspace, monkeypatch):
+    params = micro_params(seeds=[0, 1])
     # A checkpoint left by other params (2 epochs) must not be resumed: its run key differs.
-    with pytest.raises(KeyboardInterrupt):
-        train_variant(micro_params(epochs=2, checkpoint_minutes=0), "augmented", on_epoch_end=interrupt)
+    with monkeypatch.context() as patch, pytest.raises(Interrupt):
+        interrupt_after(patch, None)
+        train_variant(micro_params(epochs=2, checkpoint_minutes=0), "augmented")
     assert (workspace / "checkpoints/classifier/augmented/seed0/state.json").is_file()
     report = train_variant(params, "augmented")
     assert report["seeds"]["0"]["resumed_from_epoch"] is None

@@ -161,9 +161,7 @@ def test_resume_after_a_kill_reaches_the_same_weights_bitwise(workspace, method)
     with killed_during_step(4):  # after the checkpoint at step 2
         finetune_class(params, "df")
     checkpoint = workspace / "checkpoints/df"
-    assert sorted(p.name for p in checkpoint.iterdir()) == [
-        "optimizer.safetensors", "rng-0.safetensors", "state.json", "trainable.safetensors"
-    ]
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["state.json", "state.safetensors"]
     assert json.loads((checkpoint / "state.json").read_text())["step"] == 2
 
     folder = finetune_class(params, "df")

@@ -2,10 +2,10 @@
 
 Why batched: torchvision's transforms draw one set of parameters per call, so per-image randomness meant one call
 per image, which cost 41 ms per batch of 64 at 64 px on 2 CPU cores (a fifth of a training step). Drawing a
-parameter per image and applying them as whole-batch tensor ops costs ~6 ms (bench/README.md). The same
-augmentations as before, all label-preserving for dermoscopy (no canonical orientation): horizontal and vertical
-flips, rotation by up to ±30°, and colour jitter (brightness, contrast, saturation ±20 %, hue ±0.02 turn).
-The output is channels_last: the layout EfficientNet-B0 trains fastest in (model.py, for_training).
+parameter per image and applying them as whole-batch tensor ops costs ~6 ms (bench/README.md). The
+augmentations are all label-preserving for dermoscopy (no canonical orientation): horizontal and vertical flips,
+rotation by up to ±30°, and colour jitter (brightness, contrast, saturation ±20 %, hue ±0.02 turn).
+Every tensor, constants and random draws included, is made on the device of the input batch.
 """
 
 from __future__ import annotations
@@ -14,24 +14,22 @@ import math
 
 import torch
 import torch.nn.functional as F
-
-# ImageNet statistics: what timm's pretrained weights expect; harmless when training from scratch.
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+from timm.data import IMAGENET_DEFAULT_MEAN as MEAN  # what timm's pretrained weights expect
+from timm.data import IMAGENET_DEFAULT_STD as STD
 
 MAX_ROTATION_DEGREES = 30.0
 BRIGHTNESS = CONTRAST = SATURATION = 0.2
 MAX_HUE_TURN = 0.02
 
 # Hue is a rotation of the chroma plane of YIQ (the NTSC colour space): the standard linear form of a hue shift,
-# the same as HSV's for the small angles used here, and one 3x3 matrix per image.
-_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.5959, -0.2746, -0.3213], [0.2115, -0.5227, 0.3112]])
-_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
-_LUMA = _RGB_TO_YIQ[0]
+# the same as HSV's for the small angles used here, and one 3x3 matrix per image. Kept as Python numbers: each
+# call makes its tensors on the batch's device.
+_RGB_TO_YIQ = [[0.299, 0.587, 0.114], [0.5959, -0.2746, -0.3213], [0.2115, -0.5227, 0.3112]]
+_YIQ_TO_RGB = torch.linalg.inv(torch.tensor(_RGB_TO_YIQ, dtype=torch.float64)).tolist()
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> float32, ImageNet-normalised, channels_last."""
+    """uint8 (N, 3, H, W) -> float32, ImageNet-normalised."""
     x = images.float().div_(255)
     return _standardize(x)
 
@@ -54,7 +52,7 @@ def augment(images: torch.Tensor) -> torch.Tensor:
 def _standardize(x: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+    return (x - mean) / std
 
 
 def _uniform(n: int, half_width: float, device: torch.device, centre: float) -> torch.Tensor:
@@ -70,7 +68,7 @@ def _coin(n: int, device: torch.device) -> torch.Tensor:
 
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
-    return torch.einsum("c,nchw->nhw", _LUMA.to(x.device), x).unsqueeze(1)
+    return torch.einsum("c,nchw->nhw", torch.tensor(_RGB_TO_YIQ[0], device=x.device), x).unsqueeze(1)
 
 
 def _rotate(x: torch.Tensor, radians: torch.Tensor) -> torch.Tensor:
@@ -85,5 +83,6 @@ def _shift_hue(x: torch.Tensor, radians: torch.Tensor) -> torch.Tensor:
     cos, sin, one, zero = radians.cos(), radians.sin(), torch.ones_like(radians), torch.zeros_like(radians)
     chroma_rotation = torch.stack([torch.stack([one, zero, zero], 1), torch.stack([zero, cos, -sin], 1),
                                    torch.stack([zero, sin, cos], 1)], 1)
-    matrices = _YIQ_TO_RGB.to(x.device) @ chroma_rotation @ _RGB_TO_YIQ.to(x.device)
+    to_rgb, to_yiq = (torch.tensor(m, device=x.device) for m in (_YIQ_TO_RGB, _RGB_TO_YIQ))
+    matrices = to_rgb @ chroma_rotation @ to_yiq
     return torch.einsum("nij,njhw->nihw", matrices, x)

@@ -42,7 +42,8 @@ from pipeline.classifier.metrics import (
 )
 from pipeline.classifier.gains import BASELINE, CEILING, SYNTHETIC, bootstrap_gains, recovered_share
 from pipeline.classifier.model import load_classifier, read_config
-from pipeline.classifier.train import VARIANTS, predict_proba
+from pipeline.classifier.step import predict_proba
+from pipeline.classifier.train import VARIANTS
 from pipeline.classifier.variants import CONTROL_VARIANTS, skip_reason
 from pipeline.errors import PipelineError
 from pipeline.params import Params

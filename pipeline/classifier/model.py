@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.classifier.depthwise import use_small_map_depthwise
 from pipeline.errors import PipelineError
 
 CONFIG_NAME = "config.json"
@@ -38,31 +37,9 @@ def create_classifier(arch: str, num_classes: int, pretrained: bool) -> torch.nn
         ) from None
 
 
-def for_training(model: torch.nn.Module) -> torch.nn.Module:
-    """The same network, set up to train fast on CPU (and harmless on GPU); weights and state-dict keys unchanged.
-
-    - channels_last: EfficientNet-B0's depthwise convolutions train 1.4x (1 thread) to 1.8x (2 threads) faster on
-      this CPU, and it is the usual choice on GPU.
-    - SiLU out of place: autograd copies the input of an in-place SiLU to keep it for the backward pass, so
-      "in place" costs one more pass over every activation (~4 % of a step).
-    - Depthwise convolutions whose kernel covers the map get their weight gradient from small matrix products
-      (depthwise.py, ~10 %).
-    - Squeeze-and-excitation pools with sum x 1/HW, whose gradient stays a view (squeeze_excite.py, ~6 %).
-    Measured at 64 px, batch 64, one thread (bench/README.md). Call before the optimizer is built.
-    """
-    from pipeline.classifier.squeeze_excite import use_sum_pool_squeeze_excite  # imports timm, like create_classifier
-
-    for module in model.modules():
-        if isinstance(module, torch.nn.SiLU):
-            module.inplace = False
-    use_small_map_depthwise(model)
-    use_sum_pool_squeeze_excite(model)
-    return model.to(memory_format=torch.channels_last)
-
-
 def state_to_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached, contiguous CPU copy of the weights (what safetensors can store)."""
-    return {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True) for k, v in model.state_dict().items()}
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 
 def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:

@@ -1,40 +1,45 @@
 """The train@<variant> stage: EfficientNet-B0 on real train images (baseline) or real + synthetic (augmented).
 
 Both variants see the same split, the same val set and, for each seed in ``classifier.seeds``, the same
-initial weights, so evaluate can pair them. The loop is deliberately plain (nanoGPT style) and runs
-unchanged under ``accelerate launch``. An epoch ends with a checkpoint once ``classifier.checkpoint_minutes``
-have passed since the last one, and when a seed other than the last finishes; a rerun with the same params
-and data resumes from it and reaches bit-identical weights on CPU, because all randomness of an epoch
-(augmentations, dropout, sampling order) is reseeded from (seed, epoch) instead of carried over.
+initial weights, so evaluate can pair them. The loop is plain and runs under ``accelerate`` (device placement,
+mixed precision from ``compute.mixed_precision``, DDP under ``accelerate launch``); one step is
+``step.classifier_loss``. An epoch ends with a checkpoint (pipeline/checkpoint.py) once
+``classifier.checkpoint_minutes`` have passed since the last one, and when a seed other than the last finishes; a
+rerun with the same params and data resumes from it and reaches bit-identical weights on CPU, because all
+randomness of an epoch (augmentations, sampling order) is reseeded from (seed, epoch) instead of carried over.
 
 With ``classifier.equal_steps`` (default) an epoch draws as many images as there are real train images for
 both variants: augmented spreads the same number of optimizer steps over real + synthetic images, so a gain
 cannot come from simply training longer.
+
+Several processes (``compute.processes`` > 1, ``accelerate launch --num_processes N``): ``classifier.batch`` is the
+*global* batch, images per optimizer step summed over all processes. Every process draws the same epoch order;
+each optimizer step's images are split between the processes (``epoch_batches``), so each drawn image is seen by
+exactly one process once per epoch, and the number of steps per epoch, the learning rate and its schedule are
+those of a single process. BatchNorm statistics are per process (no SyncBatchNorm), so N processes match one
+process closely, not bitwise.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import shutil
 import time
-from collections.abc import Callable
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
+from sklearn.metrics import balanced_accuracy_score
+from torch.utils.data import RandomSampler, WeightedRandomSampler
 from tqdm.auto import tqdm
 
-from pipeline.atomic import atomic_dir, write_json
-from pipeline.classifier.augment import MEAN, STD, augment, normalize
+from pipeline.atomic import atomic_dir, clean_stale_temps, write_json
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.classifier.augment import MEAN, STD
 from pipeline.classifier.dataset import (
     Sample,
-    TensorImages,
     assert_no_leakage,
     assert_real_heldout,
     load_images,
@@ -42,18 +47,17 @@ from pipeline.classifier.dataset import (
     real_samples,
     synthetic_samples,
 )
-from pipeline.classifier.metrics import fast_metrics
-from pipeline.classifier.model import CONFIG_NAME, create_classifier, for_training, save_weights, state_to_cpu, weights_name
+from pipeline.classifier.model import CONFIG_NAME, create_classifier, save_weights, state_to_cpu, weights_name
+from pipeline.classifier.step import classifier_loss, inverse_frequency_weights, predict_proba
 from pipeline.classifier.variants import EXTRA_VARIANTS, SYNTHETIC_VARIANTS, skip_reason, variant_samples, write_skipped
 from pipeline.digest import derive_seed, json_digest, sha256_file
 from pipeline.errors import PipelineError
-from pipeline.optim import adamw, load_optimizer_state, state_from_tensors, state_tensors
+from pipeline.optim import adamw
 from pipeline.params import Params
 from pipeline.paths import CHECKPOINT_DIR, CLASSIFIER_DIR, REPORTS_DIR, SYNTHETIC_DIR, workspace_root
 from pipeline.quality.screen import SCREENED_CSV, load_kept_synthetic
 
 VARIANTS = ("baseline", "augmented")
-EVAL_BATCH = 256
 
 
 def check_variant(variant: str) -> None:
@@ -75,18 +79,6 @@ def training_samples(params: Params, variant: str, split, root: Path) -> list[Sa
     return samples
 
 
-@torch.inference_mode()
-def predict_proba(model: torch.nn.Module, images: torch.Tensor, device: torch.device | str = "cpu",
-                  batch: int = EVAL_BATCH) -> np.ndarray:
-    """Softmax probabilities (N, classes) for cached uint8 images, in order."""
-    model.eval()
-    out = []
-    for start in range(0, len(images), batch):
-        x = normalize(images[start : start + batch].to(device))
-        out.append(torch.softmax(model(x).float(), dim=1).cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
-
-
 def make_sampler(labels: list[int], num_classes: int, balance: str, generator: torch.Generator,
                  num_samples: int | None = None):
     """weighted_sampler: draw each image with probability ∝ 1 / its class count (classes equally often in expectation);
@@ -100,129 +92,140 @@ def make_sampler(labels: list[int], num_classes: int, balance: str, generator: t
     return RandomSampler(range(len(labels)), num_samples=num_samples, generator=generator)
 
 
-def learning_rate(base: float, epoch: int, step: int, steps: int, epochs: int) -> float:
-    """Linear warm-up over the first epoch (from scratch, full lr at step 0 blows the logits up), then cosine decay.
-    A pure function of (epoch, step), so a resumed run follows the same schedule without saved scheduler state."""
-    if epoch == 0:
-        return base * (step + 1) / steps
-    progress = (epoch - 1 + step / steps) / max(epochs - 1, 1)
-    return base * 0.5 * (1 + math.cos(math.pi * progress))
+def epoch_batches(order: torch.Tensor, batch: int, rank: int, processes: int) -> list[torch.Tensor]:
+    """This process's image indices for each optimizer step of an epoch drawn in ``order``.
+
+    The epoch is cut into ceil(len / batch) steps of nearly equal size (no image dropped), and each step's images
+    into ``processes`` nearly equal shares; process ``rank`` takes share ``rank``. Every process gets the same
+    number of steps, as DDP needs.
+    """
+    steps = math.ceil(len(order) / batch)
+    smallest = len(order) // steps // processes
+    if smallest < 2:
+        raise PipelineError(
+            f"classifier.batch: {len(order)} images per epoch in steps of {batch} over {processes} process(es) leave "
+            f"{smallest} image(s) per process and step; BatchNorm needs at least 2 (raise classifier.batch or use "
+            f"fewer processes)")
+    return [chunk.tensor_split(processes)[rank] for chunk in order.tensor_split(steps)]
 
 
-def _run_key(params: Params, variant: str, seed: int, train: list[Sample], digests: dict[Path, str]) -> str:
+def _run_key(params: Params, variant: str, seed: int, train: list[Sample], digests: dict[Path, str],
+             processes: int) -> str:
     """What a checkpoint must match to be resumed: every training knob and the exact training data, in order."""
     payload = {
         "classifier": params.classifier.model_dump(mode="json", exclude={"seeds", "checkpoint_minutes"}),
         "classes": list(params.data.classes),
         "variant": variant,
         "seed": seed,
+        "processes": processes,
+        "mixed_precision": params.compute.mixed_precision,
         "train": [(digests[s.path.resolve()], s.label) for s in train],
     }
     return json_digest(payload)
 
 
-# ----------------------------------------------------------------------------- checkpoints
+def _cosine_schedule(optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int):
+    """Linear warm-up over the first epoch (from scratch, full lr at step 0 blows the logits up), then cosine decay."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
 
-def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    best: dict[str, torch.Tensor] | None, meta: dict) -> None:
-    """Model, best-so-far weights and optimizer as safetensors; epoch, history and run key as JSON; one atomic folder.
-
-    Written every epoch, so it copies no tensor it need not: the file is written before training goes on, and
-    best weights from this very epoch are the model's, stored once.
-    """
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if best is not None and meta["best_epoch"] != meta["epoch"]:
-        tensors.update({f"best.{k}": v for k, v in best.items()})
-    opt_tensors, opt_rest = state_tensors(optimizer)
-    tensors.update({f"optimizer.{k}": v for k, v in opt_tensors.items()})
-    meta = {**meta, "optimizer": opt_rest}
-    with atomic_dir(folder) as temp:
-        save_file(tensors, str(temp / "state.safetensors"))
-        (temp / "state.json").write_text(json.dumps(meta, indent=1))
+    return get_cosine_schedule_with_warmup(optimizer, steps_per_epoch, steps_per_epoch * epochs)
 
 
-def load_checkpoint(folder: Path, run_key: str):
-    """(meta, model state, best state or None, optimizer state dict) if a checkpoint with this run key exists, else None."""
-    meta_path, tensor_path = folder / "state.json", folder / "state.safetensors"
-    if not (meta_path.is_file() and tensor_path.is_file()):
-        return None
-    meta = json.loads(meta_path.read_text())
-    if meta.get("run_key") != run_key:
-        return None
-    tensors = load_file(str(tensor_path))
-    model = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    best = {k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")} or None
-    if best is None and meta["best_epoch"] == meta["epoch"] > 0:  # the best epoch was the last one saved
-        best = {k: v.clone() for k, v in model.items()}
-    opt_tensors = {k.removeprefix("optimizer."): v for k, v in tensors.items() if k.startswith("optimizer.")}
-    return meta, model, best, state_from_tensors(opt_tensors, meta["optimizer"])
+def log_epoch(accelerator, label: str, epochs: int, entry: dict, meta: dict, suffix: str) -> None:
+    """Print one epoch's line (a non-finite train loss is flagged) and log it to MLflow."""
+    from pipeline import tracking
+
+    loss, score = entry["train_loss"], entry["val_balanced_accuracy"]
+    flag = "" if math.isfinite(loss) else " (NOT FINITE: training diverged; lower classifier.lr)"
+    tracking.log_metrics({f"train_loss{suffix}": loss, f"val_balanced_accuracy{suffix}": score}, step=entry["epoch"])
+    accelerator.print(f"{label} epoch {entry['epoch']}/{epochs}: train loss {loss:.4f}{flag}, "
+                      f"val balanced acc {score:.4f} (best {meta['best_score']:.4f} @ {meta['best_epoch']})")
 
 
 # ----------------------------------------------------------------------------- one seed
 
-def fit_seed(params: Params, variant: str, seed: int, train_images: torch.Tensor, train_labels: list[int],
-             val_images: torch.Tensor, val_labels: np.ndarray, run_key: str, checkpoint: Path, accelerator,
-             on_epoch_end: Callable[[int, int], None] | None = None, metric_suffix: str = "",
-             epoch_size: int | None = None, checkpoint_at_end: bool = True) -> tuple[dict, dict]:
-    """Train one seed with early stopping on val balanced accuracy; returns (summary, best weights).
+@dataclass
+class SeedRun:
+    """One seed's training job: its data, the key a checkpoint must match, and where checkpoints go.
 
     ``checkpoint_at_end``: also checkpoint the finished seed, so that an interruption while later seeds train
     does not redo it (the last seed's finished weights are written as the model right away instead)."""
-    from pipeline import tracking
+
+    seed: int
+    train_images: torch.Tensor  # uint8 (N, 3, S, S), CPU
+    train_labels: list[int]
+    val_images: torch.Tensor
+    val_labels: np.ndarray
+    run_key: str
+    checkpoint_dir: Path
+    epoch_size: int  # images drawn per epoch
+    metric_suffix: str = ""
+    checkpoint_at_end: bool = True
+
+
+def fit_seed(params: Params, variant: str, run: SeedRun, accelerator) -> tuple[dict, dict]:
+    """Train one seed with early stopping on val balanced accuracy; returns (summary, best weights on CPU)."""
+    from accelerate.utils import broadcast_object_list
 
     c, classes = params.classifier, list(params.data.classes)
-    torch.manual_seed(seed)  # same seed -> same initial weights for both variants (paired comparison)
-    model = for_training(create_classifier(c.arch, len(classes), c.pretrained))  # before any optimizer state is restored
+    device, rank, processes = accelerator.device, accelerator.process_index, accelerator.num_processes
+    label = f"train@{variant} seed {run.seed}"
+    torch.manual_seed(run.seed)  # same seed -> same initial weights for both variants (paired comparison)
+    model = create_classifier(c.arch, len(classes), c.pretrained)
     optimizer = adamw(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-    meta = {"run_key": run_key, "epoch": 0, "best_epoch": 0, "best_score": -1.0, "bad_epochs": 0,
-            "stopped": False, "history": []}
+    generator = torch.Generator()
+    sampler = make_sampler(run.train_labels, len(classes), c.balance, generator, run.epoch_size)
+    steps_per_epoch = len(epoch_batches(torch.arange(run.epoch_size), c.batch, rank, processes))
+    scheduler = _cosine_schedule(optimizer, steps_per_epoch, c.epochs)
+    meta = {"epoch": 0, "best_epoch": 0, "best_score": -1.0, "bad_epochs": 0, "stopped": False, "history": []}
     best = None
     resumed_from = None
-    found = load_checkpoint(checkpoint, run_key)
+    found = load_checkpoint(run.checkpoint_dir, run.run_key)
     if found is not None:
-        meta, model_state, best, optimizer_state = found
-        model.load_state_dict(model_state)
-        load_optimizer_state(optimizer, optimizer_state)
+        meta = found.meta
+        model.load_state_dict(found.group("model"))
+        found.restore_optimizer(optimizer)
+        scheduler.load_state_dict(meta["scheduler"])
+        best = found.group("best") or None
+        if best is None and meta["best_epoch"] == meta["epoch"] > 0:  # the best epoch was the last one saved
+            best = {k: v.clone() for k, v in found.group("model").items()}
         resumed_from = meta["epoch"]
-        accelerator.print(f"train@{variant} seed {seed}: resuming after epoch {resumed_from} from {checkpoint}")
+        accelerator.print(f"{label}: resuming after epoch {resumed_from} from {run.checkpoint_dir}")
 
-    generator = torch.Generator()
-    epoch_size = epoch_size or len(train_labels)
-    sampler = make_sampler(train_labels, len(classes), c.balance, generator, epoch_size)
-    counts = torch.bincount(torch.as_tensor(train_labels), minlength=len(classes)).double()
-    loss_weight = (counts.sum() / (len(classes) * counts)).float() if c.balance == "class_weighted_loss" else None
-    batch = min(c.batch, epoch_size)
-    dataset = TensorImages(train_images, train_labels)
-    loader = DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True)  # drop_last: BatchNorm needs >1 sample
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    if loss_weight is not None:
-        loss_weight = loss_weight.to(accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler steps once per optimizer step as built
+    train_labels = torch.as_tensor(run.train_labels)
+    loss_weight = None
+    if c.balance == "class_weighted_loss":
+        loss_weight = inverse_frequency_weights(train_labels.to(device), len(classes))
 
     last_checkpoint = time.monotonic()
     for epoch in range(meta["epoch"], c.epochs):
         if meta["stopped"]:
             break
-        torch.manual_seed(derive_seed(seed, "epoch", epoch, "augment"))  # augmentations + dropout
-        generator.manual_seed(derive_seed(seed, "epoch", epoch, "order"))  # sampling order
+        torch.manual_seed(derive_seed(run.seed, "epoch", epoch, "augment", rank))  # augmentations (CPU and GPU)
+        generator.manual_seed(derive_seed(run.seed, "epoch", epoch, "order"))  # the same order on every process
+        order = torch.as_tensor(list(sampler))
         model.train()
-        total, seen = 0.0, 0
-        for step, (x, y) in enumerate(tqdm(loader, desc=f"train@{variant} seed {seed} epoch {epoch + 1}/{c.epochs}",
-                                           leave=False, disable=not accelerator.is_local_main_process)):
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(c.lr, epoch, step, len(loader), c.epochs)
-            loss = F.cross_entropy(model(augment(x)), y, weight=loss_weight)
+        total = torch.zeros((), device=device)
+        for indices in tqdm(epoch_batches(order, c.batch, rank, processes), desc=f"{label} epoch {epoch + 1}/{c.epochs}",
+                            leave=False, disable=not accelerator.is_local_main_process):
+            images = run.train_images[indices].to(device, non_blocking=True)
+            labels = train_labels[indices].to(device, non_blocking=True)
+            loss = classifier_loss(model, images, labels, loss_weight)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             if c.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), c.grad_clip)
             optimizer.step()
-            total += loss.item() * len(y)
-            seen += len(y)
-        train_loss = total / max(seen, 1)
+            scheduler.step()
+            total += loss.detach() * len(indices)
+        train_loss = accelerator.reduce(total, "sum").item() / len(order)
 
-        proba = predict_proba(accelerator.unwrap_model(model), val_images, accelerator.device)
-        val = fast_metrics(val_labels, proba.argmax(axis=1), proba, classes)  # scikit-learn's numbers, ~50x faster
-        score = val["balanced_accuracy"]
+        score = [None]
+        if accelerator.is_main_process:  # one process scores val: BatchNorm buffers differ between processes
+            proba = predict_proba(accelerator.unwrap_model(model), run.val_images, device)
+            score = [float(balanced_accuracy_score(run.val_labels, proba.argmax(axis=1)))]
+        score = broadcast_object_list(score)[0]
         if score > meta["best_score"]:
             meta.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0)
             best = state_to_cpu(accelerator.unwrap_model(model))
@@ -230,22 +233,21 @@ def fit_seed(params: Params, variant: str, seed: int, train_images: torch.Tensor
             meta["bad_epochs"] += 1
         meta["epoch"] = epoch + 1
         meta["stopped"] = meta["bad_epochs"] >= c.patience and epoch + 1 >= c.min_epochs
-        meta["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "val_balanced_accuracy": score})
-        tracking.log_metrics({f"train_loss{metric_suffix}": train_loss,
-                              f"val_balanced_accuracy{metric_suffix}": score,
-                              f"val_macro_recall{metric_suffix}": val["macro_recall"]}, step=epoch + 1)
-        accelerator.print(f"train@{variant} seed {seed} epoch {epoch + 1}/{c.epochs}: train loss {train_loss:.4f}, "
-                          f"val balanced acc {score:.4f} (best {meta['best_score']:.4f} @ {meta['best_epoch']})")
+        entry = {"epoch": epoch + 1, "train_loss": train_loss, "val_balanced_accuracy": score}
+        meta["history"].append(entry)
         finished = meta["stopped"] or meta["epoch"] == c.epochs
-        if (finished and checkpoint_at_end) or time.monotonic() - last_checkpoint >= 60 * c.checkpoint_minutes:
+        if (finished and run.checkpoint_at_end) or time.monotonic() - last_checkpoint >= 60 * c.checkpoint_minutes:
             if accelerator.is_main_process:
-                save_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, best, meta)
+                groups = {"model": accelerator.unwrap_model(model).state_dict()}
+                if best is not None and meta["best_epoch"] != meta["epoch"]:  # else best is the model: stored once
+                    groups["best"] = best
+                save_checkpoint(run.checkpoint_dir, run.run_key, groups, {**meta, "scheduler": scheduler.state_dict()},
+                                optimizer)
             accelerator.wait_for_everyone()
             last_checkpoint = time.monotonic()
-        if on_epoch_end is not None:
-            on_epoch_end(seed, epoch + 1)
+        log_epoch(accelerator, label, c.epochs, entry, meta, run.metric_suffix)
         if meta["stopped"]:
-            accelerator.print(f"train@{variant} seed {seed}: early stop, no val improvement for {c.patience} epochs")
+            accelerator.print(f"{label}: early stop, no val improvement for {c.patience} epochs")
 
     summary = {
         "best_epoch": meta["best_epoch"],
@@ -266,32 +268,13 @@ def _set_tags(tags: dict[str, str]) -> None:
         mlflow.set_tags(tags)
 
 
-@contextmanager
-def _long_lived_objects_frozen():
-    """Keep Python's cyclic garbage collector off the ~0.5 M objects that imports and set-up created.
-
-    A full collection walks all of them: measured 230-300 ms each, twice in a 6-epoch demo training, landing in
-    random epochs (an epoch is ~0.8 s). Frozen objects are skipped; reference counting still frees everything.
-    """
-    import timm  # noqa: F401  (create_classifier imports it lazily: freeze it too)
-
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
-def train_variant(params: Params, variant: str, *, on_epoch_end: Callable[[int, int], None] | None = None) -> dict:
+def train_variant(params: Params, variant: str) -> dict:
     """Train every seed of ``classifier.seeds`` for one variant; writes the model folder and reports/train/<variant>.json.
 
-    ``on_epoch_end(seed, epoch)`` runs after each epoch, and after its checkpoint when one was due (an interruption
-    there resumes from the last checkpoint).
     Returns the report written to reports/train/<variant>.json.
     """
-    from accelerate import Accelerator
-
     from pipeline import tracking
+    from pipeline.diffusion.finetune import make_accelerator
 
     check_variant(variant)
     if (reason := skip_reason(params, variant)) is not None:
@@ -324,21 +307,21 @@ def train_variant(params: Params, variant: str, *, on_epoch_end: Callable[[int, 
     if mlflow.active_run() is not None:
         mlflow.log_params({f"classifier.{k}": v for k, v in tracking.flatten(c.model_dump(mode="json")).items()})
 
-    accelerator = Accelerator()
+    accelerator = make_accelerator(params.compute.mixed_precision)
     accelerator.print(f"train@{variant}: {len(train) - synthetic_count} real + {synthetic_count} synthetic train images, "
-                      f"{len(val)} val, {c.arch} at {c.image_size}px, seeds {c.seeds}")
+                      f"{len(val)} val, {c.arch} at {c.image_size}px, seeds {c.seeds}, "
+                      f"{accelerator.num_processes} process(es) on {accelerator.device.type}")
     val_labels = np.array([s.label for s in val])
     checkpoints = root / CHECKPOINT_DIR / "classifier" / variant
     per_seed, best_states = {}, {}
     epoch_size = len(train) - synthetic_count if c.equal_steps else len(train)
-    with _long_lived_objects_frozen():
-        for seed in c.seeds:
-            run_key = _run_key(params, variant, seed, train, digests)
-            suffix = f"_seed{seed}" if len(c.seeds) > 1 else ""
-            per_seed[seed], best_states[seed] = fit_seed(
-                params, variant, seed, train_images, train_labels, val_images, val_labels, run_key,
-                checkpoints / f"seed{seed}", accelerator, on_epoch_end, suffix, epoch_size,
-                checkpoint_at_end=seed != c.seeds[-1])
+    for seed in c.seeds:
+        run = SeedRun(
+            seed, train_images, train_labels, val_images, val_labels,
+            run_key=_run_key(params, variant, seed, train, digests, accelerator.num_processes),
+            checkpoint_dir=checkpoints / f"seed{seed}", epoch_size=epoch_size,
+            metric_suffix=f"_seed{seed}" if len(c.seeds) > 1 else "", checkpoint_at_end=seed != c.seeds[-1])
+        per_seed[seed], best_states[seed] = fit_seed(params, variant, run, accelerator)
 
     report = {
         "variant": variant,
@@ -357,9 +340,7 @@ def train_variant(params: Params, variant: str, *, on_epoch_end: Callable[[int, 
             "seeds": list(c.seeds), "best_epochs": {str(s): r["best_epoch"] for s, r in per_seed.items()},
         }
         target = root / CLASSIFIER_DIR / variant
-        for stale in target.parent.glob(f".{variant}.*"):  # temporaries a killed run of this variant left behind
-            if ".tmp-" in stale.name or ".old-" in stale.name:
-                shutil.rmtree(stale, ignore_errors=True)
+        clean_stale_temps(target.parent, variant)  # only this variant's: the other may be writing
         with atomic_dir(target) as temp:
             for seed, state in best_states.items():
                 save_weights(state, temp / weights_name(seed))

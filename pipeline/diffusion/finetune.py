@@ -34,11 +34,9 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import make_image_grid
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from pipeline import tracking
+from pipeline import checkpoint, tracking
 from pipeline.atomic import atomic_dir, clean_stale_temps
 from pipeline.data.images import load_square
 from pipeline.diffusion.generate import (
@@ -55,7 +53,7 @@ from pipeline.diffusion.pretrain import diffusion_target
 from pipeline.diffusion.training_data import LatentCache, encode_images, encode_prompts, read_finetune_csv, tokenize
 from pipeline.digest import derive_seed, sha256_file
 from pipeline.errors import PipelineError
-from pipeline.optim import adamw, load_optimizer_state, state_from_tensors, state_tensors
+from pipeline.optim import adamw
 from pipeline.params import CLASS_NAMES, Params
 from pipeline.paths import BASE_MODEL_DIR, CHECKPOINT_DIR, CLASS_MODELS_DIR, FINETUNE_DIR, workspace_root
 
@@ -240,59 +238,33 @@ def cast_frozen(pipe, part: TrainedPart, weight_dtype: torch.dtype) -> None:
 # -------------------------------------------------------------------------------------- checkpoints
 
 
-def _rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
-    states = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return states
-
-
 def save_checkpoint(folder: Path, accelerator, part: TrainedPart, optimizer, generator, step: int, info: dict) -> None:
-    """Replace ``folder`` with the state after ``step`` steps (atomically: a kill mid-write keeps the previous one)."""
+    """Replace ``folder`` with the state after ``step`` steps: trainable weights, optimizer, every process's RNG."""
     from accelerate.utils import gather_object
 
-    rng = gather_object([_rng_state(generator)])  # one entry per process
+    rng = gather_object([checkpoint.rng_state(generator)])  # one entry per process
     if not accelerator.is_main_process:
         return
-    weights = {name: p.detach().float().cpu().contiguous() for name, p in part.named_trainable().items()}
-    opt_tensors, opt_rest = state_tensors(optimizer)
-    with atomic_dir(folder) as temp:
-        save_file(weights, str(temp / "trainable.safetensors"))
-        save_file(opt_tensors, str(temp / "optimizer.safetensors"))
-        for rank, states in enumerate(rng):
-            save_file({k: v.contiguous() for k, v in states.items()}, str(temp / f"rng-{rank}.safetensors"))
-        (temp / "state.json").write_text(json.dumps({"step": step, **info, "optimizer": opt_rest}, indent=1))
+    groups = {"trainable": {name: p.float() for name, p in part.named_trainable().items()}}
+    groups.update({f"rng.{rank}": states for rank, states in enumerate(rng)})
+    checkpoint.save_checkpoint(folder, info["fingerprint"], groups, {"step": step, **info}, optimizer)
 
 
 def load_checkpoint(folder: Path, fingerprint: str, accelerator, part: TrainedPart, optimizer, generator) -> tuple[int, list[float]]:
     """Restore the last checkpoint if it belongs to this run; returns (steps done, recent losses), (0, []) to start fresh."""
-    state_file = folder / "state.json"
-    if not state_file.is_file():
+    found = checkpoint.load_checkpoint(folder, fingerprint)
+    if found is None:
         return 0, []
-    try:
-        state = json.loads(state_file.read_text())
-        weights = load_file(str(folder / "trainable.safetensors"))
-        opt_tensors = load_file(str(folder / "optimizer.safetensors"))
-        rng = load_file(str(folder / f"rng-{accelerator.process_index}.safetensors"))
-    except (OSError, ValueError, SafetensorError) as exc:
-        print(f"warning: {folder}: unreadable checkpoint ({exc}); starting fresh", file=sys.stderr)
-        return 0, []
-    if state.get("fingerprint") != fingerprint:
-        print(f"{folder}: checkpoint was written for other params, data or base model; starting fresh", file=sys.stderr)
-        return 0, []
-    trainable = part.named_trainable()
+    weights, trainable = found.group("trainable"), part.named_trainable()
     if set(weights) != set(trainable):
         raise PipelineError(f"{folder}: checkpoint weights do not match the model; delete the folder to start fresh")
     with torch.no_grad():
         for name, p in trainable.items():
             p.copy_(weights[name])
-    load_optimizer_state(optimizer, state_from_tensors(opt_tensors, state["optimizer"]))
-    generator.set_state(rng["generator"])
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([rng[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in rng])
-    print(f"{folder}: resuming from step {state['step']}", file=sys.stderr)
-    return int(state["step"]), list(state.get("recent_losses", []))
+    found.restore_optimizer(optimizer)
+    checkpoint.set_rng_state(found.group(f"rng.{accelerator.process_index}"), generator)
+    print(f"{folder}: resuming from step {found.meta['step']}", file=sys.stderr)
+    return int(found.meta["step"]), list(found.meta.get("recent_losses", []))
 
 
 # ---------------------------------------------------------------------------------------- the stage
