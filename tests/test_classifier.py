@@ -21,7 +21,7 @@ from pipeline.classifier.dataset import (
 )
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.classifier import train
-from pipeline.classifier.model import create_classifier, state_to_cpu
+from pipeline.classifier.model import create_classifier
 from pipeline.classifier.train import epoch_batches, make_sampler, train_variant, training_samples
 from pipeline.cli import run_stage
 from pipeline.digest import sha256_file
@@ -122,6 +122,21 @@ def test_weighted_sampler_balances_class_draws():
     assert torch.allclose(shares, torch.full((3,), 1 / 3, dtype=torch.double), atol=0.06), shares
     plain = torch.tensor(labels)[list(make_sampler(labels, 3, "none", generator))]
     assert torch.bincount(plain, minlength=3).tolist() == [900, 90, 10]  # a shuffle keeps the imbalance
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_each_drawn_image_is_seen_once_per_epoch_across_processes(processes):
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(0))
+    shares = [epoch_batches(order, 16, rank, processes) for rank in range(processes)]
+    assert {len(s) for s in shares} == {4}  # ceil(50 / 16) steps on every process: classifier.batch is the global batch
+    for step in range(4):
+        step_images = torch.cat([s[step] for s in shares])
+        assert 12 <= len(step_images) <= 13  # 50 images in 4 nearly equal steps
+        assert max(len(s[step]) for s in shares) - min(len(s[step]) for s in shares) <= 1
+    seen = torch.cat([b for s in shares for b in s])
+    assert sorted(seen.tolist()) == sorted(order.tolist())  # each image once, none dropped
+    with pytest.raises(PipelineError, match="classifier.batch: 5 images per epoch .* BatchNorm needs at least 2"):
+        epoch_batches(order[:5], 16, 0, 3)
 
 
 def test_image_cache_decodes_once(workspace):
