@@ -160,7 +160,7 @@ class ClassifierParams(_Section):
     pretrained: bool = False
     image_size: int = Field(64, ge=16)
     epochs: int = Field(20, gt=0)
-    batch: int = Field(32, gt=0)
+    batch: int = Field(32, gt=0)  # images per optimizer step over all processes (pipeline/classifier/train.py)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     balance: Literal["weighted_sampler", "class_weighted_loss", "none"] = "weighted_sampler"

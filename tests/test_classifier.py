@@ -26,6 +26,7 @@ from pipeline.classifier.train import epoch_batches, make_sampler, train_variant
 from pipeline.cli import run_stage
 from pipeline.digest import sha256_file
 from pipeline.errors import PipelineError
+from pipeline.params import ComputeParams
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -288,3 +289,9 @@ def test_other_balancing_modes_train(workspace, balance):
     report = train_variant(micro_params(balance=balance), "baseline")
     assert report["seeds"]["0"]["epochs_run"] == 1
     assert (workspace / "models/classifier/baseline/seed0.safetensors").is_file()
+
+
+def test_mixed_precision_on_cpu_falls_back_to_fp32_with_a_warning(workspace, capsys):
+    params = micro_params().model_copy(update={"compute": ComputeParams(mixed_precision="bf16")})
+    train_variant(params, "baseline")
+    assert "warning: compute.mixed_precision=bf16 needs a GPU; training in fp32 on CPU" in capsys.readouterr().err

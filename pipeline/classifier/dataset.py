@@ -5,7 +5,8 @@ Why a cache: JPEG decoding + resizing every epoch costs more than the 64px forwa
 Each image is decoded once (``pipeline.data.images.open_rgb``), centre-cropped/resized once, and stored as a
 ``.npy`` keyed by the file's SHA-256 and the target size, so the cache is shared by both variants, by
 evaluate and by every DVC experiment (it lives under the original repository's ``.cache/``).
-Augmentations then run on whole batches of the cached tensors (``pipeline.classifier.augment``).
+The training loop indexes batches straight out of the cached tensor and augments them whole
+(``pipeline.classifier.augment``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
 
 from pipeline.data.images import load_square
 from pipeline.digest import sha256_file
@@ -193,18 +193,3 @@ def load_images(paths: Iterable[Path], size: int, digests: dict[Path, str] | Non
         return torch.empty((0, 3, size, size), dtype=torch.uint8)
     return torch.from_numpy(np.stack(arrays))
 
-
-class TensorImages(Dataset):
-    """(uint8 image, label) pairs over a cached tensor; the training loop augments whole batches."""
-
-    def __init__(self, images: torch.Tensor, labels: Sequence[int]):
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        self.images = images
-        self.labels = torch.as_tensor(list(labels), dtype=torch.long)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[index], self.labels[index]

@@ -5,8 +5,11 @@ Conventions, chosen so a class missing from a (resampled) test set never crashes
   hence ``macro_recall`` equals ``balanced_accuracy`` by definition (both are reported because both names are used);
 - ``auroc_macro`` is the mean one-vs-rest AUROC over present classes, omitted when fewer than 2 are present;
 - precision of a class that is never predicted is 0 (scikit-learn's zero_division=0).
-The bootstrap recomputes the same numbers with a vectorised numpy path (checked against scikit-learn in tests),
-because 1000 resamples × seeds × 2 variants through scikit-learn's validation layers would take minutes.
+Own code, kept where no library computes the same thing:
+- ``fast_metrics``: the numbers of ``classification_metrics`` from one bincount (checked against scikit-learn in
+  tests), because 1000 resamples × seeds × 2 variants through scikit-learn's input validation take minutes;
+- ``paired_bootstrap``: ``scipy.stats.bootstrap`` needs one fixed-length statistic per resample, but a resample
+  that misses a class has no ``recall_<class>`` (and with one class left, no AUROC), so those draws are skipped.
 """
 
 from __future__ import annotations

@@ -217,7 +217,8 @@ def fit_seed(params: Params, variant: str, run: SeedRun, accelerator) -> tuple[d
             if c.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), c.grad_clip)
             optimizer.step()
-            scheduler.step()
+            if not accelerator.optimizer_step_was_skipped:  # fp16: the grad scaler skips steps with inf gradients
+                scheduler.step()
             total += loss.detach() * len(indices)
         train_loss = accelerator.reduce(total, "sum").item() / len(order)
 
