@@ -175,7 +175,7 @@ def fit_seed(params: Params, variant: str, run: SeedRun, accelerator) -> tuple[d
     optimizer = adamw(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     generator = torch.Generator()
     sampler = make_sampler(run.train_labels, len(classes), c.balance, generator, run.epoch_size)
-    steps_per_epoch = len(epoch_batches(torch.arange(run.epoch_size), c.batch, rank, processes))
+    steps_per_epoch = len(epoch_batches(torch.arange(run.epoch_size), c.batch, rank, processes))  # checks the batch too
     scheduler = _cosine_schedule(optimizer, steps_per_epoch, c.epochs)
     meta = {"epoch": 0, "best_epoch": 0, "best_score": -1.0, "bad_epochs": 0, "stopped": False, "history": []}
     best = None
