@@ -97,7 +97,23 @@ class BasePretrainParams(_Section):
     prompt: str = "a dermoscopic image of a skin lesion"
 
 
-Method = Literal["lora", "dreambooth", "textual_inversion"]
+class HypernetworkParams(_Section):
+    """diffusion.method hypernetwork: which kind, and the shape of context_mlp's MLPs (pipeline/diffusion/hypernetwork.py)."""
+
+    kind: Literal["encoder_copy", "context_mlp"] = "encoder_copy"
+    # context_mlp: layer widths as multiples of the context width, AUTOMATIC1111's "1, 2, 1".
+    layer_structure: list[float] = Field(default_factory=lambda: [1.0, 2.0, 1.0])
+    activation: Literal["linear", "relu", "gelu", "swish"] = "linear"  # between layers; linear: none (webui default)
+
+    @field_validator("layer_structure")
+    @classmethod
+    def _ends_at_one(cls, widths: list[float]) -> list[float]:
+        if len(widths) < 2 or widths[0] != 1 or widths[-1] != 1 or any(w <= 0 for w in widths):
+            raise ValueError(f"layer_structure must start and end with 1 and have widths > 0, got {widths}")
+        return widths
+
+
+Method = Literal["lora", "dreambooth", "textual_inversion", "hypernetwork"]
 
 
 class DiffusionParams(_Section):
@@ -110,6 +126,7 @@ class DiffusionParams(_Section):
     # steps, a full-UNet DreamBooth wants far less (SD 1.5: ~1e-4 for both).
     lr: float | dict[Method, float] = 1e-4
     lora: LoraParams = LoraParams()
+    hypernetwork: HypernetworkParams = HypernetworkParams()
     prompt: str = "a dermoscopic image of {token} {class_name}"
     instance_tokens: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_INSTANCE_TOKENS))
     prior_preservation: bool = False
@@ -219,7 +236,9 @@ class SweepParams(_Section):
     """`make sweep`: one queued DVC experiment per point of two axes, method × generate.per_class (at
     data.real_per_class) and method × data.real_per_class (at generate.per_class); no stage reads it."""
 
-    methods: list[Method] = Field(default_factory=lambda: ["lora", "dreambooth", "textual_inversion"], min_length=1)
+    methods: list[Method] = Field(
+        default_factory=lambda: ["lora", "dreambooth", "textual_inversion", "hypernetwork"], min_length=1
+    )
     amounts: list[int] = Field(default_factory=lambda: [50, 100, 200], min_length=1)  # synthetic images per class
     # Real train images per class (data.real_per_class), each at generate.per_class; [] leaves this axis out.
     real_per_class: list[int] = Field(default_factory=lambda: [5, 10, 20, 50])

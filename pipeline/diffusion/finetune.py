@@ -151,14 +151,14 @@ class TrainedPart:
     module: torch.nn.Module
     save: Callable[[Path], Path]  # writes the final weights into a folder; returns the weights file
     trains_text: bool = False  # textual inversion: prompt embeddings change every step
-    adapter: bool = False  # LoRA: the module is frozen but for an adapter, so it may run in half precision
+    adapter: bool = False  # LoRA, hypernetwork: the module is frozen but for an added part, so it may run in half precision
 
     def named_trainable(self) -> dict[str, torch.nn.Parameter]:
         return {name: p for name, p in self.module.named_parameters() if p.requires_grad}
 
 
 def attach_method(pipe, params: Params, class_code: str) -> TrainedPart:
-    from pipeline.diffusion import dreambooth, lora, textual_inversion
+    from pipeline.diffusion import dreambooth, hypernetwork, lora, textual_inversion
 
     d = params.diffusion
     pipe.vae.requires_grad_(False)
@@ -169,6 +169,9 @@ def attach_method(pipe, params: Params, class_code: str) -> TrainedPart:
     if d.method == "dreambooth":
         pipe.unet.requires_grad_(True)
         return TrainedPart(pipe.unet, lambda folder: dreambooth.save_unet(pipe.unet, folder))
+    if d.method == "hypernetwork":
+        hypernetwork.add_hypernetwork(pipe.unet, d.hypernetwork)
+        return TrainedPart(pipe.unet, lambda folder: hypernetwork.save_hypernetwork(pipe.unet, folder), adapter=True)
     token = params.instance_token(class_code)
     pipe.unet.requires_grad_(False)
     embedding = textual_inversion.add_token(pipe, token, init_text=CLASS_NAMES[class_code])

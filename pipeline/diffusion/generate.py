@@ -130,6 +130,7 @@ def load_class_pipeline(
     """Base model + the class's adapter, fine-tuned UNet or learned word, in ``dtype``; returns (pipe, weights file, meta)."""
     from pipeline.diffusion.base import load_base_pipeline
     from pipeline.diffusion.dreambooth import load_unet
+    from pipeline.diffusion.hypernetwork import load_hypernetwork
     from pipeline.diffusion.lora import load_lora
     from pipeline.diffusion.textual_inversion import load_embedding
 
@@ -150,6 +151,8 @@ def load_class_pipeline(
         weights = load_unet(pipe, model_dir)
     elif method == "textual_inversion":
         weights = load_embedding(pipe, model_dir, token)
+    elif method == "hypernetwork":
+        weights = load_hypernetwork(pipe, model_dir)
     else:
         raise PipelineError(f"{model_dir / META_FILE}: unknown method {method!r}")
     pipe.set_progress_bar_config(disable=True)

@@ -1,0 +1,242 @@
+"""Hypernetworks: a small trainable network beside the frozen UNet that steers it toward one class.
+
+Two kinds (``diffusion.hypernetwork.kind``):
+
+- ``encoder_copy`` (the write-up's design): a trainable copy of the UNet's conv_in, time embedding, down
+  blocks and mid block whose zero-initialised 1x1 outputs are added to the frozen UNet's skip connections
+  and mid-block output. It is diffusers' ``ControlNetModel.from_unet``, which is exactly that copy with those
+  zero convolutions, minus an external condition: its condition branch is frozen and fed zeros, and as that
+  branch ends in a zero-initialised convolution it adds exactly nothing.
+- ``context_mlp`` (AUTOMATIC1111 webui): residual MLPs (widths ``layer_structure`` x the context width,
+  "1, 2, 1" by default) transform the text context before every cross-attention key and value projection,
+  one MLP for keys and one for values per context width, shared by all layers of that width. The last
+  layer starts at zero.
+
+Either way the output at initialisation is the base model's. The network is the UNet's child module
+``hypernetwork`` and acts through forward pre-hooks (public torch API): the UNet stays the pipeline's own
+UNet2DConditionModel, accelerate and DDP wrap it whole, and its trainable parameters are the hypernetwork's.
+
+Saved as one ``hypernetwork.safetensors`` whose metadata holds the config (JSON), including the base
+UNet's shape it was built for, so a file for another base model fails with one line.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import torch
+from diffusers.models.attention_processor import Attention
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from pipeline.errors import PipelineError
+from pipeline.params import HypernetworkParams
+
+HYPERNETWORK_FILE = "hypernetwork.safetensors"
+CHILD = "hypernetwork"  # the UNet's child module that holds the trainable network
+CONFIG_KEY = "hypernetwork_config"
+# UNet config keys a hypernetwork's shapes depend on: a file must have been built for the same values.
+_INTERFACE = ("in_channels", "block_out_channels", "down_block_types", "layers_per_block", "cross_attention_dim")
+_ACTIVATIONS = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "swish": torch.nn.SiLU}
+
+
+# ------------------------------------------------------------------------------------ context_mlp
+
+
+class ContextMLP(torch.nn.Module):
+    """x + MLP(x) over the last axis: the webui's HypernetworkModule (normal(0, 0.01) weights), last layer zero."""
+
+    def __init__(self, width: int, layer_structure: list[float], activation: str):
+        super().__init__()
+        sizes = [int(width * factor) for factor in layer_structure]
+        layers: list[torch.nn.Module] = []
+        for i, (size_in, size_out) in enumerate(zip(sizes, sizes[1:])):
+            linear = torch.nn.Linear(size_in, size_out)
+            torch.nn.init.normal_(linear.weight, std=0.01)
+            torch.nn.init.zeros_(linear.bias)
+            layers.append(linear)
+            if activation != "linear" and i < len(sizes) - 2:
+                layers.append(_ACTIVATIONS[activation]())
+        torch.nn.init.zeros_(layers[-1].weight)
+        self.mlp = torch.nn.Sequential(*layers)
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        return context + self.mlp(context)
+
+
+class ContextHypernetwork(torch.nn.Module):
+    """A key MLP and a value MLP per context width (keys "k<width>", "v<width>")."""
+
+    def __init__(self, widths: list[int], layer_structure: list[float], activation: str):
+        super().__init__()
+        self.mlps = torch.nn.ModuleDict({
+            f"{which}{width}": ContextMLP(width, layer_structure, activation) for width in widths for which in "kv"
+        })
+
+
+def _cross_attentions(unet) -> list[Attention]:
+    return [m for name, m in unet.named_modules() if isinstance(m, Attention) and m.is_cross_attention
+            and not name.startswith(f"{CHILD}.")]
+
+
+def _hook_context(unet, net: ContextHypernetwork) -> None:
+    """Transform the input of every cross-attention key/value projection by its MLP."""
+
+    def transform(mlp: ContextMLP):
+        return lambda _module, args: (mlp(args[0]), *args[1:])
+
+    for attn in _cross_attentions(unet):
+        width = attn.to_k.in_features
+        attn.to_k.register_forward_pre_hook(transform(net.mlps[f"k{width}"]))
+        attn.to_v.register_forward_pre_hook(transform(net.mlps[f"v{width}"]))
+
+
+# ----------------------------------------------------------------------------------- encoder_copy
+
+
+def _encoder_copy(unet, load_weights: bool):
+    from diffusers import ControlNetModel
+
+    # One condition channel through one 1-channel convolution: the cheapest condition branch there is.
+    net = ControlNetModel.from_unet(
+        unet, conditioning_channels=1, conditioning_embedding_out_channels=(1,), load_weights_from_unet=load_weights
+    )
+    net.controlnet_cond_embedding.requires_grad_(False)
+    return net
+
+
+def _hook_encoder(unet, net) -> None:
+    """Add the copy's residuals to the UNet's skip connections and mid block (to any a caller already gives)."""
+    signature = inspect.signature(unet.forward)
+
+    def steer(_module, args, kwargs):
+        call = signature.bind(*args, **kwargs)
+        given = call.arguments
+        sample = given["sample"]
+        blank = sample.new_zeros(sample.shape[0], 1, *sample.shape[2:])
+        extra = {k: given[k] for k in ("timestep_cond", "attention_mask", "cross_attention_kwargs", "added_cond_kwargs")
+                 if given.get(k) is not None}
+        down, mid = net(sample, given["timestep"], given["encoder_hidden_states"], blank, return_dict=False, **extra)
+        if given.get("down_block_additional_residuals") is not None:
+            down = [a + b for a, b in zip(given["down_block_additional_residuals"], down)]
+        if given.get("mid_block_additional_residual") is not None:
+            mid = given["mid_block_additional_residual"] + mid
+        given["down_block_additional_residuals"], given["mid_block_additional_residual"] = down, mid
+        return call.args, call.kwargs
+
+    unet.register_forward_pre_hook(steer, with_kwargs=True)
+
+
+# ----------------------------------------------------------------------------------------- public
+
+
+def _config(cfg: HypernetworkParams, interface: dict) -> dict:
+    """What the file records: the kind, the MLP shape, and the base UNet's shape it was built for."""
+    return {"kind": cfg.kind, "layer_structure": list(cfg.layer_structure), "activation": cfg.activation, "unet": interface}
+
+
+def _interface(unet) -> dict:
+    return {key: _plain(unet.config.get(key)) for key in _INTERFACE}
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _build(unet, config: dict, load_weights: bool) -> torch.nn.Module:
+    if config["kind"] == "encoder_copy":
+        return _encoder_copy(unet, load_weights)
+    widths = sorted({attn.to_k.in_features for attn in _cross_attentions(unet)})
+    return ContextHypernetwork(widths, config["layer_structure"], config["activation"])
+
+
+def _attach(unet, net: torch.nn.Module, config: dict) -> None:
+    if hasattr(unet, CHILD):
+        raise PipelineError("the UNet already has a hypernetwork; load a fresh base model to attach another")
+    unet.add_module(CHILD, net)
+    unet.hypernetwork_config = config
+    if config["kind"] == "encoder_copy":
+        _hook_encoder(unet, net)
+    else:
+        _hook_context(unet, net)
+
+
+def add_hypernetwork(unet, cfg: HypernetworkParams) -> list[torch.nn.Parameter]:
+    """Freeze the UNet and attach a fresh hypernetwork; returns its trainable parameters."""
+    unet.requires_grad_(False)
+    config = _config(cfg, _interface(unet))
+    net = _build(unet, config, load_weights=True).to(unet.device)
+    _attach(unet, net, config)
+    return [p for p in net.parameters() if p.requires_grad]
+
+
+def save_hypernetwork(unet, folder: str | Path) -> Path:
+    """Write ``hypernetwork.safetensors``: the network's fp32 weights, its config as JSON metadata."""
+    path = Path(folder) / HYPERNETWORK_FILE
+    weights = {k: v.detach().float().cpu().contiguous() for k, v in getattr(unet, CHILD).state_dict().items()}
+    save_file(weights, str(path), metadata={CONFIG_KEY: json.dumps(unet.hypernetwork_config, sort_keys=True)})
+    return path
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            text = (handle.metadata() or {}).get(CONFIG_KEY)
+    except (SafetensorError, OSError) as exc:
+        raise PipelineError(f"{path}: not a readable safetensors hypernetwork file ({exc})") from None
+    if text is None:
+        raise PipelineError(f"{path}: no {CONFIG_KEY!r} in the file's metadata; not a hypernetwork of this pipeline")
+    try:
+        raw = json.loads(text)
+        cfg = HypernetworkParams(**{k: raw[k] for k in ("kind", "layer_structure", "activation")})
+        interface = dict(raw["unet"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PipelineError(f"{path}: malformed hypernetwork config in its metadata ({str(exc).splitlines()[0][:200]})") from None
+    return _config(cfg, interface)
+
+
+def _check_weights(path: Path, weights: dict, expected: dict, kind: str) -> None:
+    """Every tensor the network needs, with its shape, and nothing else; else one PipelineError naming the first."""
+    missing = sorted(set(expected) - set(weights))
+    unknown = sorted(set(weights) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(weights) if weights[k].shape != expected[k].shape)
+    if missing:
+        raise PipelineError(f"{path}: {len(missing)} tensors of a {kind} hypernetwork missing, e.g. {missing[0]!r}")
+    if unknown:
+        raise PipelineError(f"{path}: {len(unknown)} tensors a {kind} hypernetwork does not have, e.g. {unknown[0]!r}")
+    if wrong:
+        key = wrong[0]
+        raise PipelineError(
+            f"{path}: {key!r} has shape {list(weights[key].shape)} but this {kind} hypernetwork needs "
+            f"{list(expected[key].shape)}"
+        )
+
+
+def load_hypernetwork(pipe, folder: str | Path) -> Path:
+    """Validate the class's hypernetwork file and attach it to ``pipe.unet``; returns the file."""
+    path = Path(folder) / HYPERNETWORK_FILE
+    if not path.is_file():
+        raise PipelineError(f"{path}: hypernetwork weights not found; run the finetune stage first")
+    config = _read_config(path)
+    unet = pipe.unet
+    base = _interface(unet)
+    for key in _INTERFACE:
+        if config["unet"].get(key) != base[key]:
+            raise PipelineError(
+                f"{path}: built for a UNet with {key}={config['unet'].get(key)} but the base model has {base[key]}: "
+                "it was trained for another base model"
+            )
+    try:
+        weights = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise PipelineError(f"{path}: not a readable safetensors hypernetwork file ({exc})") from None
+    net = _build(unet, config, load_weights=False)
+    _check_weights(path, weights, net.state_dict(), config["kind"])
+    net.load_state_dict(weights, strict=True)
+    net.requires_grad_(False).eval().to(unet.device)
+    if unet.dtype != torch.float32:  # diffusers warns on any dtype cast, so only when one is needed
+        net.to(dtype=unet.dtype)
+    _attach(unet, net, config)
+    return path
