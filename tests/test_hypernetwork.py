@@ -216,3 +216,22 @@ def test_a_bad_hypernetwork_file_is_one_line_naming_it(trained, monkeypatch, cor
         assert str(error.value).startswith(str(path)) and "\n" not in str(error.value)
     finally:
         path.write_bytes(original)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_both_kinds_run_on_a_fake_cuda_device_with_a_shared_prompt(kind):
+    """Built beside a UNet on (fake) cuda, the hypernetwork runs there with the training loop's batch-1 prompt:
+    a tensor made on the CPU anywhere in the hooks would raise FakeTensorDeviceMismatchError."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from pipeline.diffusion.shared_prompt import share_prompt_attention
+
+    with FakeTensorMode():
+        with torch.device("cuda"):
+            pipe = build_tiny_pipeline(32)
+        trainable = add_hypernetwork(pipe.unet, HypernetworkParams(kind=kind))
+        share_prompt_attention(pipe.unet)
+        assert all(p.device.type == "cuda" for p in trainable)
+        sample = torch.randn(2, 4, 8, 8, device="cuda")
+        out = pipe.unet(sample, torch.tensor([1, 500], device="cuda"), torch.randn(1, 77, 64, device="cuda")).sample
+        assert out.device.type == "cuda" and out.shape == sample.shape

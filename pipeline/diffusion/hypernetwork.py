@@ -146,10 +146,12 @@ def _plain(value):
 
 
 def _build(unet, config: dict, load_weights: bool) -> torch.nn.Module:
-    if config["kind"] == "encoder_copy":
-        return _encoder_copy(unet, load_weights)
-    widths = sorted({attn.to_k.in_features for attn in _cross_attentions(unet)})
-    return ContextHypernetwork(widths, config["layer_structure"], config["activation"])
+    """A new network of the config's kind, made on the UNet's device (no copy through host memory)."""
+    with torch.device(unet.device):
+        if config["kind"] == "encoder_copy":
+            return _encoder_copy(unet, load_weights)
+        widths = sorted({attn.to_k.in_features for attn in _cross_attentions(unet)})
+        return ContextHypernetwork(widths, config["layer_structure"], config["activation"])
 
 
 def _attach(unet, net: torch.nn.Module, config: dict) -> None:
@@ -167,7 +169,7 @@ def add_hypernetwork(unet, cfg: HypernetworkParams) -> list[torch.nn.Parameter]:
     """Freeze the UNet and attach a fresh hypernetwork; returns its trainable parameters."""
     unet.requires_grad_(False)
     config = _config(cfg, _interface(unet))
-    net = _build(unet, config, load_weights=True).to(unet.device)
+    net = _build(unet, config, load_weights=True)
     _attach(unet, net, config)
     return [p for p in net.parameters() if p.requires_grad]
 
@@ -235,7 +237,7 @@ def load_hypernetwork(pipe, folder: str | Path) -> Path:
     net = _build(unet, config, load_weights=False)
     _check_weights(path, weights, net.state_dict(), config["kind"])
     net.load_state_dict(weights, strict=True)
-    net.requires_grad_(False).eval().to(unet.device)
+    net.requires_grad_(False).eval()
     if unet.dtype != torch.float32:  # diffusers warns on any dtype cast, so only when one is needed
         net.to(dtype=unet.dtype)
     _attach(unet, net, config)
