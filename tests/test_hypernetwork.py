@@ -55,14 +55,6 @@ def trained(request, tmp_path_factory, tiny_base):
     return trained_workspace(tmp_path_factory.mktemp(request.param) / "ws", tiny_base, params), params, request.param
 
 
-@pytest.fixture
-def workspace(tmp_path, tiny_base, monkeypatch):
-    root = make_workspace(tmp_path / "ws", tiny_base)
-    monkeypatch.chdir(root)
-    monkeypatch.delenv(WORKSPACE_ENV, raising=False)
-    return root
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_fresh_hypernetwork_leaves_the_output_exactly_the_base_models(kind):
     pipe = build_tiny_pipeline(32, seed=0)
@@ -152,7 +144,10 @@ def test_generate_samples_with_the_hypernetwork(trained, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_resume_after_a_kill_reaches_the_same_weights_bitwise(workspace, monkeypatch, kind):
+def test_resume_after_a_kill_reaches_the_same_weights_bitwise(tmp_path, tiny_base, monkeypatch, kind):
+    workspace = make_workspace(tmp_path / "ws", tiny_base)
+    monkeypatch.chdir(workspace)
+    monkeypatch.delenv(WORKSPACE_ENV, raising=False)
     params = hyper_params(kind, {"steps": 5, "checkpoint_every": 2})
     uninterrupted = load_file(finetune_class(params, "df") / HYPERNETWORK_FILE)
 
