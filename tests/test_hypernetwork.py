@@ -213,20 +213,29 @@ def test_a_bad_hypernetwork_file_is_one_line_naming_it(trained, monkeypatch, cor
         path.write_bytes(original)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("kind", KINDS)
-def test_both_kinds_run_on_a_fake_cuda_device_with_a_shared_prompt(kind):
-    """Built beside a UNet on (fake) cuda, the hypernetwork runs there with the training loop's batch-1 prompt:
-    a tensor made on the CPU anywhere in the hooks would raise FakeTensorDeviceMismatchError."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+def test_a_fine_tuning_step_runs_on_a_fake_cuda_device(kind, dtype):
+    """The stage's set-up and step up to the loss on fake CUDA (test_device_sim_diffusion.py says how), frozen
+    weights in ``dtype``: a CPU tensor in the hooks, or a dtype clash without autocast, would raise here."""
+    from diffusers import DDPMScheduler
+    from test_device_sim_diffusion import BATCH, RESOLUTION, fake_images, on_fake_cuda
 
-    from pipeline.diffusion.shared_prompt import share_prompt_attention
+    from pipeline.diffusion.finetune import attach_method, cast_frozen, diffusion_loss, draw_batch
+    from pipeline.diffusion.training_data import encode_images, encode_prompts
 
-    with FakeTensorMode():
-        with torch.device("cuda"):
-            pipe = build_tiny_pipeline(32)
-        trainable = add_hypernetwork(pipe.unet, HypernetworkParams(kind=kind))
-        share_prompt_attention(pipe.unet)
-        assert all(p.device.type == "cuda" for p in trainable)
-        sample = torch.randn(2, 4, 8, 8, device="cuda")
-        out = pipe.unet(sample, torch.tensor([1, 500], device="cuda"), torch.randn(1, 77, 64, device="cuda")).sample
-        assert out.device.type == "cuda" and out.shape == sample.shape
+    params = hyper_params(kind)
+    pipe = build_tiny_pipeline(RESOLUTION)
+    part = attach_method(pipe, params, "df")
+    cast_frozen(pipe, part, dtype)
+    with on_fake_cuda(pipe):
+        trainable = part.named_trainable()
+        assert trainable and all(name.startswith("hypernetwork.") for name in trainable)
+        assert {p.dtype for p in trainable.values()} == {torch.float32} and pipe.unet.conv_in.weight.dtype == dtype
+        states = encode_prompts(pipe, [params.class_prompt("df")])
+        generator = torch.Generator().manual_seed(0)
+        batch = draw_batch(encode_images(pipe.vae, fake_images(3)), None, states, BATCH, generator)
+        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        loss = diffusion_loss(pipe.unet, scheduler, batch, generator, dtype=dtype)
+        assert loss.device.type == "cuda" and loss.dtype == torch.float32 and loss.requires_grad

@@ -63,7 +63,8 @@ class ContextMLP(torch.nn.Module):
         self.mlp = torch.nn.Sequential(*layers)
 
     def forward(self, context: torch.Tensor) -> torch.Tensor:
-        return context + self.mlp(context)
+        # In the MLP's own dtype: trainable fp32 beside a half-precision UNet works with or without autocast.
+        return context + self.mlp(context.to(self.mlp[0].weight.dtype)).to(context.dtype)
 
 
 class ContextHypernetwork(torch.nn.Module):
@@ -115,10 +116,15 @@ def _hook_encoder(unet, net) -> None:
         call = signature.bind(*args, **kwargs)
         given = call.arguments
         sample = given["sample"]
-        blank = sample.new_zeros(sample.shape[0], 1, *sample.shape[2:])
+        # The copy runs in its own weights' dtype (trainable fp32 beside a half-precision UNet, with or without
+        # autocast), its frozen condition branch in that branch's dtype; residuals come back in the UNet's.
+        dtype, blank_dtype = net.conv_in.weight.dtype, net.controlnet_cond_embedding.conv_in.weight.dtype
+        blank = sample.new_zeros(sample.shape[0], 1, *sample.shape[2:], dtype=blank_dtype)
         extra = {k: given[k] for k in ("timestep_cond", "attention_mask", "cross_attention_kwargs", "added_cond_kwargs")
                  if given.get(k) is not None}
-        down, mid = net(sample, given["timestep"], given["encoder_hidden_states"], blank, return_dict=False, **extra)
+        context = given["encoder_hidden_states"].to(dtype)
+        down, mid = net(sample.to(dtype), given["timestep"], context, blank, return_dict=False, **extra)
+        down, mid = [r.to(sample.dtype) for r in down], mid.to(sample.dtype)
         if given.get("down_block_additional_residuals") is not None:
             down = [a + b for a, b in zip(given["down_block_additional_residuals"], down)]
         if given.get("mid_block_additional_residual") is not None:
