@@ -1,4 +1,4 @@
-"""finetune@<class>: teach the base model one class under its own instance token (LoRA, DreamBooth or textual inversion).
+"""finetune@<class>: teach the base model one class under its own instance token (LoRA, DreamBooth, textual inversion or a hypernetwork).
 
 The loop is the plain diffusion recipe: draw cached latents (``draw_batch``), add noise at a random
 timestep, predict the noise (or v), MSE (``diffusion_loss``), step. What differs between methods is
