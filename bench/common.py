@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pipeline  # noqa: F401  (before torch: sets how OpenMP threads wait; every arm inherits it via os.environ)
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024

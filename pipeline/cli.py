@@ -6,10 +6,36 @@ import argparse
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 
+from pipeline import launch
 from pipeline.errors import PipelineError
 from pipeline.params import Params, load_params
+
+MiB = 1024 * 1024
+
+
+def stage_main(stage: str, work: Callable[..., object], *, item: str | None = None, track: bool = True,
+               several_processes: bool = False) -> int:
+    """What ``python -m stages.<stage>`` runs: ``run_stage`` in a process set up for it.
+
+    several_processes: the stage runs on ``compute.processes`` processes (finetune, generate, train); with more
+    than one, this process starts the script again under ``accelerate launch`` and waits (pipeline/launch.py).
+    Torch gets the idle cores shared out between the stage's processes as intra-op threads.
+    """
+    argv = sys.argv[1:]
+    args, name = _parse(stage, item, argv)
+    try:
+        compute = load_params(args.params).compute
+    except PipelineError as exc:
+        print(f"error: {name}: {exc}", file=sys.stderr)
+        return 1
+    processes = compute.processes if several_processes else 1
+    if processes > 1 and not launch.under_launcher():
+        return launch.relaunch(f"stages.{stage}", argv, compute, name)
+    launch.set_torch_threads(processes)
+    return run_stage(stage, work, item=item, track=track, argv=argv)
 
 
 def run_stage(
@@ -20,39 +46,61 @@ def run_stage(
     track: bool = True,
     argv: Sequence[str] | None = None,
 ) -> int:
-    """Run ``work(params)`` (or ``work(params, item)`` for foreach stages such as finetune@mel).
+    """Run ``work(params)`` (or ``work(params, item)`` for foreach stages such as finetune@mel) in this process.
 
     item: the metavar of the foreach item (e.g. "class_code"), None for a plain stage.
-    Returns the exit code; stage scripts call ``sys.exit(run_stage(...))``.
+    Returns the exit code. On success the main process prints ``<stage>: done in <s> s`` and, when the stage used
+    CUDA, its peak GPU memory (also logged to the stage's MLflow run): what ``make gpu-smoke`` reports.
     """
-    parser = argparse.ArgumentParser(prog=f"stages/{stage}.py")
-    if item:
-        parser.add_argument(item)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    args = parser.parse_args(argv)
+    args, name = _parse(stage, item, argv)
     # SIGTERM (dvc, a scheduler, Ctrl-C in a queue) unwinds like an exception, so temporary
     # outputs are removed and the MLflow run is marked FAILED instead of left RUNNING.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     value = getattr(args, item) if item else None
-    name = f"{stage}@{value}" if item else stage
+    start = time.perf_counter()
     try:
         params: Params = load_params(args.params)
         call = (lambda: work(params, value)) if item else (lambda: work(params))
         if not track or not _is_main_process():
             call()
+            usage = _usage(start)
         else:
             from pipeline import tracking
 
             tags = {"item": value} if item else None
             with tracking.stage_run(name, params, tags=tags):
                 call()
+                usage = _usage(start)
+                tracking.log_metrics(usage)
     except PipelineError as exc:
         print(f"error: {name}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"error: {name}: interrupted", file=sys.stderr)
         return 130
+    if _is_main_process():
+        gpu = f", peak GPU memory {usage['gpu_peak_memory_mib']:.0f} MiB" if "gpu_peak_memory_mib" in usage else ""
+        print(f"{name}: done in {usage['stage_seconds']:.1f} s{gpu}", flush=True)
     return 0
+
+
+def _parse(stage: str, item: str | None, argv: Sequence[str] | None) -> tuple[argparse.Namespace, str]:
+    """The stage's command line; returns (arguments, run name such as finetune@mel)."""
+    parser = argparse.ArgumentParser(prog=f"stages/{stage}.py")
+    if item:
+        parser.add_argument(item)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    return args, f"{stage}@{getattr(args, item)}" if item else stage
+
+
+def _usage(start: float) -> dict[str, float]:
+    """Wall seconds since ``start`` and, if this process used CUDA, torch's peak allocated GPU memory in MiB."""
+    usage = {"stage_seconds": time.perf_counter() - start}
+    torch = sys.modules.get("torch")  # a stage that never imported torch never used the GPU
+    if torch is not None and torch.cuda.is_initialized():
+        usage["gpu_peak_memory_mib"] = torch.cuda.max_memory_allocated() / MiB
+    return usage
 
 
 def _exit_on_sigterm(signum, frame) -> None:

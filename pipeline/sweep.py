@@ -84,7 +84,7 @@ def _env(jobs: int = 1) -> dict[str, str]:
     """The queue's workers run the stages' `python -m stages.<x>`: that must be this interpreter, as under `make`.
 
     Experiments running side by side share the cores, so their OpenMP threads sleep instead of spinning
-    (pipeline/__init__.py has the measurements)."""
+    (pipeline/launch.py has measurements)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     if jobs > 1:
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")

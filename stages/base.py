@@ -2,8 +2,8 @@
 
 import sys
 
-from pipeline.cli import run_stage
+from pipeline.cli import stage_main
 from pipeline.diffusion.base import prepare_base
 
 if __name__ == "__main__":
-    sys.exit(run_stage("base", prepare_base))
+    sys.exit(stage_main("base", prepare_base))

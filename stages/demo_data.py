@@ -2,8 +2,8 @@
 
 import sys
 
-from pipeline.cli import run_stage
+from pipeline.cli import stage_main
 from pipeline.data.demo import make_demo
 
 if __name__ == "__main__":
-    sys.exit(run_stage("demo_data", make_demo))
+    sys.exit(stage_main("demo_data", make_demo))

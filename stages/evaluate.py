@@ -3,8 +3,8 @@
 import sys
 
 from pipeline.classifier.evaluate import evaluate
-from pipeline.cli import run_stage
+from pipeline.cli import stage_main
 
 if __name__ == "__main__":
     # track=False: evaluate logs its own two runs (one per variant), see pipeline/classifier/evaluate.py.
-    sys.exit(run_stage("evaluate", evaluate, track=False))
+    sys.exit(stage_main("evaluate", evaluate, track=False))

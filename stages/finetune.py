@@ -1,9 +1,16 @@
-"""finetune@<class>: teach the base model one class under its instance token (LoRA / DreamBooth / textual inversion; DESIGN.md)."""
+"""finetune@<class>: teach the base model one class under its instance token (LoRA / DreamBooth / textual inversion)."""
 
 import sys
 
-from pipeline.cli import run_stage
-from pipeline.diffusion.finetune import finetune_class
+from pipeline.cli import stage_main
+
+
+def finetune(params, class_code):
+    # Imported here: with compute.processes > 1 this process only launches the ranks (pipeline/launch.py).
+    from pipeline.diffusion.finetune import finetune_class
+
+    return finetune_class(params, class_code)
+
 
 if __name__ == "__main__":
-    sys.exit(run_stage("finetune", finetune_class, item="class_code"))
+    sys.exit(stage_main("finetune", finetune, item="class_code", several_processes=True))

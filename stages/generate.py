@@ -1,9 +1,16 @@
-"""generate@<class>: sample the class's synthetic images with a per-image seed and a manifest (DESIGN.md)."""
+"""generate@<class>: sample the class's synthetic images with a per-image seed and a manifest."""
 
 import sys
 
-from pipeline.cli import run_stage
-from pipeline.diffusion.generate import generate_class
+from pipeline.cli import stage_main
+
+
+def generate(params, class_code):
+    # Imported here: with compute.processes > 1 this process only launches the ranks (pipeline/launch.py).
+    from pipeline.diffusion.generate import generate_class
+
+    return generate_class(params, class_code)
+
 
 if __name__ == "__main__":
-    sys.exit(run_stage("generate", generate_class, item="class_code"))
+    sys.exit(stage_main("generate", generate, item="class_code", several_processes=True))

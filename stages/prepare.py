@@ -2,8 +2,8 @@
 
 import sys
 
-from pipeline.cli import run_stage
+from pipeline.cli import stage_main
 from pipeline.data.split import prepare
 
 if __name__ == "__main__":
-    sys.exit(run_stage("prepare", prepare))
+    sys.exit(stage_main("prepare", prepare))

@@ -2,8 +2,8 @@
 
 import sys
 
-from pipeline.cli import run_stage
+from pipeline.cli import stage_main
 from pipeline.report import report
 
 if __name__ == "__main__":
-    sys.exit(run_stage("report", report))
+    sys.exit(stage_main("report", report))

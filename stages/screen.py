@@ -2,8 +2,8 @@
 
 import sys
 
-from pipeline.cli import run_stage
+from pipeline.cli import stage_main
 from pipeline.quality.screen import screen
 
 if __name__ == "__main__":
-    sys.exit(run_stage("screen", screen))
+    sys.exit(stage_main("screen", screen))

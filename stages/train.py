@@ -2,8 +2,15 @@
 
 import sys
 
-from pipeline.classifier.train import train_variant
-from pipeline.cli import run_stage
+from pipeline.cli import stage_main
+
+
+def train(params, variant):
+    # Imported here: with compute.processes > 1 this process only launches the ranks (pipeline/launch.py).
+    from pipeline.classifier.train import train_variant
+
+    return train_variant(params, variant)
+
 
 if __name__ == "__main__":
-    sys.exit(run_stage("train", train_variant, item="variant"))
+    sys.exit(stage_main("train", train, item="variant", several_processes=True))

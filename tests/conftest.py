@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import pipeline  # noqa: F401  (first: it sets how OpenMP threads wait, before torch loads)
 import pytest
 import torch
 
