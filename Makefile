@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Stage commands in dvc.yaml call `python`: make it the venv's.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test bench sweep install clean-venv
+.PHONY: repro test bench sweep gpu-smoke install clean-venv
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11'" >&2; exit 1; }
@@ -32,6 +32,10 @@ sweep: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# On a GPU machine: the micro settings through every stage on CUDA (< 5 min), one PASS/FAIL line per stage.
+gpu-smoke: $(STAMP)
+	$(BIN)/python -m bench.gpu_smoke
 
 clean-venv:
 	rm -rf $(VENV)
