@@ -2,8 +2,15 @@
 
 import sys
 
-from pipeline.classifier.oracle import train_oracle
-from pipeline.cli import run_stage
+from pipeline.cli import stage_main
+
+
+def oracle(params):
+    # Imported here: with compute.processes > 1 this process only launches the ranks (pipeline/launch.py).
+    from pipeline.classifier.oracle import train_oracle
+
+    return train_oracle(params)
+
 
 if __name__ == "__main__":
-    sys.exit(run_stage("oracle", train_oracle))
+    sys.exit(stage_main("oracle", oracle, several_processes=True))
