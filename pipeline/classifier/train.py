@@ -206,7 +206,7 @@ def fit_seed(params: Params, variant: str, run: SeedRun, accelerator) -> tuple[d
         generator.manual_seed(derive_seed(run.seed, "epoch", epoch, "order"))  # the same order on every process
         order = torch.as_tensor(list(sampler))
         model.train()
-        total = torch.zeros((), device=device)
+        total, seen = torch.zeros((), device=device), 0
         for indices in tqdm(epoch_batches(order, c.batch, rank, processes), desc=f"{label} epoch {epoch + 1}/{c.epochs}",
                             leave=False, disable=not accelerator.is_local_main_process):
             images = run.train_images[indices].to(device, non_blocking=True)
@@ -220,7 +220,9 @@ def fit_seed(params: Params, variant: str, run: SeedRun, accelerator) -> tuple[d
             if not accelerator.optimizer_step_was_skipped:  # fp16: the grad scaler skips steps with inf gradients
                 scheduler.step()
             total += loss.detach() * len(indices)
+            seen += len(indices)
         train_loss = accelerator.reduce(total, "sum").item() / len(order)
+        seen_per_process = accelerator.gather(torch.tensor([seen], device=device)).tolist()  # their sum: len(order)
 
         score = [None]
         if accelerator.is_main_process:  # one process scores val: BatchNorm buffers differ between processes
@@ -234,7 +236,8 @@ def fit_seed(params: Params, variant: str, run: SeedRun, accelerator) -> tuple[d
             meta["bad_epochs"] += 1
         meta["epoch"] = epoch + 1
         meta["stopped"] = meta["bad_epochs"] >= c.patience and epoch + 1 >= c.min_epochs
-        entry = {"epoch": epoch + 1, "train_loss": train_loss, "val_balanced_accuracy": score}
+        entry = {"epoch": epoch + 1, "train_loss": train_loss, "val_balanced_accuracy": score,
+                 "images_seen_per_process": seen_per_process}
         meta["history"].append(entry)
         finished = meta["stopped"] or meta["epoch"] == c.epochs
         if (finished and run.checkpoint_at_end) or time.monotonic() - last_checkpoint >= 60 * c.checkpoint_minutes:
