@@ -1,0 +1,102 @@
+"""Two processes from DVC: `dvc repro` of finetune, generate and train with ``compute.processes: 2`` on the CPU.
+
+The stage commands of dvc.yaml are unchanged; each stage script starts itself again under ``accelerate launch``
+(pipeline/launch.py). Checked: one set of outputs and one MLflow run per stage, generated images byte-identical to
+a one-process run, each drawn training image seen by exactly one process per epoch. Then, with a stage script that
+imports nothing heavy: a rank's one-line error and exit code, and a rank killed by a signal, reach the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from test_pipeline_e2e import MICRO, copy_repo, experiment_runs, merge, run
+
+REPO = Path(__file__).resolve().parents[1]
+CLASS = "df"
+STAGES = (f"finetune@{CLASS}", f"generate@{CLASS}", "train@baseline")
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_two_processes_from_dvc_match_one_process(tmp_path):
+    root = tmp_path / "repo"
+    # Two generate batches, so each rank draws one.
+    env = copy_repo(root, merge(MICRO, {"compute": {"processes": 2}, "generate": {"batch": 2}}))
+    started = time.perf_counter()
+    output = run([str(Path(sys.executable).parent / "dvc"), "repro", *STAGES], root, env)
+    print(f"dvc repro of {', '.join(STAGES)} on 2 processes: {time.perf_counter() - started:.0f} s")
+
+    # One set of outputs: nothing doubled, no temporary folder left by a second writer.
+    synthetic = root / "data/synthetic" / CLASS
+    names = sorted(p.name for p in synthetic.iterdir())
+    assert names == sorted([f"{CLASS}_{k:05d}.png" for k in range(MICRO["generate"]["per_class"])] + ["grid.png", "manifest.csv"])
+    leftovers = [p for p in (root / "data").rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+    leftovers += [p for p in (root / "models").rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+    assert not leftovers
+    for stage in STAGES:
+        assert output.count(f"{stage}: done in") == 1, output[-3000:]  # rank 0 reports, rank 1 works silently
+
+    runs = [r for r in experiment_runs(root) if r.data.tags.get("stage") in STAGES]
+    assert sorted(r.data.tags["stage"] for r in runs) == sorted(STAGES)
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+    report = json.loads((root / "reports/train/baseline.json").read_text())
+    for epoch in report["seeds"]["0"]["history"]:
+        per_process = epoch["images_seen_per_process"]
+        assert len(per_process) == 2 and all(0 < n < report["epoch_size"] for n in per_process)
+        assert sum(per_process) == report["epoch_size"]  # every drawn image once, shared between the two ranks
+
+    # The same fine-tuned model sampled by one process: the same bytes.
+    two = folder_bytes(synthetic)
+    one_process = root / "one_process.yaml"
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    one_process.write_text(yaml.safe_dump(merge(params, {"compute": {"processes": 1}})))
+    run([sys.executable, "-m", "stages.generate", CLASS, "--params", str(one_process)], root, env)
+    one = folder_bytes(synthetic)
+    assert set(one) == set(two)
+    assert [name for name in one if one[name] != two[name]] == []
+
+
+PROBE_STAGE = """
+import os, signal, sys
+from pipeline.cli import stage_main
+from pipeline.errors import PipelineError
+
+def probe(params, what):
+    if what == "bad":
+        raise PipelineError(f"bad item on rank {os.environ['RANK']}")
+    if what == "killed" and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+if __name__ == "__main__":
+    sys.exit(stage_main("probe", probe, item="what", track=False, several_processes=True))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what, code, lines", [
+    ("bad", 1, ["error: probe@bad: bad item on rank 0", "error: probe@bad: bad item on rank 1"]),
+    ("killed", 137, ["error: probe@killed: process rank 1 was killed by SIGKILL"]),
+])
+def test_a_launched_stage_reports_its_ranks_errors_in_one_line_each(tmp_path, what, code, lines):
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "__init__.py").write_text("")
+    (tmp_path / "stages" / "probe.py").write_text(PROBE_STAGE)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"compute": {"processes": 2}}))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "stages.probe", what], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == code, done.stderr[-3000:]
+    assert sorted(line for line in done.stderr.splitlines() if line.startswith("error:")) == lines, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
