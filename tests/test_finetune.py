@@ -7,6 +7,7 @@ per process slow every step down tenfold or more. Bitwise claims hold for a fixe
 from __future__ import annotations
 
 import json
+import re
 from contextlib import contextmanager
 
 import pytest
@@ -115,6 +116,30 @@ def test_lora_file_reloads_with_diffusers_and_reproduces_the_trained_model(lora_
     pipe = load_base_pipeline(root / "models/base")
     pipe.load_lora_weights(str(folder))  # the plain diffusers call, rank 4 / alpha 8 read from the file's metadata
     regenerate_samples_matches(pipe, params, folder)
+
+
+CONV_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj"]
+
+
+def test_lora_on_resnet_convs_round_trips(workspace):
+    """Conv2d LoRA (the ResNets' 3x3 convs) saves, passes the shape check, and reloads to the trained model."""
+    params = micro_params("lora", {"lora": {"rank": 4, "alpha": 8, "target_modules": CONV_TARGETS}})
+    folder = finetune_class(params, "df")
+    shapes = {k: v.shape for k, v in load_file(folder / LORA_FILE).items()}
+    conv_down = [k for k in shapes if re.search(r"\.resnets\.\d+\.conv1\.(lora\.down|lora_A)\.weight$", k)]
+    assert conv_down and all(shapes[k][0] == 4 and shapes[k][2:] == (3, 3) for k in conv_down)
+    assert any("time_emb_proj" in k for k in shapes)
+
+    reference = unet_probe(load_base_pipeline(workspace / "models/base").unet)
+    pipe = load_base_pipeline(workspace / "models/base")
+    load_lora(pipe, folder, fuse=False)
+    with_lora = unet_probe(pipe.unet)
+    assert (with_lora - reference).abs().max() > 1e-3
+    regenerate_samples_matches(pipe, params, folder)  # pixel-equal to the grid the trained in-memory model drew
+
+    fused = load_base_pipeline(workspace / "models/base")
+    load_lora(fused, folder, fuse=True)
+    torch.testing.assert_close(unet_probe(fused.unet), with_lora, rtol=1e-4, atol=1e-5)
 
 
 def test_dreambooth_fine_tunes_the_whole_unet_with_prior_preservation(workspace):

@@ -127,7 +127,14 @@ def test_every_scheduler_builds_from_the_base_config_and_samples(workspace):
 
 
 def _wrong_shape(tensors):
-    return {k: torch.zeros(v.shape[0], v.shape[1] + 8) if "lora.down" in k else v for k, v in tensors.items()}
+    return {k: torch.zeros(v.shape[0], v.shape[1] + 8) if "lora_A" in k else v for k, v in tensors.items()}
+
+
+def _mixed_naming(tensors):
+    """Attention keys in diffusers' naming beside the rest in peft's: diffusers would silently drop one half."""
+    first = sorted(tensors)[:2]
+    renamed = {k.replace("lora_A", "lora.down").replace("lora_B", "lora.up"): tensors[k] for k in first}
+    return {**{k: v for k, v in tensors.items() if k not in first}, **renamed}
 
 
 def _other_modules(tensors):
@@ -141,9 +148,10 @@ def _text_encoder_keys(tensors):
 @pytest.mark.parametrize(
     ("corrupt", "message"),
     [
-        (_wrong_shape, r"has shape \[4, \d+\] but .* has \d+ inputs: the LoRA was trained for another base model"),
-        (_other_modules, r"targets '.*attn1\.proj_zz', which is not a linear layer of this UNet"),
+        (_wrong_shape, r"has shape \[4, \d+\] but .* takes \[4, \d+\]: the LoRA was trained for another base model"),
+        (_other_modules, r"targets '.*attn1\.proj_zz', which is not a linear or conv layer of this UNet"),
         (_text_encoder_keys, r"key 'text_encoder\..*' is not a UNet LoRA weight of this pipeline"),
+        (_mixed_naming, r"mixes peft \(lora_A/lora_B\) and diffusers \(lora.down/lora.up\) key names"),
     ],
 )
 def test_a_lora_for_another_architecture_is_one_clear_error(workspace, capsys, corrupt, message):

@@ -1,4 +1,4 @@
-"""LoRA on the UNet's attention projections, saved in diffusers' own format so ``pipe.load_lora_weights`` reads it.
+"""LoRA on the UNet's layers (attention projections, ResNet convs: ``diffusion.lora.target_modules``), saved in diffusers' own format so ``pipe.load_lora_weights`` reads it.
 
 diffusers loads a LoRA file for the wrong architecture with at most a log line (unknown keys are
 skipped, mismatched shapes can slip through), so ``load_lora`` checks every key and shape against
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers
 from diffusers.utils import logging as diffusers_logging
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
@@ -38,7 +37,9 @@ def add_lora(unet, cfg: LoraParams) -> list[torch.nn.Parameter]:
 
 def save_lora(unet, folder: str | Path) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` (+ the adapter config as metadata, so alpha != rank survives)."""
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    # peft's own key names (``lora_A``/``lora_B``): diffusers' conversion renames only attention keys, and a file that
+    # mixes both namings loads only in part (diffusers then drops the attention half without a word).
+    state = get_peft_model_state_dict(unet)
     StableDiffusionPipeline.save_lora_weights(
         str(folder),
         unet_lora_layers={k: v.detach().float().cpu().contiguous() for k, v in state.items()},
@@ -48,8 +49,20 @@ def save_lora(unet, folder: str | Path) -> Path:
     return Path(folder) / LORA_FILE
 
 
+def _expected_shape(layer: torch.nn.Module, down: bool, rank: int) -> tuple[int, ...] | None:
+    """The shape peft gives a LoRA factor of ``layer`` (None: not a layer LoRA can target).
+
+    Linear: down [r, in], up [out, r]. Conv2d: down is a conv with the layer's kernel [r, in, kh, kw], up a 1x1
+    conv [out, r, 1, 1]."""
+    if isinstance(layer, torch.nn.Linear):
+        return (rank, layer.in_features) if down else (layer.out_features, rank)
+    if isinstance(layer, torch.nn.Conv2d):
+        return (rank, layer.in_channels, *layer.kernel_size) if down else (layer.out_channels, rank, 1, 1)
+    return None
+
+
 def check_lora_file(path: Path, unet) -> None:
-    """Every key must name a Linear of this UNet with matching in/out features; else one PipelineError."""
+    """Every key must name a Linear or Conv2d of this UNet with matching shape; else one PipelineError."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
@@ -57,6 +70,12 @@ def check_lora_file(path: Path, unet) -> None:
         raise PipelineError(f"{path}: not a readable safetensors LoRA file ({exc})") from None
     if not shapes:
         raise PipelineError(f"{path}: LoRA file holds no tensors")
+    namings = {("peft" if match["kind"].startswith("lora_") else "diffusers") for key in shapes if (match := _KEY.match(key))}
+    if len(namings) > 1:
+        raise PipelineError(
+            f"{path}: mixes peft (lora_A/lora_B) and diffusers (lora.down/lora.up) key names; "
+            "diffusers would load only part of it: save all keys in one naming"
+        )
     modules = dict(unet.named_modules())
     for key, shape in sorted(shapes.items()):
         match = _KEY.match(key)
@@ -65,13 +84,14 @@ def check_lora_file(path: Path, unet) -> None:
         name = match["module"]
         layer = modules.get(name)
         layer = getattr(layer, "base_layer", layer)  # already wrapped by peft
-        if not isinstance(layer, torch.nn.Linear):
-            raise PipelineError(f"{path}: key {key!r} targets {name!r}, which is not a linear layer of this UNet")
         down = match["kind"] in ("lora.down", "lora_A")
-        expected, got = (layer.in_features, shape[1]) if down else (layer.out_features, shape[0])
-        if len(shape) != 2 or got != expected:
+        rank = shape[0 if down else 1] if len(shape) >= 2 else 0
+        expected = _expected_shape(layer, down, rank)
+        if expected is None:
+            raise PipelineError(f"{path}: key {key!r} targets {name!r}, which is not a linear or conv layer of this UNet")
+        if shape != expected:
             raise PipelineError(
-                f"{path}: {key!r} has shape {list(shape)} but {name} has {expected} {'inputs' if down else 'outputs'}: "
+                f"{path}: {key!r} has shape {list(shape)} but {name} takes {list(expected)}: "
                 "the LoRA was trained for another base model"
             )
     ranks = {}
