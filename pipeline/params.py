@@ -122,7 +122,7 @@ class DiffusionParams(_Section):
     resolution: int = Field(64, ge=8)
     steps: int = Field(250, gt=0)
     batch: int = Field(4, gt=0)
-    # One rate for every method, or one per method: a rank-8 LoRA on the tiny UNet needs ~1e-2 to move in 300
+    # One rate for every method, or one per method: a rank-8 LoRA on the tiny UNet needs ~3e-3 to move in 250
     # steps, a full-UNet DreamBooth wants far less (SD 1.5: ~1e-4 for both).
     lr: float | dict[Method, float] = 1e-4
     lora: LoraParams = LoraParams()
