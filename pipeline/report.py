@@ -1,8 +1,13 @@
-"""The report stage: ``reports/summary.md``, the one page a person reads, answer first.
+"""The report stage: ``reports/summary.md``, the one page a person reads, answer first, and the headline.
 
 Everything on the page is derived from files earlier stages wrote (reports/data.json, reports/metrics.json,
-reports/plots/confusion_*.csv, reports/train/*.json, split.csv, the synthetic manifests), so it can be
-regenerated without touching a model. Figures go to ``reports/figures/`` and are linked relatively.
+reports/quality.json, reports/plots/confusion_*.csv, reports/train/*.json, split.csv, the synthetic manifests), so
+it can be regenerated without touching a model. Figures go to ``reports/figures/`` and are linked relatively; the
+per-class gain's data sits beside its PNG as a DVC plot.
+
+The headline (each variant's balanced accuracy, each gain over baseline with its 95% CI, mean class fidelity, the
+verdict) goes to ``reports/headline.json``, the first metrics file in dvc.yaml so ``dvc exp show`` leads with it,
+and onto the execution's parent MLflow run, so MLflow's runs table compares experiments on the same numbers.
 """
 
 from __future__ import annotations
@@ -13,17 +18,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.atomic import atomic_dir, atomic_file, write_text
+from pipeline.atomic import atomic_dir, atomic_file, write_json, write_text
 from pipeline.classifier.evaluate import METRICS_JSON, confusion_csv, plot_confusion
 from pipeline.classifier.metrics import HEADLINE
 from pipeline.classifier.train import VARIANTS
 from pipeline.errors import PipelineError
 from pipeline.params import CLASS_NAMES, Params
 from pipeline.paths import REPORTS_DIR, SYNTHETIC_DIR, workspace_root
+from pipeline.quality.screen import QUALITY_JSON
 
 SUMMARY_MD = REPORTS_DIR / "summary.md"
 FIGURES_DIR = REPORTS_DIR / "figures"
 DATA_JSON = REPORTS_DIR / "data.json"
+HEADLINE_JSON = REPORTS_DIR / "headline.json"
+GAIN_PLOT_JSON = FIGURES_DIR / "per_class_gain.json"  # the data of per_class_gain.png, a DVC plot
+HEADLINE_METRIC = "balanced_accuracy"
 SAMPLES_PER_SIDE = 4
 _METRIC_LABELS = {
     "balanced_accuracy": "balanced accuracy",
@@ -117,13 +126,24 @@ def confusion_figure(classes: list[str], root: Path, metrics: dict, path: Path) 
     _save(fig, path)
 
 
-def gain_figure(classes: list[str], metrics: dict, path: Path) -> None:
-    """Per-class recall gain (augmented − baseline) with its 95% bootstrap CI."""
+def per_class_gains(classes: list[str], metrics: dict) -> list[dict]:
+    """Per-class recall gain (augmented − baseline) with its 95% bootstrap CI: the rows of the gain chart."""
+    rows = []
+    for class_code in classes:
+        key = f"recall_{class_code}"
+        if key in metrics["gain"]:
+            gain = metrics["gain"][key]
+            ci = metrics["gain_ci95"].get(key, {"low": gain, "high": gain})
+            rows.append({"class": class_code, "gain": gain, "ci_low": ci["low"], "ci_high": ci["high"]})
+    return rows
+
+
+def gain_figure(rows: list[dict], path: Path) -> None:
+    """The ``per_class_gains`` rows as bars with their CI."""
     plt = _pyplot()
-    shown = [c for c in classes if f"recall_{c}" in metrics["gain"]]
-    gains = np.array([metrics["gain"][f"recall_{c}"] for c in shown])
-    ci = [metrics["gain_ci95"].get(f"recall_{c}", {"low": g, "high": g}) for c, g in zip(shown, gains)]
-    errors = np.array([[g - b["low"] for g, b in zip(gains, ci)], [b["high"] - g for g, b in zip(gains, ci)]]).clip(min=0)
+    shown = [r["class"] for r in rows]
+    gains = np.array([r["gain"] for r in rows])
+    errors = np.array([[r["gain"] - r["ci_low"] for r in rows], [r["ci_high"] - r["gain"] for r in rows]]).clip(min=0)
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * max(len(shown), 1), 3.2))
     ax.bar(shown, gains, color=["#2e7d32" if g > 0 else "#c62828" for g in gains], yerr=errors if len(shown) else None,
            capsize=4)
@@ -158,6 +178,36 @@ def curves_figure(root: Path, path: Path) -> bool:
     else:
         _pyplot().close(fig)
     return drawn
+
+
+# ----------------------------------------------------------------------------- headline
+
+def _gains_over_baseline(metrics: dict) -> dict[str, tuple[float, float, float]]:
+    """{variant: (gain, CI low, CI high)} of the headline metric. ``gain`` holds augmented's gains, or one mapping
+    per variant when evaluate compares several variants with baseline."""
+    gain, ci = metrics["gain"], metrics["gain_ci95"]
+    per_variant = {"augmented": (gain, ci)} if HEADLINE_METRIC in gain else {v: (gain[v], ci[v]) for v in gain}
+    return {v: (g[HEADLINE_METRIC], c[HEADLINE_METRIC]["low"], c[HEADLINE_METRIC]["high"])
+            for v, (g, c) in per_variant.items() if HEADLINE_METRIC in g and HEADLINE_METRIC in c}
+
+
+def _mean_fidelity(quality: dict) -> float | None:
+    """The screen's mean class fidelity (share of synthetic images an oracle assigns to their class), if measured."""
+    fidelity = quality.get("fidelity")
+    value = fidelity.get("mean") if isinstance(fidelity, dict) else fidelity
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def headline(metrics: dict, quality: dict) -> dict[str, float]:
+    """The numbers an experiment is compared by, flat and in reading order: every variant's balanced accuracy,
+    every gain over baseline with its 95% CI, then mean class fidelity where the screen measured it."""
+    values = {f"{HEADLINE_METRIC}_{v}": metrics[v][HEADLINE_METRIC] for v in VARIANTS if v in metrics}
+    for variant, (gain, low, high) in _gains_over_baseline(metrics).items():
+        values.update({f"gain_{variant}": gain, f"gain_{variant}_ci_low": low, f"gain_{variant}_ci_high": high})
+    fidelity = _mean_fidelity(quality)
+    if fidelity is not None:
+        values["fidelity_mean"] = fidelity
+    return values
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -271,7 +321,8 @@ def render(params: Params, metrics: dict, data: dict, split: pd.DataFrame, synth
         "---",
         "Numbers: `reports/metrics.json` (all metrics, gains and CIs), `reports/train/*.json` (per-seed training). "
         "Runs: MLflow experiment "
-        f"`{params.mlflow.experiment}` (`tags.stage = 'evaluate'` runs hold each variant's test metrics). "
+        f"`{params.mlflow.experiment}`: the parent run of each execution holds this headline "
+        "(`reports/headline.json`), its `evaluate@<variant>` children each variant's test metrics. "
         "Which method and how many images per class: `make sweep` writes [sweep/sweep.md](sweep/sweep.md) "
         "(a gain-vs-amount chart per method, one queued DVC experiment per point).",
         "",
@@ -280,7 +331,8 @@ def render(params: Params, metrics: dict, data: dict, split: pd.DataFrame, synth
 
 
 def report(params: Params) -> Path:
-    """Write reports/summary.md and reports/figures/*.png, log them to MLflow, and close this execution's parent run."""
+    """Write reports/summary.md, reports/figures/ and reports/headline.json, log them to MLflow (the headline onto this
+    execution's parent run), and close the parent run."""
     from pipeline import tracking
     from pipeline.classifier.dataset import read_split
 
@@ -291,20 +343,26 @@ def report(params: Params) -> Path:
     if missing:
         raise PipelineError(f"{root / METRICS_JSON}: missing key {missing[0]!r}; rerun `dvc repro evaluate`")
     data = _read_json(root / DATA_JSON, "run `dvc repro prepare` first") if (root / DATA_JSON).exists() else {}
+    quality = _read_json(root / QUALITY_JSON, "run `dvc repro screen` first") if (root / QUALITY_JSON).exists() else {}
     split = read_split(params, root)
     synthetic = {c: len(_synthetic_files(root, c)) for c in classes}
 
     figures = root / FIGURES_DIR
+    gains = per_class_gains(classes, metrics)
     with atomic_dir(figures) as temp:  # the folder is replaced whole: no stale figure survives a rerun
         samples_figure(params, root, split, temp / "samples.png")
         confusion_figure(classes, root, metrics, temp / "confusion.png")
-        gain_figure(classes, metrics, temp / "per_class_gain.png")
+        gain_figure(gains, temp / "per_class_gain.png")
+        write_json(temp / GAIN_PLOT_JSON.name, gains)
         curves = curves_figure(root, temp / "training_curves.png")
     write_text(root / SUMMARY_MD, render(params, metrics, data, split, synthetic, curves))
+    values = headline(metrics, quality)
+    write_text(root / HEADLINE_JSON, json.dumps({**values, "verdict": metrics["verdict"]}, indent=2) + "\n")
 
     for figure in sorted(figures.glob("*.png")):
         tracking.log_artifact(figure, artifact_path="figures")
     tracking.log_artifact(root / SUMMARY_MD)
+    tracking.log_headline(params, values, {"verdict": metrics["verdict"]})
     tracking.finish_parent(params)
     print(f"report: {root / SUMMARY_MD} ({metrics['verdict']})")
     return root / SUMMARY_MD

@@ -1,10 +1,12 @@
-"""MLflow tracking as laid out in DESIGN.md: one parent run per pipeline execution, one child run per stage.
+"""MLflow tracking: one parent run per pipeline execution, one child run per stage (docs/architecture.md).
 
 The store is ``$MLFLOW_TRACKING_URI`` if set, else a SQLite file at the *original* repository's
 root (``store_root``), so `dvc exp run --queue` copies log to the same place as the workspace.
 
 A "pipeline execution" is identified by (git commit, DVC experiment name, hash of params): every
-stage process of one `dvc repro` computes the same key and attaches to the same parent run.
+stage process of one `dvc repro` computes the same key and attaches to the same parent run. The parent is named
+after the DVC experiment when there is one, holds every param, and the report stage writes the headline onto it
+(``log_headline``), so MLflow's runs table shows one comparable row per experiment.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -113,7 +116,7 @@ def parent_run_id(params) -> str:
         if found:
             return found[0].info.run_id
         client = mlflow.MlflowClient()
-        name = f"pipeline {tags['dvc_exp_name'] or 'workspace'} {tags['git_commit'][:8]}"
+        name = tags["dvc_exp_name"] or f"pipeline workspace {tags['git_commit'][:8]}"
         run = client.create_run(experiment_id, run_name=name, tags={**tags, "pipeline_key": key, "kind": "pipeline"})
         flat = [Param(k, v[:6000]) for k, v in flatten(params.model_dump(mode="json")).items()]
         for start in range(0, len(flat), 100):  # log_batch takes at most 100 params per call
@@ -136,6 +139,22 @@ def stage_run(stage: str, params, tags: Mapping[str, str] | None = None, log_par
         except BaseException:
             mlflow.MlflowClient().set_terminated(parent, status="FAILED")
             raise
+
+
+def log_headline(params, metrics: Mapping[str, float], tags: Mapping[str, str]) -> None:
+    """Write an execution's headline (e.g. each variant's balanced accuracy, the gain, the verdict) onto its parent run.
+
+    The parent is what MLflow's runs table shows collapsed, so two experiments compare side by side there.
+    """
+    from mlflow.entities import Metric, RunTag
+
+    client = _mlflow().MlflowClient()
+    now = int(time.time() * 1000)
+    client.log_batch(
+        parent_run_id(params),
+        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+        tags=[RunTag(k, str(v)) for k, v in tags.items()],
+    )
 
 
 def finish_parent(params) -> None:

@@ -13,7 +13,7 @@ from pipeline.classifier.evaluate import evaluate
 from pipeline.classifier.train import train_variant
 from pipeline.cli import run_stage
 from pipeline.errors import PipelineError
-from pipeline.report import report
+from pipeline.report import headline, report
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,6 +60,37 @@ def test_report_writes_summary_with_tables_and_figures(tmp_path, monkeypatch, ca
     assert "figures/samples.png" in artifacts
     parent = mlflow.get_run(runs.iloc[0]["tags.mlflow.parentRunId"])
     assert parent.info.status == "FINISHED"
+
+    # The headline: reports/headline.json in reading order, the same numbers on the parent run.
+    headline = json.loads((root / "reports/headline.json").read_text())
+    gain, ci = metrics["gain"]["balanced_accuracy"], metrics["gain_ci95"]["balanced_accuracy"]
+    assert list(headline) == ["balanced_accuracy_baseline", "balanced_accuracy_augmented", "gain_augmented",
+                              "gain_augmented_ci_low", "gain_augmented_ci_high", "verdict"]  # no fidelity measured
+    assert headline["balanced_accuracy_augmented"] == metrics["augmented"]["balanced_accuracy"]
+    assert (headline["gain_augmented"], headline["gain_augmented_ci_low"], headline["gain_augmented_ci_high"]) == (
+        gain, ci["low"], ci["high"])
+    assert headline["verdict"] == verdict
+    assert parent.data.tags["verdict"] == verdict
+    assert parent.data.metrics == pytest.approx({k: v for k, v in headline.items() if k != "verdict"})
+
+    # The per-class gain chart's data, a DVC plot beside the PNG.
+    bars = json.loads((root / "reports/figures/per_class_gain.json").read_text())
+    assert [b["class"] for b in bars] == list(CLASSES)
+    for bar in bars:
+        assert bar["gain"] == metrics["gain"][f"recall_{bar['class']}"]
+        assert bar["ci_low"] <= bar["gain"] <= bar["ci_high"]
+
+
+def test_headline_reads_every_variant_and_the_mean_fidelity():
+    metrics = {
+        "baseline": {"balanced_accuracy": 0.5}, "augmented": {"balanced_accuracy": 0.6},
+        "gain": {"balanced_accuracy": 0.1, "recall_df": 0.2},
+        "gain_ci95": {"balanced_accuracy": {"low": -0.05, "high": 0.25}},
+    }
+    assert headline(metrics, {"fidelity": {"mean": 0.85}}) == {
+        "balanced_accuracy_baseline": 0.5, "balanced_accuracy_augmented": 0.6, "gain_augmented": 0.1,
+        "gain_augmented_ci_low": -0.05, "gain_augmented_ci_high": 0.25, "fidelity_mean": 0.85}
+    assert "fidelity_mean" not in headline(metrics, {"classes": {}})
 
 
 def test_report_without_metrics_is_a_one_line_error(tmp_path, monkeypatch):

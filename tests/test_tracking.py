@@ -1,4 +1,5 @@
-"""MLflow layout of DESIGN.md: anchored store, one parent per execution, child per stage, FAILED on error."""
+"""MLflow layout: anchored store, one parent per execution (named after the DVC experiment, holding the headline),
+child per stage, FAILED on error."""
 
 from __future__ import annotations
 
@@ -55,8 +56,24 @@ def test_stage_runs_share_one_parent_and_carry_execution_tags(monkeypatch):
     parent_run = client.get_run(parent)
     assert parent_run.data.params["data.classes"] == '["akiec", "bcc", "df", "mel", "vasc"]'
 
+    assert parent_run.info.run_name == "exp-test"  # the DVC experiment's name, as `dvc exp show` lists it
+
     other = parse_params({"mlflow": {"experiment": "tracking-test"}, "seed": 7})
     assert tracking.parent_run_id(other) != parent  # other params: another execution
+
+
+def test_the_headline_lands_on_the_parent_run_which_parent_only_searches_find(monkeypatch):
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    params = parse_params({"mlflow": {"experiment": "tracking-headline"}})
+    with tracking.stage_run("report", params):
+        tracking.log_headline(params, {"balanced_accuracy_baseline": 0.5, "gain_augmented": -0.125},
+                              {"verdict": "inconclusive at 95%"})
+    parents = mlflow.search_runs(experiment_names=["tracking-headline"], filter_string="tags.kind = 'pipeline'")
+    assert len(parents) == 1
+    row = parents.iloc[0]
+    assert row["metrics.balanced_accuracy_baseline"] == 0.5 and row["metrics.gain_augmented"] == -0.125
+    assert row["tags.verdict"] == "inconclusive at 95%"
+    assert row["tags.mlflow.runName"].startswith("pipeline workspace ")  # no DVC experiment: the workspace
 
 
 def test_a_failing_stage_marks_its_run_and_parent_failed():
