@@ -2,7 +2,8 @@
 
 Checks the contract a researcher relies on: every stage runs and writes its outputs, a second
 `dvc repro` has nothing to do, swapping one class reruns only that class's diffusion stages plus
-the classifier stages, and MLflow holds one baseline and one augmented run. Then the method sweep runs as
+the classifier stages, MLflow holds one baseline and one augmented run, and the headline leads the parent run,
+`dvc exp show` and `dvc plots show`. Then the method sweep runs as
 queued experiments in the same copy (DVC's run cache restores the stages its points share).
 """
 
@@ -84,6 +85,35 @@ def experiment_runs(root: Path):
     return client.search_runs([client.get_experiment_by_name("lesion-synth").experiment_id], max_results=1000)
 
 
+def assert_headline_everywhere(root: Path, env: dict, metrics: dict) -> None:
+    """The headline where users compare experiments: the parent MLflow run, `dvc exp show`, `dvc plots show`."""
+    headline = {
+        "balanced_accuracy_baseline": metrics["baseline"]["balanced_accuracy"],
+        "balanced_accuracy_augmented": metrics["augmented"]["balanced_accuracy"],
+        "gain_augmented": metrics["gain"]["balanced_accuracy"],
+        "gain_augmented_ci_low": metrics["gain_ci95"]["balanced_accuracy"]["low"],
+        "gain_augmented_ci_high": metrics["gain_ci95"]["balanced_accuracy"]["high"],
+    }
+    with pytest.MonkeyPatch.context() as patch:  # the store a user's `mlflow ui` opens: the repo's mlflow.db
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        parents = mlflow.search_runs(experiment_names=["lesion-synth"], filter_string="tags.kind = 'pipeline'")
+    assert len(parents) == 1
+    parent = parents.iloc[0]
+    assert {k: parent[f"metrics.{k}"] for k in headline} == pytest.approx(headline)
+    assert parent["tags.verdict"] == metrics["verdict"]
+    assert parent["params.data.classes"] == '["df", "vasc"]' and parent["params.diffusion.method"] == "lora"
+    assert parent["params.generate.per_class"] == "4" and parent["params.diffusion.base_model"] == "embedded-tiny"
+
+    dvc = str(Path(sys.executable).parent / "dvc")
+    shown = json.loads(run([dvc, "exp", "show", "--json"], root, env))[0]["data"]["metrics"]
+    assert list(shown)[0] == "reports/headline.json" and "reports/data.json" not in shown
+    assert list(shown["reports/headline.json"]["data"])[:5] == list(headline)
+
+    plots = json.loads(run([dvc, "plots", "show", "--json"], root, env))["data"]
+    bars = plots["reports/figures/per_class_gain.json"][0]["content"]["data"]["values"]
+    assert sorted(b["class"] for b in bars) == ["df", "vasc"]
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e") / "repo"
@@ -113,6 +143,7 @@ def test_full_pipeline_then_noop_then_class_swap(workspace):
     fidelity = json.loads((root / "reports/fidelity.json").read_text())
     assert set(fidelity["classes"]) == {"df", "vasc"} and set(fidelity["mean"]) == {"augmented", "base_only", "oracle_test_recall"}
     assert all("balanced_accuracy" in r.data.metrics for r in runs)
+    assert_headline_everywhere(root, env, metrics)
 
     second = run([dvc, "repro"], root, env)
     assert stages_ran(second) == set(), second
