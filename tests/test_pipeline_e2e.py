@@ -104,12 +104,17 @@ def assert_headline_everywhere(root: Path, env: dict, metrics: dict) -> None:
     assert parent["params.data.classes"] == '["df", "vasc"]' and parent["params.diffusion.method"] == "lora"
     assert parent["params.generate.per_class"] == "4" and parent["params.diffusion.base_model"] == "embedded-tiny"
 
-    dvc = str(Path(sys.executable).parent / "dvc")
-    shown = json.loads(run([dvc, "exp", "show", "--json"], root, env))[0]["data"]["metrics"]
+    def dvc_json(*args: str):
+        done = subprocess.run([str(Path(sys.executable).parent / "dvc"), *args, "--json"], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout)  # stderr may hold warnings, e.g. that the sweep's plot data is not there yet
+
+    shown = dvc_json("exp", "show")[0]["data"]["metrics"]
     assert list(shown)[0] == "reports/headline.json" and "reports/data.json" not in shown
     assert list(shown["reports/headline.json"]["data"])[:5] == list(headline)
 
-    plots = json.loads(run([dvc, "plots", "show", "--json"], root, env))["data"]
+    plots = dvc_json("plots", "show")["data"]
     bars = plots["reports/figures/per_class_gain.json"][0]["content"]["data"]["values"]
     assert sorted(b["class"] for b in bars) == ["df", "vasc"]
 
