@@ -1,12 +1,12 @@
 """The report stage: ``reports/summary.md``, the one page a person reads, answer first, and the headline.
 
 Everything on the page is derived from files earlier stages wrote (reports/data.json, reports/metrics.json,
-reports/quality.json, reports/plots/confusion_*.csv, reports/train/*.json, split.csv, the synthetic manifests), so
+reports/fidelity.json, reports/plots/confusion_*.csv, reports/train/*.json, split.csv, the synthetic manifests), so
 it can be regenerated without touching a model. Figures go to ``reports/figures/`` and are linked relatively; the
 per-class gain's data sits beside its PNG as a DVC plot.
 
-The headline (each variant's balanced accuracy, each gain over baseline with its 95% CI, mean class fidelity, the
-verdict) goes to ``reports/headline.json``, the first metrics file in dvc.yaml so ``dvc exp show`` leads with it,
+The headline (each variant's balanced accuracy, each gain over baseline with its 95% CI, the recovered share of the
+real ceiling's gain, mean class fidelity, the verdict) goes to ``reports/headline.json``, the first metrics file in dvc.yaml so ``dvc exp show`` leads with it,
 and onto the execution's parent MLflow run, so MLflow's runs table compares experiments on the same numbers.
 """
 
@@ -20,12 +20,12 @@ import pandas as pd
 
 from pipeline.atomic import atomic_dir, atomic_file, write_json, write_text
 from pipeline.classifier.evaluate import METRICS_JSON, confusion_csv, plot_confusion
+from pipeline.classifier.oracle import FIDELITY_JSON
 from pipeline.classifier.metrics import HEADLINE
 from pipeline.classifier.train import VARIANTS
 from pipeline.errors import PipelineError
 from pipeline.params import CLASS_NAMES, Params
 from pipeline.paths import REPORTS_DIR, SYNTHETIC_DIR, workspace_root
-from pipeline.quality.screen import QUALITY_JSON
 
 SUMMARY_MD = REPORTS_DIR / "summary.md"
 FIGURES_DIR = REPORTS_DIR / "figures"
@@ -182,31 +182,22 @@ def curves_figure(root: Path, path: Path) -> bool:
 
 # ----------------------------------------------------------------------------- headline
 
-def _gains_over_baseline(metrics: dict) -> dict[str, tuple[float, float, float]]:
-    """{variant: (gain, CI low, CI high)} of the headline metric. ``gain`` holds augmented's gains, or one mapping
-    per variant when evaluate compares several variants with baseline."""
-    gain, ci = metrics["gain"], metrics["gain_ci95"]
-    per_variant = {"augmented": (gain, ci)} if HEADLINE_METRIC in gain else {v: (gain[v], ci[v]) for v in gain}
-    return {v: (g[HEADLINE_METRIC], c[HEADLINE_METRIC]["low"], c[HEADLINE_METRIC]["high"])
-            for v, (g, c) in per_variant.items() if HEADLINE_METRIC in g and HEADLINE_METRIC in c}
-
-
-def _mean_fidelity(quality: dict) -> float | None:
-    """The screen's mean class fidelity (share of synthetic images an oracle assigns to their class), if measured."""
-    fidelity = quality.get("fidelity")
-    value = fidelity.get("mean") if isinstance(fidelity, dict) else fidelity
-    return float(value) if isinstance(value, (int, float)) else None
-
-
-def headline(metrics: dict, quality: dict) -> dict[str, float]:
-    """The numbers an experiment is compared by, flat and in reading order: every variant's balanced accuracy,
-    every gain over baseline with its 95% CI, then mean class fidelity where the screen measured it."""
-    values = {f"{HEADLINE_METRIC}_{v}": metrics[v][HEADLINE_METRIC] for v in VARIANTS if v in metrics}
-    for variant, (gain, low, high) in _gains_over_baseline(metrics).items():
-        values.update({f"gain_{variant}": gain, f"gain_{variant}_ci_low": low, f"gain_{variant}_ci_high": high})
-    fidelity = _mean_fidelity(quality)
-    if fidelity is not None:
-        values["fidelity_mean"] = fidelity
+def headline(metrics: dict, fidelity: dict) -> dict[str, float]:
+    """The numbers an experiment is compared by, flat and in reading order: every evaluated variant's balanced
+    accuracy, every gain over baseline with its 95% CI, the share of the real ceiling's gain the synthetic images
+    recover (when defined), then each synthetic source's mean class fidelity (reports/fidelity.json)."""
+    variants = metrics.get("variants", [v for v in VARIANTS if v in metrics])
+    values = {f"{HEADLINE_METRIC}_{v}": metrics[v][HEADLINE_METRIC] for v in variants}
+    for variant, gain in metrics.get("gain_over_baseline", {}).items():
+        values.update({f"gain_{variant}": gain[HEADLINE_METRIC], f"gain_{variant}_ci_low": gain["ci_low"],
+                       f"gain_{variant}_ci_high": gain["ci_high"]})
+    share = metrics.get("recovered_share") or {}
+    if share.get("defined"):
+        values.update({"recovered_share": share["value"], "recovered_share_ci_low": share["ci_low"],
+                       "recovered_share_ci_high": share["ci_high"]})
+    for source, mean in fidelity.get("mean", {}).items():
+        if isinstance(mean, dict) and mean.get("share_own_class") is not None:
+            values[f"fidelity_{source}_mean"] = mean["share_own_class"]
     return values
 
 
@@ -343,7 +334,7 @@ def report(params: Params) -> Path:
     if missing:
         raise PipelineError(f"{root / METRICS_JSON}: missing key {missing[0]!r}; rerun `dvc repro evaluate`")
     data = _read_json(root / DATA_JSON, "run `dvc repro prepare` first") if (root / DATA_JSON).exists() else {}
-    quality = _read_json(root / QUALITY_JSON, "run `dvc repro screen` first") if (root / QUALITY_JSON).exists() else {}
+    fidelity = _read_json(root / FIDELITY_JSON, "run `dvc repro fidelity` first") if (root / FIDELITY_JSON).exists() else {}
     split = read_split(params, root)
     synthetic = {c: len(_synthetic_files(root, c)) for c in classes}
 
@@ -356,7 +347,7 @@ def report(params: Params) -> Path:
         write_json(temp / GAIN_PLOT_JSON.name, gains)
         curves = curves_figure(root, temp / "training_curves.png")
     write_text(root / SUMMARY_MD, render(params, metrics, data, split, synthetic, curves))
-    values = headline(metrics, quality)
+    values = headline(metrics, fidelity)
     write_text(root / HEADLINE_JSON, json.dumps({**values, "verdict": metrics["verdict"]}, indent=2) + "\n")
 
     for figure in sorted(figures.glob("*.png")):

@@ -62,16 +62,19 @@ def test_report_writes_summary_with_tables_and_figures(tmp_path, monkeypatch, ca
     assert parent.info.status == "FINISHED"
 
     # The headline: reports/headline.json in reading order, the same numbers on the parent run.
-    headline = json.loads((root / "reports/headline.json").read_text())
-    gain, ci = metrics["gain"]["balanced_accuracy"], metrics["gain_ci95"]["balanced_accuracy"]
-    assert list(headline) == ["balanced_accuracy_baseline", "balanced_accuracy_augmented", "gain_augmented",
-                              "gain_augmented_ci_low", "gain_augmented_ci_high", "verdict"]  # no fidelity measured
-    assert headline["balanced_accuracy_augmented"] == metrics["augmented"]["balanced_accuracy"]
-    assert (headline["gain_augmented"], headline["gain_augmented_ci_low"], headline["gain_augmented_ci_high"]) == (
-        gain, ci["low"], ci["high"])
-    assert headline["verdict"] == verdict
+    headline_file = json.loads((root / "reports/headline.json").read_text())
+    gains = metrics["gain_over_baseline"]
+    assert metrics["variants"] == ["baseline", "augmented", "base_only"]
+    assert list(headline_file) == [
+        "balanced_accuracy_baseline", "balanced_accuracy_augmented", "balanced_accuracy_base_only",
+        "gain_augmented", "gain_augmented_ci_low", "gain_augmented_ci_high",
+        "gain_base_only", "gain_base_only_ci_low", "gain_base_only_ci_high", "verdict"]  # no ceiling, no fidelity here
+    assert headline_file["balanced_accuracy_base_only"] == metrics["base_only"]["balanced_accuracy"]
+    assert (headline_file["gain_augmented"], headline_file["gain_augmented_ci_low"],
+            headline_file["gain_augmented_ci_high"]) == tuple(gains["augmented"].values())
+    assert headline_file["verdict"] == verdict
     assert parent.data.tags["verdict"] == verdict
-    assert parent.data.metrics == pytest.approx({k: v for k, v in headline.items() if k != "verdict"})
+    assert parent.data.metrics == pytest.approx({k: v for k, v in headline_file.items() if k != "verdict"})
 
     # The per-class gain chart's data, a DVC plot beside the PNG.
     bars = json.loads((root / "reports/figures/per_class_gain.json").read_text())
@@ -81,17 +84,25 @@ def test_report_writes_summary_with_tables_and_figures(tmp_path, monkeypatch, ca
         assert bar["ci_low"] <= bar["gain"] <= bar["ci_high"]
 
 
-def test_headline_reads_every_variant_and_the_mean_fidelity():
+def test_headline_reads_every_variant_the_recovered_share_and_the_fidelity():
+    gain = {"balanced_accuracy": 0.1, "ci_low": -0.05, "ci_high": 0.25}
     metrics = {
+        "variants": ["baseline", "augmented", "real_ceiling"],
         "baseline": {"balanced_accuracy": 0.5}, "augmented": {"balanced_accuracy": 0.6},
-        "gain": {"balanced_accuracy": 0.1, "recall_df": 0.2},
-        "gain_ci95": {"balanced_accuracy": {"low": -0.05, "high": 0.25}},
+        "real_ceiling": {"balanced_accuracy": 0.8},
+        "gain_over_baseline": {"augmented": gain, "real_ceiling": {"balanced_accuracy": 0.3, "ci_low": 0.2, "ci_high": 0.4}},
+        "recovered_share": {"value": 1 / 3, "ci_low": -0.2, "ci_high": 0.9, "defined": True, "note": None},
     }
-    assert headline(metrics, {"fidelity": {"mean": 0.85}}) == {
-        "balanced_accuracy_baseline": 0.5, "balanced_accuracy_augmented": 0.6, "gain_augmented": 0.1,
-        "gain_augmented_ci_low": -0.05, "gain_augmented_ci_high": 0.25, "fidelity_mean": 0.85}
-    assert "fidelity_mean" not in headline(metrics, {"classes": {}})
-
+    fidelity = {"mean": {"augmented": {"share_own_class": 0.85, "mean_p_own_class": 0.7},
+                         "base_only": {"share_own_class": 0.25, "mean_p_own_class": 0.2}, "oracle_test_recall": 0.9}}
+    assert headline(metrics, fidelity) == {
+        "balanced_accuracy_baseline": 0.5, "balanced_accuracy_augmented": 0.6, "balanced_accuracy_real_ceiling": 0.8,
+        "gain_augmented": 0.1, "gain_augmented_ci_low": -0.05, "gain_augmented_ci_high": 0.25,
+        "gain_real_ceiling": 0.3, "gain_real_ceiling_ci_low": 0.2, "gain_real_ceiling_ci_high": 0.4,
+        "recovered_share": 1 / 3, "recovered_share_ci_low": -0.2, "recovered_share_ci_high": 0.9,
+        "fidelity_augmented_mean": 0.85, "fidelity_base_only_mean": 0.25}
+    undefined = {**metrics, "recovered_share": {"value": None, "ci_low": None, "ci_high": None, "defined": False}}
+    assert not any(k.startswith(("recovered", "fidelity")) for k in headline(undefined, {}))
 
 def test_report_without_metrics_is_a_one_line_error(tmp_path, monkeypatch):
     root = make_workspace(tmp_path / "ws")
