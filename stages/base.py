@@ -1,4 +1,4 @@
-"""base: pre-train the embedded tiny SD model, or validate and reference a real checkpoint (DESIGN.md)."""
+"""base: pre-train the embedded tiny SD model, or validate and reference a real checkpoint."""
 
 import sys
 

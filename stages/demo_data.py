@@ -1,4 +1,4 @@
-"""demo_data: draw the embedded demo set in HAM10000's release layout, or mark it skipped for real data (DESIGN.md)."""
+"""demo_data: draw the embedded demo set in HAM10000's release layout, or mark it skipped for real data."""
 
 import sys
 

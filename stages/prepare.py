@@ -1,4 +1,4 @@
-"""prepare: validate the HAM10000 folder, split by lesion, sample fine-tune images from train (DESIGN.md)."""
+"""prepare: validate the HAM10000 folder, split by lesion, sample fine-tune images from train."""
 
 import sys
 

@@ -50,6 +50,7 @@ from pipeline.classifier.dataset import (
 from pipeline.classifier.model import CONFIG_NAME, create_classifier, save_weights, state_to_cpu, weights_name
 from pipeline.classifier.step import classifier_loss, inverse_frequency_weights, predict_proba
 from pipeline.classifier.variants import EXTRA_VARIANTS, SYNTHETIC_VARIANTS, skip_reason, variant_samples, write_skipped
+from pipeline.device import make_accelerator
 from pipeline.digest import derive_seed, json_digest, sha256_file
 from pipeline.errors import PipelineError
 from pipeline.optim import adamw
@@ -278,7 +279,6 @@ def train_variant(params: Params, variant: str) -> dict:
     Returns the report written to reports/train/<variant>.json.
     """
     from pipeline import tracking
-    from pipeline.diffusion.finetune import make_accelerator
 
     check_variant(variant)
     if (reason := skip_reason(params, variant)) is not None:

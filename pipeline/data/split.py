@@ -1,6 +1,6 @@
 """The prepare stage: validated table -> lesion-grouped, dx-stratified train/val/test split + per-class fine-tune samples.
 
-Design choices (DESIGN.md):
+Design choices:
 - The split covers every class in the data, not only ``data.classes``, so with ``data.real_per_class`` null
   changing the class list leaves split.csv byte-identical and DVC does not retrain the base model. With a cap,
   a newly selected class's reserve leaves the train split the base model reads, so the base retrains.

@@ -40,17 +40,15 @@ from pipeline import checkpoint, tracking
 from pipeline.atomic import atomic_dir, clean_stale_temps
 from pipeline.data.images import load_square
 from pipeline.diffusion.generate import (
-    DTYPES,
     META_FILE,
     Sampling,
     check_class,
-    cpu_only,
     generate_images,
-    gpu_precision,
     make_scheduler,
 )
 from pipeline.diffusion.pretrain import diffusion_target
 from pipeline.diffusion.training_data import LatentCache, encode_images, encode_prompts, read_finetune_csv, tokenize
+from pipeline.device import DTYPES, make_accelerator
 from pipeline.digest import derive_seed, sha256_file
 from pipeline.errors import PipelineError
 from pipeline.optim import adamw
@@ -89,13 +87,6 @@ def run_fingerprint(params: Params, class_code: str, images: list[Path], base_sh
         "base": base_sha, "processes": processes,
     }
     return tracking.params_hash(payload)
-
-
-def make_accelerator(mixed_precision: str):
-    """Accelerator for device placement, DDP and autocast; fp16/bf16 only where there is a GPU."""
-    from accelerate import Accelerator
-
-    return Accelerator(mixed_precision=gpu_precision(mixed_precision, "training"), cpu=cpu_only())
 
 
 class LossLog:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +39,7 @@ from tqdm.auto import tqdm
 
 from pipeline import tracking
 from pipeline.atomic import atomic_dir, clean_stale_temps
+from pipeline.device import DTYPES, cpu_only, gpu_precision
 from pipeline.digest import derive_seed, sha256_file
 from pipeline.errors import PipelineError
 from pipeline.params import Params
@@ -50,7 +50,6 @@ GRID_IMAGES = 16
 GRID_COLUMNS = 4
 META_FILE = "meta.json"
 PNG_QUEUE = 16  # images waiting for the PNG writer thread at most
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # compute.mixed_precision -> weight dtype; "no" is fp32
 
 # generate.scheduler -> (diffusers class, overrides); each is built from the base model's scheduler config.
 SCHEDULERS = {
@@ -60,21 +59,6 @@ SCHEDULERS = {
     "euler": (EulerDiscreteScheduler, {}),
     "pndm": (PNDMScheduler, {"skip_prk_steps": True}),  # as SD 1.x ships it; PRK warm-up needs many steps
 }
-
-
-def cpu_only() -> bool:
-    """No GPU-like device: accelerate must then be told ``cpu=True``, or processes started by
-    ``accelerate launch``/torchrun on a CPU machine each think they are alone (and race on the outputs)."""
-    xpu = getattr(torch, "xpu", None)
-    return not (torch.cuda.is_available() or torch.backends.mps.is_available() or (xpu is not None and xpu.is_available()))
-
-
-def gpu_precision(mixed_precision: str, doing: str) -> str:
-    """``compute.mixed_precision`` where a GPU can use it; on CPU "no", with a one-line warning."""
-    if mixed_precision != "no" and cpu_only():
-        print(f"warning: compute.mixed_precision={mixed_precision} needs a GPU; {doing} in fp32 on CPU", file=sys.stderr)
-        return "no"
-    return mixed_precision
 
 
 @dataclass(frozen=True)
