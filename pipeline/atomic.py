@@ -68,6 +68,19 @@ def write_json(target: str | Path, payload: object) -> None:
     write_text(target, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
+def read_json(path: str | Path, missing: str) -> dict:
+    """What write_json wrote; a missing file or broken JSON is one PipelineError line (``missing`` says what to run)."""
+    from pipeline.errors import PipelineError
+
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: {missing}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path}: not valid JSON ({exc})") from None
+
+
 def clean_stale_temps(folder: str | Path, name: str | None = None) -> int:
     """Remove temporaries a killed run left behind (``.name.tmp-*`` / ``.name.old-*``); returns how many.
 

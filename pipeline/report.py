@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.atomic import atomic_dir, atomic_file, write_json, write_text
+from pipeline.atomic import atomic_dir, atomic_file, read_json, write_json, write_text
 from pipeline.classifier.evaluate import METRICS_JSON, confusion_csv, plot_confusion
 from pipeline.classifier.oracle import FIDELITY_JSON
 from pipeline.classifier.metrics import HEADLINE
@@ -56,15 +56,6 @@ def _save(fig, path: Path) -> None:
     with atomic_file(path) as temp:
         fig.savefig(temp, format="png", dpi=110, bbox_inches="tight")
     _pyplot().close(fig)
-
-
-def _read_json(path: Path, hint: str) -> dict:
-    if not path.is_file():
-        raise PipelineError(f"{path}: not found; {hint}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise PipelineError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
 def _synthetic_files(root: Path, class_code: str) -> list[Path]:
@@ -329,12 +320,12 @@ def report(params: Params) -> Path:
 
     root = workspace_root()
     classes = list(params.data.classes)
-    metrics = _read_json(root / METRICS_JSON, "run `dvc repro evaluate` first")
+    metrics = read_json(root / METRICS_JSON, "not found; run `dvc repro evaluate` first")
     missing = [v for v in (*VARIANTS, "gain", "gain_ci95", "verdict") if v not in metrics]
     if missing:
         raise PipelineError(f"{root / METRICS_JSON}: missing key {missing[0]!r}; rerun `dvc repro evaluate`")
-    data = _read_json(root / DATA_JSON, "run `dvc repro prepare` first") if (root / DATA_JSON).exists() else {}
-    fidelity = _read_json(root / FIDELITY_JSON, "run `dvc repro fidelity` first") if (root / FIDELITY_JSON).exists() else {}
+    data = read_json(root / DATA_JSON, "not found; run `dvc repro prepare` first") if (root / DATA_JSON).exists() else {}
+    fidelity = read_json(root / FIDELITY_JSON, "not found; run `dvc repro fidelity` first") if (root / FIDELITY_JSON).exists() else {}
     split = read_split(params, root)
     synthetic = {c: len(_synthetic_files(root, c)) for c in classes}
 

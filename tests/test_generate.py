@@ -176,7 +176,7 @@ def test_generate_input_errors_name_the_problem(workspace):
     root, params = workspace
     with pytest.raises(PipelineError, match=r"class 'mel' is not in data.classes \(df, vasc\)"):
         generate_class(params, "mel")
-    with pytest.raises(PipelineError, match=r"models/diffusion/vasc: no fine-tuned class model .*run the finetune stage first"):
+    with pytest.raises(PipelineError, match=r"models/diffusion/vasc/meta\.json: no fine-tuned class model .*run the finetune stage first"):
         generate_class(params, "vasc")
     renamed = micro_params("lora", {"instance_tokens": {"df": "zzq"}})
     with pytest.raises(PipelineError, match=r"trained with instance token 'sks' but params give 'zzq'; rerun finetune@df"):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.atomic import read_json
 from pipeline.errors import PipelineError
 
 CONFIG_NAME = "config.json"
@@ -47,10 +47,7 @@ def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def read_config(folder: Path) -> dict:
-    path = folder / CONFIG_NAME
-    if not path.is_file():
-        raise PipelineError(f"{path}: classifier config not found; run `dvc repro train` first")
-    return json.loads(path.read_text())
+    return read_json(folder / CONFIG_NAME, "classifier config not found; run `dvc repro train` first")
 
 
 def load_classifier(folder: Path, seed: int, classes: list[str] | None = None) -> torch.nn.Module:

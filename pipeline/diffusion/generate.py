@@ -16,7 +16,6 @@ a worker thread while the next batch is sampled.
 from __future__ import annotations
 
 import csv
-import json
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,7 +37,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline import tracking
-from pipeline.atomic import atomic_dir, clean_stale_temps
+from pipeline.atomic import atomic_dir, clean_stale_temps, read_json
 from pipeline.device import DTYPES, cpu_only, gpu_precision
 from pipeline.digest import derive_seed, sha256_file
 from pipeline.errors import PipelineError
@@ -99,13 +98,7 @@ def check_class(params: Params, class_code: str) -> None:
 
 
 def read_model_meta(model_dir: Path) -> dict:
-    path = model_dir / META_FILE
-    if not path.is_file():
-        raise PipelineError(f"{model_dir}: no fine-tuned class model ({META_FILE} missing); run the finetune stage first")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise PipelineError(f"{path}: not valid JSON ({exc.msg})") from None
+    return read_json(model_dir / META_FILE, "no fine-tuned class model here; run the finetune stage first")
 
 
 def load_class_pipeline(

@@ -13,7 +13,6 @@ the metrics and the memorization gate compare in.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,10 +54,7 @@ def load_baseline_classifier(model_dir: str | Path, device: torch.device | str =
     config_path = model_dir / CONFIG_NAME
     if not config_path.is_file():
         raise PipelineError(f"{config_path}: baseline classifier config not found (run `dvc repro train@baseline`)")
-    try:
-        config = read_config(model_dir)
-    except json.JSONDecodeError as exc:
-        raise PipelineError(f"{config_path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    config = read_config(model_dir)
     missing = [key for key in ("arch", "classes", "image_size", "seeds") if key not in config]
     if missing:
         raise PipelineError(f"{config_path}: missing key {missing[0]!r}")
