@@ -94,9 +94,14 @@ def assert_headline_everywhere(root: Path, env: dict, metrics: dict) -> None:
                          f"gain_{variant}_ci_low": gains[variant]["ci_low"],
                          f"gain_{variant}_ci_high": gains[variant]["ci_high"]})
     assert {"balanced_accuracy_baseline", "balanced_accuracy_augmented", "gain_augmented"} <= set(headline)
-    with pytest.MonkeyPatch.context() as patch:  # the store a user's `mlflow ui` opens: the repo's mlflow.db
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    # The store a user's `mlflow ui` opens: the repo's mlflow.db. Set explicitly, since a URI an earlier test set
+    # in this process would win over the environment.
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    try:
         parents = mlflow.search_runs(experiment_names=["lesion-synth"], filter_string="tags.kind = 'pipeline'")
+    finally:
+        mlflow.set_tracking_uri(previous)
     assert len(parents) == 1
     parent = parents.iloc[0]
     assert {k: parent[f"metrics.{k}"] for k in headline} == pytest.approx(headline)
