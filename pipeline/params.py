@@ -202,6 +202,16 @@ class ClassifierParams(_Section):
         return seeds
 
 
+class OracleParams(_Section):
+    """The oracle that judges class fidelity (pipeline/classifier/oracle.py): the classifier's knobs, with its own budget.
+
+    It trains on every real train-side image (~6x the baseline's on the demo set), so an epoch of all of them would
+    make it the slowest stage; a fixed number of draws per epoch keeps its cost near a variant's."""
+
+    epochs: int = Field(12, gt=0)
+    epoch_images: int = Field(320, gt=0)  # images drawn (class-balanced) per epoch
+
+
 class EvaluateParams(_Section):
     """The `evaluate` stage: paired bootstrap of the baseline-vs-augmented gain on the real test split."""
 
@@ -279,6 +289,7 @@ class Params(_Section):
     diffusion: DiffusionParams = DiffusionParams()
     generate: GenerateParams = GenerateParams()
     classifier: ClassifierParams = ClassifierParams()
+    oracle: OracleParams = OracleParams()
     evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams = MlflowParams()
     quality: QualityParams = QualityParams()

@@ -17,7 +17,7 @@ from pipeline.params import Params, parse_params
 
 CLASSES = ["bcc", "mel", "vasc"]
 _COLOURS = {"bcc": (210, 120, 120), "mel": (60, 40, 30), "vasc": (160, 30, 110), "nv": (120, 90, 60)}
-MANIFEST_COLUMNS = ["file", "class", "prompt", "negative_prompt", "seed", "scheduler", "steps", "guidance", "weights_sha256"]
+MANIFEST_COLUMNS = ["file", "class", "draw", "prompt", "negative_prompt", "seed", "scheduler", "steps", "guidance", "weights_sha256"]
 
 
 def _image(rng: np.random.Generator, colour: tuple[int, int, int], size: int) -> Image.Image:
@@ -32,10 +32,11 @@ def _image(rng: np.random.Generator, colour: tuple[int, int, int], size: int) ->
 
 
 def make_workspace(root: Path, counts: tuple[int, int, int] = (6, 2, 2), synthetic: int = 4, size: int = 40,
-                   classes: list[str] = CLASSES, seed: int = 0, reserve: int = 0) -> Path:
+                   classes: list[str] = CLASSES, seed: int = 0, reserve: int = 0, draws: tuple[int, ...] = (0, 1)) -> Path:
     """Write dvc.yaml (placeholder), data/prepared/split.csv, data/raw/*.jpg, data/synthetic/<class>/,
     data/synthetic_base/<class>/ and data/screened/synthetic.csv into ``root``.
-    ``counts``: train, val and test images per class; ``reserve``: reserve rows per class (split value 'reserve')."""
+    ``counts``: train, val and test images per class; ``reserve``: reserve rows per class (split value 'reserve');
+    ``synthetic``: images per class and draw (classifier seed in ``draws``), the last of each screened out."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     (root / "dvc.yaml").write_text("stages: {}\n")
@@ -57,22 +58,23 @@ def make_workspace(root: Path, counts: tuple[int, int, int] = (6, 2, 2), synthet
         folder = root / "data" / "synthetic" / dx
         folder.mkdir(parents=True)
         entries = []
-        for k in range(synthetic):
-            name = f"{dx}_{k:04d}.png"
-            _image(rng, _COLOURS[dx], 32).save(folder / name)
-            entries.append([name, dx, f"a dermoscopic image of tok {dx}", "", k, "dpmsolver++", 20, 5.0, "0" * 64])
+        for draw in draws:
+            for k in range(synthetic):
+                name = f"{dx}_{len(entries):04d}.png"
+                _image(rng, _COLOURS[dx], 32).save(folder / name)
+                entries.append([name, dx, draw, f"a dermoscopic image of tok {dx}", "", k, "dpmsolver++", 20, 5.0, "0" * 64])
+                # The `screen` stage's verdicts: the last image of each class and draw was flagged as memorized.
+                screened.append({"class": dx, "path": f"data/synthetic/{dx}/{name}", "kept": k < synthetic - 1,
+                                 "memorized": k == synthetic - 1})
         pd.DataFrame(entries, columns=MANIFEST_COLUMNS).to_csv(folder / "manifest.csv", index=False)
-        # The `screen` stage's verdicts: the last image of each class was flagged as memorized.
-        screened += [{"class": dx, "path": f"data/synthetic/{dx}/{e[0]}", "kept": k < synthetic - 1,
-                      "memorized": k == synthetic - 1} for k, e in enumerate(entries)]
     for dx in classes:  # the base_only control's images: same layout, a duller colour (the base model's guess)
         folder = root / "data" / "synthetic_base" / dx
         folder.mkdir(parents=True)
-        names = [f"{dx}_{k:04d}.png" for k in range(synthetic)]
-        for name in names:
-            _image(rng, tuple((c + 150) // 2 for c in _COLOURS[dx]), 32).save(folder / name)
-        pd.DataFrame([[n, dx, f"a dermoscopic image of tok {dx}", "", k, "dpmsolver++", 20, 5.0, "0" * 64]
-                      for k, n in enumerate(names)], columns=MANIFEST_COLUMNS).to_csv(folder / "manifest.csv", index=False)
+        rows = [[f"{dx}_{len(draws) * k + i:04d}.png", dx, draw, f"a dermoscopic image of tok {dx}", "", k, "dpmsolver++",
+                 20, 5.0, "0" * 64] for k in range(synthetic) for i, draw in enumerate(draws)]
+        for row in rows:
+            _image(rng, tuple((c + 150) // 2 for c in _COLOURS[dx]), 32).save(folder / row[0])
+        pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_csv(folder / "manifest.csv", index=False)
     (root / "data" / "screened").mkdir(parents=True)
     pd.DataFrame(screened).to_csv(root / "data" / "screened" / "synthetic.csv", index=False)
     (root / "reports").mkdir(exist_ok=True)

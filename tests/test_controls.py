@@ -141,8 +141,17 @@ def test_variant_training_samples(tmp_path, monkeypatch):
     other_seed = training_samples(params.model_copy(update={"seed": 1}), "real_ceiling", split, root)
     assert {s.image_id for s in other_seed} != {s.image_id for s in ceiling}
     assert_no_leakage(ceiling, split, allow_synthetic=False)
+    other_draw = training_samples(params, "real_ceiling", split, root, draw=1)  # classifier seed 1 redraws the reserve
+    assert len(other_draw) == len(ceiling) and {s.image_id for s in other_draw} != {s.image_id for s in ceiling}
     big = micro_params(real_per_class=3, per_class=50)  # more than the reserve holds: all of it
     assert len(training_samples(big, "real_ceiling", split, root)) == len(baseline) + 5 * len(CLASSES)
+
+    for variant in ("augmented", "base_only"):  # each classifier seed trains on its own draw of synthetic images
+        draws = [{s.path for s in training_samples(params, variant, split, root, draw=d)} - {s.path for s in baseline}
+                 for d in (0, 1)]
+        assert len(draws[0]) == len(draws[1]) > 0 and not draws[0] & draws[1]
+    with pytest.raises(PipelineError, match=r"manifest.csv: no image drawn for classifier seed 7; rerun generate@bcc"):
+        training_samples(params, "augmented", split, root, draw=7)
 
     oracle = training_samples(params, "oracle", split, root)
     assert len(oracle) == len(baseline) + 5 * len(CLASSES) and {s.origin for s in oracle} == {"real"}

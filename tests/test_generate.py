@@ -84,6 +84,17 @@ def test_manifest_lists_exactly_the_images_and_the_weights_used(workspace):
     assert not any(p.name.startswith(".") for p in folder.parent.iterdir())  # no temporaries left
 
 
+def test_each_classifier_seed_gets_its_own_draw(workspace):
+    _, params = workspace
+    two = params.model_copy(update={"classifier": params.classifier.model_copy(update={"seeds": [0, 5]})})
+    folder = generate_class(two, "df")
+    _, rows = read_manifest(folder)
+    assert [r["draw"] for r in rows] == ["0"] * 3 + ["5"] * 3  # generate.per_class images for each seed
+    assert len({r["seed"] for r in rows}) == 6 and len(set(pixel_hashes(folder).values())) == 6
+    first = pixel_hashes(generate_class(params, "df"))  # seeds [0]: the first draw, unchanged
+    assert first == {name: digest for name, digest in pixel_hashes(folder).items() if name in first}
+
+
 def test_generation_is_deterministic_for_a_fixed_seed(workspace):
     _, params = workspace
     first = pixel_hashes(generate_class(params, "df"))

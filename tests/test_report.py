@@ -42,7 +42,7 @@ def test_report_writes_summary_with_tables_and_figures(tmp_path, monkeypatch, ca
                     "## Confusion matrices"):
         assert heading in summary
     assert "| class | diagnosis | train | val | test | lesions | fine-tune | synthetic |" in summary
-    assert "| `mel` | melanoma | 6 | 2 | 2 | 10 | 3 | 4 |" in summary  # counts from data.json + manifests
+    assert "| `mel` | melanoma | 6 | 2 | 2 | 10 | 3 | 8 |" in summary  # data.json + manifests (2 draws of 4)
     assert re.search(r"\| balanced accuracy \| [0-9.]+ \| [0-9.]+ \| [+-][0-9.]+ \| \[[+-][0-9.]+, [+-][0-9.]+\] \|", summary)
     for c in CLASSES:
         assert re.search(rf"\| `{c}` \| 2 \| [0-9.]+ \| [0-9.]+ \| [+-][0-9.]+ \|", summary), c

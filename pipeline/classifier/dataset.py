@@ -80,8 +80,10 @@ def real_samples(split: pd.DataFrame, which: str) -> list[Sample]:
     ]
 
 
-def synthetic_samples(params: Params, root: Path | None = None, images_dir: Path = SYNTHETIC_DIR) -> list[Sample]:
-    """All synthetic images of the selected classes, from ``<images_dir>/<class>/manifest.csv`` (data/synthetic by default)."""
+def synthetic_samples(params: Params, root: Path | None = None, images_dir: Path = SYNTHETIC_DIR,
+                      draw: int | None = None) -> list[Sample]:
+    """The synthetic images of the selected classes, from ``<images_dir>/<class>/manifest.csv`` (data/synthetic by
+    default): all of them, or those generated for classifier seed ``draw`` (the manifest's ``draw`` column)."""
     root = root or workspace_root()
     samples: list[Sample] = []
     for label, class_code in enumerate(params.data.classes):
@@ -100,6 +102,15 @@ def synthetic_samples(params: Params, root: Path | None = None, images_dir: Path
         wrong = sorted(set(frame["class"]) - {class_code})
         if wrong:
             raise PipelineError(f"{manifest}: rows of class {wrong[0]!r} in the folder of class {class_code!r}")
+        if draw is not None:
+            if "draw" not in frame.columns:
+                raise PipelineError(f"{manifest}: no 'draw' column to pick the images of classifier seed {draw}; rerun "
+                                    f"generate@{class_code}")
+            mine = frame[frame["draw"] == str(draw)]
+            if mine.empty and not frame.empty:
+                raise PipelineError(f"{manifest}: no image drawn for classifier seed {draw}; rerun generate@{class_code} "
+                                    "after changing classifier.seeds")
+            frame = mine
         for name in frame["file"]:
             path = (folder / name).resolve()
             if folder.resolve() not in path.parents:

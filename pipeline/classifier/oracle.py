@@ -1,7 +1,7 @@
 """Class fidelity: did the generator learn the class? An oracle classifier judges each class's synthetic images.
 
-The oracle is the project's EfficientNet-B0, trained by ``train_variant`` (same loop, same knobs, first seed of
-``classifier.seeds``) on every real train-side image: the train rows and the reserve (variants.py). It never trains
+The oracle is the project's EfficientNet-B0, trained by ``train_variant`` (same loop and knobs, first seed of
+``classifier.seeds``, ``oracle.epochs`` of ``oracle.epoch_images`` draws) on every real train-side image: the train rows and the reserve (variants.py). It never trains
 on a val, test or synthetic image; like every variant it picks its epoch by val balanced accuracy. The ``fidelity``
 stage then scores, per class:
 
@@ -34,8 +34,9 @@ SOURCES = {"augmented": SYNTHETIC_DIR, "base_only": SYNTHETIC_BASE_DIR}  # sourc
 
 
 def oracle_params(params: Params) -> Params:
-    """The classifier params with one seed: one judge is enough, and more seeds would only multiply its cost."""
-    classifier = params.classifier.model_copy(update={"seeds": params.classifier.seeds[:1]})
+    """The classifier params with one seed (one judge is enough) and the ``oracle`` section's epochs."""
+    c, epochs = params.classifier, params.oracle.epochs
+    classifier = c.model_copy(update={"seeds": c.seeds[:1], "epochs": epochs, "min_epochs": min(c.min_epochs, epochs)})
     return params.model_copy(update={"classifier": classifier})
 
 

@@ -8,9 +8,9 @@ mixed precision from ``compute.mixed_precision``, DDP under ``accelerate launch`
 rerun with the same params and data resumes from it and reaches bit-identical weights on CPU, because all
 randomness of an epoch (augmentations, sampling order) is reseeded from (seed, epoch) instead of carried over.
 
-With ``classifier.equal_steps`` (default) an epoch draws as many images as there are real train images for
-both variants: augmented spreads the same number of optimizer steps over real + synthetic images, so a gain
-cannot come from simply training longer.
+With ``classifier.equal_steps`` (default) an epoch draws as many images as there are real train rows for every
+variant (``variants.epoch_images``): augmented, base_only and real_ceiling spread the baseline's optimizer steps
+over their larger sets, so a gain cannot come from simply training longer.
 
 Several processes (``compute.processes`` > 1, ``accelerate launch --num_processes N``): ``classifier.batch`` is the
 *global* batch, images per optimizer step summed over all processes. Every process draws the same epoch order;
@@ -49,7 +49,14 @@ from pipeline.classifier.dataset import (
 )
 from pipeline.classifier.model import CONFIG_NAME, create_classifier, save_weights, state_to_cpu, weights_name
 from pipeline.classifier.step import classifier_loss, inverse_frequency_weights, predict_proba
-from pipeline.classifier.variants import EXTRA_VARIANTS, SYNTHETIC_VARIANTS, skip_reason, variant_samples, write_skipped
+from pipeline.classifier.variants import (
+    EXTRA_VARIANTS,
+    SYNTHETIC_VARIANTS,
+    epoch_images,
+    skip_reason,
+    variant_samples,
+    write_skipped,
+)
 from pipeline.device import make_accelerator
 from pipeline.digest import derive_seed, json_digest, sha256_file
 from pipeline.errors import PipelineError
@@ -66,17 +73,19 @@ def check_variant(variant: str) -> None:
         raise PipelineError(f"unknown variant {variant!r}; expected one of {', '.join((*VARIANTS, *EXTRA_VARIANTS))}")
 
 
-def training_samples(params: Params, variant: str, split, root: Path) -> list[Sample]:
-    """Baseline: the real train rows. Augmented: the same rows plus the synthetic images the `screen` stage kept
-    (memorized copies and, when enabled, low-confidence images are left out). The controls and the oracle: variants.py."""
+def training_samples(params: Params, variant: str, split, root: Path, draw: int | None = None) -> list[Sample]:
+    """Baseline: the real train rows. Augmented: the same rows plus the synthetic images of ``draw`` (the classifier
+    seed they were generated for; default the first) that the `screen` stage kept (memorized copies and, when
+    enabled, low-confidence images are left out). The controls and the oracle: variants.py."""
     check_variant(variant)
+    draw = params.classifier.seeds[0] if draw is None else draw
     if variant in EXTRA_VARIANTS:
-        return variant_samples(params, variant, split, root)
+        return variant_samples(params, variant, split, root, draw)
     samples = real_samples(split, "train")
     if variant == "augmented":
         kept = load_kept_synthetic(root / SCREENED_CSV, params.data.classes)
         kept_paths = {(root / path).resolve() for path in kept["path"]}
-        samples += [s for s in synthetic_samples(params, root) if s.path in kept_paths]
+        samples += [s for s in synthetic_samples(params, root, draw=draw) if s.path in kept_paths]
     return samples
 
 
@@ -286,18 +295,21 @@ def train_variant(params: Params, variant: str) -> dict:
     root = workspace_root()
     c, classes = params.classifier, list(params.data.classes)
     split = read_split(params, root)
-    train = training_samples(params, variant, split, root)
+    # Each seed trains on its own draw of synthetic (or reserve) images: the seeds' spread then covers the generator.
+    trains = {seed: training_samples(params, variant, split, root, seed) for seed in c.seeds}
     val = real_samples(split, "val")
 
     digests: dict[Path, str] = {}
     for sample in real_samples(split, "test"):  # hashed only, so the guard can catch byte-identical copies
         digests[sample.path.resolve()] = sha256_file(sample.path)
-    train_images = load_images([s.path for s in train], c.image_size, digests)
+    train_images = {seed: load_images([s.path for s in train], c.image_size, digests) for seed, train in trains.items()}
     val_images = load_images([s.path for s in val], c.image_size, digests)
-    assert_no_leakage(train, split, allow_synthetic=variant in SYNTHETIC_VARIANTS, synthetic_root=root / SYNTHETIC_DIR, digests=digests)
+    for train in trains.values():
+        assert_no_leakage(train, split, allow_synthetic=variant in SYNTHETIC_VARIANTS, synthetic_root=root / SYNTHETIC_DIR,
+                          digests=digests)
     assert_real_heldout(val, split, "val", root / SYNTHETIC_DIR)
 
-    train_labels = [s.label for s in train]
+    train = trains[c.seeds[0]]  # every seed's list holds as many images of each class and origin
     counts = {origin: {cls: sum(1 for s in train if s.origin == origin and s.label == i) for i, cls in enumerate(classes)}
               for origin in ("real", "synthetic")}
     empty = [cls for cls in classes if counts["real"][cls] + counts["synthetic"][cls] == 0]
@@ -318,10 +330,10 @@ def train_variant(params: Params, variant: str) -> dict:
     val_labels = np.array([s.label for s in val])
     checkpoints = root / CHECKPOINT_DIR / "classifier" / variant
     per_seed, best_states = {}, {}
-    epoch_size = len(train) - synthetic_count if c.equal_steps else len(train)
-    for seed in c.seeds:
+    epoch_size = epoch_images(params, variant, train, split)
+    for seed, train in trains.items():
         run = SeedRun(
-            seed, train_images, train_labels, val_images, val_labels,
+            seed, train_images[seed], [s.label for s in train], val_images, val_labels,
             run_key=_run_key(params, variant, seed, train, digests, accelerator.num_processes),
             checkpoint_dir=checkpoints / f"seed{seed}", epoch_size=epoch_size,
             metric_suffix=f"_seed{seed}" if len(c.seeds) > 1 else "", checkpoint_at_end=seed != c.seeds[-1])

@@ -40,26 +40,36 @@ def skip_reason(params: Params, variant: str) -> str | None:
     return None
 
 
-def reserve_draw(params: Params, split: pd.DataFrame) -> list[Sample]:
+def reserve_draw(params: Params, split: pd.DataFrame, draw: int) -> list[Sample]:
     """``generate.per_class`` reserve rows of each class (all of them where the reserve holds fewer), drawn at random
-    with a seed derived from ``seed`` and the class, so the draw does not move when another class changes."""
+    with a seed derived from ``seed``, the class and ``draw`` (the classifier seed, which redraws them as it redraws
+    the synthetic images), so the draw does not move when another class changes."""
     reserve = split[split["split"] == RESERVE]
     picked = []
     for label, class_code in enumerate(params.data.classes):
         rows = reserve[reserve["label"] == label].sort_values("image_id")
-        rng = np.random.default_rng(derive_seed(params.seed, "real_ceiling", class_code))
+        rng = np.random.default_rng(derive_seed(params.seed, "real_ceiling", class_code, draw))
         take = rng.choice(len(rows), size=min(params.generate.per_class, len(rows)), replace=False)
         picked.append(rows.iloc[np.sort(take)])
     return real_samples(pd.concat(picked), RESERVE)
 
 
-def variant_samples(params: Params, variant: str, split: pd.DataFrame, root: Path) -> list[Sample]:
-    """The training list of base_only, real_ceiling or the oracle (see the module docstring)."""
+def epoch_images(params: Params, variant: str, train: list[Sample], split: pd.DataFrame) -> int:
+    """Images each epoch draws. With ``classifier.equal_steps`` every variant draws as many as there are real train
+    rows, whatever it adds (synthetic or reserve images), so all take the baseline's steps and a gain measures data,
+    not compute. The oracle draws ``oracle.epoch_images``."""
+    if variant == ORACLE:
+        return params.oracle.epoch_images
+    return len(real_samples(split, "train")) if params.classifier.equal_steps else len(train)
+
+
+def variant_samples(params: Params, variant: str, split: pd.DataFrame, root: Path, draw: int) -> list[Sample]:
+    """The training list of base_only, real_ceiling or the oracle (see the module docstring) for classifier seed ``draw``."""
     train = real_samples(split, "train")
     if variant == "base_only":
-        return train + synthetic_samples(params, root, SYNTHETIC_BASE_DIR)
+        return train + synthetic_samples(params, root, SYNTHETIC_BASE_DIR, draw=draw)
     if variant == "real_ceiling":
-        return train + reserve_draw(params, split)
+        return train + reserve_draw(params, split, draw)
     if variant == ORACLE:
         return train + real_samples(split, RESERVE)
     raise ValueError(f"not a control variant: {variant!r}")

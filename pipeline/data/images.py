@@ -101,7 +101,7 @@ def load_square(paths: list[Path], size: int) -> torch.Tensor:
     """Decode images into one uint8 tensor [N, 3, size, size] (centre-cropped, one resize): every loader's core."""
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
     for i, path in enumerate(paths):
-        out[i] = torch.from_numpy(np.asarray(resize_square(open_rgb(path), size))).permute(2, 0, 1)
+        out[i] = torch.from_numpy(np.array(resize_square(open_rgb(path), size))).permute(2, 0, 1)  # a writable copy
     return out
 
 

@@ -1,5 +1,7 @@
 """generate@<class>: sample the class's synthetic images, each from its own seed, with a manifest that explains every file.
 
+Each classifier seed (``classifier.seeds``) gets its own ``generate.per_class`` images, its draw (the manifest's
+``draw`` column), so the seeds' spread in evaluate covers the generator's variance as well as the classifier's.
 Every image ``k`` has its own seed ``image_seed(params.seed, class, k)`` and its own torch.Generator,
 so any single image can be regenerated alone (``generate_images(pipe, ..., [seed])``): same initial
 noise, same denoising; only float rounding may differ with the batch it is computed in (at most
@@ -44,7 +46,7 @@ from pipeline.errors import PipelineError
 from pipeline.params import Params
 from pipeline.paths import BASE_MODEL_DIR, CLASS_MODELS_DIR, SYNTHETIC_BASE_DIR, SYNTHETIC_DIR, workspace_root
 
-MANIFEST_COLUMNS = ("file", "class", "prompt", "negative_prompt", "seed", "scheduler", "steps", "guidance", "weights_sha256")
+MANIFEST_COLUMNS = ("file", "class", "draw", "prompt", "negative_prompt", "seed", "scheduler", "steps", "guidance", "weights_sha256")
 GRID_IMAGES = 16
 GRID_COLUMNS = 4
 META_FILE = "meta.json"
@@ -196,7 +198,8 @@ def png_writer(max_pending: int = PNG_QUEUE) -> Iterator[Callable[[Image.Image, 
 
 
 def generate_class(params: Params, class_code: str, base_only: bool = False) -> Path:
-    """Write ``data/synthetic/<class>/``: ``<class>_<k:05d>.png``, ``manifest.csv`` and ``grid.png``, atomically.
+    """Write ``data/synthetic/<class>/``: ``<class>_<k:05d>.png`` (``generate.per_class`` for each classifier seed),
+    ``manifest.csv`` and ``grid.png``, atomically.
     ``base_only``: the same images from the base model without the class's weights, in ``data/synthetic_base/<class>/``."""
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list, gather_object
@@ -222,8 +225,9 @@ def generate_class(params: Params, class_code: str, base_only: bool = False) -> 
         out = Path(broadcast_object_list([str(temp) if temp else None])[0])
         rows = []
         # Whole batches are shared out, not single indices: every image is then computed in the same batch
-        # whatever the number of processes, so the output is bit-identical to a single-process run.
-        batches = [list(range(i, min(i + g.batch, g.per_class))) for i in range(0, g.per_class, g.batch)]
+        # whatever the number of processes (or of draws), so the output is bit-identical to a single-process run.
+        draws, n = params.classifier.seeds, g.per_class
+        batches = [list(range(j * n + i, j * n + min(i + g.batch, n))) for j in range(len(draws)) for i in range(0, n, g.batch)]
         with state.split_between_processes(batches) as mine, png_writer() as save:
             for indices in tqdm(mine, desc=f"generate {class_code}", disable=not state.is_local_main_process):
                 seeds = [image_seed(params.seed, class_code, k) for k in indices]
@@ -231,7 +235,8 @@ def generate_class(params: Params, class_code: str, base_only: bool = False) -> 
                 for k, seed, img in zip(indices, seeds, images):
                     save(img, out / image_name(class_code, k))
                     rows.append({
-                        "file": image_name(class_code, k), "class": class_code, "prompt": prompt,
+                        "file": image_name(class_code, k), "class": class_code, "draw": draws[k // n],
+                        "prompt": prompt,
                         "negative_prompt": g.negative_prompt, "seed": seed, "scheduler": g.scheduler,
                         "steps": g.steps, "guidance": g.guidance, "weights_sha256": weights_sha,
                     })
