@@ -102,3 +102,17 @@ def test_a_launched_stage_reports_a_ranks_error_in_one_line(tmp_path, what, code
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors and set(errors) <= set(lines), done.stderr[-3000:]
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("text, cores", [("max 100000", None), ("150000 100000", 1.5), ("50000 100000", 0.5), ("", None)])
+def test_the_cgroup_quota_caps_the_threads(tmp_path, monkeypatch, text, cores):
+    """A container that sees every host core but may use few must not start a thread per visible core."""
+    from pipeline import launch
+
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text(text)
+    assert launch.cgroup_cpu_limit(cpu_max) == cores
+    assert launch.cgroup_cpu_limit(tmp_path / "missing") is None
+    monkeypatch.setattr(launch, "cgroup_cpu_limit", lambda: cores)
+    visible = launch.idle_cores(window=0.05)
+    assert visible >= 1 and (cores is None or visible <= max(1, round(cores)))
