@@ -148,8 +148,9 @@ def _skin(rng: np.random.Generator, side: int) -> np.ndarray:
 
 
 def _draw_vessels(rng: np.random.Generator, side: int, centre: tuple[float, float], radius: float, extent: float,
-                  width: float, count: int, branchy: bool) -> np.ndarray:
-    """Branching (arborizing) or short dotted/linear vessels as a 0..1 mask."""
+                  width: float) -> np.ndarray:
+    """bcc's branching (arborizing) vessels, 2 to 5 trees, as a 0..1 mask."""
+    count = int(rng.integers(2, 6))
     mask = Image.new("L", (side, side), 0)
     draw = ImageDraw.Draw(mask)
     scale = side / (2 * extent)
@@ -169,7 +170,7 @@ def _draw_vessels(rng: np.random.Generator, side: int, centre: tuple[float, floa
                 nx, ny = x + step * math.cos(heading), y + step * math.sin(heading)
                 draw.line([to_px(x, y), to_px(nx, ny)], fill=255, width=max(1, int(round(w))))
                 x, y = nx, ny
-                if branchy and depth < 3 and rng.random() < 0.35:
+                if depth < 3 and rng.random() < 0.35:
                     stack.append((x, y, heading + rng.choice([-1, 1]) * rng.uniform(0.5, 1.1), w * 0.7, depth + 1))
             w *= 0.8
     return np.asarray(mask.filter(ImageFilter.GaussianBlur(0.5)), dtype=np.float32) / 255.0
@@ -242,7 +243,7 @@ def draw_lesion(rng: np.random.Generator, dx: str, size: int) -> Image.Image:
         t, _, (cx, cy, *_r) = _shape(rng, cv, radius, rng.uniform(0.04, 0.14), rng.uniform(0, 0.1), 0.0)
         mask = _soft_mask(t, rng.uniform(0.05, 0.15))
         lesion = np.broadcast_to(hue((228, 180, 178), 0.05), colour.shape) + fine[..., None] * 4
-        vessels = _draw_vessels(rng, side, (cx, cy), radius, extent, max(1.0, size / 70), int(rng.integers(2, 6)), True)
+        vessels = _draw_vessels(rng, side, (cx, cy), radius, extent, max(1.0, size / 70))
         lesion = _lerp(lesion, hue((175, 30, 45), 0.1), vessels * rng.uniform(0.6, 0.95))
         nests = np.clip(_noise(rng, side, int(rng.integers(4, 8))) - 0.6, 0, None) * 2.5 * rng.choice([0.0, 1.0], p=[0.5, 0.5])
         lesion = _lerp(lesion, hue((110, 118, 140)), np.clip(nests, 0, 1))

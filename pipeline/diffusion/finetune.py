@@ -232,31 +232,41 @@ def cast_frozen(pipe, part: TrainedPart, weight_dtype: torch.dtype) -> None:
 # -------------------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(folder: Path, accelerator, part: TrainedPart, optimizer, generator, step: int, info: dict) -> None:
-    """Replace ``folder`` with the state after ``step`` steps: trainable weights, optimizer, every process's RNG."""
+@dataclass
+class Resumable:
+    """What a fine-tuning checkpoint saves and restores: the trainable weights, the optimizer and each process's RNG."""
+
+    accelerator: object
+    part: TrainedPart
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+
+
+def save_checkpoint(folder: Path, state: Resumable, step: int, info: dict) -> None:
+    """Replace ``folder`` with the state after ``step`` steps."""
     from accelerate.utils import gather_object
 
-    rng = gather_object([checkpoint.rng_state(generator)])  # one entry per process
-    if not accelerator.is_main_process:
+    rng = gather_object([checkpoint.rng_state(state.generator)])  # one entry per process
+    if not state.accelerator.is_main_process:
         return
-    groups = {"trainable": {name: p.float() for name, p in part.named_trainable().items()}}
+    groups = {"trainable": {name: p.float() for name, p in state.part.named_trainable().items()}}
     groups.update({f"rng.{rank}": states for rank, states in enumerate(rng)})
-    checkpoint.save_checkpoint(folder, info["fingerprint"], groups, {"step": step, **info}, optimizer)
+    checkpoint.save_checkpoint(folder, info["fingerprint"], groups, {"step": step, **info}, state.optimizer)
 
 
-def load_checkpoint(folder: Path, fingerprint: str, accelerator, part: TrainedPart, optimizer, generator) -> tuple[int, list[float]]:
+def load_checkpoint(folder: Path, fingerprint: str, state: Resumable) -> tuple[int, list[float]]:
     """Restore the last checkpoint if it belongs to this run; returns (steps done, recent losses), (0, []) to start fresh."""
     found = checkpoint.load_checkpoint(folder, fingerprint)
     if found is None:
         return 0, []
-    weights, trainable = found.group("trainable"), part.named_trainable()
+    weights, trainable = found.group("trainable"), state.part.named_trainable()
     if set(weights) != set(trainable):
         raise PipelineError(f"{folder}: checkpoint weights do not match the model; delete the folder to start fresh")
     with torch.no_grad():
         for name, p in trainable.items():
             p.copy_(weights[name])
-    found.restore_optimizer(optimizer)
-    checkpoint.set_rng_state(found.group(f"rng.{accelerator.process_index}"), generator)
+    found.restore_optimizer(state.optimizer)
+    checkpoint.set_rng_state(found.group(f"rng.{state.accelerator.process_index}"), state.generator)
     print(f"{folder}: resuming from step {found.meta['step']}", file=sys.stderr)
     return int(found.meta["step"]), list(found.meta.get("recent_losses", []))
 
@@ -315,12 +325,14 @@ def finetune_class(params: Params, class_code: str) -> Path:
     # Every draw of the loop comes from this generator, on the model's device (one stream per process).
     generator = torch.Generator(device).manual_seed(derive_seed(seed, "steps", accelerator.process_index))
 
+    resumable = Resumable(accelerator, part, optimizer, generator)
     start, recent = (0, [])
     if d.resume:
-        start, recent = load_checkpoint(ckpt_dir, fingerprint, accelerator, part, optimizer, generator)
+        start, recent = load_checkpoint(ckpt_dir, fingerprint, resumable)
     elif (ckpt_dir / "state.json").is_file() and main:
         print(f"{ckpt_dir}: diffusion.resume is false; ignoring the checkpoint there", file=sys.stderr)
     model, optimizer = accelerator.prepare(part.module, optimizer)
+    resumable.optimizer = optimizer  # checkpoints save the prepared optimizer's state
     unet = model if part.module is pipe.unet else pipe.unet
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     model.train()
@@ -349,7 +361,7 @@ def finetune_class(params: Params, class_code: str) -> Path:
         if done % d.checkpoint_every == 0 and done < d.steps:
             losses.flush()
             info = {"fingerprint": fingerprint, "recent_losses": losses.recent, "method": d.method, "class": class_code}
-            save_checkpoint(ckpt_dir, accelerator, part, optimizer, generator, done, info)
+            save_checkpoint(ckpt_dir, resumable, done, info)
     bar.close()
     losses.flush()
 

@@ -134,17 +134,20 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.l
 # ---------------------------------------------------------------------------------------------- VAE
 
 
-def optimize_and_log(loss: torch.Tensor, module, optimizer, schedule, losses: list[float], bar, metric: str) -> None:
-    """One clipped AdamW + LR-schedule step of the VAE or UNet loop; every LOG_EVERY steps (and at the end of the
-    bar) the recent mean loss goes to the progress bar and MLflow as ``metric``."""
+def optimizer_step(loss: torch.Tensor, module, optimizer, schedule) -> float:
+    """One clipped AdamW + LR-schedule step of the VAE or UNet loop; returns the loss."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
     optimizer.step()
     schedule.step()
-    losses.append(loss.item())
-    step, total = len(losses), bar.total
-    if step % LOG_EVERY == 0 or step == total:
+    return loss.item()
+
+
+def log_recent(losses: list[float], bar, metric: str) -> None:
+    """Every LOG_EVERY steps (and at the end of the bar) the recent mean loss to the progress bar and MLflow."""
+    step = len(losses)
+    if step % LOG_EVERY == 0 or step == bar.total:
         recent = float(np.mean(losses[-LOG_EVERY:]))
         bar.set_postfix(loss=f"{recent:.4f}")
         tracking.log_metrics({metric: recent}, step=step)
@@ -168,7 +171,8 @@ def train_vae(vae, images: torch.Tensor, cfg: BasePretrainParams, generator: tor
         if step < crop_steps:
             x = random_crops(x, x.shape[-1] // 2, generator)
         loss = vae_loss(vae, x)
-        optimize_and_log(loss, vae, optimizer, schedule, losses, bar, "base/vae_loss")
+        losses.append(optimizer_step(loss, vae, optimizer, schedule))
+        log_recent(losses, bar, "base/vae_loss")
     vae.eval().requires_grad_(False)
     return losses
 
@@ -225,7 +229,8 @@ def train_unet(pipe: StableDiffusionPipeline, latents: LatentCache, cfg: BasePre
         pred = unet(noisy, timesteps, encoder_hidden_states=text).sample
         per_sample = F.mse_loss(pred, diffusion_target(scheduler, x, noise, timesteps), reduction="none").mean((1, 2, 3))
         loss = (per_sample * min_snr_weights(scheduler, timesteps)).mean()
-        optimize_and_log(loss, unet, optimizer, schedule, losses, bar, "base/unet_loss")
+        losses.append(optimizer_step(loss, unet, optimizer, schedule))
+        log_recent(losses, bar, "base/unet_loss")
     unet.eval().requires_grad_(False)
     return losses
 

@@ -155,7 +155,7 @@ def _reason(memorized: bool, exclude: bool, low_confidence: bool, confidence: fl
     return "; ".join(parts)
 
 
-def _closest_figure(target: Path, code: str, synth_px, ft_px, frame: pd.DataFrame, nn_index, count: int) -> None:
+def _closest_figure(target: Path, code: str, frame: pd.DataFrame, synth_px, nearest_px, count: int) -> None:
     """The ``count`` synthetic images nearest to a fine-tuning image (top row) above that image (bottom row)."""
     import matplotlib
 
@@ -172,7 +172,7 @@ def _closest_figure(target: Path, code: str, synth_px, ft_px, frame: pd.DataFram
     for col, i in enumerate(order):
         row = frame.iloc[i]
         axes[0, col].imshow(synth_px[i].permute(1, 2, 0).numpy())
-        axes[1, col].imshow(ft_px[nn_index[i]].permute(1, 2, 0).numpy())
+        axes[1, col].imshow(nearest_px[i].permute(1, 2, 0).numpy())
         colour = "red" if row["memorized"] else "black"
         axes[0, col].set_title(
             f"cos {row['nn_cosine']:.3f}\nssim {row['nn_ssim']:.3f}" + ("\nMEMORIZED" if row["memorized"] else ""),
@@ -241,8 +241,8 @@ def screen(params: Params) -> dict:
     with atomic.atomic_dir(root / SCREENED_DIR) as folder:
         table.to_csv(folder / SCREENED_CSV.name, index=False)
     with atomic.atomic_dir(root / QUALITY_DIR) as folder:
-        for code, (frame, synth_px, ft_px, nn_index) in figures.items():
-            _closest_figure(folder / f"closest_{code}.png", code, synth_px, ft_px, frame, nn_index, q.closest_pairs)
+        for code, (frame, synth_px, nearest_px) in figures.items():
+            _closest_figure(folder / f"closest_{code}.png", code, frame, synth_px, nearest_px, q.closest_pairs)
     atomic.write_json(root / QUALITY_JSON, quality)
 
     flat = {
@@ -259,7 +259,8 @@ def screen(params: Params) -> dict:
 
 
 def screen_class(code: str, inp: ClassInputs, extractor, classifier, params: Params, seed: int):
-    """One class's quality entry, its rows of the screened table, and the (synthetic, fine-tune) pixels for its figure."""
+    """One class's quality entry, its rows of the screened table, and for its figure the synthetic pixels with the
+    pixels of each one's nearest fine-tuning image."""
     from pipeline.quality.features import embed_paths, feature_space, load_arrays
     from pipeline.quality.memorization import check_memorization
     from pipeline.quality.metrics import frechet_distance
@@ -335,7 +336,7 @@ def screen_class(code: str, inp: ClassInputs, extractor, classifier, params: Par
         n_synthetic=n,
     )
     entry["flags"] = out_of_range(entry, bounds)
-    return entry, frame, (synth_px, ft_px, memo.nn_index)
+    return entry, frame, (synth_px, ft_px[torch.as_tensor(memo.nn_index, dtype=torch.long)])
 
 
 def _batched(fn, images: torch.Tensor, batch: int) -> tuple[torch.Tensor, ...]:
