@@ -13,6 +13,7 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 from pipeline.classifier import evaluate as evaluate_module
 from pipeline.classifier.evaluate import EVALUATE_RUNS_FILTER, evaluate
+from pipeline.classifier.gains import resample_indices
 from pipeline.classifier.metrics import (
     VERDICT_HELPED,
     VERDICT_HURT,
@@ -105,18 +106,18 @@ def test_bootstrap_ci_contains_gain_and_verdicts_are_clear_cut():
     poor = _onehot(np.where(rng.random(200) < 0.4, y, (y + 1) % 3))  # ~40% right
     base, aug = [classification_metrics(y, poor, NAMES)], [classification_metrics(y, good, NAMES)]
     gain = paired_gain(base, aug)
-    ci = paired_bootstrap(y, [poor], [good], NAMES, resamples=300, seed=0)
+    ci = paired_bootstrap(y, [poor], [good], NAMES, resample_indices(len(y), 300, 0))
     for key in ("balanced_accuracy", "macro_f1", "auroc_macro", "recall_a"):
         low, high = ci[key]
         assert low <= gain[key] <= high, key
     assert ci["balanced_accuracy"][0] > 0.3
     assert verdict(*ci["balanced_accuracy"]) == VERDICT_HELPED
-    assert verdict(*paired_bootstrap(y, [good], [poor], NAMES, 300)["balanced_accuracy"]) == VERDICT_HURT
-    same = paired_bootstrap(y, [poor], [poor], NAMES, 100)
+    assert verdict(*paired_bootstrap(y, [good], [poor], NAMES, resample_indices(len(y), 300, 0))["balanced_accuracy"]) == VERDICT_HURT
+    same = paired_bootstrap(y, [poor], [poor], NAMES, resample_indices(len(y), 100, 0))
     assert same["balanced_accuracy"] == (0.0, 0.0) and verdict(*same["balanced_accuracy"]) == VERDICT_UNSURE
     assert verdict(-0.01, 0.02) == VERDICT_UNSURE and verdict(0.001, 0.2) == VERDICT_HELPED and verdict(-0.3, -0.1) == VERDICT_HURT
     # Several seeds: gain and CI pool the per-seed paired differences.
-    two = paired_bootstrap(y, [poor, poor], [good, poor], NAMES, 200)
+    two = paired_bootstrap(y, [poor, poor], [good, poor], NAMES, resample_indices(len(y), 200, 0))
     assert two["balanced_accuracy"][0] > 0 and two["balanced_accuracy"][1] < ci["balanced_accuracy"][1]
     stats = mean_std([{"x": 0.5}, {"x": 0.7}])
     assert stats == pytest.approx({"x": 0.6, "x_std": np.std([0.5, 0.7], ddof=1)})

@@ -1,23 +1,27 @@
 """Every variant's balanced-accuracy gain over baseline from one paired bootstrap, and the share of the real-image
 ceiling's gain that the synthetic images recover.
 
-``scipy.stats.bootstrap(paired=True)`` resamples the test images with replacement, the same indices for every
-variant and every seed. Within a resample each (variant, seed) gets its balanced accuracy (vectorised over
-resamples), seed k of a variant is paired with seed k of baseline, and the gains are averaged over seeds; the 95%
-CI is the percentile interval. Several seeds, each with its own synthetic images and classifier, therefore widen
-the interval by the generator's variance as well as the classifier's. The recovered share
-gain(augmented) / gain(real_ceiling) is computed on those same resamples.
+``resample_indices`` draws the bootstrap's resamples of the test images once; every interval of the evaluate stage
+comes from them (here, and every metric's augmented gain in ``metrics.paired_bootstrap``). scipy.stats.bootstrap
+would draw its own resamples in each call, so the intervals would not share them. Within a resample each (variant,
+seed) gets its balanced accuracy (vectorised over resamples), seed k of a variant is paired with seed k of
+baseline, and the gains are averaged over seeds; the 95% CI is the percentile interval. Several seeds, each with
+its own synthetic images and classifier, therefore widen the interval by the generator's variance as well as the
+classifier's. The recovered share gain(augmented) / gain(real_ceiling) is computed on those same resamples.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import bootstrap
 
 BASELINE = "baseline"
 SYNTHETIC = "augmented"
 CEILING = "real_ceiling"
-BATCH = 100  # resamples held in memory at once: (BATCH, test images) per (variant, seed)
+
+
+def resample_indices(n: int, resamples: int, seed: int) -> np.ndarray:
+    """(resamples, n) indices into the test images, drawn with replacement: the evaluate stage's one bootstrap."""
+    return np.random.default_rng(seed).integers(0, n, (resamples, n))
 
 
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -31,10 +35,10 @@ def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) 
     return np.nanmean(np.stack(recalls), axis=0)
 
 
-def bootstrap_gains(y_true: np.ndarray, preds: dict[str, list[np.ndarray]], num_classes: int, resamples: int,
-                    seed: int) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
+def bootstrap_gains(y_true: np.ndarray, preds: dict[str, list[np.ndarray]], num_classes: int,
+                    indices: np.ndarray) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
     """Balanced-accuracy gain over baseline of every other variant in ``preds`` ({variant: predictions per seed, the
-    same seeds in the same order}), with its paired-bootstrap 95% CI.
+    same seeds in the same order}), with its 95% CI over the resamples ``indices`` (``resample_indices``).
 
     Returns ({variant: {"balanced_accuracy", "ci_low", "ci_high"}}, {variant: the gain in each resample}).
     """
@@ -42,21 +46,20 @@ def bootstrap_gains(y_true: np.ndarray, preds: dict[str, list[np.ndarray]], num_
     others = [v for v in preds if v != BASELINE]
     if any(len(preds[v]) != seeds for v in others):
         raise ValueError(f"every variant needs the baseline's {seeds} seed(s): {({v: len(p) for v, p in preds.items()})}")
-    flat = [p for v in (BASELINE, *others) for p in preds[v]]
+    y_true = np.asarray(y_true)
 
-    def gains(y, *predictions, axis=-1):
-        scores = [balanced_accuracy(y, p, num_classes) for p in predictions]
-        base = scores[:seeds]
-        return np.stack([np.mean([scores[(i + 1) * seeds + s] - base[s] for s in range(seeds)], axis=0)
-                         for i in range(len(others))])
+    def gain(variant: str, rows=slice(None)) -> np.ndarray:
+        """Seed-averaged gain of ``variant``, on the whole test set (rows: all) or in each resample."""
+        y = y_true[rows]
+        return np.mean([balanced_accuracy(y, np.asarray(p)[rows], num_classes)
+                        - balanced_accuracy(y, np.asarray(b)[rows], num_classes)
+                        for p, b in zip(preds[variant], preds[BASELINE])], axis=0)
 
-    point = gains(np.asarray(y_true), *flat)
-    result = bootstrap((np.asarray(y_true), *flat), gains, n_resamples=resamples, batch=BATCH, vectorized=True,
-                       paired=True, method="percentile", rng=np.random.default_rng(seed))
-    low, high = np.atleast_1d(result.confidence_interval.low), np.atleast_1d(result.confidence_interval.high)
-    table = {v: {"balanced_accuracy": float(point[i]), "ci_low": float(low[i]), "ci_high": float(high[i])}
-             for i, v in enumerate(others)}
-    draws = {v: np.asarray(result.bootstrap_distribution).reshape(len(others), -1)[i] for i, v in enumerate(others)}
+    table, draws = {}, {}
+    for variant in others:
+        draws[variant] = gain(variant, indices)
+        low, high = np.percentile(draws[variant], [2.5, 97.5])
+        table[variant] = {"balanced_accuracy": float(gain(variant)), "ci_low": float(low), "ci_high": float(high)}
     return table, draws
 
 

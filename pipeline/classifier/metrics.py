@@ -116,21 +116,17 @@ def paired_bootstrap(
     base_proba: Sequence[np.ndarray],
     aug_proba: Sequence[np.ndarray],
     classes: Sequence[str],
-    resamples: int,
-    seed: int = 0,
+    indices: np.ndarray,
 ) -> dict[str, tuple[float, float]]:
-    """95% percentile CI of the gain for every metric: resample test images with replacement, the same indices for both
-    variants and all seeds (paired), and average the per-seed gains within each resample (pooled over seeds)."""
+    """95% percentile CI of the gain for every metric over the resamples ``indices`` (``gains.resample_indices``): the
+    same test images for both variants and all seeds (paired), the per-seed gains averaged within each resample."""
     if len(base_proba) != len(aug_proba):
         raise ValueError("baseline and augmented need the same seeds")
     y_true = np.asarray(y_true)
-    rng = np.random.default_rng(seed)
     base_pred = [p.argmax(axis=1) for p in base_proba]
     aug_pred = [p.argmax(axis=1) for p in aug_proba]
     draws: dict[str, list[float]] = {}
-    n = len(y_true)
-    for _ in range(resamples):
-        idx = rng.integers(0, n, n)
+    for idx in indices:
         yb = y_true[idx]
         gains: dict[str, list[float]] = {}
         for bp, bpred, ap, apred in zip(base_proba, base_pred, aug_proba, aug_pred):
