@@ -213,7 +213,7 @@ def test_pretraining_changes_weights_and_lowers_loss_on_a_fixed_batch(tmp_path):
             return pt.vae_loss(pipe.vae, x).item()
 
     vae_before = vae_eval()
-    pt.train_vae(pipe.vae, images, cfg, torch.Generator().manual_seed(0))
+    pt.train_vae(pipe.vae, images, torch.ones(len(images)), cfg, torch.Generator().manual_seed(0))
     vae_after = vae_eval()
     assert vae_after < 0.7 * vae_before, (vae_before, vae_after)
 
@@ -232,7 +232,7 @@ def test_pretraining_changes_weights_and_lowers_loss_on_a_fixed_batch(tmp_path):
             return torch.nn.functional.mse_loss(pipe.unet(noisy, timesteps, encoder_hidden_states=text).sample, noise).item()
 
     unet_before = unet_eval()
-    pt.train_unet(pipe, cache, cfg, torch.Generator().manual_seed(0))
+    pt.train_unet(pipe, cache, torch.ones(len(images)), cfg, torch.Generator().manual_seed(0))
     unet_after = unet_eval()
     assert unet_after < unet_before, (unet_before, unet_after)
     assert weights_hash(pipe) != before
@@ -245,7 +245,7 @@ def test_same_seed_gives_identical_weights_and_another_seed_does_not():
 
     def run(seed: int) -> str:
         pipe = build_tiny_pipeline(32, seed=seed)
-        pt.pretrain(pipe, images, cfg, seed)
+        pt.pretrain(pipe, images, torch.ones(len(images)), cfg, seed)
         return weights_hash(pipe)
 
     first = run(0)
@@ -254,8 +254,18 @@ def test_same_seed_gives_identical_weights_and_another_seed_does_not():
 
 
 def test_only_train_rows_are_read(workspace):
-    paths = pt.train_image_paths(workspace / "data" / "prepared" / "split.csv")
-    assert len(paths) == 12 and all(p.is_absolute() and p.is_file() for p in paths)
+    paths, diagnoses = pt.train_images(workspace / "data" / "prepared" / "split.csv")
+    assert len(paths) == len(diagnoses) == 12 and all(p.is_absolute() and p.is_file() for p in paths)
+
+
+def test_every_diagnosis_is_drawn_equally_often():
+    labels = ["nv"] * 30 + ["vasc"] * 3 + ["df"] * 7
+    weights = pt.class_balanced(labels)
+    assert weights[:30].sum() == pytest.approx(1) and weights[30:33].sum() == pytest.approx(1)
+    it = pt.batches(weights, 6, torch.Generator().manual_seed(0))
+    draws = torch.cat([next(it) for _ in range(500)])
+    shares = torch.bincount(torch.tensor([["nv", "vasc", "df"].index(labels[i]) for i in draws]), minlength=3) / len(draws)
+    assert shares.tolist() == pytest.approx([1 / 3] * 3, abs=0.03)
 
 
 def test_missing_split_is_a_one_line_error(workspace):

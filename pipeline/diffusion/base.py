@@ -308,16 +308,18 @@ def _prepare_embedded(params: Params, target: Path) -> None:
     from pipeline.data.images import load_square
     from diffusers.utils import make_image_grid
 
-    from pipeline.diffusion.pretrain import pretrain, reconstruction_grid, sample_images, train_image_paths
+    from pipeline.diffusion.pretrain import class_balanced, pretrain, reconstruction_grid, sample_images, train_images
     from pipeline.diffusion.tiny import build_tiny_pipeline, save_pipeline
 
     resolution, cfg = params.diffusion.resolution, params.diffusion.pretrain
     if resolution % 16:
         raise PipelineError(f"diffusion.resolution: the embedded tiny model needs a multiple of 16, got {resolution}")
-    images = load_square(train_image_paths(workspace_root() / SPLIT_CSV), resolution)
-    print(f"base: pre-training the embedded tiny model on {len(images)} train images at {resolution} px")
+    paths, diagnoses = train_images(workspace_root() / SPLIT_CSV)
+    images = load_square(paths, resolution)
+    print(f"base: pre-training the embedded tiny model on {len(images)} train images at {resolution} px, "
+          f"each of their {len(set(diagnoses))} diagnoses drawn equally often")
     pipe = build_tiny_pipeline(resolution, params.seed)
-    report = pretrain(pipe, images, cfg, params.seed)
+    report = pretrain(pipe, images, class_balanced(diagnoses), cfg, params.seed)
     samples = make_image_grid(sample_images(pipe, cfg.prompt, count=16, seed=params.seed), rows=2, cols=8)
     recon = reconstruction_grid(pipe.vae, images[:8])
     summary = {**report.summary(), "resolution": resolution, "seed": params.seed, "pretrain": cfg.model_dump()}

@@ -10,7 +10,8 @@ a dermoscopic image looks like. So, like SD's own two-stage recipe but in minute
 3. the UNet learns to denoise those latents conditioned on the frozen random CLIP text encoder's
    embedding of one generic prompt (dropped 10% of the time so classifier-free guidance works later).
 
-Validation and test images are never read. Everything is seeded: the same seed on CPU gives the
+Both draw the train images class-balanced (``class_balanced``): each diagnosis as often as any other.
+Validation, test and reserve images are never read. Everything is seeded: the same seed on CPU gives the
 same weights.
 """
 
@@ -80,21 +81,30 @@ class PretrainReport:
 # --------------------------------------------------------------------------------------------- data
 
 
-def train_image_paths(split_csv: str | Path) -> list[Path]:
-    """Absolute paths of the ``split == "train"`` rows of split.csv (relative paths are from the workspace root)."""
+def train_images(split_csv: str | Path) -> tuple[list[Path], list[str]]:
+    """Absolute paths and diagnoses of the ``split == "train"`` rows of split.csv (relative paths are from the
+    workspace root)."""
     split_csv = Path(split_csv)
     if not split_csv.is_file():
         raise PipelineError(f"{split_csv}: split file not found; run the prepare stage first (dvc repro prepare)")
     with split_csv.open(newline="") as handle:
         reader = csv.DictReader(handle)
-        missing = {"split", "path"} - set(reader.fieldnames or [])
+        missing = {"split", "path", "dx"} - set(reader.fieldnames or [])
         if missing:
             raise PipelineError(f"{split_csv}: missing column(s) {', '.join(sorted(missing))}")
         rows = [row for row in reader if row["split"] == "train"]
     if not rows:
         raise PipelineError(f"{split_csv}: no rows with split == 'train'; the base model needs train images")
     root = workspace_root()
-    return [p if (p := Path(row["path"])).is_absolute() else root / p for row in rows]
+    return [p if (p := Path(row["path"])).is_absolute() else root / p for row in rows], [row["dx"] for row in rows]
+
+
+def class_balanced(labels: list[str]) -> torch.Tensor:
+    """Sampling weights 1 / (images of the label): every diagnosis is drawn equally often. HAM10000 is two thirds
+    nevi, and a base trained on it as it comes learns their browns and loses the reds and purples of the rare classes
+    (its VAE then cannot even reconstruct them)."""
+    counts = {label: labels.count(label) for label in set(labels)}
+    return torch.tensor([1.0 / counts[label] for label in labels], dtype=torch.float64)
 
 
 def random_flips(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -112,13 +122,10 @@ def random_crops(x: torch.Tensor, size: int, generator: torch.Generator) -> torc
     return torch.stack([img[:, t : t + size, l : l + size] for img, t, l in zip(x, top, left)])
 
 
-def batches(n: int, batch: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Endless shuffled mini-batches of indices (a fresh permutation each epoch, no sample twice per epoch)."""
-    batch = min(batch, n)
+def batches(weights: torch.Tensor, batch: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless mini-batches of indices, each drawn with probability ∝ ``weights`` (with replacement, so exactly so)."""
     while True:
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n - batch + 1, batch):
-            yield order[start : start + batch]
+        yield torch.multinomial(weights, batch, replacement=True, generator=generator)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -159,12 +166,12 @@ def vae_loss(vae, x: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(recon, x) + F.mse_loss(recon, x) + KL_WEIGHT * posterior.kl().mean()
 
 
-def train_vae(vae, images: torch.Tensor, cfg: BasePretrainParams, generator: torch.Generator) -> list[float]:
+def train_vae(vae, images: torch.Tensor, weights: torch.Tensor, cfg: BasePretrainParams, generator: torch.Generator) -> list[float]:
     vae.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     schedule = warmup_cosine(optimizer, cfg.vae_steps)
     losses: list[float] = []
-    it = batches(len(images), cfg.batch, generator)
+    it = batches(weights, cfg.batch, generator)
     crop_steps = int(cfg.vae_steps * VAE_CROP_SHARE)
     for step in (bar := tqdm(range(cfg.vae_steps), desc="vae", mininterval=2)):
         x = random_flips(to_model_range(images[next(it)]), generator)
@@ -208,7 +215,8 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float = MIN_SNR_G
     return clipped
 
 
-def train_unet(pipe: StableDiffusionPipeline, latents: LatentCache, cfg: BasePretrainParams, generator: torch.Generator) -> list[float]:
+def train_unet(pipe: StableDiffusionPipeline, latents: LatentCache, weights: torch.Tensor, cfg: BasePretrainParams,
+               generator: torch.Generator) -> list[float]:
     unet, scheduler = pipe.unet, pipe.scheduler
     pipe.text_encoder.eval().requires_grad_(False)
     cond, uncond = encode_prompts(pipe, [cfg.prompt, ""]).unsqueeze(1)  # each [1, 77, D]
@@ -216,7 +224,7 @@ def train_unet(pipe: StableDiffusionPipeline, latents: LatentCache, cfg: BasePre
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
     schedule = warmup_cosine(optimizer, cfg.unet_steps)
     losses: list[float] = []
-    it = batches(len(latents), cfg.batch, generator)
+    it = batches(weights.repeat(len(latents) // len(weights)), cfg.batch, generator)  # each image and its mirror
     for _ in (bar := tqdm(range(cfg.unet_steps), desc="unet", mininterval=2)):
         idx = next(it)
         n = len(idx)
@@ -267,14 +275,16 @@ def reconstruction_grid(vae, images: torch.Tensor) -> Image.Image:
 # ------------------------------------------------------------------------------------------ driver
 
 
-def pretrain(pipe: StableDiffusionPipeline, images: torch.Tensor, cfg: BasePretrainParams, seed: int) -> PretrainReport:
-    """VAE, then latent cache, then UNet; updates ``pipe`` in place (including the VAE's scaling_factor)."""
+def pretrain(pipe: StableDiffusionPipeline, images: torch.Tensor, weights: torch.Tensor, cfg: BasePretrainParams,
+             seed: int) -> PretrainReport:
+    """VAE, then latent cache, then UNet, drawing image ``i`` with probability ∝ ``weights[i]``; updates ``pipe`` in
+    place (including the VAE's scaling_factor)."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     report = PretrainReport(train_images=len(images))
 
     start = time.perf_counter()
-    report.vae_losses = train_vae(pipe.vae, images, cfg, generator)
+    report.vae_losses = train_vae(pipe.vae, images, weights, cfg, generator)
     report.seconds["vae"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -285,6 +295,6 @@ def pretrain(pipe: StableDiffusionPipeline, images: torch.Tensor, cfg: BasePretr
     report.seconds["encode"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    report.unet_losses = train_unet(pipe, latents, cfg, generator)
+    report.unet_losses = train_unet(pipe, latents, weights, cfg, generator)
     report.seconds["unet"] = time.perf_counter() - start
     return report
