@@ -67,6 +67,21 @@ def make_ham_folder(root: str | Path, table: pd.DataFrame | None = None, *, imag
     return root
 
 
+def write_masks(root: str | Path, size: tuple[int, int] = (32, 24), folder: str = "HAM10000_segmentations_lesion_tschandl") -> Path:
+    """HAM10000's segmentation release for a make_ham_folder folder: one 0/255 PNG per metadata row, an ellipse
+    filling the middle of the image; returns the mask folder."""
+    root = Path(root)
+    masks = root / folder
+    masks.mkdir(parents=True, exist_ok=True)
+    width, height = size
+    yy, xx = np.mgrid[:height, :width]
+    inside = ((xx - width / 2) / (width / 3)) ** 2 + ((yy - height / 2) / (height / 3)) ** 2 <= 1
+    ids = pd.read_csv(root / "HAM10000_metadata.csv", dtype=str)["image_id"]
+    for image_id in ids:
+        Image.fromarray(inside.astype(np.uint8) * 255, "L").save(masks / f"{image_id}_segmentation.png")
+    return masks
+
+
 def image_path(root: str | Path, image_id: str) -> Path:
     """Where make_*_folder put an image (first match)."""
     return next(Path(root).rglob(f"{image_id}.*"))

@@ -6,13 +6,15 @@ import hashlib
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from fixtures_data import make_workspace
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from pipeline.data.demo import HAM_COUNTS, METADATA_COLUMNS, class_counts, make_demo, plan, write_demo
 from pipeline.data.ham10000 import load_metadata
+from pipeline.data.masks import MASK_FOLDER
 from pipeline.data.split import assign_splits, cap_train
 from pipeline.params import load_params, parse_params
 
@@ -62,7 +64,7 @@ def test_default_demo_fills_val_test_and_a_reserve_for_every_cap_of_the_sweep():
 
 
 def test_exact_release_layout_and_schema(demo):
-    assert sorted(p.name for p in demo.iterdir()) == sorted([*PARTS, "HAM10000_metadata.csv"])
+    assert sorted(p.name for p in demo.iterdir()) == sorted([*PARTS, MASK_FOLDER, "HAM10000_metadata.csv"])
     meta = pd.read_csv(demo / "HAM10000_metadata.csv", dtype=str, keep_default_na=False)
     assert list(meta.columns) == METADATA_COLUMNS
     assert len(meta) == 140 and meta["image_id"].is_unique
@@ -92,6 +94,36 @@ def test_frequencies_and_lesions(demo):
 def test_reader_accepts_demo(demo):
     table = load_metadata(demo)
     assert len(table) == 140 and set(table["dx"]) == set(HAM_COUNTS)
+    assert table["mask_path"].map(lambda m: Path(m).name).tolist() == [f"{i}_segmentation.png" for i in table["image_id"]]
+
+
+def _grow(mask: np.ndarray, width: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(width))) > 0
+
+
+def _edge_contrast(photo: np.ndarray, mask: np.ndarray) -> float:
+    """Colour step from the mask to the band just outside it, relative to the step between the next two bands out:
+    large when the mask's border is the lesion's border, about 1 when the mask sits elsewhere."""
+    inner, outer = _grow(mask, 5) & ~mask, _grow(mask, 9) & ~_grow(mask, 5)
+    step = np.linalg.norm(photo[mask].mean(0) - photo[inner].mean(0))
+    return float(step / (np.linalg.norm(photo[inner].mean(0) - photo[outer].mean(0)) + 1e-6))
+
+
+def test_one_binary_mask_per_image_on_the_lesion(demo):
+    meta = pd.read_csv(demo / "HAM10000_metadata.csv", dtype=str)
+    masks = sorted(p.name for p in (demo / MASK_FOLDER).iterdir())
+    assert masks == sorted(f"{i}_segmentation.png" for i in meta["image_id"])
+    aligned, shifted = [], []
+    for image_id in meta["image_id"]:
+        with Image.open(demo / MASK_FOLDER / f"{image_id}_segmentation.png") as img:
+            assert img.format == "PNG" and img.mode == "L" and img.size == (48, 48)
+            mask = np.asarray(img)
+        assert set(np.unique(mask)) <= {0, 255} and 0.02 < (mask == 255).mean() < 0.6, image_id
+        photo = np.asarray(Image.open(next(demo.glob(f"HAM10000_images_part_*/{image_id}.jpg"))), dtype=np.float32)
+        aligned.append(_edge_contrast(photo, mask == 255))
+        shifted.append(_edge_contrast(photo, np.roll(mask == 255, 8, axis=1)))
+    assert np.median(aligned) > 5 and np.median(aligned) > 3 * np.median(shifted), (np.median(aligned), np.median(shifted))
+    assert np.mean(np.array(aligned) > 1) > 0.9
 
 
 def test_same_seed_is_byte_identical_other_seed_differs(demo, tmp_path):
@@ -113,6 +145,7 @@ def test_stage_writes_demo_and_grid(tmp_path, monkeypatch):
     summary = make_demo(params)
     assert summary["images"] == 80
     assert (workspace / "data/demo/HAM10000/HAM10000_metadata.csv").is_file()
+    assert len(list((workspace / f"data/demo/HAM10000/{MASK_FOLDER}").glob("*_segmentation.png"))) == 80
     with Image.open(workspace / "reports/demo_grid.png") as grid:
         assert grid.width > 200 and grid.height > 7 * 32
     assert not any(p.name.startswith(".") for p in (workspace / "data").iterdir())  # no temporaries left

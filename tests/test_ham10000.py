@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from fixtures_data import ham_table, image_path, make_ham_folder, make_isic_folder, write_jpeg
+from fixtures_data import ham_table, image_path, make_ham_folder, make_isic_folder, write_jpeg, write_masks
 from PIL import Image
 
 from pipeline.data.ham10000 import load_metadata, read_source
 from pipeline.data.images import check_image, open_rgb, resize_square
+from pipeline.data.masks import MASK_FOLDER
 from pipeline.errors import PipelineError
 
 
@@ -47,6 +48,7 @@ def test_reads_ham_release_layout(ham):
     parts = {Path(p).parent.name for p in table["path"]}
     assert parts == {"HAM10000_images_part_1", "HAM10000_images_part_2"}
     assert table.attrs["skipped"] == [] and table.attrs["layout"] == "ham10000"
+    assert (table["mask_path"] == "").all() and table.attrs["masks"] is None  # no segmentation release here
 
 
 def test_images_found_in_any_subfolder_and_extra_columns_ignored(tmp_path):
@@ -273,3 +275,78 @@ def test_resize_square_centre_crops(tmp_path):
     assert out.size == (16, 16) and out.mode == "RGB"
     assert np.asarray(out)[..., 2].max() < 20
     assert resize_square(Image.new("L", (10, 30)), 8).mode == "RGB"
+
+
+# --- lesion masks (HAM10000_segmentations_lesion_tschandl) -----------------------------------------------
+
+
+def test_masks_are_read_when_the_segmentation_folder_is_present(ham):
+    folder = write_masks(ham)
+    table, report = read_source(ham)
+    assert report.masks == folder.resolve()
+    assert len(table) == len(ham_table(lesions_per_class=2))  # the mask PNGs are not taken for photos
+    for image_id, mask in zip(table["image_id"], table["mask_path"]):
+        assert Path(mask) == folder.resolve() / f"{image_id}_segmentation.png"
+
+
+@pytest.mark.parametrize("parent", ["segmentations", MASK_FOLDER])  # a folder of its own, or unzipped into its name
+def test_mask_folder_found_one_level_down(ham, parent):
+    folder = write_masks(ham, folder=f"{parent}/{MASK_FOLDER}")
+    table, report = read_source(ham)
+    assert report.masks == folder.resolve()
+    assert table["mask_path"].map(lambda m: Path(m).parent == folder.resolve()).all()
+
+
+def test_zero_one_and_one_bit_masks_are_binary(ham):
+    folder = write_masks(ham)
+    ids = ham_table(lesions_per_class=2)["image_id"]
+    ones = (np.asarray(Image.open(folder / f"{ids[0]}_segmentation.png")) > 0).astype(np.uint8)
+    Image.fromarray(ones, "L").save(folder / f"{ids[0]}_segmentation.png")  # 0/1
+    Image.fromarray(ones * 255, "L").convert("1").save(folder / f"{ids[1]}_segmentation.png")  # 1-bit PNG
+    Image.fromarray(np.zeros_like(ones), "L").save(folder / f"{ids[2]}_segmentation.png")  # all background
+    assert len(load_metadata(ham)) == len(ids)
+
+
+def _break_mask(folder: Path, image_id: str, case: str) -> None:
+    mask = folder / f"{image_id}_segmentation.png"
+    if case == "missing":
+        mask.unlink()
+    elif case == "wrong size":
+        Image.new("L", (24, 32), 255).save(mask)
+    elif case == "not binary":
+        Image.fromarray(np.full((24, 32), 128, np.uint8), "L").save(mask)
+    elif case == "corrupt":
+        mask.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+
+
+BAD_MASKS = {
+    "missing": r"lesion mask \S+_segmentation\.png not found; expected ISIC_\d+_segmentation\.png in ",
+    "wrong size": r"lesion mask \S+_segmentation\.png is 24x32 pixels; expected the image's 32x24",
+    "not binary": r"lesion mask \S+_segmentation\.png is not binary \(1 distinct values, e\.g\. 128\); expected only 0 and 255",
+    "corrupt": r"_segmentation\.png: (corrupt|truncated|not a readable) image",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MASKS))
+def test_bad_mask_is_a_one_line_error_naming_the_image(ham, case):
+    folder = write_masks(ham)
+    image_id = ham_table(lesions_per_class=2)["image_id"][3]
+    _break_mask(folder, image_id, case)
+    with pytest.raises(PipelineError, match=BAD_MASKS[case]) as exc:
+        load_metadata(ham)
+    message = _one_line(exc)
+    assert message.startswith(f"image {image_id}: ") and f"{image_id}_segmentation.png" in message
+
+
+def test_bad_masks_are_counted_skips_in_skip_mode(ham):
+    folder = write_masks(ham)
+    ids = ham_table(lesions_per_class=2)["image_id"]
+    cases = ["missing", "wrong size", "not binary", "corrupt"]
+    for image_id, case in zip(ids, cases):
+        _break_mask(folder, image_id, case)
+    table = load_metadata(ham, on_bad_image="skip")
+    assert sorted(table["image_id"]) == sorted(ids[len(cases):])
+    skipped = {s["image_id"]: s["reason"] for s in table.attrs["skipped"]}
+    assert list(skipped) == list(ids[: len(cases)])
+    assert "not found" in skipped[ids[0]] and "24x32" in skipped[ids[1]] and "not binary" in skipped[ids[2]]
+    assert table["mask_path"].map(lambda m: Path(m).is_file()).all()

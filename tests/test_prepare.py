@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from fixtures_data import ham_table, image_path, make_ham_folder, make_workspace, write_params
+from PIL import Image
+from fixtures_data import ham_table, image_path, make_ham_folder, make_workspace, write_masks, write_params
 
 from pipeline.data.split import assign_splits, cap_train, check_no_leakage, prepare, sample_finetune
 from pipeline.errors import PipelineError
@@ -40,8 +41,9 @@ def _outputs(root: Path) -> dict[str, bytes]:
 
 def test_split_is_grouped_stratified_and_finetune_is_train_only(workspace):
     report = prepare(_params(classes=["akiec", "df", "mel"]))
-    split = pd.read_csv(workspace / "data/prepared/split.csv", dtype=str)
-    assert list(split.columns) == ["image_id", "lesion_id", "dx", "split", "path"]
+    split = pd.read_csv(workspace / "data/prepared/split.csv", dtype=str, keep_default_na=False)
+    assert list(split.columns) == ["image_id", "lesion_id", "dx", "split", "path", "mask_path"]
+    assert (split["mask_path"] == "").all()  # the folder has no segmentation release
     assert split["image_id"].is_monotonic_increasing and len(split) == len(ham_table(lesions_per_class=8))
     assert (split.groupby("lesion_id")["split"].nunique() == 1).all()
     assert set(split["dx"]) == {"akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"}  # all classes, not only selected
@@ -50,7 +52,7 @@ def test_split_is_grouped_stratified_and_finetune_is_train_only(workspace):
     train = set(split.loc[split["split"] == "train", "image_id"])
     for class_code in ("akiec", "df", "mel"):
         sample = pd.read_csv(workspace / f"data/prepared/finetune/{class_code}.csv", dtype=str)
-        assert list(sample.columns) == ["image_id", "lesion_id", "dx", "path"]
+        assert list(sample.columns) == ["image_id", "lesion_id", "dx", "path", "mask_path"]
         assert len(sample) == 3 and set(sample["image_id"]) <= train and (sample["dx"] == class_code).all()
         assert sample["lesion_id"].is_unique  # distinct lesions first
     assert sorted(p.name for p in (workspace / "data/prepared/finetune").iterdir()) == ["akiec.csv", "df.csv", "mel.csv"]
@@ -59,6 +61,7 @@ def test_split_is_grouped_stratified_and_finetune_is_train_only(workspace):
     assert written["classes"]["df"]["images"] == 14 and written["skipped_images"] == 0
     assert sum(written["classes"]["df"][s] for s in ("train", "val", "test")) == 14
     assert written["totals"]["images"] == 3 * 14
+    assert written["images_with_masks"] == 0 and written["masks"].startswith("no lesion masks found")
 
 
 def test_fractions_close_to_requested(tmp_path):
@@ -93,7 +96,7 @@ def test_changing_classes_keeps_split_and_other_samples(workspace):
 
 def test_leakage_guard_fires_on_corrupted_frames():
     table = ham_table(lesions_per_class=6)
-    table["path"] = "x"
+    table["path"], table["mask_path"] = "x", ""
     split = assign_splits(table, val=0.15, test=0.2, seed=0)
     sample = {"mel": sample_finetune(split, "mel", 3, seed=0)}
     check_no_leakage(split, sample)  # the real thing passes
@@ -222,6 +225,36 @@ def test_skip_mode_reports_count(workspace):
     assert not split["image_id"].isin(ids[[0, 5]]).any()
 
 
+def test_masks_follow_their_images_into_the_split_and_finetune_samples(workspace):
+    write_masks(workspace / "data/ham")
+    report = prepare(_params(classes=["df", "mel"], real_per_class=6))
+    split = pd.read_csv(workspace / "data/prepared/split.csv", dtype=str)
+    expected = "data/ham/HAM10000_segmentations_lesion_tschandl/" + split["image_id"] + "_segmentation.png"
+    assert (split["mask_path"] == expected).all() and (workspace / split["mask_path"].iloc[0]).is_file()
+    for class_code in ("df", "mel"):
+        sample = pd.read_csv(workspace / f"data/prepared/finetune/{class_code}.csv", dtype=str)
+        assert (sample["mask_path"] == sample["image_id"].map(split.set_index("image_id")["mask_path"])).all()
+    assert report["images_with_masks"] == len(split) == len(ham_table(lesions_per_class=8))
+    assert report["masks"] == "lesion masks read from HAM10000_segmentations_lesion_tschandl"
+
+
+def test_bad_mask_stops_prepare_or_is_a_counted_skip(workspace):
+    masks = write_masks(workspace / "data/ham")
+    ids = ham_table(lesions_per_class=8)["image_id"]
+    (masks / f"{ids[2]}_segmentation.png").unlink()
+    Image.new("L", (10, 10)).save(masks / f"{ids[7]}_segmentation.png")
+    with pytest.raises(PipelineError, match=f"^image {ids[2]}: lesion mask .*{ids[2]}_segmentation.png not found"):
+        prepare(_params(on_bad_image="error"))
+    assert not (workspace / "data/prepared").exists() and not (workspace / "reports/data.json").exists()
+    report = prepare(_params(on_bad_image="skip"))
+    assert report["skipped_images"] == 2 and report["images_with_masks"] == len(ids) - 2
+    skipped = pd.read_csv(workspace / "data/prepared/skipped.csv")
+    assert skipped["image_id"].tolist() == [ids[2], ids[7]]
+    assert "not found" in skipped["reason"][0] and "10x10 pixels" in skipped["reason"][1]
+    split = pd.read_csv(workspace / "data/prepared/split.csv")
+    assert not split["image_id"].isin(ids[[2, 7]]).any() and split["mask_path"].notna().all()
+
+
 def test_source_outside_workspace_keeps_absolute_paths(tmp_path, monkeypatch):
     monkeypatch.delenv("DVC_ROOT", raising=False)
     outside = make_ham_folder(tmp_path / "elsewhere", lesions_per_class=6)
@@ -272,7 +305,9 @@ def test_demo_then_prepare_as_stage_scripts(tmp_path, monkeypatch, shared_store)
         assert result.returncode == 0, result.stderr
     split = pd.read_csv(root / "data/prepared/split.csv")
     assert len(split) == 120 and split["path"].str.startswith("data/demo/HAM10000/HAM10000_images_part_").all()
+    assert split["mask_path"].str.fullmatch(r"data/demo/HAM10000/HAM10000_segmentations_lesion_tschandl/ISIC_\d{7}_segmentation\.png").all()
     assert (root / "reports/demo_grid.png").is_file()
     data = json.loads((root / "reports/data.json").read_text())
     assert set(data["classes"]) == {"akiec", "bcc", "df", "mel", "vasc"}
     assert all(c["finetune"] == 4 and c["val"] > 0 and c["test"] > 0 for c in data["classes"].values())
+    assert data["images_with_masks"] == 120

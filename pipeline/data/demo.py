@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_dir, atomic_file, clean_stale_temps
+from pipeline.data.masks import MASK_FOLDER, mask_file
 from pipeline.errors import PipelineError
 from pipeline.params import CLASS_NAMES, Params
 from pipeline.paths import DEMO_DIR, REPORTS_DIR, workspace_root
@@ -191,8 +192,9 @@ def _draw_hair(rng: np.random.Generator, img: Image.Image, size: int) -> None:
         draw.line(points, fill=colour, width=max(1, int(round(size / 110 * rng.uniform(0.7, 1.4)))))
 
 
-def draw_lesion(rng: np.random.Generator, dx: str, size: int) -> Image.Image:
-    """One lesion on skin, on a canvas 1.5× the image so every view of it (shifted, rotated) stays filled."""
+def draw_lesion(rng: np.random.Generator, dx: str, size: int) -> tuple[Image.Image, np.ndarray]:
+    """One lesion on skin, on a canvas 1.5× the image so every view of it (shifted, rotated) stays filled, and the
+    lesion's soft mask (0..1, float32) on the same canvas: its views become the segmentation masks."""
     extent = 1.5
     side = int(round(size * extent))
     cv = _Canvas.make(side, extent)
@@ -294,17 +296,24 @@ def draw_lesion(rng: np.random.Generator, dx: str, size: int) -> Image.Image:
     img = Image.fromarray(np.clip(colour, 0, 255).astype(np.uint8), "RGB")
     if rng.random() < 0.3:
         _draw_hair(rng, img, size)
-    return img
+    return img, mask.astype(np.float32)
 
 
-def view(rng: np.random.Generator, canvas: Image.Image, size: int, first: bool) -> Image.Image:
-    """One photo of a lesion: a slightly shifted/rotated crop of its canvas, new lighting, dermoscope vignette."""
+def _frame(canvas: Image.Image, size: int, angle: float, shift: np.ndarray) -> Image.Image:
+    """The ``size``-pixel crop of a canvas rotated by ``angle`` about its centre and shifted by ``shift`` pixels."""
     side = canvas.size[0]
+    rotated = canvas.rotate(angle, resample=Image.Resampling.BILINEAR, center=(side / 2, side / 2)) if angle else canvas
+    left, top = (side - size) / 2 + shift[0], (side - size) / 2 + shift[1]
+    return rotated.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + size, top + size))
+
+
+def view(rng: np.random.Generator, canvas: Image.Image, mask: np.ndarray, size: int, first: bool) -> tuple[Image.Image, Image.Image]:
+    """One photo of a lesion: a slightly shifted/rotated crop of its canvas, new lighting, dermoscope vignette; and
+    its segmentation mask (mode "L", 0/255): the same crop of the soft mask, thresholded at 0.5."""
     angle = 0.0 if first else rng.uniform(-25, 25)
     shift = np.zeros(2) if first else rng.uniform(-0.06, 0.06, 2) * size
-    rotated = canvas if first else canvas.rotate(angle, resample=Image.Resampling.BILINEAR, center=(side / 2, side / 2))
-    left, top = (side - size) / 2 + shift[0], (side - size) / 2 + shift[1]
-    crop = rotated.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + size, top + size))
+    crop = _frame(canvas, size, angle, shift)
+    segmentation = np.asarray(_frame(Image.fromarray(mask, "F"), size, angle, shift)) >= 0.5
     arr = np.asarray(crop, dtype=np.float32)
     arr = arr * rng.normal(1.0, 0.05) * rng.normal(1.0, 0.025, 3) + rng.normal(0, 4)
     axis = np.linspace(-1, 1, size, dtype=np.float32)
@@ -313,7 +322,8 @@ def view(rng: np.random.Generator, canvas: Image.Image, size: int, first: bool) 
     light = np.clip((scope - r) / 0.08, 0, 1) * (1 - 0.12 * r**2)
     arr = arr * light[..., None] + 12 * (1 - light[..., None])
     arr += rng.normal(0, 2.5, arr.shape).astype(np.float32)
-    return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "RGB")
+    photo = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "RGB")
+    return photo, Image.fromarray(segmentation.astype(np.uint8) * 255, "L")
 
 
 def jpeg_bytes(img: Image.Image) -> bytes:
@@ -361,21 +371,24 @@ def plan(seed: int, images: int, min_per_class: int) -> pd.DataFrame:
 
 
 def write_demo(target: str | Path, seed: int, images: int, size: int, min_per_class: int) -> pd.DataFrame:
-    """Draw the demo set into ``target`` (the HAM10000 folder itself); returns its metadata table."""
+    """Draw the demo set into ``target`` (the HAM10000 folder itself), each image's lesion mask into its
+    segmentation folder (the release's layout); returns the metadata table."""
     target = Path(target)
     table = plan(seed, images, min_per_class)
     split_at = FIRST_IMAGE_NUMBER + (images + 1) // 2  # like the release: lower ids in part 1
-    for part in ("HAM10000_images_part_1", "HAM10000_images_part_2"):
+    for part in ("HAM10000_images_part_1", "HAM10000_images_part_2", MASK_FOLDER):
         (target / part).mkdir(parents=True, exist_ok=True)
-    canvas, current = None, -1
+    canvas, soft_mask, current = None, None, -1
     for row in tqdm(table.itertuples(index=False), total=len(table), desc="drawing demo images", unit="img",
                     disable=None, mininterval=2):
         if row.lesion_index != current:
             current = row.lesion_index
-            canvas = draw_lesion(np.random.default_rng([seed, current, 1]), row.dx, size)
-        img = view(np.random.default_rng([seed, current, row.view, 2]), canvas, size, first=row.view == 0)
+            canvas, soft_mask = draw_lesion(np.random.default_rng([seed, current, 1]), row.dx, size)
+        img, segmentation = view(np.random.default_rng([seed, current, row.view, 2]), canvas, soft_mask, size,
+                                 first=row.view == 0)
         part = "HAM10000_images_part_1" if int(row.image_id[5:]) < split_at else "HAM10000_images_part_2"
         (target / part / f"{row.image_id}.jpg").write_bytes(jpeg_bytes(img))
+        segmentation.save(mask_file(target / MASK_FOLDER, row.image_id), "PNG")
     metadata = table.sort_values(["dx", "lesion_id", "image_id"])[METADATA_COLUMNS]
     metadata.to_csv(target / "HAM10000_metadata.csv", index=False, lineterminator="\n")
     return table

@@ -14,6 +14,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline.data.images import check_image
+from pipeline.data.masks import MASK_FOLDER, checked_mask, find_mask_folder
 from pipeline.errors import PipelineError
 from pipeline.params import CLASS_NAMES
 
@@ -24,15 +25,16 @@ HAM_REQUIRED = ("lesion_id", "image_id", "dx")
 HAM_OPTIONAL = ("dx_type", "age", "sex", "localization")
 ISIC_CLASSES = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
-COLUMNS = ["image_id", "lesion_id", "dx", "path"]
+COLUMNS = ["image_id", "lesion_id", "dx", "path", "mask_path"]
 
 
 @dataclass
 class SourceReport:
-    """What the reader found besides the table: layout, skipped images and warnings (for reports/data.json)."""
+    """What the reader found besides the table: layout, mask folder, skipped images and warnings (for reports/data.json)."""
 
     layout: str
     metadata: Path
+    masks: Path | None = None  # the segmentation folder; None when the release has no masks
     skipped: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -155,20 +157,45 @@ def _read_isic(path: Path, groupings: Path | None, report: SourceReport) -> pd.D
 
 
 def index_images(folder: Path) -> dict[str, Path]:
-    """Every image file under ``folder`` by stem, found in one recursive walk (first in sorted order wins)."""
+    """Every image file under ``folder`` by stem, found in one recursive walk (first in sorted order wins);
+    hidden folders and the segmentation release (masks, not photos) are left out."""
     index: dict[str, Path] = {}
     for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in path.relative_to(folder).parts):
+        parts = path.relative_to(folder).parts
+        if path.suffix.lower() in IMAGE_SUFFIXES and not any(p.startswith(".") or p == MASK_FOLDER for p in parts):
             if path.is_file():
                 index.setdefault(path.stem, path)
     return index
 
 
-def read_source(folder: str | Path, on_bad_image: str = "error", verify: bool = True) -> tuple[pd.DataFrame, SourceReport]:
-    """Validate ``folder`` and return (table, report); the table has image_id, lesion_id, dx, path (+ HAM extras).
+def _attach_masks(table: pd.DataFrame, report: SourceReport, on_bad_image: str) -> pd.DataFrame:
+    """Fill ``mask_path`` from the segmentation release, if present: every image needs a valid mask, else it is an
+    error or (skip mode) a recorded skip like a broken image."""
+    table = table.assign(mask_path="")
+    if report.masks is None:
+        return table
+    bad: list[int] = []
+    for row, image_id, path in tqdm(
+        zip(table.index, table["image_id"], table["path"]), total=len(table), desc="checking masks", unit="mask",
+        disable=None, mininterval=2,
+    ):
+        try:
+            table.at[row, "mask_path"] = str(checked_mask(report.masks, image_id, path))
+        except PipelineError as exc:
+            if on_bad_image == "error":
+                raise
+            bad.append(row)
+            report.skipped.append({"image_id": image_id, "reason": str(exc).split(": ", 1)[-1]})
+    return table.drop(index=bad)
 
-    on_bad_image: "error" stops at the first missing/broken image, "skip" drops and records them.
+
+def read_source(folder: str | Path, on_bad_image: str = "error", verify: bool = True) -> tuple[pd.DataFrame, SourceReport]:
+    """Validate ``folder`` and return (table, report); the table has image_id, lesion_id, dx, path, mask_path
+    (+ HAM extras). mask_path is empty when the folder holds no segmentation release.
+
+    on_bad_image: "error" stops at the first missing/broken image or mask, "skip" drops and records them.
     verify: decode every image (at reduced scale for JPEG) to catch truncated or corrupt files up front.
+    Masks, small single-channel PNGs, are always decoded: their values are part of the check.
     """
     if on_bad_image not in ("error", "skip"):
         raise PipelineError(f"data.on_bad_image: expected 'error' or 'skip', got {on_bad_image!r}")
@@ -216,6 +243,8 @@ def read_source(folder: str | Path, on_bad_image: str = "error", verify: bool = 
                 broken.append(row)
                 report.skipped.append({"image_id": table.at[row, "image_id"], "reason": str(exc).split(": ", 1)[-1]})
         table = table.drop(index=broken)
+    report.masks = find_mask_folder(folder)
+    table = _attach_masks(table, report, on_bad_image)
     if table.empty:
         raise PipelineError(f"{report.metadata}: no usable images left after skipping {len(report.skipped)} bad one(s)")
     extras = [c for c in table.columns if c not in COLUMNS]
@@ -227,4 +256,5 @@ def load_metadata(folder: str | Path, on_bad_image: str = "error", verify: bool 
     table, report = read_source(folder, on_bad_image=on_bad_image, verify=verify)
     table.attrs["skipped"] = list(report.skipped)
     table.attrs["layout"] = report.layout
+    table.attrs["masks"] = report.masks
     return table

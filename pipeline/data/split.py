@@ -12,6 +12,8 @@ Design choices:
   (the base model, fine-tuning, the baseline and augmented classifiers, screening) never sees them.
 - Fine-tune images come from train only (so from the K), seeded by (seed, class), preferring distinct lesions.
 - A runtime guard refuses to write anything if a lesion crosses splits or a fine-tune image is not in train.
+- Lesion masks (HAM10000's segmentation release, when present) ride along as ``mask_path`` in every table
+  (empty when the release has none), so they follow their images into every split and fine-tune sample.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import pandas as pd
 
 from pipeline.atomic import atomic_dir, clean_stale_temps, write_json
 from pipeline.data.ham10000 import read_source
+from pipeline.data.masks import MASK_FOLDER
 from pipeline.digest import derive_seed
 from pipeline.errors import PipelineError
 from pipeline.params import CLASS_NAMES, Params
@@ -32,8 +35,8 @@ from pipeline.paths import DEMO_DIR, FINETUNE_DIR, PREPARED_DIR, REPORTS_DIR, SP
 SPLITS = ("train", "val", "test")
 RESERVE = "reserve"  # train images of a selected class beyond data.real_per_class
 SPLIT_VALUES = (*SPLITS, RESERVE)
-SPLIT_COLUMNS = ["image_id", "lesion_id", "dx", "split", "path"]
-FINETUNE_COLUMNS = ["image_id", "lesion_id", "dx", "path"]
+SPLIT_COLUMNS = ["image_id", "lesion_id", "dx", "split", "path", "mask_path"]
+FINETUNE_COLUMNS = ["image_id", "lesion_id", "dx", "path", "mask_path"]
 DATA_JSON = REPORTS_DIR / "data.json"
 
 
@@ -150,7 +153,10 @@ def check_no_leakage(split: pd.DataFrame, finetune: Mapping[str, pd.DataFrame]) 
 
 
 def _relative(path: str, root: Path) -> str:
-    """Workspace-relative POSIX path when the image lives inside the workspace (portable across copies), else absolute."""
+    """Workspace-relative POSIX path when the file lives inside the workspace (portable across copies), else absolute;
+    an empty path (no mask) stays empty."""
+    if not path:
+        return ""
     p = Path(path)
     try:
         return p.relative_to(root).as_posix()
@@ -178,7 +184,8 @@ def build(params: Params) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict, 
 
     split = assign_splits(table, data.split.val, data.split.test, params.seed)
     root = workspace_root()
-    split["path"] = split["path"].map(lambda p: _relative(p, root))
+    for column in ("path", "mask_path"):
+        split[column] = split[column].map(lambda p: _relative(p, root))
     split = split.sort_values("image_id")[SPLIT_COLUMNS].reset_index(drop=True)
     if data.real_per_class is not None:
         split = cap_train(split, data.classes, data.real_per_class, params.seed)
@@ -220,6 +227,9 @@ def build(params: Params) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict, 
             "lesions": int(split["lesion_id"].nunique()),
             **{name: int((split["split"] == name).sum()) for name in SPLIT_VALUES},
         },
+        "images_with_masks": int((split["mask_path"] != "").sum()),
+        "masks": (f"lesion masks read from {_relative(str(source.masks), folder.resolve())}" if source.masks is not None
+                  else f"no lesion masks found (no {MASK_FOLDER} folder in the data folder): mask_path is empty"),
         "skipped_images": len(source.skipped),
         "warnings": len(source.warnings),
     }
