@@ -55,15 +55,13 @@ def checked_mask(mask_folder: Path, image_id: str, image: str | Path) -> Path:
     if not mask.is_file():
         raise PipelineError(f"{where} not found; expected {mask.name} in {mask_folder} for every image once that folder exists")
     try:
-        expected = _size(Path(image))
-        found = _size(mask)
-        if found != expected:
-            raise PipelineError(f"{where} is {found[0]}x{found[1]} pixels; expected the image's {expected[0]}x{expected[1]}")
-        check_image(mask)
-    except PipelineError as exc:
-        if str(exc).startswith(where):
-            raise
+        expected, found = _size(Path(image)), _size(mask)
+        if found == expected:
+            check_image(mask)  # the full decode, only once the cheap header check passed
+    except PipelineError as exc:  # an unreadable file: the message names it
         raise PipelineError(f"image {image_id}: {exc}") from None
+    if found != expected:
+        raise PipelineError(f"{where} is {found[0]}x{found[1]} pixels; expected the image's {expected[0]}x{expected[1]}")
     with Image.open(mask) as img:
         pixels = np.asarray(img if img.mode in _SINGLE_CHANNEL else img.convert("L"))
     levels = {int(v) for v in np.unique(pixels)}
