@@ -1,7 +1,7 @@
 """The report stage: ``reports/summary.md``, the one page a person reads, answer first, and the headline.
 
 Everything on the page is derived from files earlier stages wrote (reports/data.json, reports/metrics.json,
-reports/fidelity.json, reports/plots/confusion_*.csv, reports/train/*.json, split.csv, the synthetic manifests), so
+reports/fidelity.json, reports/quality.json, reports/plots/confusion_*.csv, reports/train/*.json, split.csv, the synthetic manifests), so
 it can be regenerated without touching a model. Figures go to ``reports/figures/`` and are linked relatively; the
 per-class gain's data sits beside its PNG as a DVC plot.
 
@@ -19,13 +19,14 @@ import numpy as np
 import pandas as pd
 
 from pipeline.atomic import atomic_dir, atomic_file, read_json, write_json, write_text
-from pipeline.classifier.evaluate import METRICS_JSON, confusion_csv, plot_confusion
-from pipeline.classifier.oracle import FIDELITY_JSON
+from pipeline.classifier.evaluate import METRICS_JSON, confusion_csv, plot_confusion, verdict_lines
+from pipeline.classifier.oracle import FIDELITY_JSON, SOURCES, fidelity_lines
 from pipeline.classifier.metrics import HEADLINE
 from pipeline.classifier.train import VARIANTS
 from pipeline.errors import PipelineError
 from pipeline.params import CLASS_NAMES, Params
 from pipeline.paths import REPORTS_DIR, SYNTHETIC_DIR, workspace_root
+from pipeline.quality.screen import QUALITY_JSON
 
 SUMMARY_MD = REPORTS_DIR / "summary.md"
 FIGURES_DIR = REPORTS_DIR / "figures"
@@ -234,8 +235,42 @@ def data_table(params: Params, data: dict, split: pd.DataFrame, synthetic: dict[
     return _table(["class", "diagnosis", "train", "val", "test", "lesions", "fine-tune", "synthetic"], rows)
 
 
-def render(params: Params, metrics: dict, data: dict, split: pd.DataFrame, synthetic: dict[str, int], curves: bool) -> str:
+def fidelity_table(fidelity: dict, classes: list[str]) -> str:
+    """Per class: the oracle's recall on real test images, then each source's share assigned to its own class and
+    mean p(own class)."""
+    header = ["class", "oracle recall (real test)"]
+    header += [f"{s} {what}" for s in SOURCES for what in ("share own class", "p(own class)")]
+    rows = []
+    for class_code in [*classes, "mean"]:
+        entry = fidelity["mean"] if class_code == "mean" else fidelity["classes"].get(class_code, {})
+        recall = entry.get("oracle_test_recall")
+        cells = [_fmt(entry.get(s, {}).get(k)) for s in SOURCES for k in ("share_own_class", "mean_p_own_class")]
+        name = "**mean**" if class_code == "mean" else f"`{class_code}`"
+        rows.append([name, _fmt(recall), *cells])
+    return _table(header, rows)
+
+
+def quality_table(quality: dict, classes: list[str]) -> str:
+    """Per class: FID and KID beside the same figures between two sets of real images (their floor at this size),
+    k-NN precision and recall, memorized and kept images, and any figure the screen flagged as out of range."""
+    rows = []
+    for class_code in classes:
+        q = quality.get("classes", {}).get(class_code, {})
+        flags = "; ".join(f"{key}: {why}" for key, why in q.get("flags", {}).items()) or "—"
+        rows.append([f"`{class_code}`", f"{_fmt(q.get('fid'))} ({_fmt(q.get('fid_real_vs_real'))})",
+                     f"{_fmt(q.get('kid_mean'))} ({_fmt(q.get('kid_real_vs_real'))})", _fmt(q.get("precision")),
+                     _fmt(q.get("recall")), f"{q.get('n_memorized', '—')} / {q.get('n_synthetic', '—')}",
+                     str(q.get("n_kept", "—")), flags])
+    return _table(["class", "FID (real vs real)", "KID (real vs real)", "precision", "recall", "memorized",
+                   "kept", "flagged"], rows)
+
+
+def render(params: Params, metrics: dict, data: dict, split: pd.DataFrame, synthetic: dict[str, int], curves: bool,
+           evidence: dict) -> str:
+    """The page. ``evidence``: reports/fidelity.json and reports/quality.json as {"fidelity": ..., "quality": ...},
+    either empty when its stage has not run."""
     classes = list(params.data.classes)
+    fidelity, quality = evidence.get("fidelity") or {}, evidence.get("quality") or {}
     base, aug, gain = metrics["baseline"], metrics["augmented"], metrics["gain"]
     low_high = metrics["gain_ci95"].get("balanced_accuracy", {"low": float("nan"), "high": float("nan")})
     c = params.classifier
@@ -250,6 +285,8 @@ def render(params: Params, metrics: dict, data: dict, split: pd.DataFrame, synth
         f"**{_fmt(aug['balanced_accuracy'])}**, gain **{_fmt(gain['balanced_accuracy'], True)}** "
         f"(95% CI {_fmt(low_high['low'], True)} to {_fmt(low_high['high'], True)}; paired bootstrap over test images, "
         f"{metrics.get('bootstrap', params.evaluate.bootstrap)} resamples, {seeds_note}).",
+        "",
+        *[f"- {line}" for line in [*verdict_lines(metrics)[1:], *(fidelity_lines(fidelity) if fidelity else [])]],
         "",
         f"Setup: classes {', '.join(f'`{x}`' for x in classes)}; synthetic images from per-class "
         f"{params.diffusion.method} fine-tuning of `{params.diffusion.base_model}` ({sum(synthetic.values())} in total); "
@@ -285,6 +322,20 @@ def render(params: Params, metrics: dict, data: dict, split: pd.DataFrame, synth
                 "precision baseline", "precision augmented"], rows),
         "",
         "![Per-class recall gain](figures/per_class_gain.png)",
+        "",
+        "## Did the fine-tune learn the class?",
+        "",
+        *([fidelity_table(fidelity, classes), "",
+           "An oracle classifier, trained on every real train and reserve image (never val, test or synthetic), "
+           "judges each class's synthetic images; its recall on the real test images says how far to trust it."]
+          if fidelity else ["No class fidelity: run `dvc repro fidelity`."]),
+        "",
+        "## Synthetic image quality",
+        "",
+        *([quality_table(quality, classes), "",
+           f"Features: {quality.get('extractor', '—')}; in brackets the same figure between two sets of real train "
+           "images of the class, the floor at this size. Memorized: a synthetic image that copies a fine-tuning "
+           "image (`reports/quality/closest_<class>.png`)."] if quality else ["No quality figures: run `dvc repro screen`."]),
         "",
         "## Real vs synthetic samples",
         "",
@@ -326,6 +377,7 @@ def report(params: Params) -> Path:
         raise PipelineError(f"{root / METRICS_JSON}: missing key {missing[0]!r}; rerun `dvc repro evaluate`")
     data = read_json(root / DATA_JSON, "not found; run `dvc repro prepare` first") if (root / DATA_JSON).exists() else {}
     fidelity = read_json(root / FIDELITY_JSON, "not found; run `dvc repro fidelity` first") if (root / FIDELITY_JSON).exists() else {}
+    quality = read_json(root / QUALITY_JSON, "not found; run `dvc repro screen` first") if (root / QUALITY_JSON).exists() else {}
     split = read_split(params, root)
     synthetic = {c: len(_synthetic_files(root, c)) for c in classes}
 
@@ -337,7 +389,8 @@ def report(params: Params) -> Path:
         gain_figure(gains, temp / "per_class_gain.png")
         write_json(temp / GAIN_PLOT_JSON.name, gains)
         curves = curves_figure(root, temp / "training_curves.png")
-    write_text(root / SUMMARY_MD, render(params, metrics, data, split, synthetic, curves))
+    evidence = {"fidelity": fidelity, "quality": quality}
+    write_text(root / SUMMARY_MD, render(params, metrics, data, split, synthetic, curves, evidence))
     values = headline(metrics, fidelity)
     write_text(root / HEADLINE_JSON, json.dumps({**values, "verdict": metrics["verdict"]}, indent=2) + "\n")
 

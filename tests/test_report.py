@@ -13,7 +13,7 @@ from pipeline.classifier.evaluate import evaluate
 from pipeline.classifier.train import train_variant
 from pipeline.cli import run_stage
 from pipeline.errors import PipelineError
-from pipeline.report import headline, report
+from pipeline.report import fidelity_table, headline, quality_table, report
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,6 +38,8 @@ def test_report_writes_summary_with_tables_and_figures(tmp_path, monkeypatch, ca
     assert lines[1].startswith(f"**{verdict[0].upper()}{verdict[1:]}.**")  # the answer comes first
     assert f"baseline **{metrics['baseline']['balanced_accuracy']:.3f}**" in lines[1]
     assert "95% CI" in lines[1]
+    assert lines[2].startswith("- The same number of images from the base model")  # the controls, in plain words
+    assert "No class fidelity: run `dvc repro fidelity`." in summary and "No quality figures" in summary
     for heading in ("## Data", "## Baseline vs augmented", "## Per-class recall", "## Real vs synthetic samples",
                     "## Confusion matrices"):
         assert heading in summary
@@ -109,3 +111,25 @@ def test_report_without_metrics_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.chdir(root)
     with pytest.raises(PipelineError, match=r"reports/metrics.json: not found; run `dvc repro evaluate` first"):
         report(micro_params())
+
+
+def test_fidelity_and_quality_tables_carry_every_class_and_the_flags():
+    fidelity = {"classes": {"bcc": {"oracle_test_recall": 0.9, "augmented": {"share_own_class": 0.8, "mean_p_own_class": 0.7},
+                                    "base_only": {"share_own_class": 0.2, "mean_p_own_class": 0.25}},
+                            "mel": {"oracle_test_recall": None, "augmented": {"share_own_class": 0.6, "mean_p_own_class": 0.5},
+                                    "base_only": {"share_own_class": 0.3, "mean_p_own_class": 0.35}}},
+                "mean": {"augmented": {"share_own_class": 0.7, "mean_p_own_class": 0.6},
+                         "base_only": {"share_own_class": 0.25, "mean_p_own_class": 0.3}, "oracle_test_recall": 0.9}}
+    table = fidelity_table(fidelity, ["bcc", "mel"])
+    assert "| `bcc` | 0.900 | 0.800 | 0.700 | 0.200 | 0.250 |" in table
+    assert "| `mel` | — | 0.600 | 0.500 | 0.300 | 0.350 |" in table  # no real test image: recall unknown
+    assert "| **mean** | 0.900 | 0.700 | 0.600 | 0.250 | 0.300 |" in table
+    quality = {"extractor": "baseline_classifier", "classes": {
+        "bcc": {"fid": 12.5, "fid_real_vs_real": 3.0, "kid_mean": 0.01, "kid_real_vs_real": 0.0, "precision": 0.9,
+                "recall": 0.5, "n_memorized": 1, "n_synthetic": 10, "n_kept": 9, "flags": {}},
+        "mel": {"fid": 22784.0, "fid_real_vs_real": 2.0, "kid_mean": None, "kid_real_vs_real": None, "precision": 1.0,
+                "recall": 0.1, "n_memorized": 0, "n_synthetic": 10, "n_kept": 10,
+                "flags": {"fid": "11392x the real-vs-real FID"}}}}
+    table = quality_table(quality, ["bcc", "mel"])
+    assert "| `bcc` | 12.500 (3.000) | 0.010 (0.000) | 0.900 | 0.500 | 1 / 10 | 9 | — |" in table
+    assert "| `mel` | 22784.000 (2.000) | — (—) | 1.000 | 0.100 | 0 / 10 | 10 | fid: 11392x the real-vs-real FID |" in table
