@@ -16,7 +16,6 @@ import socket
 import sys
 from pathlib import Path
 
-from pipeline.device import cpu_only
 from pipeline.params import ComputeParams
 
 THREADS_ENV = "OMP_NUM_THREADS"  # a thread count someone chose: torch reads it at start, the stage leaves it be
@@ -91,6 +90,8 @@ def relaunch(module: str, args: list[str], compute: ComputeParams, name: str) ->
     from accelerate.commands.launch import launch_command, launch_command_parser
     from accelerate.utils import patch_environment
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from pipeline.device import cpu_only  # imports torch: only the launching process needs it here
 
     cuda = not cpu_only()
     env = {} if cuda else {"ACCELERATE_USE_CPU": "true"}
