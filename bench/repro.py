@@ -30,6 +30,7 @@ MICRO = {
                   "pretrain": {"vae_steps": 3, "unet_steps": 3, "batch": 4}},
     "generate": {"per_class": 4, "steps": 2, "batch": 4},
     "classifier": {"image_size": 32, "epochs": 1, "batch": 16},
+    "oracle": {"epochs": 1, "epoch_images": 32},
 }
 _RUNNING = re.compile(r"Running stage '([^']+)'")
 

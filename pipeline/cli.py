@@ -29,7 +29,7 @@ def stage_main(stage: str, work: Callable[..., object], *, item: str | None = No
     try:
         compute = load_params(args.params).compute
     except PipelineError as exc:
-        print(f"error: {name}: {exc}", file=sys.stderr)
+        sys.stderr.write(f"error: {name}: {exc}\n")  # one write: the ranks of a launched stage share stderr
         return 1
     processes = compute.processes if several_processes else 1
     if processes > 1 and not launch.under_launcher():
@@ -73,10 +73,10 @@ def run_stage(
                 usage = _usage(start)
                 tracking.log_metrics(usage)
     except PipelineError as exc:
-        print(f"error: {name}: {exc}", file=sys.stderr)
+        sys.stderr.write(f"error: {name}: {exc}\n")  # one write: the ranks of a launched stage share stderr
         return 1
     except KeyboardInterrupt:
-        print(f"error: {name}: interrupted", file=sys.stderr)
+        sys.stderr.write(f"error: {name}: interrupted\n")
         return 130
     if _is_main_process():
         gpu = f", peak GPU memory {usage['gpu_peak_memory_mib']:.0f} MiB" if "gpu_peak_memory_mib" in usage else ""

@@ -33,6 +33,7 @@ MICRO = {
     },
     "generate": {"per_class": 4, "steps": 2, "batch": 4},
     "classifier": {"image_size": 32, "epochs": 1, "batch": 16},
+    "oracle": {"epochs": 1, "epoch_images": 32},
 }
 
 
