@@ -44,8 +44,8 @@ def merge(base: dict, change: dict) -> dict:
     return out
 
 
-def run(cmd: list[str], cwd: Path, env: dict) -> str:
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+def run(cmd: list[str], cwd: Path, env: dict, timeout: float = 900) -> str:
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     output = done.stdout + done.stderr
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-4000:]}"
     return output
@@ -180,7 +180,7 @@ def test_method_sweep_queues_one_experiment_per_point_and_draws_the_chart(worksp
                        "jobs": 2, "timeout_minutes": 25}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
-    run([sys.executable, "-m", "pipeline.sweep", "--id", "t1"], root, env)
+    run([sys.executable, "-m", "pipeline.sweep", "--id", "t1"], root, env, timeout=1800)  # six queued experiments
 
     result = json.loads((root / "reports/sweep/sweep.json").read_text())
     points = {(p["method"], p["amount"], p["real_per_class"]): p for p in result["points"]}
