@@ -119,7 +119,7 @@ Method = Literal["lora", "dreambooth", "textual_inversion", "hypernetwork"]
 class DiffusionParams(_Section):
     base_model: str = "embedded-tiny"  # or a Hub id / local diffusers folder
     method: Method = "lora"
-    resolution: int = Field(64, ge=8)
+    resolution: int = Field(32, ge=8)
     steps: int = Field(250, gt=0)
     batch: int = Field(4, gt=0)
     # One rate for every method, or one per method: a rank-8 LoRA on the tiny UNet needs ~3e-3 to move in 250

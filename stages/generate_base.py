@@ -1,16 +1,20 @@
-"""generate_base@<class>: the base_only control's images, from the base model with the class prompt, no class weights."""
+"""generate_base: the base_only control's images for every class, from the base model with the class prompt.
+
+One stage for all classes: each class costs seconds of sampling but a stage process costs seconds of imports, and
+the images depend only on the base model, not on the fine-tuning method, so a method change never reruns them."""
 
 import sys
 
 from pipeline.cli import stage_main
 
 
-def generate_base(params, class_code):
+def generate_base(params):
     # Imported here: with compute.processes > 1 this process only launches the ranks (pipeline/launch.py).
     from pipeline.diffusion.generate import generate_class
 
-    return generate_class(params, class_code, base_only=True)
+    for class_code in params.data.classes:
+        generate_class(params, class_code, base_only=True)
 
 
 if __name__ == "__main__":
-    sys.exit(stage_main("generate_base", generate_base, item="class_code", several_processes=True))
+    sys.exit(stage_main("generate_base", generate_base, several_processes=True))

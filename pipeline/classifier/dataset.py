@@ -92,7 +92,7 @@ def synthetic_samples(params: Params, root: Path | None = None, images_dir: Path
         if not manifest.is_file():
             raise PipelineError(
                 f"{manifest}: synthetic manifest missing; run `dvc repro "
-                f"{'generate_base' if images_dir == SYNTHETIC_BASE_DIR else 'generate'}@{class_code}` "
+                f"{'generate_base' if images_dir == SYNTHETIC_BASE_DIR else f'generate@{class_code}'}` "
                 "(the classifier needs synthetic images of every class in data.classes)"
             )
         frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)

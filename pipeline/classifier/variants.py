@@ -1,7 +1,7 @@
 """What the control variants and the oracle train on, beside baseline (real train rows) and augmented (+ screened synthetic).
 
 - ``base_only``: the real train rows plus the images the *base* model drew from each class's prompt without the
-  class's fine-tuned weights (``data/synthetic_base/<class>/``, stage ``generate_base@<class>``). Its gain over
+  class's fine-tuned weights (``data/synthetic_base/<class>/``, stage ``generate_base``). Its gain over
   baseline is what any lesion-like image adds; augmented minus base_only is what fine-tuning added.
 - ``real_ceiling``: the real train rows plus ``generate.per_class`` extra *real* images per class from the reserve
   (split.csv rows with split ``reserve``: the train images beyond ``data.real_per_class``). It shows what a perfect
