@@ -44,7 +44,7 @@ MIN_SNR_GAMMA = 5.0  # Min-SNR loss weighting (Hang et al. 2023): converges seve
 WARMUP_STEPS = 20
 MIN_LR_RATE = 0.1  # the learning rate ends at this share of its peak
 # The VAE spends this share of its steps on random half-size crops: a convolutional autoencoder learns
-# colour and texture locally, a 32 px crop costs a quarter of a 64 px image, so it sees 4x more
+# colour and texture locally, a half-size crop costs a quarter of the whole image, so it sees 4x more
 # samples in the same time; the last steps use whole images so GroupNorm statistics match inference.
 VAE_CROP_SHARE = 0.9
 LOG_EVERY = 10
