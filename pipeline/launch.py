@@ -26,12 +26,17 @@ def under_launcher() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
-def cgroup_cpu_limit(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> float | None:
-    """The container's CPU quota in cores (cgroup v2 ``cpu.max``: "<quota> <period>"), or None without one.
-    A container may see every core of its host but be allowed only a few; threads beyond the quota only wait."""
+def cgroup_cpu_limit(cgroup: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The container's CPU quota in cores, or None without one: cgroup v2 ``cpu.max`` ("<quota> <period>") or
+    cgroup v1 ``cpu/cpu.cfs_quota_us`` and ``cpu.cfs_period_us`` (-1: none). A container may see every core of its
+    host but be allowed only a few; threads beyond the quota only wait, and spin or sleep in the kernel meanwhile."""
+    v1 = cgroup / "cpu"
     try:
-        quota, period = cpu_max.read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
+        if (cgroup / "cpu.max").is_file():
+            quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        else:
+            quota, period = (v1 / "cpu.cfs_quota_us").read_text().strip(), (v1 / "cpu.cfs_period_us").read_text().strip()
+        return None if quota in ("max", "-1") else int(quota) / int(period)
     except (OSError, ValueError):
         return None
 

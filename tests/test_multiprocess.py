@@ -2,9 +2,9 @@
 
 The stage commands of dvc.yaml are unchanged; each stage script starts itself again under ``accelerate launch``
 (pipeline/launch.py). Checked: one set of outputs and one MLflow run per stage, generated images byte-identical to
-a one-process run, each drawn training image seen by exactly one process per epoch. Then, with a stage script that
-imports nothing heavy: a rank's one-line error and exit code, and a rank killed by a signal, reach the caller.
-"""
+a one-process run (one torch thread per process in both), each drawn training image seen by exactly one process per
+epoch. Then, with a stage script that imports nothing heavy: a rank's one-line error and exit code, and a rank killed
+by a signal, reach the caller."""
 
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ def test_two_processes_from_dvc_match_one_process(tmp_path):
     root = tmp_path / "repo"
     # Two generate batches, so each rank draws one.
     env = copy_repo(root, merge(MICRO, {"compute": {"processes": 2}, "generate": {"batch": 2}}))
+    # One torch thread in every process of both runs: float sums split over a different number of threads round
+    # differently, and the stages otherwise pick their thread count from the cores idle at the time.
+    env["OMP_NUM_THREADS"] = "1"
     started = time.perf_counter()
     output = run([str(Path(sys.executable).parent / "dvc"), "repro", *STAGES], root, env)
     print(f"dvc repro of {', '.join(STAGES)} on 2 processes: {time.perf_counter() - started:.0f} s")
@@ -104,15 +107,20 @@ def test_a_launched_stage_reports_a_ranks_error_in_one_line(tmp_path, what, code
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("text, cores", [("max 100000", None), ("150000 100000", 1.5), ("50000 100000", 0.5), ("", None)])
-def test_the_cgroup_quota_caps_the_threads(tmp_path, monkeypatch, text, cores):
+@pytest.mark.parametrize("files, cores", [
+    ({"cpu.max": "max 100000"}, None), ({"cpu.max": "150000 100000"}, 1.5), ({"cpu.max": "50000 100000"}, 0.5),
+    ({"cpu.max": ""}, None), ({}, None),
+    ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.0),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+])
+def test_the_cgroup_quota_caps_the_threads(tmp_path, monkeypatch, files, cores):
     """A container that sees every host core but may use few must not start a thread per visible core."""
     from pipeline import launch
 
-    cpu_max = tmp_path / "cpu.max"
-    cpu_max.write_text(text)
-    assert launch.cgroup_cpu_limit(cpu_max) == cores
-    assert launch.cgroup_cpu_limit(tmp_path / "missing") is None
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert launch.cgroup_cpu_limit(tmp_path) == cores
     monkeypatch.setattr(launch, "cgroup_cpu_limit", lambda: cores)
     visible = launch.idle_cores(window=0.05)
     assert visible >= 1 and (cores is None or visible <= max(1, round(cores)))
