@@ -246,3 +246,32 @@ def test_class_not_selected_is_one_line_from_the_stage(workspace, capsys):
     assert run_stage("finetune", finetune_class, item="class_code", track=False, argv=["mel"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: finetune@mel: class 'mel' is not in data.classes (df, vasc)"]
+
+
+def test_the_loss_weights_each_sample_by_min_snr_and_adds_the_prior_rows_by_their_weight():
+    """Hand-made: a UNet that predicts zeros against noise drawn from the same generator gives each row's MSE; the
+    loss is the Min-SNR-weighted mean of the instance rows plus prior_weight times that of the prior rows."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    from pipeline.diffusion.pretrain import MIN_SNR_GAMMA, min_snr_weights
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    timesteps = torch.tensor([1, 500, 999])
+    snr = compute_snr(scheduler, timesteps)
+    assert snr[0] > MIN_SNR_GAMMA > snr[2]  # t=1 is nearly noise-free, t=999 nearly all noise
+    torch.testing.assert_close(min_snr_weights(scheduler, timesteps)[[0, 2]], torch.stack([MIN_SNR_GAMMA / snr[0], torch.tensor(1.0)]))
+
+    class Zeros(torch.nn.Module):
+        def forward(self, x, t, states):
+            return type("Out", (), {"sample": torch.zeros_like(x)})()
+
+    latents = torch.zeros(4, 4, 2, 2)
+    batch = finetune.Batch(latents, torch.zeros(4, 77, 8), priors=2)
+    loss = finetune.diffusion_loss(Zeros(), scheduler, batch, torch.Generator().manual_seed(0), prior_weight=0.5)
+
+    again = torch.Generator().manual_seed(0)
+    noise = torch.randn(latents.shape, generator=again)
+    t = torch.randint(0, 1000, (4,), generator=again)
+    per_row = noise.pow(2).mean((1, 2, 3)) * min_snr_weights(scheduler, t)
+    torch.testing.assert_close(loss, per_row[:2].mean() + 0.5 * per_row[2:].mean())

@@ -1,7 +1,7 @@
 """finetune@<class>: teach the base model one class under its own instance token (LoRA, DreamBooth, textual inversion or a hypernetwork).
 
 The loop is the plain diffusion recipe: draw cached latents (``draw_batch``), add noise at a random
-timestep, predict the noise (or v), MSE (``diffusion_loss``), step. What differs between methods is
+timestep, predict the noise (or v), Min-SNR-weighted MSE (``diffusion_loss``), step. What differs between methods is
 only *which* weights train (``TrainedPart``). The VAE and text encoder are frozen, so latents and
 prompt embeddings are computed once (``training_data``); textual inversion is the exception that
 re-encodes its one prompt each step, because the embedding it trains feeds the text encoder.
@@ -46,7 +46,7 @@ from pipeline.diffusion.generate import (
     generate_images,
     make_scheduler,
 )
-from pipeline.diffusion.pretrain import diffusion_target
+from pipeline.diffusion.pretrain import diffusion_target, min_snr_weights
 from pipeline.diffusion.training_data import LatentCache, encode_images, encode_prompts, read_finetune_csv, tokenize
 from pipeline.device import DTYPES, make_accelerator
 from pipeline.digest import derive_seed, sha256_file
@@ -202,9 +202,9 @@ def draw_batch(instances: LatentCache, priors: Priors | None, states: torch.Tens
 
 def diffusion_loss(unet, noise_scheduler, batch: Batch, generator: torch.Generator, prior_weight: float = 1.0,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Noise the batch at random timesteps, predict with ``unet`` (run in ``dtype``), MSE against the scheduler's
-    target; prior-class rows add ``prior_weight`` times their own MSE. Noise and timesteps are drawn on the
-    latents' device, so ``generator`` must live there."""
+    """Noise the batch at random timesteps, predict with ``unet`` (run in ``dtype``), Min-SNR-weighted MSE against
+    the scheduler's target, as in pre-training; prior-class rows add ``prior_weight`` times their own loss. Noise and
+    timesteps are drawn on the latents' device, so ``generator`` must live there."""
     latents = batch.latents
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     timesteps = torch.randint(
@@ -213,10 +213,9 @@ def diffusion_loss(unet, noise_scheduler, batch: Batch, generator: torch.Generat
     noisy = noise_scheduler.add_noise(latents, noise, timesteps).to(dtype, memory_format=torch.channels_last)
     pred = unet(noisy, timesteps, batch.states.to(dtype)).sample.float()
     target = diffusion_target(noise_scheduler, latents, noise, timesteps)
-    if not batch.priors:
-        return F.mse_loss(pred, target)
+    per_sample = F.mse_loss(pred, target, reduction="none").mean((1, 2, 3)) * min_snr_weights(noise_scheduler, timesteps)
     n = len(latents) - batch.priors
-    return F.mse_loss(pred[:n], target[:n]) + prior_weight * F.mse_loss(pred[n:], target[n:])
+    return per_sample[:n].mean() + (prior_weight * per_sample[n:].mean() if batch.priors else 0.0)
 
 
 def cast_frozen(pipe, part: TrainedPart, weight_dtype: torch.dtype) -> None:
