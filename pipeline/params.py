@@ -113,6 +113,18 @@ class HypernetworkParams(_Section):
         return widths
 
 
+class ControlNetParams(_Section):
+    """diffusion.control mask: the lesion-mask ControlNet (pipeline/diffusion/controlnet.py) and its new mask shapes."""
+
+    steps: int = Field(400, gt=0)
+    batch: int = Field(8, gt=0)
+    lr: float = Field(1e-4, gt=0)  # diffusers' ControlNet example: 1e-5 for SD 1.5
+    conditioning_scale: float = Field(1.0, ge=0)  # at generation: how strongly the mask steers
+    shift: float = Field(0.1, ge=0, lt=1)  # conditioning masks: random shift, as a fraction of the side
+    scale: float = Field(0.2, ge=0, lt=1)  # ... random scale in 1 ± this
+    elastic: float = Field(0.05, ge=0, lt=1)  # ... elastic warp: its mean reach as a fraction of the side
+
+
 Method = Literal["lora", "dreambooth", "textual_inversion", "hypernetwork"]
 
 
@@ -127,6 +139,8 @@ class DiffusionParams(_Section):
     lr: float | dict[Method, float] = 1e-4
     lora: LoraParams = LoraParams()
     hypernetwork: HypernetworkParams = HypernetworkParams()
+    control: Literal["none", "mask"] = "none"  # mask: a ControlNet on lesion masks steers every class's generation
+    controlnet: ControlNetParams = ControlNetParams()
     prompt: str = "a dermoscopic image of {token} {class_name}"
     instance_tokens: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_INSTANCE_TOKENS))
     prior_preservation: bool = False

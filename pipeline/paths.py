@@ -52,6 +52,7 @@ SPLIT_CSV = PREPARED_DIR / "split.csv"
 FINETUNE_DIR = PREPARED_DIR / "finetune"
 BASE_MODEL_DIR = Path("models/base")
 CLASS_MODELS_DIR = Path("models/diffusion")
+CONTROLNET_DIR = Path("models/controlnet")  # diffusion.control mask: one ControlNet for every class
 SYNTHETIC_DIR = Path("data/synthetic")
 SYNTHETIC_BASE_DIR = Path("data/synthetic_base")  # the base_only control: base model, class prompt, no class weights
 CLASSIFIER_DIR = Path("models/classifier")

@@ -252,17 +252,20 @@ def fidelity_table(fidelity: dict, classes: list[str]) -> str:
 
 def quality_table(quality: dict, classes: list[str]) -> str:
     """Per class: FID and KID beside the same figures between two sets of real images (their floor at this size),
-    k-NN precision and recall, memorized and kept images, and any figure the screen flagged as out of range."""
+    k-NN precision and recall, memorized and kept images, and any figure the screen flagged as out of range; under
+    diffusion.control mask also the mask IoU beside the segmenter's IoU on real images."""
+    entries = [quality.get("classes", {}).get(class_code, {}) for class_code in classes]
+    with_masks = any("mask_iou" in q for q in entries)
     rows = []
-    for class_code in classes:
-        q = quality.get("classes", {}).get(class_code, {})
+    for class_code, q in zip(classes, entries):
         flags = "; ".join(f"{key}: {why}" for key, why in q.get("flags", {}).items()) or "—"
+        masks = [f"{_fmt(q.get('mask_iou'))} ({_fmt(q.get('mask_iou_real'))})"] if with_masks else []
         rows.append([f"`{class_code}`", f"{_fmt(q.get('fid'))} ({_fmt(q.get('fid_real_vs_real'))})",
                      f"{_fmt(q.get('kid_mean'))} ({_fmt(q.get('kid_real_vs_real'))})", _fmt(q.get("precision")),
                      _fmt(q.get("recall")), f"{q.get('n_memorized', '—')} / {q.get('n_synthetic', '—')}",
-                     str(q.get("n_kept", "—")), flags])
+                     str(q.get("n_kept", "—")), *masks, flags])
     return _table(["class", "FID (real vs real)", "KID (real vs real)", "precision", "recall", "memorized",
-                   "kept", "flagged"], rows)
+                   "kept", *(["mask IoU (real)"] if with_masks else []), "flagged"], rows)
 
 
 def render(params: Params, metrics: dict, data: dict, split: pd.DataFrame, synthetic: dict[str, int], curves: bool,
@@ -335,7 +338,9 @@ def render(params: Params, metrics: dict, data: dict, split: pd.DataFrame, synth
         *([quality_table(quality, classes), "",
            f"Features: {quality.get('extractor', '—')}; in brackets the same figure between two sets of real train "
            "images of the class, the floor at this size. Memorized: a synthetic image that copies a fine-tuning "
-           "image (`reports/quality/closest_<class>.png`)."] if quality else ["No quality figures: run `dvc repro screen`."]),
+           "image (`reports/quality/closest_<class>.png`). Mask IoU (under `diffusion.control: mask`): the overlap of "
+           "each image's conditioning mask with its lesion as an Otsu split of the colour distance from the skin "
+           "finds it; in brackets that segmenter's IoU on real train images against their own masks."] if quality else ["No quality figures: run `dvc repro screen`."]),
         "",
         "## Real vs synthetic samples",
         "",

@@ -31,3 +31,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """The tiny random SD base in the embedded format, built once for every diffusion test (diffusion_workspace.py)."""
+    from diffusion_workspace import build_base
+
+    return build_base(tmp_path_factory.mktemp("tiny") / "base")

@@ -30,7 +30,7 @@ from diffusers import DDPMScheduler
 from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
 
 from diffusion_workspace import micro_params
-from pipeline.diffusion.finetune import Priors, attach_method, cast_frozen, diffusion_loss, draw_batch, generic_prompt
+from pipeline.diffusion.finetune import Batch, Priors, attach_method, cast_frozen, diffusion_loss, draw_batch, generic_prompt
 from pipeline.diffusion.generate import Sampling, sample_images
 from pipeline.diffusion.tiny import build_tiny_pipeline
 from pipeline.diffusion.training_data import encode_images, encode_prompts, tokenize
@@ -42,11 +42,12 @@ BATCH = 2
 
 
 @contextmanager
-def on_fake_cuda(pipe):
-    """Fake mode with every weight of ``pipe`` on fake cuda. There is no default device in the body, so a tensor
-    that the code under test makes without naming a device lands on the CPU, as it would on a GPU machine."""
+def on_fake_cuda(pipe, *more):
+    """Fake mode with every weight of ``pipe`` (and of ``more`` modules) on fake cuda. There is no default device in
+    the body, so a tensor that the code under test makes without naming a device lands on the CPU, as it would on a
+    GPU machine."""
     with FakeTensorMode():
-        for model in (pipe.vae, pipe.text_encoder, pipe.unet):
+        for model in (pipe.vae, pipe.text_encoder, pipe.unet, *more):
             for module in model.modules():
                 for name, param in list(module.named_parameters(recurse=False)):
                     twin = torch.empty(param.shape, dtype=param.dtype, device="cuda")
@@ -133,3 +134,47 @@ def test_one_guided_denoising_step_and_the_sliced_vae_decode_run_on_cuda(dtype):
         generators = [torch.Generator().manual_seed(seed) for seed in (1, 2, 3)]
         images = sample_images(pipe, "a dermoscopic image of sks dermatofibroma", "blurry", generators, Sampling(1, 5.0, RESOLUTION))
         assert images.device.type == "cuda" and images.shape == (3, 3, RESOLUTION, RESOLUTION) and images.dtype == dtype
+
+
+def test_a_half_precision_controlnet_step_runs_on_cuda_with_the_controlnet_in_fp32():
+    """The controlnet stage's step: a trainable fp32 ControlNet beside a frozen fp16 UNet, masks made on the CPU
+    and moved as the stage moves them, up to the loss."""
+    from pipeline.diffusion.controlnet import controlled, make_controlnet
+
+    pipe = build_tiny_pipeline(RESOLUTION)
+    controlnet = make_controlnet(pipe.unet, pipe.vae_scale_factor)
+    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+        module.requires_grad_(False).to(dtype=torch.float16)
+    with on_fake_cuda(pipe, controlnet):
+        latents = encode_images(pipe.vae, fake_images(3))
+        masks = torch.ones(6, 3, RESOLUTION, RESOLUTION).to(pipe.device)
+        states = encode_prompts(pipe, ["a dermoscopic image of sks dermatofibroma"])
+        generator = torch.Generator().manual_seed(0)
+        index = torch.randint(len(latents), (BATCH,), generator=generator, device=pipe.device)
+        batch = Batch(latents.sample(index, generator), states.expand(BATCH, -1, -1))
+        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        loss = diffusion_loss(controlled(pipe.unet, controlnet, masks[index]), noise_scheduler, batch, generator,
+                              dtype=torch.float16)
+        assert loss.device.type == "cuda" and loss.dtype == torch.float32 and loss.requires_grad
+        assert {p.dtype for p in controlnet.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_mask_conditioned_denoising_step_runs_on_cuda(dtype):
+    """generate's ControlNet pipeline, built from the class pipeline as generate_class builds it, with masks made
+    on the CPU (MaskSource) and handed over on the pipeline's device."""
+    from pipeline.diffusion.controlnet import make_controlnet
+    from pipeline.diffusion.generate import add_controlnet
+
+    pipe = build_tiny_pipeline(RESOLUTION).to(dtype=dtype)
+    pipe = add_controlnet(pipe, make_controlnet(pipe.unet, pipe.vae_scale_factor).to(dtype=dtype), dtype)
+    assert {m.dtype for m in (pipe.vae, pipe.text_encoder, pipe.unet, pipe.controlnet)} == {dtype}
+    with on_fake_cuda(pipe, pipe.controlnet):
+        pipe.scheduler = OneStepScheduler()
+        pipe.set_progress_bar_config(disable=True)
+        masks = torch.zeros(2, 3, RESOLUTION, RESOLUTION)
+        condition = {"image": masks.to(pipe.device), "controlnet_conditioning_scale": 1.0}
+        generators = [torch.Generator().manual_seed(seed) for seed in (1, 2)]
+        images = sample_images(pipe, "a dermoscopic image of sks dermatofibroma", "", generators, Sampling(1, 5.0, RESOLUTION),
+                               condition)
+        assert images.device.type == "cuda" and images.shape == (2, 3, RESOLUTION, RESOLUTION) and images.dtype == dtype

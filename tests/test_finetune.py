@@ -36,13 +36,6 @@ WEIGHTS = {
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    from diffusion_workspace import build_base
-
-    return build_base(tmp_path_factory.mktemp("tiny") / "base")
-
-
 @pytest.fixture
 def workspace(tmp_path, tiny_base, monkeypatch):
     root = make_workspace(tmp_path / "ws", tiny_base)

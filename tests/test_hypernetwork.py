@@ -42,13 +42,6 @@ def hyper_params(kind: str, diffusion: dict | None = None):
     return micro_params("hypernetwork", {"hypernetwork": {"kind": kind}, **(diffusion or {})})
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    from diffusion_workspace import build_base
-
-    return build_base(tmp_path_factory.mktemp("tiny") / "base")
-
-
 @pytest.fixture(scope="module", params=KINDS)
 def trained(request, tmp_path_factory, tiny_base):
     params = hyper_params(request.param)

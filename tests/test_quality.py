@@ -415,3 +415,37 @@ def test_check_memorization_on_controlled_features():
     result = check_memorization(syn_feats, syn_px, ref_feats, ref_px, MemorizationParams())
     assert result.nn_index[0] == 3 and result.memorized.tolist() == [True, False, False, False]
     assert result.nn_cosine[0] == pytest.approx(1.0) and result.nn_ssim[0] == pytest.approx(1.0)
+
+
+def test_mask_conditioned_images_get_a_mask_iou_beside_the_segmenters_on_real_images(workspace):
+    """df's conditioning masks are where its lesions are, vasc's are moved off them; the real train masks are
+    where theirs are. The screen measures both classes against the same real reference."""
+    from pipeline.quality.mask_fidelity import segment_lesion
+    from pipeline.report import quality_table
+
+    def write_mask(lesion: np.ndarray, path) -> str:
+        Image.fromarray((lesion * 255).astype(np.uint8)).save(path)
+        return path.name
+
+    split = pd.read_csv(workspace / "data/prepared/split.csv", dtype=str)
+    split["mask_path"] = [
+        f"data/raw/{write_mask(segment_lesion(np.asarray(open_rgb(workspace / p))), workspace / 'data/raw' / (i + '_segmentation.png'))}"
+        for i, p in zip(split["image_id"], split["path"])
+    ]
+    split.to_csv(workspace / "data/prepared/split.csv", index=False)
+    for code, shift in (("df", 0), ("vasc", 12)):
+        folder = workspace / "data/synthetic" / code
+        (folder / "masks").mkdir()
+        manifest = pd.read_csv(folder / "manifest.csv")
+        manifest["mask"] = [
+            "masks/" + write_mask(np.roll(segment_lesion(np.asarray(open_rgb(folder / f))), shift, axis=(0, 1)), folder / "masks" / f)
+            for f in manifest["file"]
+        ]
+        manifest.to_csv(folder / "manifest.csv", index=False)
+
+    classes = screen(toy_params())["classes"]
+    assert classes["df"]["mask_iou"] > 0.95 and classes["vasc"]["mask_iou"] < 0.5
+    assert classes["df"]["mask_iou_real"] > 0.9 and classes["vasc"]["mask_iou_real"] > 0.9  # resized to 32 px
+    table = quality_table({"classes": classes}, CLASSES)
+    assert "mask IoU (real)" in table.splitlines()[0]
+    assert f"{classes['df']['mask_iou']:.3f} ({classes['df']['mask_iou_real']:.3f})" in table

@@ -81,7 +81,7 @@ def base_sha256(base_dir: Path) -> str:
 
 def run_fingerprint(params: Params, class_code: str, images: list[Path], base_sha: str, processes: int) -> str:
     """What a checkpoint must match to be resumed: everything that changes the numbers, nothing that doesn't."""
-    diffusion = params.diffusion.model_dump(mode="json", exclude={"resume", "checkpoint_every", "pretrain"})
+    diffusion = params.diffusion.model_dump(mode="json", exclude={"resume", "checkpoint_every", "pretrain", "control", "controlnet"})
     payload = {
         "seed": params.seed, "class": class_code, "diffusion": diffusion, "images": [sha256_file(p) for p in images],
         "base": base_sha, "processes": processes,
@@ -218,6 +218,15 @@ def diffusion_loss(unet, noise_scheduler, batch: Batch, generator: torch.Generat
     return per_sample[:n].mean() + (prior_weight * per_sample[n:].mean() if batch.priors else 0.0)
 
 
+def optimizer_step(accelerator, loss: torch.Tensor, trainable: list[torch.nn.Parameter], optimizer) -> None:
+    """accelerate's backward (loss-scaled under fp16), gradients clipped to MAX_GRAD_NORM, the step, gradients cleared."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def cast_frozen(pipe, part: TrainedPart, weight_dtype: torch.dtype) -> None:
     """Frozen weights in ``weight_dtype`` (half precision on a GPU); trainable ones stay fp32 for the optimizer."""
     if weight_dtype == torch.float32:
@@ -346,11 +355,7 @@ def finetune_class(params: Params, class_code: str) -> Path:
         # --- forward, loss, backward, step
         with accelerator.autocast():
             loss = diffusion_loss(unet, noise_scheduler, batch, generator, d.prior_loss_weight, weight_dtype)
-        accelerator.backward(loss)
-        if accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(trainable, MAX_GRAD_NORM)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(accelerator, loss, trainable, optimizer)
 
         # --- bookkeeping
         done = step + 1

@@ -32,6 +32,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
+    StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
 )
 from diffusers.utils import make_image_grid
@@ -44,9 +45,11 @@ from pipeline.device import DTYPES, cpu_only, gpu_precision
 from pipeline.digest import derive_seed, sha256_file
 from pipeline.errors import PipelineError
 from pipeline.params import Params
-from pipeline.paths import BASE_MODEL_DIR, CLASS_MODELS_DIR, SYNTHETIC_BASE_DIR, SYNTHETIC_DIR, workspace_root
+from pipeline.paths import BASE_MODEL_DIR, CLASS_MODELS_DIR, FINETUNE_DIR, SYNTHETIC_BASE_DIR, SYNTHETIC_DIR, workspace_root
 
-MANIFEST_COLUMNS = ("file", "class", "draw", "prompt", "negative_prompt", "seed", "scheduler", "steps", "guidance", "weights_sha256")
+# mask: the conditioning mask's file under diffusion.control mask (masks/<file>), else empty
+MANIFEST_COLUMNS = ("file", "mask", "class", "draw", "prompt", "negative_prompt", "seed", "scheduler", "steps", "guidance", "weights_sha256")
+MASKS = "masks"
 GRID_IMAGES = 16
 GRID_COLUMNS = 4
 META_FILE = "meta.json"
@@ -155,14 +158,17 @@ def load_base_only_pipeline(
 
 @torch.no_grad()
 def sample_images(
-    pipe: StableDiffusionPipeline, prompt: str, negative_prompt: str, generators: list[torch.Generator], sampling: Sampling
+    pipe: StableDiffusionPipeline, prompt: str, negative_prompt: str, generators: list[torch.Generator], sampling: Sampling,
+    condition: dict | None = None,
 ) -> torch.Tensor:
     """One image per generator, float [N, 3, R, R] in [0, 1] on the pipeline's device (classifier-free guidance
-    with ``negative_prompt`` as the unconditional prompt)."""
+    with ``negative_prompt`` as the unconditional prompt). ``condition``: a ControlNet pipeline's ``image`` (one
+    mask per generator) and ``controlnet_conditioning_scale``."""
     n = len(generators)
     return pipe(
         [prompt] * n, negative_prompt=[negative_prompt] * n, generator=generators, num_inference_steps=sampling.steps,
         guidance_scale=sampling.guidance, height=sampling.resolution, width=sampling.resolution, output_type="pt",
+        **(condition or {}),
     ).images
 
 
@@ -173,11 +179,44 @@ def to_pil(pipe: StableDiffusionPipeline, images: torch.Tensor) -> list[Image.Im
 
 
 def generate_images(
-    pipe: StableDiffusionPipeline, prompt: str, negative_prompt: str, seeds: list[int], sampling: Sampling
+    pipe: StableDiffusionPipeline, prompt: str, negative_prompt: str, seeds: list[int], sampling: Sampling,
+    condition: dict | None = None,
 ) -> list[Image.Image]:
     """One image per seed, each drawn from its own generator on the pipeline's device (the same in any batch)."""
     generators = [torch.Generator(pipe.device).manual_seed(s) for s in seeds]
-    return to_pil(pipe, sample_images(pipe, prompt, negative_prompt, generators, sampling))
+    return to_pil(pipe, sample_images(pipe, prompt, negative_prompt, generators, sampling, condition))
+
+
+def add_controlnet(pipe: StableDiffusionPipeline, controlnet, dtype: torch.dtype) -> StableDiffusionControlNetPipeline:
+    """The same components steered by ``controlnet``, in ``dtype`` (``from_pipe`` casts to fp32 unless told)."""
+    return StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=controlnet, torch_dtype=dtype)
+
+
+class MaskSource:
+    """diffusion.control mask: each image's conditioning mask, a new shape from the mask of one of the class's
+    fine-tuning images, drawn from the image's own seed."""
+
+    def __init__(self, params: Params, class_code: str, device: torch.device):
+        from pipeline.diffusion.controlnet import load_masks, masked_images
+
+        self.cfg, self.device = params.diffusion.controlnet, device
+        rows = masked_images(workspace_root() / FINETUNE_DIR / f"{class_code}.csv", [class_code])
+        self.masks = load_masks(list(rows["mask_path"]), params.diffusion.resolution)
+
+    def __call__(self, seeds: list[int]) -> torch.Tensor:
+        """Masks [N, 3, R, R] in {0, 1}, one per image seed."""
+        from pipeline.diffusion.controlnet import conditioning_mask
+
+        picks = [self.masks[derive_seed(s, "mask") % len(self.masks)] for s in seeds]
+        return torch.stack([conditioning_mask(m, derive_seed(s, "mask shape"), self.cfg) for m, s in zip(picks, seeds)])
+
+    def condition(self, masks: torch.Tensor) -> dict:
+        return {"image": masks.to(self.device), "controlnet_conditioning_scale": self.cfg.conditioning_scale}
+
+
+def mask_image(mask: torch.Tensor) -> Image.Image:
+    """A [3, R, R] {0, 1} mask as the 0/255 single-channel PNG HAM10000's segmentation release uses."""
+    return Image.fromarray(mask[0].mul(255).to(torch.uint8).cpu().numpy(), mode="L")
 
 
 @contextmanager
@@ -197,22 +236,38 @@ def png_writer(max_pending: int = PNG_QUEUE) -> Iterator[Callable[[Image.Image, 
             pending.popleft().result()
 
 
-def generate_class(params: Params, class_code: str, base_only: bool = False) -> Path:
+def generation_pipeline(params: Params, class_code: str, base_only: bool = False) -> tuple[StableDiffusionPipeline, Path]:
+    """The class's pipeline (or the base model alone, for ``base_only``) ready to sample on this process's device in
+    ``compute.mixed_precision``, steered by the ControlNet under ``diffusion.control: mask``; and its weights file."""
+    from accelerate import PartialState
+
+    from pipeline.diffusion.controlnet import load_controlnet
+
+    device = PartialState(cpu=cpu_only()).device
+    dtype = DTYPES.get(gpu_precision(params.compute.mixed_precision, "generating"), torch.float32)
+    pipe, weights, _ = (load_base_only_pipeline if base_only else load_class_pipeline)(params, class_code, dtype=dtype)
+    controlnet = load_controlnet(params, dtype)
+    if controlnet is not None:
+        pipe = add_controlnet(pipe, controlnet, dtype)
+    pipe.scheduler = make_scheduler(params.generate.scheduler, pipe.scheduler.config)
+    pipe.vae.enable_slicing()
+    return pipe.to(device), weights
+
+
+def generate_class(params: Params, class_code: str, base_only: bool = False,
+                   loaded: tuple[StableDiffusionPipeline, Path] | None = None) -> Path:
     """Write ``data/synthetic/<class>/``: ``<class>_<k:05d>.png`` (``generate.per_class`` for each classifier seed),
     ``manifest.csv`` and ``grid.png``, atomically.
-    ``base_only``: the same images from the base model without the class's weights, in ``data/synthetic_base/<class>/``."""
+    ``base_only``: the same images from the base model without the class's weights, in ``data/synthetic_base/<class>/``.
+    ``loaded``: ``generation_pipeline``'s output when the caller already has it (generate_base: one for every class)."""
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list, gather_object
 
     g = params.generate
-    resolution = params.diffusion.resolution
     state = PartialState(cpu=cpu_only())
-    dtype = DTYPES.get(gpu_precision(params.compute.mixed_precision, "generating"), torch.float32)
-    pipe, weights, _ = (load_base_only_pipeline if base_only else load_class_pipeline)(params, class_code, dtype=dtype)
-    pipe.scheduler = make_scheduler(g.scheduler, pipe.scheduler.config)
-    pipe.vae.enable_slicing()
-    pipe.to(state.device)
-    sampling = Sampling(g.steps, g.guidance, resolution)
+    pipe, weights = loaded or generation_pipeline(params, class_code, base_only)
+    masks = MaskSource(params, class_code, state.device) if isinstance(pipe, StableDiffusionControlNetPipeline) else None
+    sampling = Sampling(g.steps, g.guidance, params.diffusion.resolution)
     weights_sha = sha256_file(weights)
     prompt = params.class_prompt(class_code)
 
@@ -223,6 +278,9 @@ def generate_class(params: Params, class_code: str, base_only: bool = False) -> 
     # Only the main process owns the temporary folder; the others learn its path and write into it.
     with atomic_dir(target) if state.is_main_process else nullcontext(None) as temp:
         out = Path(broadcast_object_list([str(temp) if temp else None])[0])
+        if masks is not None and state.is_main_process:
+            (out / MASKS).mkdir()
+        state.wait_for_everyone()
         rows = []
         # Whole batches are shared out, not single indices: every image is then computed in the same batch
         # whatever the number of processes (or of draws), so the output is bit-identical to a single-process run.
@@ -231,11 +289,16 @@ def generate_class(params: Params, class_code: str, base_only: bool = False) -> 
         with state.split_between_processes(batches) as mine, png_writer() as save:
             for indices in tqdm(mine, desc=f"generate {class_code}", disable=not state.is_local_main_process):
                 seeds = [image_seed(params.seed, class_code, k) for k in indices]
-                images = generate_images(pipe, prompt, g.negative_prompt, seeds, sampling)
-                for k, seed, img in zip(indices, seeds, images):
+                shapes = masks(seeds) if masks is not None else None
+                condition = masks.condition(shapes) if masks is not None else None
+                images = generate_images(pipe, prompt, g.negative_prompt, seeds, sampling, condition)
+                for i, (k, seed, img) in enumerate(zip(indices, seeds, images)):
                     save(img, out / image_name(class_code, k))
+                    mask = f"{MASKS}/{image_name(class_code, k)}" if shapes is not None else ""
+                    if mask:
+                        save(mask_image(shapes[i]), out / mask)
                     rows.append({
-                        "file": image_name(class_code, k), "class": class_code, "draw": draws[k // n],
+                        "file": image_name(class_code, k), "mask": mask, "class": class_code, "draw": draws[k // n],
                         "prompt": prompt,
                         "negative_prompt": g.negative_prompt, "seed": seed, "scheduler": g.scheduler,
                         "steps": g.steps, "guidance": g.guidance, "weights_sha256": weights_sha,
@@ -249,7 +312,9 @@ def generate_class(params: Params, class_code: str, base_only: bool = False) -> 
                 writer.writeheader()
                 writer.writerows(rows)
             if rows:
-                shown = [Image.open(out / row["file"]).convert("RGB") for row in rows[:GRID_IMAGES]]
+                # Under diffusion.control mask each image is followed by its conditioning mask.
+                files = [name for row in rows for name in (row["file"], row["mask"]) if name][:GRID_IMAGES]
+                shown = [Image.open(out / name).convert("RGB") for name in files]
                 padded_grid(shown, cols=GRID_COLUMNS).save(out / "grid.png")
     state.wait_for_everyone()
     if state.is_main_process and (target / "grid.png").is_file():

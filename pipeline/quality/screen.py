@@ -53,6 +53,8 @@ class ClassInputs:
     train: list[Path]
     finetune: list[Path]
     finetune_ids: list[str]
+    synthetic_masks: list[Path]  # diffusion.control mask: each synthetic image's conditioning mask, else empty
+    train_masks: list[tuple[Path, Path]]  # (image, mask) of the real train images that have masks
 
 
 def _read_csv(path: Path, required: list[str], what: str, hint: str) -> pd.DataFrame:
@@ -94,13 +96,17 @@ def gather_inputs(classes: list[str], root: Path) -> dict[str, ClassInputs]:
         if outside:
             raise PipelineError(f"{folder / 'manifest.csv'}: file {outside[0]!r} lies outside {folder}")
         rel = [(SYNTHETIC_DIR / code / name).as_posix() for name in manifest["file"]]
+        masks = [folder / name for name in manifest["mask"] if name] if "mask" in manifest.columns else []
         train = split[(split["split"] == "train") & (split["dx"] == code)]
+        masked = train[train["mask_path"] != ""] if "mask_path" in train.columns else None
         inputs[code] = ClassInputs(
             synthetic=[root / r for r in rel],
             synthetic_rel=rel,
             train=[_resolve(root, p) for p in train["path"]],
             finetune=[_resolve(root, p) for p in finetune["path"]],
             finetune_ids=list(finetune["image_id"]),
+            synthetic_masks=masks,
+            train_masks=[] if masked is None else [(_resolve(root, p), _resolve(root, m)) for p, m in zip(masked["path"], masked["mask_path"])],
         )
     return inputs
 
@@ -325,6 +331,12 @@ def screen_class(code: str, inp: ClassInputs, extractor, classifier, params: Par
         "max_nn_ssim": float(memo.nn_ssim.max()) if n else None,
         "mean_confidence": float(confidence.mean()) if n else None,
     }
+    if inp.synthetic_masks:
+        from pipeline.quality.mask_fidelity import mask_ious
+
+        real_images, real_masks = map(list, zip(*inp.train_masks)) if inp.train_masks else ([], [])
+        entry["mask_iou"] = float(mask_ious(inp.synthetic, inp.synthetic_masks, px_size).mean())
+        entry["mask_iou_real"] = float(mask_ious(real_images, real_masks, px_size).mean()) if real_images else None
     bounds = Bounds(
         fid_real_vs_real=reference["fid_real_vs_real"],
         kid_real_vs_real=reference["kid_real_vs_real"],
