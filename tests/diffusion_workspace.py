@@ -6,9 +6,11 @@ embedded format the base stage writes) and linked into every workspace.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -89,3 +91,24 @@ def trained_workspace(root: Path, base: Path, params: Params, class_code: str = 
         patch.delenv(WORKSPACE_ENV, raising=False)
         finetune_class(params, class_code)
     return root
+
+
+@contextmanager
+def killed_during_step(step: int):
+    """The run inside dies with KeyboardInterrupt (as on Ctrl-C) when step ``step`` computes its loss (finetune's
+    ``diffusion_loss``, which the controlnet loop calls too)."""
+    from pipeline.diffusion import finetune
+
+    real = finetune.diffusion_loss
+    calls = []
+
+    def loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(finetune, "diffusion_loss", loss)
+        yield
+    assert len(calls) == step

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_workspace import CLASSES, make_workspace, micro_params, pixels
+from diffusion_workspace import CLASSES, killed_during_step, make_workspace, micro_params, pixels
 from pipeline.diffusion.controlnet import conditioning_mask, controlled, load_controlnet, make_controlnet, train_controlnet
 from pipeline.diffusion.finetune import finetune_class
 from pipeline.diffusion.generate import generate_class
@@ -185,3 +185,22 @@ def test_generating_with_control_mask_needs_the_class_fine_tuning_masks(workspac
     write_csv(listed, rows, list(rows[0]))
     with pytest.raises(PipelineError, match=r"finetune/df.csv: image ISIC_df0000 has no lesion mask"):
         generate_class(params, "df")
+
+
+def test_controlnet_resume_after_a_kill_reaches_the_same_weights_bitwise(workspace):
+    from safetensors.torch import load_file
+
+    params = control_params(steps=5)  # diffusion.checkpoint_every is 2 in the micro settings
+    weights = workspace / "models" / "controlnet" / "diffusion_pytorch_model.safetensors"
+    train_controlnet(params)
+    uninterrupted = load_file(weights)
+
+    with killed_during_step(4):  # after the checkpoint at step 2
+        train_controlnet(params)
+    assert json.loads((workspace / "checkpoints" / "controlnet" / "state.json").read_text())["step"] == 2
+
+    train_controlnet(params)
+    resumed = load_file(weights)
+    assert resumed.keys() == uninterrupted.keys() and all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    assert json.loads((weights.parent / "meta.json").read_text())["resumed_from_step"] == 2
+    assert not (workspace / "checkpoints" / "controlnet").exists()

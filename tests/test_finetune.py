@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import re
-from contextlib import contextmanager
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusion_workspace import make_workspace, micro_params, pixels, trained_workspace, unet_probe
+from diffusion_workspace import killed_during_step, make_workspace, micro_params, pixels, trained_workspace, unet_probe
 from pipeline.cli import run_stage
 from pipeline.diffusion.base import load_base_pipeline
 from pipeline.diffusion import finetune
@@ -48,24 +47,6 @@ def workspace(tmp_path, tiny_base, monkeypatch):
 def lora_run(tmp_path_factory, tiny_base):
     params = micro_params("lora")
     return trained_workspace(tmp_path_factory.mktemp("lora") / "ws", tiny_base, params), params
-
-
-@contextmanager
-def killed_during_step(step: int):
-    """The run inside dies with KeyboardInterrupt (as on Ctrl-C) when step ``step`` computes its loss."""
-    real = finetune.diffusion_loss
-    calls = []
-
-    def loss(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == step:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr(finetune, "diffusion_loss", loss)
-        yield
-    assert len(calls) == step
 
 
 def regenerate_samples_matches(pipe, params, folder) -> None:
