@@ -161,7 +161,8 @@ def test_the_segmenter_finds_a_lesion_where_its_mask_is_and_not_elsewhere(tmp_pa
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:64, :64]
     disc = (yy - 30) ** 2 + (xx - 34) ** 2 < 15**2
-    image = np.where(disc[..., None], (150, 70, 60), SKIN) + rng.normal(0, 8, (64, 64, 3))
+    corners = np.hypot(yy - 31.5, xx - 31.5) > 32  # a dermoscope's dark corners: neither skin nor lesion
+    image = np.where(disc[..., None], (150, 70, 60), np.where(corners[..., None], 5, SKIN)) + rng.normal(0, 8, (64, 64, 3))
     image = np.clip(image, 0, 255).astype(np.uint8)
     found = segment_lesion(image)
     assert (found & disc).sum() / (found | disc).sum() > 0.9
