@@ -15,8 +15,9 @@ definition and is drawn, not run.
 Results are read back from each experiment's git commit (``reports/metrics.json`` is a DVC metric kept in git):
 the augmented gain with its 95% CI, and the gain of every control variant the file holds (base_only, real_ceiling).
 They are written to ``reports/sweep/``: ``gain_vs_amount.png`` and ``gain_vs_real.png`` (one line per method, one
-per control, 95% CI bars; a line without data is left out), ``sweep.md`` and ``sweep.json``; the same files go to
-an MLflow run tagged ``kind=sweep``.
+per control, 95% CI bars; a line without data is left out), ``sweep.md`` (with the methods side by side per class:
+class fidelity, FID, KID, memorized, mask IoU) and ``sweep.json``; the same files go to an MLflow run tagged
+``kind=sweep``.
 
     python -m pipeline.sweep            # or: make sweep   (the `sweep` section of params.yaml)
 """
@@ -213,6 +214,26 @@ def collect(points: list[Point], root: Path) -> pd.DataFrame:
     return frame.assign(_order=order).sort_values(["method", "_order", "amount"], ignore_index=True).drop(columns="_order")
 
 
+def per_class(points: list[Point], root: Path, params: Params) -> pd.DataFrame:
+    """The methods side by side, per class, at the configured ``generate.per_class`` and ``data.real_per_class``:
+    each point's class fidelity (``reports/fidelity.json``), FID, KID, memorized images and mask IoU
+    (``reports/quality.json``), read from its commit. A figure the screen flagged reads "flagged"."""
+    refs, rows = _experiment_refs(root), []
+    for p in points:
+        if p.amount != params.generate.per_class or p.real_per_class != params.data.real_per_class:
+            continue
+        fidelity = json.loads(_git_show(root, refs[p.name], "reports/fidelity.json")).get("classes", {})
+        quality = json.loads(_git_show(root, refs[p.name], "reports/quality.json")).get("classes", {})
+        for code in sorted(set(fidelity) | set(quality)):
+            q = quality.get(code, {})
+            shown = {k: "flagged" if k in q.get("flags", {}) else q.get(k) for k in ("fid", "kid_mean", "mask_iou")}
+            rows.append({"class": code, "method": p.method,
+                         "fidelity": fidelity.get(code, {}).get("augmented", {}).get("share_own_class"),
+                         "fid": shown["fid"], "kid": shown["kid_mean"], "mask_iou": shown["mask_iou"],
+                         "memorized": f"{q.get('n_memorized', '–')} / {q.get('n_synthetic', '–')}"})
+    return pd.DataFrame(rows, columns=["class", "method", "fidelity", "fid", "kid", "mask_iou", "memorized"])
+
+
 def axis_rows(frame: pd.DataFrame, axis: str, params: Params) -> pd.DataFrame:
     """The rows of one axis: the amount axis at data.real_per_class, the scarcity axis (capped points) at
     generate.per_class."""
@@ -267,7 +288,11 @@ def _figure(value: float) -> str:
     return "–" if pd.isna(value) else f"{value:+.3f}"
 
 
-def markdown(frame: pd.DataFrame, charts: list[str]) -> str:
+def _cell(value) -> str:
+    return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else value if isinstance(value, str) else f"{value:.3f}"
+
+
+def markdown(frame: pd.DataFrame, charts: list[str], classes: pd.DataFrame | None = None) -> str:
     controls = [v for v in CONTROLS if frame[f"{v}_gain"].notna().any()]
     lines = ["# Sweep: method × synthetic amount, method × real images per class", "",
              "Balanced accuracy on the real test split; gain = augmented − baseline with its paired-bootstrap 95% CI"
@@ -286,6 +311,14 @@ def markdown(frame: pd.DataFrame, charts: list[str]) -> str:
     lines += ["", f"Best point: **{best.method}** with {best.amount} synthetic images per class at "
               f"{_cap_label(best.real_per_class)} real per class, gain {best.gain:+.3f} "
               f"({best.verdict}){'' if best.gain > 0 else '; no point beat the baseline'}."]
+    if classes is not None and not classes.empty:
+        lines += ["", "## Per class, by method", "",
+                  "At the configured synthetic and real images per class. Fidelity: the oracle's share of the class's "
+                  "synthetic images in their own class; FID and KID against the class's real train images "
+                  "(reports/quality.json); mask IoU under diffusion.control mask.", "",
+                  "| class | method | fidelity | FID | KID | memorized | mask IoU |", "|---|---|---:|---:|---:|---|---:|"]
+        lines += [f"| {r['class']} | {r['method']} | {_cell(r['fidelity'])} | {_cell(r['fid'])} | {_cell(r['kid'])} | "
+                  f"{r['memorized']} | {_cell(r['mask_iou'])} |" for r in classes.to_dict("records")]
     return "\n".join(lines) + "\n"
 
 
@@ -295,7 +328,7 @@ def _json_records(frame: pd.DataFrame) -> list[dict]:
             for row in frame.to_dict("records")]
 
 
-def write_outputs(frame: pd.DataFrame, params: Params, root: Path, sweep_id: str) -> Path:
+def write_outputs(frame: pd.DataFrame, params: Params, root: Path, sweep_id: str, classes: pd.DataFrame | None = None) -> Path:
     folder = root / SWEEP_DIR
     charts = []
     for axis, (name, xlabel) in CHARTS.items():
@@ -303,7 +336,7 @@ def write_outputs(frame: pd.DataFrame, params: Params, root: Path, sweep_id: str
         if axis == "amount" or rows["real_per_class"].nunique() > 0:
             plot(rows, axis, xlabel, folder / name)
             charts.append(name)
-    write_text(folder / "sweep.md", markdown(frame, charts))
+    write_text(folder / "sweep.md", markdown(frame, charts, classes))
     write_json(folder / "sweep.json", {"sweep_id": sweep_id, "metric": METRIC, "points": _json_records(frame)})
     _log_to_mlflow(frame, params, folder, sweep_id, charts)
     return folder / "sweep.md"
@@ -336,7 +369,7 @@ def sweep(params: Params, root: Path, sweep_id: str) -> Path:
           f"{params.generate.per_class} synthetic), {s.jobs} at a time")
     queue(points, params, root)
     run_queue(points, root, params.sweep.jobs, params.sweep.timeout_minutes * 60)
-    return write_outputs(collect(points, root), params, root, sweep_id)
+    return write_outputs(collect(points, root), params, root, sweep_id, per_class(points, root, params))
 
 
 def main(argv: list[str] | None = None) -> int:

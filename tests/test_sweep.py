@@ -14,7 +14,7 @@ import yaml
 
 from pipeline.errors import PipelineError
 from pipeline.params import parse_params
-from pipeline.sweep import Point, axis_rows, collect, markdown, overrides, plan, plot, write_outputs
+from pipeline.sweep import Point, axis_rows, collect, markdown, overrides, per_class, plan, plot, write_outputs
 
 
 def _git(root: Path, *args: str) -> str:
@@ -23,7 +23,8 @@ def _git(root: Path, *args: str) -> str:
 
 
 def _experiment(root: Path, name: str, method: str, amount: int, baseline: float, augmented: float,
-                real_per_class: int | None = 20, controls: dict[str, float] | None = None) -> None:
+                real_per_class: int | None = 20, controls: dict[str, float] | None = None,
+                fid: float | None = None) -> None:
     """One commit with the experiment's params.yaml and metrics.json, at refs/exps/<..>/<baseline>/<name>.
 
     ``controls``: {variant: balanced accuracy}; real_ceiling's gain is written the way evaluate writes it
@@ -44,6 +45,11 @@ def _experiment(root: Path, name: str, method: str, amount: int, baseline: float
             metrics["gain_over_baseline"][variant] = {"balanced_accuracy": value - baseline,
                                                       "ci_low": value - baseline - 0.04, "ci_high": value - baseline + 0.04}
     (root / "reports/metrics.json").write_text(json.dumps(metrics))
+    if fid is not None:  # the screen's and the fidelity stage's per-class files; fid < 0 stands for a flagged FID
+        flags = {"fid": "out of range"} if fid < 0 else {}
+        (root / "reports/quality.json").write_text(json.dumps({"classes": {"df": {
+            "fid": fid, "kid_mean": 0.01, "n_memorized": 1, "n_synthetic": amount, "flags": flags}}}))
+        (root / "reports/fidelity.json").write_text(json.dumps({"classes": {"df": {"augmented": {"share_own_class": augmented}}}}))
     _git(root, "add", "-A")
     _git(root, "commit", "-qm", name)
     _git(root, "update-ref", f"refs/exps/ab/cdef0123/{name}", "HEAD")
@@ -130,3 +136,18 @@ def test_collect_rejects_a_missing_experiment_and_one_run_with_other_params(repo
         collect([Point("lora", 50, 10, "s1-lora-50-real10")], repo)
     with pytest.raises(PipelineError, match="experiment s1-lora-200-real20 not found under refs/exps"):
         collect([Point("lora", 200, 20, "s1-lora-200-real20")], repo)
+
+
+def test_the_methods_sit_side_by_side_per_class_at_the_configured_point(repo):
+    points = [Point("lora", 50, 20, "s4-lora-50-real20"), Point("hypernetwork", 50, 20, "s4-hypernetwork-50-real20"),
+              Point("lora", 100, 20, "s4-lora-100-real20")]
+    _experiment(repo, points[0].name, "lora", 50, 0.80, 0.62, fid=3.5)
+    _experiment(repo, points[1].name, "hypernetwork", 50, 0.80, 0.41, fid=-1.0)
+    _experiment(repo, points[2].name, "lora", 100, 0.80, 0.90, fid=2.0)
+    params = parse_params({"data": {"real_per_class": 20}, "generate": {"per_class": 50}})
+    table = per_class(points, repo, params)
+    assert list(zip(table["method"], table["fidelity"])) == [("lora", 0.62), ("hypernetwork", 0.41)]  # not amount 100
+    assert list(table["fid"]) == [3.5, "flagged"] and list(table["memorized"]) == ["1 / 50", "1 / 50"]
+    text = markdown(collect(points, repo), [], table)
+    assert "| df | lora | 0.620 | 3.500 | 0.010 | 1 / 50 | – |" in text
+    assert "| df | hypernetwork | 0.410 | flagged | 0.010 | 1 / 50 | – |" in text
