@@ -1,4 +1,5 @@
-"""``make gpu-smoke``: the micro settings through every stage on CUDA, one PASS/FAIL line per stage.
+"""``make gpu-smoke``: the micro settings through every stage on CUDA (the mask ControlNet included), one PASS/FAIL
+line per stage.
 
 Run it on the GPU machine before a real job. It copies the repository into a temporary folder with the micro
 params of ``make bench`` (BENCH_QUICK; compute.mixed_precision fp16 unless told otherwise), runs ``dvc repro``
@@ -83,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     env = copy_repo(root, quick=True)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["compute"] = {"processes": args.processes, "mixed_precision": args.mixed_precision}
+    # The mask ControlNet too: its training, and generation conditioned on masks (the demo set has them).
+    params["diffusion"]["control"] = "mask"
+    params["diffusion"]["controlnet"] = {**params["diffusion"].get("controlnet", {}), "steps": 20}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     start = time.perf_counter()

@@ -166,6 +166,18 @@ def test_full_pipeline_then_noop_then_class_swap(workspace):
     assert {"finetune@mel", "generate@mel", "screen", "train@baseline", "train@augmented", "evaluate"} <= swapped
     assert not swapped & {"demo_data", "base", "finetune@df", "generate@df"}, swapped
 
+    # The mask ControlNet: it trains, generation takes masks, the screen scores them; no class model is retrained.
+    params["diffusion"]["control"] = "mask"
+    params["diffusion"]["controlnet"] = {**params["diffusion"]["controlnet"], "steps": 4, "batch": 2}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    masked = stages_ran(run([dvc, "repro"], root, env))
+    assert {"controlnet", "generate@df", "generate@mel", "generate_base", "screen", "train@augmented"} <= masked
+    assert not masked & {"base", "finetune@df", "finetune@mel", "train@baseline"}, masked
+    manifest = pd.read_csv(root / "data/synthetic/df/manifest.csv")
+    assert all((root / "data/synthetic/df" / m).is_file() for m in manifest["mask"])
+    quality = json.loads((root / "reports/quality.json").read_text())["classes"]
+    assert all(0.0 <= quality[c]["mask_iou"] <= 1.0 and 0.0 <= quality[c]["mask_iou_real"] <= 1.0 for c in ("df", "mel"))
+
 
 @pytest.mark.slow
 def test_method_sweep_queues_one_experiment_per_point_and_draws_the_chart(workspace):
