@@ -236,9 +236,10 @@ def png_writer(max_pending: int = PNG_QUEUE) -> Iterator[Callable[[Image.Image, 
             pending.popleft().result()
 
 
-def generation_pipeline(params: Params, class_code: str, base_only: bool = False) -> tuple[StableDiffusionPipeline, Path]:
+def generation_pipeline(params: Params, class_code: str, base_only: bool = False) -> tuple[StableDiffusionPipeline, str]:
     """The class's pipeline (or the base model alone, for ``base_only``) ready to sample on this process's device in
-    ``compute.mixed_precision``, steered by the ControlNet under ``diffusion.control: mask``; and its weights file."""
+    ``compute.mixed_precision``, steered by the ControlNet under ``diffusion.control: mask``; and the sha256 of its
+    weights file (for the manifest: hashed once, an SD UNet is gigabytes)."""
     from accelerate import PartialState
 
     from pipeline.diffusion.controlnet import load_controlnet
@@ -251,11 +252,11 @@ def generation_pipeline(params: Params, class_code: str, base_only: bool = False
         pipe = add_controlnet(pipe, controlnet, dtype)
     pipe.scheduler = make_scheduler(params.generate.scheduler, pipe.scheduler.config)
     pipe.vae.enable_slicing()
-    return pipe.to(device), weights
+    return pipe.to(device), sha256_file(weights)
 
 
 def generate_class(params: Params, class_code: str, base_only: bool = False,
-                   loaded: tuple[StableDiffusionPipeline, Path] | None = None) -> Path:
+                   loaded: tuple[StableDiffusionPipeline, str] | None = None) -> Path:
     """Write ``data/synthetic/<class>/``: ``<class>_<k:05d>.png`` (``generate.per_class`` for each classifier seed),
     ``manifest.csv`` and ``grid.png``, atomically.
     ``base_only``: the same images from the base model without the class's weights, in ``data/synthetic_base/<class>/``.
@@ -265,10 +266,9 @@ def generate_class(params: Params, class_code: str, base_only: bool = False,
 
     g = params.generate
     state = PartialState(cpu=cpu_only())
-    pipe, weights = loaded or generation_pipeline(params, class_code, base_only)
+    pipe, weights_sha = loaded or generation_pipeline(params, class_code, base_only)
     masks = MaskSource(params, class_code, state.device) if isinstance(pipe, StableDiffusionControlNetPipeline) else None
     sampling = Sampling(g.steps, g.guidance, params.diffusion.resolution)
-    weights_sha = sha256_file(weights)
     prompt = params.class_prompt(class_code)
 
     root = workspace_root()
