@@ -49,7 +49,7 @@ def summarize(stages: list[str], log: str, walls: dict[str, dict]) -> list[Stage
     """One result per stage from the ``dvc repro`` output: passed when the stage printed its ``done`` line."""
     results = []
     for name in stages:
-        done = re.search(rf"^{re.escape(name)}: done in ([\d.]+) s(?:, peak GPU memory ([\d.]+) MiB)?$", log, re.M)
+        done = re.search(rf"^{re.escape(name)}: done in ([\d.]+) s(?:, peak GPU memory ([\d.]+) MiB)?(?:, \d+ torch thread\(s\))?$", log, re.M)
         wall = (walls.get(name) or {}).get("wall_s")
         if done:
             gpu = float(done.group(2)) if done.group(2) else None

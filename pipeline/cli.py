@@ -49,8 +49,9 @@ def run_stage(
     """Run ``work(params)`` (or ``work(params, item)`` for foreach stages such as finetune@mel) in this process.
 
     item: the metavar of the foreach item (e.g. "class_code"), None for a plain stage.
-    Returns the exit code. On success the main process prints ``<stage>: done in <s> s`` and, when the stage used
-    CUDA, its peak GPU memory (also logged to the stage's MLflow run): what ``make gpu-smoke`` reports.
+    Returns the exit code. On success the main process prints ``<stage>: done in <s> s``, with its peak GPU memory
+    when it used CUDA and its torch threads when it used torch (also logged to the stage's MLflow run): what
+    ``make gpu-smoke`` reports.
     """
     args, name = _parse(stage, item, argv)
     # SIGTERM (dvc, a scheduler, Ctrl-C in a queue) unwinds like an exception, so temporary
@@ -80,7 +81,8 @@ def run_stage(
         return 130
     if _is_main_process():
         gpu = f", peak GPU memory {usage['gpu_peak_memory_mib']:.0f} MiB" if "gpu_peak_memory_mib" in usage else ""
-        print(f"{name}: done in {usage['stage_seconds']:.1f} s{gpu}", flush=True)
+        threads = f", {usage['torch_threads']:.0f} torch thread(s)" if "torch_threads" in usage else ""
+        print(f"{name}: done in {usage['stage_seconds']:.1f} s{gpu}{threads}", flush=True)
     return 0
 
 
@@ -95,10 +97,14 @@ def _parse(stage: str, item: str | None, argv: Sequence[str] | None) -> tuple[ar
 
 
 def _usage(start: float) -> dict[str, float]:
-    """Wall seconds since ``start`` and, if this process used CUDA, torch's peak allocated GPU memory in MiB."""
+    """Wall seconds since ``start``, torch's intra-op threads (a stage slower on one machine than another often ran
+    on fewer) and, if this process used CUDA, torch's peak allocated GPU memory in MiB."""
     usage = {"stage_seconds": time.perf_counter() - start}
-    torch = sys.modules.get("torch")  # a stage that never imported torch never used the GPU
-    if torch is not None and torch.cuda.is_initialized():
+    torch = sys.modules.get("torch")  # a stage that never imported torch never used it
+    if torch is None:
+        return usage
+    usage["torch_threads"] = float(torch.get_num_threads())
+    if torch.cuda.is_initialized():
         usage["gpu_peak_memory_mib"] = torch.cuda.max_memory_allocated() / MiB
     return usage
 

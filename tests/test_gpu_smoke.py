@@ -26,9 +26,9 @@ def test_without_cuda_it_stops_with_one_line():
 def test_each_stage_passes_on_its_done_line_and_fails_with_its_error():
     log = "\n".join([
         "Running stage 'base':",
-        "base: done in 3.5 s, peak GPU memory 120 MiB",
+        "base: done in 3.5 s, peak GPU memory 120 MiB, 2 torch thread(s)",
         "Running stage 'prepare':",
-        "prepare: done in 0.4 s",
+        "prepare: done in 0.4 s, 1 torch thread(s)",
         "Running stage 'finetune@df':",
         "error: finetune@df: models/base: no model_index.json",
         "ERROR: failed to reproduce 'finetune@df'",

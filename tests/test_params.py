@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import yaml
@@ -137,3 +138,18 @@ def test_only_rank_zero_opens_a_tracking_run(tmp_path, monkeypatch):
     ran = []
     assert run_stage("generate", lambda p, c: ran.append(c), item="class_code", argv=["df", "--params", str(good)]) == 0
     assert ran == ["df"] and not (tmp_path / "never.db").exists()
+
+
+def test_the_done_line_reports_the_torch_threads_the_stage_ran_on(tmp_path, capsys):
+    """Machines of one kind differ; the done line shows whether a slow stage ran on fewer threads."""
+    import torch
+
+    good = tmp_path / "params.yaml"
+    good.write_text(yaml.safe_dump(REPO_PARAMS))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert run_stage("prepare", lambda params: None, track=False, argv=["--params", str(good)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert re.fullmatch(r"prepare: done in [\d.]+ s, 1 torch thread\(s\)", capsys.readouterr().out.strip())
