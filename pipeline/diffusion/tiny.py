@@ -29,7 +29,11 @@ def build_tiny_pipeline(resolution: int = 32, seed: int = 0) -> StableDiffusionP
 
     At 32 px a 2x VAE keeps each lesion's colour after a few minutes of training on 2 cores, where a 4x VAE at
     64 px still turned red and purple lesions brown (and the oracle classifier tells real images apart as well at
-    32 px as at 128 px)."""
+    32 px as at 128 px).
+
+    SD's AutoencoderKL stays although diffusers' AutoencoderTiny (no GroupNorm) reconstructs better at this size
+    (the oracle recognises 84% of its reconstructions of real test images, 72% of this VAE's): with it, the fine-tuned
+    models' samples scored 42-47% class fidelity against this VAE's 54%."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     text_encoder = CLIPTextModel(
