@@ -22,7 +22,7 @@ def stage_main(stage: str, work: Callable[..., object], *, item: str | None = No
 
     several_processes: the stage runs on ``compute.processes`` processes (finetune, generate, train); with more
     than one, this process starts the script again under ``accelerate launch`` and waits (pipeline/launch.py).
-    Torch gets the idle cores shared out between the stage's processes as intra-op threads.
+    Torch gets the usable cores shared out between the stage's processes as intra-op threads.
     """
     argv = sys.argv[1:]
     args, name = _parse(stage, item, argv)

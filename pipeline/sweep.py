@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from pipeline import launch
 from pipeline.atomic import atomic_file, write_json, write_text
 from pipeline.errors import PipelineError
 from pipeline.params import Params, load_params
@@ -84,11 +85,11 @@ def overrides(point: Point, params: Params) -> dict[str, object]:
 def _env(jobs: int = 1) -> dict[str, str]:
     """The queue's workers run the stages' `python -m stages.<x>`: that must be this interpreter, as under `make`.
 
-    Experiments running side by side share the cores, so their OpenMP threads sleep instead of spinning
-    (pipeline/launch.py has measurements)."""
+    Experiments running side by side share the cores: each gets its share as torch threads (OMP_NUM_THREADS, which
+    the stages obey; more threads than cores spin and wait, pipeline/launch.py)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     if jobs > 1:
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        env.setdefault(launch.THREADS_ENV, str(max(1, launch.usable_cores() // jobs)))
     return env
 
 

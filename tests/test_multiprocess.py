@@ -122,5 +122,33 @@ def test_the_cgroup_quota_caps_the_threads(tmp_path, monkeypatch, files, cores):
         (tmp_path / name).write_text(text)
     assert launch.cgroup_cpu_limit(tmp_path) == cores
     monkeypatch.setattr(launch, "cgroup_cpu_limit", lambda: cores)
-    visible = launch.idle_cores(window=0.05)
-    assert visible >= 1 and (cores is None or visible <= max(1, round(cores)))
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert launch.usable_cores() == (4 if cores is None else max(1, round(cores)))
+
+
+def test_the_thread_count_does_not_follow_the_load_at_the_start(monkeypatch):
+    """The same machine gives a stage the same threads, busy or not, so the same seed gives the same numbers."""
+    import threading
+
+    from pipeline import launch
+
+    monkeypatch.delenv(launch.THREADS_ENV, raising=False)
+    monkeypatch.setattr(launch, "cgroup_cpu_limit", lambda: None)
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    idle = [launch.threads_per_process(1), launch.threads_per_process(2), launch.threads_per_process(3)]
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            pass
+
+    spinners = [threading.Thread(target=spin) for _ in range(2)]
+    for spinner in spinners:
+        spinner.start()
+    try:
+        busy = [launch.threads_per_process(1), launch.threads_per_process(2), launch.threads_per_process(3)]
+    finally:
+        stop.set()
+        for spinner in spinners:
+            spinner.join()
+    assert idle == busy == [2, 1, 1]

@@ -151,3 +151,15 @@ def test_the_methods_sit_side_by_side_per_class_at_the_configured_point(repo):
     text = markdown(collect(points, repo), [], table)
     assert "| df | lora | 0.620 | 3.500 | 0.010 | 1 / 50 | – |" in text
     assert "| df | hypernetwork | 0.410 | flagged | 0.010 | 1 / 50 | – |" in text
+
+
+def test_experiments_side_by_side_share_the_cores_as_torch_threads(monkeypatch):
+    from pipeline import launch, sweep
+
+    monkeypatch.delenv(launch.THREADS_ENV, raising=False)
+    monkeypatch.setattr(launch, "usable_cores", lambda: 4)
+    assert launch.THREADS_ENV not in sweep._env(1)
+    assert sweep._env(2)[launch.THREADS_ENV] == "2"
+    assert sweep._env(8)[launch.THREADS_ENV] == "1"
+    monkeypatch.setenv(launch.THREADS_ENV, "3")
+    assert sweep._env(2)[launch.THREADS_ENV] == "3"  # a count someone chose wins
