@@ -86,10 +86,10 @@ def _env(jobs: int = 1) -> dict[str, str]:
     """The queue's workers run the stages' `python -m stages.<x>`: that must be this interpreter, as under `make`.
 
     Experiments running side by side share the cores: each gets its share as torch threads (OMP_NUM_THREADS, which
-    the stages obey; more threads than cores spin and wait, pipeline/launch.py)."""
+    the stages obey; more threads than cores spin and wait, README's compute section)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     if jobs > 1:
-        env.setdefault(launch.THREADS_ENV, str(max(1, launch.usable_cores() // jobs)))
+        env.setdefault(launch.THREADS_ENV, str(launch.threads_per_process(jobs)))
     return env
 
 
