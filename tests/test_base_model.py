@@ -258,6 +258,16 @@ def test_only_train_rows_are_read(workspace):
     assert len(paths) == len(diagnoses) == 12 and all(p.is_absolute() and p.is_file() for p in paths)
 
 
+def test_the_vae_loss_weighs_lesion_pixels_above_skin():
+    skin = torch.tensor([0.4, 0.0, -0.2])[None, :, None, None].expand(2, 3, 8, 8).clone()
+    skin[1, :, 2:4, 2:4] = torch.tensor([-0.5, -0.8, 0.3])[:, None, None]  # a purple clod on the second image
+    weights = pt.lesion_weights(skin)
+    assert weights.shape == (2, 1, 8, 8)
+    assert torch.allclose(weights[0], torch.ones(1, 8, 8))  # plain skin: every pixel counts the same
+    assert weights[1].mean().item() == pytest.approx(1.0)
+    assert weights[1, 0, 2, 2].item() > 5 * weights[1, 0, 6, 6].item()
+
+
 def test_every_diagnosis_is_drawn_equally_often():
     labels = ["nv"] * 30 + ["vasc"] * 3 + ["df"] * 7
     weights = pt.class_balanced(labels)

@@ -3,8 +3,8 @@
 A random SD-shaped pipeline only makes noise; LoRA/DreamBooth on 20 images cannot teach it what
 a dermoscopic image looks like. So, like SD's own two-stage recipe but in minutes on a CPU:
 
-1. the VAE learns to reconstruct train images (L1 + MSE + a small KL term), mostly on half-size
-   crops: its GroupNorms make per-image colour slow to learn, so it needs many cheap steps;
+1. the VAE learns to reconstruct train images (L1 + MSE weighted towards the lesion + a small KL term),
+   mostly on half-size crops: its GroupNorms make per-image colour slow to learn, so it needs many cheap steps;
 2. every train image (and its mirror image) is encoded once by the frozen VAE and the latents are
    cached, which makes each UNet step cost only a UNet forward/backward;
 3. the UNet learns to denoise those latents conditioned on the frozen random CLIP text encoder's
@@ -39,6 +39,10 @@ from pipeline.params import BasePretrainParams
 from pipeline.paths import workspace_root
 
 KL_WEIGHT = 1e-6  # SD's VAE weight: latents stay well-behaved without blurring reconstructions
+# Pixels weigh 1 + LESION_WEIGHT x their distance from the image's median colour (the skin): the lesion is a small
+# share of the image but carries the class. Unweighted, the VAE turned purple clods and blue-grey areas brown: the
+# oracle recognised 68-72% of its reconstructions of real test images, 75-80% weighted (86% of the real images at 32 px).
+LESION_WEIGHT = 12.0
 UNCOND_PROB = 0.1  # share of UNet samples that see the empty prompt (classifier-free guidance)
 MIN_SNR_GAMMA = 5.0  # Min-SNR loss weighting (Hang et al. 2023): converges several times faster
 WARMUP_STEPS = 20
@@ -160,10 +164,17 @@ def log_recent(losses: list[float], bar, metric: str) -> None:
         tracking.log_metrics({metric: recent}, step=step)
 
 
+def lesion_weights(x: torch.Tensor) -> torch.Tensor:
+    """Per-pixel loss weights [N, 1, H, W] with mean 1 per image, higher the farther a pixel is from the skin colour."""
+    skin = x.flatten(2).median(-1).values[..., None, None]
+    weights = 1 + LESION_WEIGHT * (x - skin).abs().sum(1, keepdim=True)
+    return weights / weights.mean((1, 2, 3), keepdim=True)
+
+
 def vae_loss(vae, x: torch.Tensor) -> torch.Tensor:
     posterior = vae.encode(x).latent_dist
-    recon = vae.decode(posterior.sample()).sample
-    return F.l1_loss(recon, x) + F.mse_loss(recon, x) + KL_WEIGHT * posterior.kl().mean()
+    error = vae.decode(posterior.sample()).sample - x
+    return (lesion_weights(x) * (error.abs() + error.square())).mean() + KL_WEIGHT * posterior.kl().mean()
 
 
 def train_vae(vae, images: torch.Tensor, weights: torch.Tensor, cfg: BasePretrainParams, generator: torch.Generator) -> list[float]:
