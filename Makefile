@@ -19,8 +19,9 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # Plain pip: torch==2.14.1 / torchvision==0.29.1 are found on this machine's disk. pip byte-compiles what it installs
-# on one core; compileall does it on every core (skipping test folders, which nothing imports and one of which holds
-# Python 3.12-only syntax), so every stage imports from .pyc files even where PYTHONDONTWRITEBYTECODE is set.
+# on one core; compileall does it on every core, so every stage imports from .pyc files even where
+# PYTHONDONTWRITEBYTECODE is set. It skips test folders and torch/testing/_internal, which holds Python 3.12-only
+# syntax (the few of its modules torch imports compile on first use, in milliseconds).
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-compile -e ".[dev]"
 	$(BIN)/python -m compileall -q -j 0 -x '/(tests?|testing/_internal)/' $(VENV)/lib
