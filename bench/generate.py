@@ -4,7 +4,8 @@ ours       ``pipeline.diffusion.generate.generate_class`` (the generate@<class> 
            UNet, DPM-Solver++ at ``generate.steps`` (20), ``generate.batch`` (16) images per call, PNGs + manifest.
 reference  ``StableDiffusionPipeline.from_pretrained`` + ``load_lora_weights`` (not fused), the scheduler the
            base model ships, 50 steps, one ``pipe(prompt)`` call per image, ``image.save``.
-Both arms: same base + LoRA, same prompt, guidance, resolution, per-image seeds, thread count; wall time
+Both arms: same base + LoRA, same prompt, guidance (from the fine-tuned UNet alone: ``generate.unconditional:
+finetuned``), resolution, per-image seeds, thread count; wall time
 includes loading. Quality proxy: FID and mean-feature distance of each arm's images to the class's real
 fine-tune images, in the feature space of a fixed random-init EfficientNet-B0 (and of the repository's
 trained baseline classifier when it exists).
@@ -37,8 +38,9 @@ BOOTSTRAP = 200
 def _params(per_class: int, steps: int, batch: int, resolution: int):
     from pipeline.params import parse_params
 
+    # unconditional finetuned: guidance from the fine-tuned UNet alone, as the reference's pipeline call does.
     return parse_params({"diffusion": {"resolution": resolution},
-                         "generate": {"per_class": per_class, "steps": steps, "batch": batch}})
+                         "generate": {"per_class": per_class, "steps": steps, "batch": batch, "unconditional": "finetuned"}})
 
 
 def ours_child(workspace: str, class_code: str, images: int, steps: int, batch: int, resolution: int) -> dict:

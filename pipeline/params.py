@@ -184,6 +184,9 @@ class GenerateParams(_Section):
     scheduler: Literal["dpmsolver++", "ddim", "ddpm", "euler", "pndm"] = "dpmsolver++"
     batch: int = Field(16, gt=0)
     negative_prompt: str = ""
+    # Guidance's unconditional branch: "base", the base model without the class's weights (guidance then pulls
+    # towards what the fine-tune added); "finetuned", the fine-tuned model itself, as diffusers' pipelines do.
+    unconditional: Literal["base", "finetuned"] = "base"
 
 
 class ClassifierParams(_Section):

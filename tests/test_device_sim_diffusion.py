@@ -160,21 +160,21 @@ def test_a_half_precision_controlnet_step_runs_on_cuda_with_the_controlnet_in_fp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_a_mask_conditioned_denoising_step_runs_on_cuda(dtype):
-    """generate's ControlNet pipeline, built from the class pipeline as generate_class builds it, with masks made
-    on the CPU (MaskSource) and handed over on the pipeline's device."""
+def test_a_mask_conditioned_denoising_step_guided_by_the_base_unet_runs_on_cuda(dtype):
+    """generate's sampling under diffusion.control mask and generate.unconditional base: a ControlNet, a second
+    (base) UNet for guidance's unconditional branch, masks made on the CPU (MaskSource) and handed over on the
+    pipeline's device."""
     from pipeline.diffusion.controlnet import make_controlnet
-    from pipeline.diffusion.generate import add_controlnet
+    from pipeline.diffusion.generate import Control
 
     pipe = build_tiny_pipeline(RESOLUTION).to(dtype=dtype)
-    pipe = add_controlnet(pipe, make_controlnet(pipe.unet, pipe.vae_scale_factor).to(dtype=dtype), dtype)
-    assert {m.dtype for m in (pipe.vae, pipe.text_encoder, pipe.unet, pipe.controlnet)} == {dtype}
-    with on_fake_cuda(pipe, pipe.controlnet):
+    controlnet = make_controlnet(pipe.unet, pipe.vae_scale_factor).to(dtype=dtype)
+    guide_unet = build_tiny_pipeline(RESOLUTION, seed=1).unet.to(dtype=dtype)
+    with on_fake_cuda(pipe, controlnet, guide_unet):
         pipe.scheduler = OneStepScheduler()
-        pipe.set_progress_bar_config(disable=True)
         masks = torch.zeros(2, 3, RESOLUTION, RESOLUTION)
-        condition = {"image": masks.to(pipe.device), "controlnet_conditioning_scale": 1.0}
+        control = Control(controlnet, masks.to(pipe.device), 1.0)
         generators = [torch.Generator().manual_seed(seed) for seed in (1, 2)]
         images = sample_images(pipe, "a dermoscopic image of sks dermatofibroma", "", generators, Sampling(1, 5.0, RESOLUTION),
-                               condition)
+                               control, guide_unet)
         assert images.device.type == "cuda" and images.shape == (2, 3, RESOLUTION, RESOLUTION) and images.dtype == dtype

@@ -28,7 +28,9 @@ from pipeline.diffusion.generate import (
     make_scheduler,
     padded_grid,
     png_writer,
+    sample_images,
 )
+from pipeline.diffusion.base import load_base_pipeline, load_base_unet
 from pipeline.diffusion.lora import LORA_FILE
 from pipeline.digest import sha256_file
 from pipeline.errors import PipelineError
@@ -76,7 +78,7 @@ def test_manifest_lists_exactly_the_images_and_the_weights_used(workspace):
     for k, row in enumerate(rows):
         assert row["class"] == "df" and row["prompt"] == "a dermoscopic image of sks dermatofibroma"
         assert row["negative_prompt"] == "" and row["scheduler"] == "dpmsolver++"
-        assert (row["steps"], row["guidance"]) == ("2", "5.0")
+        assert (row["steps"], row["guidance"], row["unconditional"]) == ("2", "5.0", "base")
         assert int(row["seed"]) == image_seed(params.seed, "df", k)
         assert row["weights_sha256"] == weights_sha
         assert pixels(folder / row["file"]).shape == (32, 32, 3)
@@ -105,7 +107,8 @@ def test_generation_is_deterministic_for_a_fixed_seed(workspace):
 
 
 def test_any_image_regenerates_alone_from_its_manifest_row(workspace):
-    """Image 1 was drawn in a batch of two; drawn alone from its manifest seed it is the same image.
+    """Image 1 was drawn in a batch of two; drawn alone from its manifest seed (guided by the base UNet, as the row
+    says) it is the same image.
 
     Same noise and same denoising, but a different batch may round floats differently: at most one
     8-bit level in a few pixels (usually none; bitwise here on 1 thread, not promised elsewhere).
@@ -114,13 +117,47 @@ def test_any_image_regenerates_alone_from_its_manifest_row(workspace):
     folder = generate_class(params, "df")
     _, rows = read_manifest(folder)
     row = rows[1]
+    assert row["unconditional"] == "base"
     pipe, _, _ = load_class_pipeline(params, "df")
     pipe.scheduler = make_scheduler(row["scheduler"], pipe.scheduler.config)
     sampling = Sampling(int(row["steps"]), float(row["guidance"]), resolution=32)
-    alone = generate_images(pipe, row["prompt"], row["negative_prompt"], [int(row["seed"])], sampling)[0]
+    guide = load_base_unet(root / "models/base")
+    alone = generate_images(pipe, row["prompt"], row["negative_prompt"], [int(row["seed"])], sampling, guide_unet=guide)[0]
     alone.save(root / "alone.png")
     difference = abs(pixels(root / "alone.png") - pixels(folder / row["file"]))
     assert difference.max() <= 1 and (difference > 0).mean() < 0.01
+
+
+def test_sampling_with_one_unet_draws_the_diffusers_pipelines_images(workspace):
+    """sample_images is diffusers' guided denoising loop, with the unconditional UNet as a choice: with one UNet it
+    draws what the pipeline draws from the same generators (up to float rounding), DPM-Solver++ and DDPM alike."""
+    _, params = workspace
+    pipe, _, _ = load_class_pipeline(params, "df")
+    prompt, seeds = params.class_prompt("df"), [3, 4]
+    for scheduler in ("dpmsolver++", "ddpm"):  # DDPM draws noise in every step, from the same generators
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+        ours = sample_images(pipe, prompt, "blurry", [torch.Generator().manual_seed(s) for s in seeds], Sampling(3, 4.0, 32))
+        theirs = pipe([prompt] * 2, negative_prompt=["blurry"] * 2, generator=[torch.Generator().manual_seed(s) for s in seeds],
+                      num_inference_steps=3, guidance_scale=4.0, height=32, width=32, output_type="pt").images
+        assert ours.shape == theirs.shape == (2, 3, 32, 32)
+        assert (ours - theirs).abs().max() < 1e-4
+
+
+def test_guidance_against_the_base_unet_changes_only_the_unconditional_branch(workspace):
+    """With the base UNet as the unconditional branch the images change; at guidance 1 that branch is not used,
+    so they are the fine-tuned model's own; and the base UNet guiding the base model is plain guidance."""
+    root, params = workspace
+    pipe, _, _ = load_class_pipeline(params, "df")
+    guide = load_base_unet(root / "models/base")
+    prompt = params.class_prompt("df")
+
+    def draw(guidance, guide_unet, on=pipe):
+        return sample_images(on, prompt, "", [torch.Generator().manual_seed(9)], Sampling(3, guidance, 32), guide_unet=guide_unet)
+
+    assert (draw(4.0, guide) - draw(4.0, None)).abs().max() > 0.01
+    assert torch.equal(draw(1.0, guide), draw(1.0, None))
+    base = load_base_pipeline(root / "models/base")
+    assert torch.allclose(draw(4.0, guide, on=base), draw(4.0, None, on=base), atol=1e-6)
 
 
 def test_every_scheduler_builds_from_the_base_config_and_samples(workspace):

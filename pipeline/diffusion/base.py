@@ -376,6 +376,11 @@ def base_model_folder(base_dir: str | Path = BASE_MODEL_DIR) -> Path:
     return base_dir
 
 
+def load_error(folder: Path, what: str, exc: Exception) -> PipelineError:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return PipelineError(f"{KEY}: could not load {what} in {folder} ({first_line})")
+
+
 def load_base_pipeline(base_dir: str | Path = BASE_MODEL_DIR, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     """Load the base SD pipeline (embedded or referenced) from safetensors only, without safety checker or remote code."""
     from diffusers import StableDiffusionPipeline
@@ -392,5 +397,17 @@ def load_base_pipeline(base_dir: str | Path = BASE_MODEL_DIR, dtype: torch.dtype
             requires_safety_checker=False,
         )
     except (OSError, ValueError, EnvironmentError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PipelineError(f"{KEY}: could not load the pipeline in {folder} ({first_line})") from None
+        raise load_error(folder, "the pipeline", exc) from None
+
+
+def load_base_unet(base_dir: str | Path = BASE_MODEL_DIR, dtype: torch.dtype = torch.float32):
+    """The base model's UNet alone (generation's guidance against the base model), from safetensors only."""
+    from diffusers import UNet2DConditionModel
+
+    folder = base_model_folder(base_dir)
+    try:
+        return UNet2DConditionModel.from_pretrained(
+            str(folder), subfolder="unet", torch_dtype=dtype, use_safetensors=True, local_files_only=True
+        )
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise load_error(folder, "the UNet", exc) from None

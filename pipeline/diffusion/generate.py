@@ -3,7 +3,7 @@
 Each classifier seed (``classifier.seeds``) gets its own ``generate.per_class`` images, its draw (the manifest's
 ``draw`` column), so the seeds' spread in evaluate covers the generator's variance as well as the classifier's.
 Every image ``k`` has its own seed ``image_seed(params.seed, class, k)`` and its own torch.Generator,
-so any single image can be regenerated alone (``generate_images(pipe, ..., [seed])``): same initial
+so any single image can be regenerated alone (``generate_images(pipe, ..., [seed], ...)``): same initial
 noise, same denoising; only float rounding may differ with the batch it is computed in (at most
 one 8-bit level in rare pixels, seen on CPU). The generators live on the pipeline's device, so an
 image is reproducible on the same device type. Under ``accelerate launch`` the batches are split
@@ -32,8 +32,9 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
-    StableDiffusionControlNetPipeline,
+    ControlNetModel,
     StableDiffusionPipeline,
+    UNet2DConditionModel,
 )
 from diffusers.utils import make_image_grid
 from PIL import Image
@@ -48,7 +49,10 @@ from pipeline.params import Params
 from pipeline.paths import BASE_MODEL_DIR, CLASS_MODELS_DIR, FINETUNE_DIR, SYNTHETIC_BASE_DIR, SYNTHETIC_DIR, workspace_root
 
 # mask: the conditioning mask's file under diffusion.control mask (masks/<file>), else empty
-MANIFEST_COLUMNS = ("file", "mask", "class", "draw", "prompt", "negative_prompt", "seed", "scheduler", "steps", "guidance", "weights_sha256")
+MANIFEST_COLUMNS = (
+    "file", "mask", "class", "draw", "prompt", "negative_prompt", "seed", "scheduler", "steps", "guidance", "unconditional",
+    "weights_sha256",
+)
 MASKS = "masks"
 GRID_IMAGES = 16
 GRID_COLUMNS = 4
@@ -156,20 +160,51 @@ def load_base_only_pipeline(
     return pipe, next(unet / name for name in names if (unet / name).is_file()), {}
 
 
+@dataclass
+class Control:
+    """diffusion.control mask while sampling: the ControlNet, one mask per image ([N, 3, R, R] in {0, 1}) and its weight."""
+
+    controlnet: ControlNetModel
+    masks: torch.Tensor
+    scale: float
+
+
+def predict_noise(unet, latents: torch.Tensor, t, states: torch.Tensor, control: Control | None) -> torch.Tensor:
+    """``unet``'s prediction, steered by the ControlNet when there is one (as the controlnet stage trains it)."""
+    if control is None:
+        return unet(latents, t, states, return_dict=False)[0]
+    from pipeline.diffusion.controlnet import controlled
+
+    return controlled(unet, control.controlnet, control.masks, control.scale)(latents, t, states).sample
+
+
 @torch.no_grad()
 def sample_images(
     pipe: StableDiffusionPipeline, prompt: str, negative_prompt: str, generators: list[torch.Generator], sampling: Sampling,
-    condition: dict | None = None,
+    control: Control | None = None, guide_unet: UNet2DConditionModel | None = None,
 ) -> torch.Tensor:
-    """One image per generator, float [N, 3, R, R] in [0, 1] on the pipeline's device (classifier-free guidance
-    with ``negative_prompt`` as the unconditional prompt). ``condition``: a ControlNet pipeline's ``image`` (one
-    mask per generator) and ``controlnet_conditioning_scale``."""
-    n = len(generators)
-    return pipe(
-        [prompt] * n, negative_prompt=[negative_prompt] * n, generator=generators, num_inference_steps=sampling.steps,
-        guidance_scale=sampling.guidance, height=sampling.resolution, width=sampling.resolution, output_type="pt",
-        **(condition or {}),
-    ).images
+    """One image per generator, float [N, 3, R, R] in [0, 1] on the pipeline's device.
+
+    Classifier-free guidance: noise = u + guidance * (c - u), with c from ``pipe.unet`` under ``prompt`` and u from
+    ``guide_unet`` (default ``pipe.unet``, as in diffusers' pipelines) under ``negative_prompt``. diffusers' pipelines
+    take both from one UNet, hence this loop; every step of it is the pipeline's own (prompt encoding, initial
+    latents, scheduler, VAE decode, post-processing), and with one UNet it draws the pipeline's images."""
+    n, device = len(generators), pipe.device
+    cond, uncond = pipe.encode_prompt(prompt, device, n, True, negative_prompt)
+    side = sampling.resolution
+    latents = pipe.prepare_latents(n, pipe.unet.config.in_channels, side, side, cond.dtype, device, generators)
+    step_kwargs = pipe.prepare_extra_step_kwargs(generators, 0.0)
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(sampling.steps, device=device)
+    for t in scheduler.timesteps:
+        x = scheduler.scale_model_input(latents, t)
+        noise = predict_noise(pipe.unet, x, t, cond, control)
+        if sampling.guidance > 1:  # diffusers' rule: guidance <= 1 samples the prompt alone
+            unconditional = predict_noise(guide_unet or pipe.unet, x, t, uncond, control)
+            noise = unconditional + sampling.guidance * (noise - unconditional)
+        latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+    images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(images, output_type="pt")
 
 
 def to_pil(pipe: StableDiffusionPipeline, images: torch.Tensor) -> list[Image.Image]:
@@ -180,26 +215,21 @@ def to_pil(pipe: StableDiffusionPipeline, images: torch.Tensor) -> list[Image.Im
 
 def generate_images(
     pipe: StableDiffusionPipeline, prompt: str, negative_prompt: str, seeds: list[int], sampling: Sampling,
-    condition: dict | None = None,
+    control: Control | None = None, guide_unet: UNet2DConditionModel | None = None,
 ) -> list[Image.Image]:
     """One image per seed, each drawn from its own generator on the pipeline's device (the same in any batch)."""
     generators = [torch.Generator(pipe.device).manual_seed(s) for s in seeds]
-    return to_pil(pipe, sample_images(pipe, prompt, negative_prompt, generators, sampling, condition))
-
-
-def add_controlnet(pipe: StableDiffusionPipeline, controlnet, dtype: torch.dtype) -> StableDiffusionControlNetPipeline:
-    """The same components steered by ``controlnet``, in ``dtype`` (``from_pipe`` casts to fp32 unless told)."""
-    return StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=controlnet, torch_dtype=dtype)
+    return to_pil(pipe, sample_images(pipe, prompt, negative_prompt, generators, sampling, control, guide_unet))
 
 
 class MaskSource:
     """diffusion.control mask: each image's conditioning mask, a new shape from the mask of one of the class's
     fine-tuning images, drawn from the image's own seed."""
 
-    def __init__(self, params: Params, class_code: str, device: torch.device):
+    def __init__(self, params: Params, class_code: str, controlnet: ControlNetModel, device: torch.device):
         from pipeline.diffusion.controlnet import load_masks, masked_images
 
-        self.cfg, self.device = params.diffusion.controlnet, device
+        self.cfg, self.controlnet, self.device = params.diffusion.controlnet, controlnet, device
         rows = masked_images(workspace_root() / FINETUNE_DIR / f"{class_code}.csv", [class_code])
         self.masks = load_masks(list(rows["mask_path"]), params.diffusion.resolution)
 
@@ -210,8 +240,8 @@ class MaskSource:
         picks = [self.masks[derive_seed(s, "mask") % len(self.masks)] for s in seeds]
         return torch.stack([conditioning_mask(m, derive_seed(s, "mask shape"), self.cfg) for m, s in zip(picks, seeds)])
 
-    def condition(self, masks: torch.Tensor) -> dict:
-        return {"image": masks.to(self.device), "controlnet_conditioning_scale": self.cfg.conditioning_scale}
+    def control(self, masks: torch.Tensor) -> Control:
+        return Control(self.controlnet, masks.to(self.device), self.cfg.conditioning_scale)
 
 
 def mask_image(mask: torch.Tensor) -> Image.Image:
@@ -236,27 +266,43 @@ def png_writer(max_pending: int = PNG_QUEUE) -> Iterator[Callable[[Image.Image, 
             pending.popleft().result()
 
 
-def generation_pipeline(params: Params, class_code: str, base_only: bool = False) -> tuple[StableDiffusionPipeline, str]:
-    """The class's pipeline (or the base model alone, for ``base_only``) ready to sample on this process's device in
-    ``compute.mixed_precision``, steered by the ControlNet under ``diffusion.control: mask``; and the sha256 of its
-    weights file (for the manifest: hashed once, an SD UNet is gigabytes)."""
+@dataclass
+class Sampler:
+    """What draws a class's images: the pipeline (its UNet carries the class's weights), the UNet of guidance's
+    unconditional branch (None: the pipeline's own), the ControlNet under diffusion.control mask, and the sha256 of
+    the class's weights file (for the manifest: hashed once, an SD UNet is gigabytes)."""
+
+    pipe: StableDiffusionPipeline
+    guide_unet: UNet2DConditionModel | None
+    controlnet: ControlNetModel | None
+    weights_sha256: str
+
+
+def generation_pipeline(params: Params, class_code: str, base_only: bool = False) -> Sampler:
+    """The class's sampler (or the base model alone, for ``base_only``) on this process's device in
+    ``compute.mixed_precision``. Under ``generate.unconditional: base`` guidance's unconditional branch is the base
+    model's UNet: the class's weights then steer only the prompt's branch, and guidance pushes the images away from
+    the base model's generic lesion towards the class (textual inversion's UNet already is the base's)."""
     from accelerate import PartialState
 
+    from pipeline.diffusion.base import load_base_unet
     from pipeline.diffusion.controlnet import load_controlnet
 
     device = PartialState(cpu=cpu_only()).device
     dtype = DTYPES.get(gpu_precision(params.compute.mixed_precision, "generating"), torch.float32)
-    pipe, weights, _ = (load_base_only_pipeline if base_only else load_class_pipeline)(params, class_code, dtype=dtype)
+    pipe, weights, meta = (load_base_only_pipeline if base_only else load_class_pipeline)(params, class_code, dtype=dtype)
+    guide_unet = None
+    if not base_only and params.generate.unconditional == "base" and meta["method"] != "textual_inversion":
+        guide_unet = load_base_unet(workspace_root() / BASE_MODEL_DIR, dtype).to(device)
     controlnet = load_controlnet(params, dtype)
     if controlnet is not None:
-        pipe = add_controlnet(pipe, controlnet, dtype)
+        controlnet.to(device)
     pipe.scheduler = make_scheduler(params.generate.scheduler, pipe.scheduler.config)
     pipe.vae.enable_slicing()
-    return pipe.to(device), sha256_file(weights)
+    return Sampler(pipe.to(device), guide_unet, controlnet, sha256_file(weights))
 
 
-def generate_class(params: Params, class_code: str, base_only: bool = False,
-                   loaded: tuple[StableDiffusionPipeline, str] | None = None) -> Path:
+def generate_class(params: Params, class_code: str, base_only: bool = False, loaded: Sampler | None = None) -> Path:
     """Write ``data/synthetic/<class>/``: ``<class>_<k:05d>.png`` (``generate.per_class`` for each classifier seed),
     ``manifest.csv`` and ``grid.png``, atomically.
     ``base_only``: the same images from the base model without the class's weights, in ``data/synthetic_base/<class>/``.
@@ -266,10 +312,11 @@ def generate_class(params: Params, class_code: str, base_only: bool = False,
 
     g = params.generate
     state = PartialState(cpu=cpu_only())
-    pipe, weights_sha = loaded or generation_pipeline(params, class_code, base_only)
-    masks = MaskSource(params, class_code, state.device) if isinstance(pipe, StableDiffusionControlNetPipeline) else None
+    sampler = loaded or generation_pipeline(params, class_code, base_only)
+    masks = MaskSource(params, class_code, sampler.controlnet, state.device) if sampler.controlnet else None
     sampling = Sampling(g.steps, g.guidance, params.diffusion.resolution)
     prompt = params.class_prompt(class_code)
+    unconditional = "base" if base_only or sampler.guide_unet is not None else "finetuned"
 
     root = workspace_root()
     target = root / (SYNTHETIC_BASE_DIR if base_only else SYNTHETIC_DIR) / class_code
@@ -290,8 +337,8 @@ def generate_class(params: Params, class_code: str, base_only: bool = False,
             for indices in tqdm(mine, desc=f"generate {class_code}", disable=not state.is_local_main_process):
                 seeds = [image_seed(params.seed, class_code, k) for k in indices]
                 shapes = masks(seeds) if masks is not None else None
-                condition = masks.condition(shapes) if masks is not None else None
-                images = generate_images(pipe, prompt, g.negative_prompt, seeds, sampling, condition)
+                control = masks.control(shapes) if masks is not None else None
+                images = generate_images(sampler.pipe, prompt, g.negative_prompt, seeds, sampling, control, sampler.guide_unet)
                 for i, (k, seed, img) in enumerate(zip(indices, seeds, images)):
                     save(img, out / image_name(class_code, k))
                     mask = f"{MASKS}/{image_name(class_code, k)}" if shapes is not None else ""
@@ -301,7 +348,8 @@ def generate_class(params: Params, class_code: str, base_only: bool = False,
                         "file": image_name(class_code, k), "mask": mask, "class": class_code, "draw": draws[k // n],
                         "prompt": prompt,
                         "negative_prompt": g.negative_prompt, "seed": seed, "scheduler": g.scheduler,
-                        "steps": g.steps, "guidance": g.guidance, "weights_sha256": weights_sha,
+                        "steps": g.steps, "guidance": g.guidance, "unconditional": unconditional,
+                        "weights_sha256": sampler.weights_sha256,
                     })
         rows = gather_object(rows)
         state.wait_for_everyone()
