@@ -313,10 +313,10 @@ def generate_class(params: Params, class_code: str, base_only: bool = False, loa
     g = params.generate
     state = PartialState(cpu=cpu_only())
     sampler = loaded or generation_pipeline(params, class_code, base_only)
-    masks = MaskSource(params, class_code, sampler.controlnet, state.device) if sampler.controlnet else None
+    masks = MaskSource(params, class_code, sampler.controlnet, state.device) if sampler.controlnet is not None else None
     sampling = Sampling(g.steps, g.guidance, params.diffusion.resolution)
     prompt = params.class_prompt(class_code)
-    unconditional = "base" if base_only or sampler.guide_unet is not None else "finetuned"
+    unconditional = "base" if base_only else g.unconditional  # textual inversion's own UNet is the base's
 
     root = workspace_root()
     target = root / (SYNTHETIC_BASE_DIR if base_only else SYNTHETIC_DIR) / class_code
