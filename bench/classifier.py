@@ -2,7 +2,7 @@
 
 ours       ``pipeline.classifier.train.train_variant(params, "baseline")`` (the train@baseline stage body): images
            hashed, decoded and resized once into the uint8 ``.npy`` cache, batched augmentations, timm's
-           EfficientNet-B0 as built, fused AdamW, per-epoch val, a resumable checkpoint once
+           EfficientNet-B0 in channels_last, fused AdamW, per-epoch val, a resumable checkpoint once
            ``classifier.checkpoint_minutes`` have passed. Epoch boundaries are timed by wrapping the function the
            loop calls once per epoch (``train.log_epoch``).
 reference  ``torchvision.datasets.ImageFolder`` + ``transforms`` (Resize, CenterCrop, the same flips / rotation /
@@ -224,5 +224,5 @@ def run(settings: Settings) -> BenchResult:
     result.notes.append(
         f"Decoding + resizing is {100 * share:.0f}% of a reference epoch on the demo JPEGs, so the cache alone gives at most "
         f"{1 / max(1e-9, 1 - share):.2f}x; the rest of ours' lead is compute on the same EfficientNet-B0: "
-        "augmentations drawn per image but applied to the whole batch, and fused AdamW (bench/README.md).")
+        "augmentations drawn per image but applied to the whole batch, channels_last and fused AdamW (bench/README.md).")
     return result
