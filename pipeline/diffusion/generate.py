@@ -196,17 +196,19 @@ def sample_images(
     step_kwargs = pipe.prepare_extra_step_kwargs(generators, 0.0)
     scheduler = pipe.scheduler
     scheduler.set_timesteps(sampling.steps, device=device)
-    both = None if control is None else Control(control.controlnet, torch.cat([control.masks] * 2), control.scale)
+    one_batch = sampling.guidance > 1 and guide_unet is None  # both branches in one batch, as diffusers' pipelines run them
+    if one_batch and control is not None:
+        control = Control(control.controlnet, torch.cat([control.masks] * 2), control.scale)
     for t in scheduler.timesteps:
         x = scheduler.scale_model_input(latents, t)
         if sampling.guidance <= 1:  # diffusers' rule: guidance <= 1 samples the prompt alone
             noise = predict_noise(pipe.unet, x, t, cond, control)
+        elif one_batch:
+            unconditional, noise = predict_noise(pipe.unet, torch.cat([x, x]), t, torch.cat([uncond, cond]), control).chunk(2)
         else:
-            if guide_unet is None:  # one UNet: both branches in one batch, as diffusers' pipelines run them
-                unconditional, noise = predict_noise(pipe.unet, torch.cat([x, x]), t, torch.cat([uncond, cond]), both).chunk(2)
-            else:
-                noise = predict_noise(pipe.unet, x, t, cond, control)
-                unconditional = predict_noise(guide_unet, x, t, uncond, control)
+            noise = predict_noise(pipe.unet, x, t, cond, control)
+            unconditional = predict_noise(guide_unet, x, t, uncond, control)
+        if sampling.guidance > 1:
             noise = unconditional + sampling.guidance * (noise - unconditional)
         latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
     images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
