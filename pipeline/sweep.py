@@ -1,23 +1,8 @@
 """The sweep: which fine-tuning method, how many synthetic images, and how scarce the real ones, make augmentation pay?
 
-Two axes, each crossed with ``sweep.methods``:
-- amount: ``generate.per_class`` over ``sweep.amounts``, at the configured ``data.real_per_class``;
-- scarcity: ``data.real_per_class`` (K real train images per class) over ``sweep.real_per_class``, at the configured
-  ``generate.per_class``. Fine-tuning images are drawn from the K, so a point sets ``data.finetune_images`` to
-  min(configured, K).
-A point on both axes runs once. Each point (``diffusion.method``, ``generate.per_class``, ``data.real_per_class``)
-is one queued DVC experiment (``dvc exp run --queue``), so every point is a full, recorded pipeline run (params,
-metrics, outputs under ``refs/exps``). DVC's run cache restores what points share (demo data, and per K the split,
-base model and baseline classifier), so mostly generation and the classifiers after it rerun (plus the short
-stages whose outputs git keeps uncached). Amount 0 is the baseline itself (no synthetic image): its gain is 0 by
-definition and is drawn, not run.
-
-Results are read back from each experiment's git commit (``reports/metrics.json`` is a DVC metric kept in git):
-the augmented gain with its 95% CI, and the gain of every control variant the file holds (base_only, real_ceiling).
-They are written to ``reports/sweep/``: ``gain_vs_amount.png`` and ``gain_vs_real.png`` (one line per method, one
-per control, 95% CI bars; a line without data is left out), ``sweep.md`` (with the methods side by side per class:
-class fidelity, FID, KID, memorized, mask IoU) and ``sweep.json``; the same files go to an MLflow run tagged
-``kind=sweep``.
+One queued DVC experiment per point of two axes crossed with ``sweep.methods``: ``generate.per_class`` over
+``sweep.amounts`` and ``data.real_per_class`` over ``sweep.real_per_class``; the results are read back from each
+experiment's commit into ``reports/sweep/`` and an MLflow run tagged ``kind=sweep`` (README: "The sweep").
 
     python -m pipeline.sweep            # or: make sweep   (the `sweep` section of params.yaml)
 """
@@ -43,12 +28,11 @@ from pipeline.errors import PipelineError
 from pipeline.params import Params, load_params
 from pipeline.paths import REPORTS_DIR, workspace_root
 
-SWEEP_DIR = REPORTS_DIR / "sweep"
 METRIC = "balanced_accuracy"
 CONTROLS = ("base_only", "real_ceiling")  # control variants whose gain over baseline metrics.json may hold
 CHARTS = {"amount": ("gain_vs_amount.png", "synthetic images per class (generate.per_class)"),
           "real_per_class": ("gain_vs_real.png", "real train images per class (data.real_per_class)")}
-POLL_SECONDS = 5
+CI_COLUMNS = ("gain", "ci_low", "ci_high")
 
 
 @dataclass(frozen=True)
@@ -66,11 +50,8 @@ def _cap_label(cap: int | None) -> str:
 def plan(params: Params, sweep_id: str) -> list[Point]:
     """Both axes' points, method-major; the point the axes share appears once."""
     s, cap, amount = params.sweep, params.data.real_per_class, params.generate.per_class
-    keys: list[tuple[str, int, int | None]] = []
-    for m in s.methods:
-        for key in [(m, a, cap) for a in s.amounts] + [(m, amount, k) for k in s.real_per_class]:
-            if key not in keys:
-                keys.append(key)
+    axes = [(a, cap) for a in s.amounts] + [(amount, k) for k in s.real_per_class]
+    keys = dict.fromkeys((m, a, k) for m in s.methods for a, k in axes)
     return [Point(m, a, k, f"{sweep_id}-{m.replace('_', '-')}-{a}-real{_cap_label(k)}") for m, a, k in keys]
 
 
@@ -93,30 +74,19 @@ def _env(jobs: int = 1) -> dict[str, str]:
     return env
 
 
-def _dvc(args: list[str], root: Path) -> str:
-    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=_env(), capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise PipelineError(f"dvc {' '.join(args)} failed: {tail[0]}")
-    return done.stdout
-
-
 def queue(points: list[Point], params: Params, root: Path) -> None:
     for p in points:
-        settings = [arg for key, value in overrides(p, params).items() for arg in ("-S", f"{key}={value}")]
-        _dvc(["exp", "run", "--queue", "-n", p.name, *settings], root)
-
-
-def queue_states(root: Path) -> dict[str, str]:
-    """{experiment name: Queued | Running | Success | Failed}: what `dvc queue status` shows."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        return {e["name"]: e["status"] for e in repo.experiments.celery_queue.status() if e.get("name")}
+        args = ["exp", "run", "--queue", "-n", p.name]
+        args += [arg for key, value in overrides(p, params).items() for arg in ("-S", f"{key}={value}")]
+        done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=_env(), capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]
+            raise PipelineError(f"dvc {' '.join(args)} failed: {tail[0]}")
 
 
 def run_queue(points: list[Point], root: Path, jobs: int, timeout_s: float) -> None:
     """Start the queue's workers and wait for our experiments; one failure stops the sweep with its log hint."""
+    from dvc.repo import Repo
     from tqdm import tqdm
 
     start = subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=root, env=_env(jobs),
@@ -127,7 +97,8 @@ def run_queue(points: list[Point], root: Path, jobs: int, timeout_s: float) -> N
     names = {p.name for p in points}
     with tqdm(total=len(points), desc="sweep", unit="exp") as bar:
         while True:
-            states = {n: s for n, s in queue_states(root).items() if n in names}
+            with Repo(str(root)) as repo:  # what `dvc queue status` shows: Queued, Running, Success or Failed
+                states = {e["name"]: e["status"] for e in repo.experiments.celery_queue.status() if e.get("name") in names}
             failed = sorted(n for n, s in states.items() if s == "Failed")
             if failed:
                 raise PipelineError(f"experiment {failed[0]} failed; see `dvc queue logs {failed[0]}`")
@@ -138,7 +109,7 @@ def run_queue(points: list[Point], root: Path, jobs: int, timeout_s: float) -> N
             if time.monotonic() > deadline:
                 raise PipelineError(f"sweep.timeout_minutes: {done}/{len(points)} experiments done in time; "
                                     "`dvc queue status` shows the rest")
-            time.sleep(POLL_SECONDS)
+            time.sleep(5)
 
 
 def _experiment_refs(root: Path) -> dict[str, str]:
@@ -155,33 +126,24 @@ def _git_show(root: Path, ref: str, path: str) -> str:
     return done.stdout
 
 
-def control_gains(metrics: dict) -> dict[str, tuple[float, float, float]]:
-    """{control variant: (gain, ci_low, ci_high)} for each of CONTROLS that metrics.json holds.
-
-    The gain comes from ``gain_over_baseline`` when evaluate wrote it (with its CI); otherwise from the variant's own
-    figure minus baseline's, with no CI (NaN)."""
-    out = {}
-    recorded = metrics.get("gain_over_baseline", {})
-    for variant in CONTROLS:
-        if isinstance(recorded.get(variant), dict) and METRIC in recorded[variant]:
-            entry = recorded[variant]
-            out[variant] = (entry[METRIC], entry.get("ci_low", np.nan), entry.get("ci_high", np.nan))
-        elif isinstance(metrics.get(variant), dict) and METRIC in metrics[variant]:
-            out[variant] = (metrics[variant][METRIC] - metrics["baseline"][METRIC], np.nan, np.nan)
-    return out
-
-
 def _row(p: Point, metrics: dict) -> dict:
+    """A point's figures; a control's gain comes from ``gain_over_baseline`` when evaluate wrote it (with its CI),
+    else from the variant's own figure minus baseline's (no CI), else NaN."""
     row = {
         "method": p.method, "amount": p.amount, "real_per_class": p.real_per_class, "experiment": p.name,
         "baseline": metrics["baseline"][METRIC], "augmented": metrics["augmented"][METRIC],
         "gain": metrics["gain"][METRIC], "ci_low": metrics["gain_ci95"][METRIC]["low"],
         "ci_high": metrics["gain_ci95"][METRIC]["high"], "verdict": metrics["verdict"],
     }
-    controls = control_gains(metrics)
+    recorded = metrics.get("gain_over_baseline", {})
     for variant in CONTROLS:
-        row.update(zip((f"{variant}_gain", f"{variant}_ci_low", f"{variant}_ci_high"),
-                       controls.get(variant, (np.nan,) * 3)))
+        gain = ci_low = ci_high = np.nan
+        if isinstance(recorded.get(variant), dict) and METRIC in recorded[variant]:
+            entry = recorded[variant]
+            gain, ci_low, ci_high = entry[METRIC], entry.get("ci_low", np.nan), entry.get("ci_high", np.nan)
+        elif isinstance(metrics.get(variant), dict) and METRIC in metrics[variant]:
+            gain = metrics[variant][METRIC] - metrics["baseline"][METRIC]
+        row.update({f"{variant}_gain": gain, f"{variant}_ci_low": ci_low, f"{variant}_ci_high": ci_high})
     return row
 
 
@@ -189,7 +151,7 @@ def collect(points: list[Point], root: Path) -> pd.DataFrame:
     """One row per point from the experiment's own params.yaml and reports/metrics.json, plus an amount-0 row (the
     baseline) per method and real_per_class."""
     refs = _experiment_refs(root)
-    rows = []
+    rows, zeros = [], {}
     for p in points:
         if p.name not in refs:
             raise PipelineError(f"experiment {p.name} not found under refs/exps; did it run?")
@@ -198,21 +160,17 @@ def collect(points: list[Point], root: Path) -> pd.DataFrame:
         if ran["diffusion"]["method"] != p.method or ran["generate"]["per_class"] != p.amount or cap != p.real_per_class:
             raise PipelineError(f"experiment {p.name}: its params.yaml is not ({p.method}, {p.amount}, "
                                 f"real_per_class {_cap_label(p.real_per_class)})")
-        rows.append(_row(p, json.loads(_git_show(root, refs[p.name], "reports/metrics.json"))))
-    frame = pd.DataFrame(rows)
+        row = _row(p, json.loads(_git_show(root, refs[p.name], "reports/metrics.json")))
+        rows.append(row)
+        zero = zeros.setdefault((p.method, p.real_per_class), {
+            **row, "amount": 0, "experiment": "(baseline)", "augmented": row["baseline"], "gain": 0.0, "ci_low": 0.0,
+            "ci_high": 0.0, "verdict": "reference", **{f"{v}_{c}": np.nan for v in CONTROLS for c in CI_COLUMNS}})
+        for variant in CONTROLS:  # no extra image: no gain, drawn only where the control ran
+            if pd.notna(row[f"{variant}_gain"]):
+                zero.update({f"{variant}_{c}": 0.0 for c in CI_COLUMNS})
+    frame = pd.DataFrame([*zeros.values(), *rows])
     frame["real_per_class"] = pd.Series([None if pd.isna(k) else int(k) for k in frame["real_per_class"]], dtype=object)
-    group = frame["method"] + "|" + frame["real_per_class"].map(_cap_label)
-    zero = frame.loc[~group.duplicated(), ["method", "real_per_class", "baseline"]].reset_index(drop=True)
-    zero = zero.assign(amount=0, experiment="(baseline)", augmented=zero.baseline, gain=0.0, ci_low=0.0, ci_high=0.0,
-                       verdict="reference")
-    zero_group = zero["method"] + "|" + zero["real_per_class"].map(_cap_label)
-    for variant in CONTROLS:  # no extra image: no gain, drawn only where the control ran
-        ran_control = zero_group.map(frame[f"{variant}_gain"].notna().groupby(group).any())
-        for column in ("gain", "ci_low", "ci_high"):
-            zero[f"{variant}_{column}"] = np.where(ran_control, 0.0, np.nan)
-    frame = pd.concat([zero, frame], ignore_index=True)
-    order = frame["real_per_class"].map(lambda k: np.inf if k is None else k)
-    return frame.assign(_order=order).sort_values(["method", "_order", "amount"], ignore_index=True).drop(columns="_order")
+    return frame.sort_values(["method", "real_per_class", "amount"], na_position="last", ignore_index=True)
 
 
 def per_class(points: list[Point], root: Path, params: Params) -> pd.DataFrame:
@@ -259,7 +217,7 @@ def plot(rows: pd.DataFrame, x: str, xlabel: str, path: Path) -> list[str]:
         points = points.dropna(subset=[f"{prefix}gain"]).sort_values(x)
         if points.empty:
             return
-        gain, low, high = (100 * points[f"{prefix}{c}"] for c in ("gain", "ci_low", "ci_high"))
+        gain, low, high = (100 * points[f"{prefix}{c}"] for c in CI_COLUMNS)
         err = None if low.isna().all() else [(gain - low).fillna(0), (high - gain).fillna(0)]
         ax.errorbar(points[x], gain, yerr=err, marker="o", capsize=3, label=label, **style)
         drawn.append(label)
@@ -267,7 +225,7 @@ def plot(rows: pd.DataFrame, x: str, xlabel: str, path: Path) -> list[str]:
     for method, points in rows.groupby("method"):
         line(points, "", label=method)
     for variant, style in (("base_only", {"ls": ":", "color": "grey"}), ("real_ceiling", {"ls": "--", "color": "black"})):
-        columns = [f"{variant}_{c}" for c in ("gain", "ci_low", "ci_high")]
+        columns = [f"{variant}_{c}" for c in CI_COLUMNS]
         line(rows.groupby(x, as_index=False)[columns].mean(), f"{variant}_", label=variant, **style)
     ax.axhline(0, color="grey", lw=0.8, ls="--")
     if x == "real_per_class":  # caps grow roughly geometrically (5, 10, 20, 50)
@@ -285,12 +243,11 @@ def plot(rows: pd.DataFrame, x: str, xlabel: str, path: Path) -> list[str]:
     return drawn
 
 
-def _figure(value: float) -> str:
-    return "–" if pd.isna(value) else f"{value:+.3f}"
-
-
-def _cell(value) -> str:
-    return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else value if isinstance(value, str) else f"{value:.3f}"
+def _cell(value, spec: str = ".3f") -> str:
+    """A table cell: text as it is, "–" for a missing figure."""
+    if isinstance(value, str):
+        return value
+    return "–" if value is None or pd.isna(value) else format(value, spec)
 
 
 def markdown(frame: pd.DataFrame, charts: list[str], classes: pd.DataFrame | None = None) -> str:
@@ -306,7 +263,7 @@ def markdown(frame: pd.DataFrame, charts: list[str], classes: pd.DataFrame | Non
     for r in frame.to_dict("records"):
         lines.append(f"| {r['method']} | {r['amount']} | {_cap_label(r['real_per_class'])} | {r['experiment']} | "
                      f"{r['baseline']:.3f} | {r['augmented']:.3f} | {r['gain']:+.3f} | {r['ci_low']:+.3f} .. "
-                     f"{r['ci_high']:+.3f} | " + "".join(f"{_figure(r[f'{v}_gain'])} | " for v in controls)
+                     f"{r['ci_high']:+.3f} | " + "".join(f"{_cell(r[f'{v}_gain'], '+.3f')} | " for v in controls)
                      + f"{r['verdict']} |")
     best = frame[frame.amount > 0].sort_values("gain").iloc[-1]
     lines += ["", f"Best point: **{best.method}** with {best.amount} synthetic images per class at "
@@ -323,14 +280,9 @@ def markdown(frame: pd.DataFrame, charts: list[str], classes: pd.DataFrame | Non
     return "\n".join(lines) + "\n"
 
 
-def _json_records(frame: pd.DataFrame) -> list[dict]:
-    """Rows as JSON-ready dicts: NaN (a control that did not run) becomes null."""
-    return [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
-            for row in frame.to_dict("records")]
-
-
-def write_outputs(frame: pd.DataFrame, params: Params, root: Path, sweep_id: str, classes: pd.DataFrame | None = None) -> Path:
-    folder = root / SWEEP_DIR
+def write_outputs(frame: pd.DataFrame, params: Params, root: Path, sweep_id: str,
+                  classes: pd.DataFrame | None = None) -> Path:
+    folder = root / REPORTS_DIR / "sweep"
     charts = []
     for axis, (name, xlabel) in CHARTS.items():
         rows = axis_rows(frame, axis, params)
@@ -338,7 +290,9 @@ def write_outputs(frame: pd.DataFrame, params: Params, root: Path, sweep_id: str
             plot(rows, axis, xlabel, folder / name)
             charts.append(name)
     write_text(folder / "sweep.md", markdown(frame, charts, classes))
-    write_json(folder / "sweep.json", {"sweep_id": sweep_id, "metric": METRIC, "points": _json_records(frame)})
+    points = [{k: None if isinstance(v, float) and np.isnan(v) else v for k, v in row.items()}  # NaN: a control not run
+              for row in frame.to_dict("records")]
+    write_json(folder / "sweep.json", {"sweep_id": sweep_id, "metric": METRIC, "points": points})
     _log_to_mlflow(frame, params, folder, sweep_id, charts)
     return folder / "sweep.md"
 
@@ -369,7 +323,7 @@ def sweep(params: Params, root: Path, sweep_id: str) -> Path:
           f"{_cap_label(params.data.real_per_class)} real, and × {s.real_per_class} real per class at "
           f"{params.generate.per_class} synthetic), {s.jobs} at a time")
     queue(points, params, root)
-    run_queue(points, root, params.sweep.jobs, params.sweep.timeout_minutes * 60)
+    run_queue(points, root, s.jobs, s.timeout_minutes * 60)
     return write_outputs(collect(points, root), params, root, sweep_id, per_class(points, root, params))
 
 
