@@ -1,12 +1,7 @@
 """MLflow tracking: one parent run per pipeline execution, one child run per stage (docs/architecture.md).
 
-The store is ``$MLFLOW_TRACKING_URI`` if set, else a SQLite file at the *original* repository's
-root (``store_root``), so `dvc exp run --queue` copies log to the same place as the workspace.
-
-A "pipeline execution" is identified by (git commit, DVC experiment name, hash of params): every
-stage process of one `dvc repro` computes the same key and attaches to the same parent run. The parent is named
-after the DVC experiment when there is one, holds every param, and the report stage writes the headline onto it
-(``log_headline``), so MLflow's runs table shows one comparable row per experiment.
+Every stage process of one execution (same git commit, DVC experiment name and params hash) computes the same key
+and attaches to the same parent run, so MLflow's runs table shows one comparable row per experiment.
 """
 
 from __future__ import annotations
@@ -24,8 +19,6 @@ from filelock import FileLock
 from pipeline.digest import json_digest
 from pipeline.paths import store_root, workspace_root
 
-PARENT_RUN_ENV = "LESION_SYNTH_PARENT_RUN_ID"
-
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root() / 'mlflow.db'}"
@@ -42,8 +35,7 @@ def git_commit() -> str:
 
 
 def params_hash(params) -> str:
-    payload = params.model_dump(mode="json") if hasattr(params, "model_dump") else params
-    return json_digest(payload)
+    return json_digest(params.model_dump(mode="json") if hasattr(params, "model_dump") else params)
 
 
 def flatten(mapping: Mapping, prefix: str = "") -> dict[str, str]:
@@ -78,16 +70,13 @@ def _store_lock() -> FileLock:
 
 
 def ensure_experiment(name: str) -> str:
-    """The experiment's id, creating it with artifacts stored beside the tracking DB (not in the CWD).
-
-    Runs under the store lock: two processes opening a new SQLite store at once both try to create its tables.
-    """
+    """The experiment's id; a new one keeps its artifacts beside a SQLite store (a server decides itself)."""
     mlflow = _mlflow()
-    with _store_lock():
+    with _store_lock():  # two processes opening a new SQLite store at once both try to create its tables
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
-        folder = _sqlite_folder()  # a SQLite store keeps its artifacts beside the DB file; a server decides itself
+        folder = _sqlite_folder()
         return mlflow.create_experiment(name, artifact_location=(folder / "mlartifacts").as_uri() if folder else None)
 
 
@@ -100,9 +89,7 @@ def execution_tags(params) -> dict[str, str]:
 
 
 def parent_run_id(params) -> str:
-    """Find or create the parent run of this pipeline execution (see module docstring)."""
-    if os.environ.get(PARENT_RUN_ENV):
-        return os.environ[PARENT_RUN_ENV]
+    """Find or create the parent run of this pipeline execution, named after the DVC experiment, holding every param."""
     from mlflow.entities import Param
 
     mlflow = _mlflow()
@@ -119,21 +106,18 @@ def parent_run_id(params) -> str:
         name = tags["dvc_exp_name"] or f"pipeline workspace {tags['git_commit'][:8]}"
         run = client.create_run(experiment_id, run_name=name, tags={**tags, "pipeline_key": key, "kind": "pipeline"})
         flat = [Param(k, v[:6000]) for k, v in flatten(params.model_dump(mode="json")).items()]
-        for start in range(0, len(flat), 100):  # log_batch takes at most 100 params per call
-            client.log_batch(run.info.run_id, params=flat[start : start + 100])
+        client.log_batch(run.info.run_id, params=flat)  # the client splits it into batches of at most 100
         return run.info.run_id
 
 
 @contextmanager
-def stage_run(stage: str, params, tags: Mapping[str, str] | None = None, log_params: Mapping | None = None) -> Iterator:
+def stage_run(stage: str, params, tags: Mapping[str, str] | None = None) -> Iterator:
     """A child run for one stage; an exception marks it (and its parent) FAILED before propagating."""
     mlflow = _mlflow()
     experiment_id = ensure_experiment(params.mlflow.experiment)
     parent = parent_run_id(params)
     all_tags = {**execution_tags(params), "stage": stage, "mlflow.parentRunId": parent, **(tags or {})}
     with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=all_tags) as run:
-        if log_params:
-            mlflow.log_params({k: v[:6000] for k, v in flatten(log_params).items()})
         try:
             yield run
         except BaseException:
@@ -142,15 +126,12 @@ def stage_run(stage: str, params, tags: Mapping[str, str] | None = None, log_par
 
 
 def log_headline(params, metrics: Mapping[str, float], tags: Mapping[str, str]) -> None:
-    """Write an execution's headline (e.g. each variant's balanced accuracy, the gain, the verdict) onto its parent run.
-
-    The parent is what MLflow's runs table shows collapsed, so two experiments compare side by side there.
-    """
+    """Write an execution's headline (each variant's balanced accuracy, the gain, the verdict) onto its parent run,
+    the row MLflow's runs table shows collapsed, so two experiments compare side by side there."""
     from mlflow.entities import Metric, RunTag
 
-    client = _mlflow().MlflowClient()
     now = int(time.time() * 1000)
-    client.log_batch(
+    _mlflow().MlflowClient().log_batch(
         parent_run_id(params),
         metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
         tags=[RunTag(k, str(v)) for k, v in tags.items()],
@@ -159,8 +140,7 @@ def log_headline(params, metrics: Mapping[str, float], tags: Mapping[str, str]) 
 
 def finish_parent(params) -> None:
     """Mark this execution's parent run FINISHED (the last stage calls this)."""
-    mlflow = _mlflow()
-    mlflow.MlflowClient().set_terminated(parent_run_id(params), status="FINISHED")
+    _mlflow().MlflowClient().set_terminated(parent_run_id(params), status="FINISHED")
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
