@@ -13,16 +13,13 @@ from pipeline import launch
 from pipeline.errors import PipelineError
 from pipeline.params import Params, load_params
 
-MiB = 1024 * 1024
-
 
 def stage_main(stage: str, work: Callable[..., object], *, item: str | None = None, track: bool = True,
                several_processes: bool = False) -> int:
     """What ``python -m stages.<stage>`` runs: ``run_stage`` in a process set up for it.
 
-    several_processes: the stage runs on ``compute.processes`` processes (finetune, generate, train); with more
-    than one, this process starts the script again under ``accelerate launch`` and waits (pipeline/launch.py).
-    Torch gets the usable cores shared out between the stage's processes as intra-op threads.
+    several_processes: the stage runs on ``compute.processes`` processes (finetune, generate, train), under
+    ``accelerate launch`` when more than one; torch gets the usable cores shared out between them.
     """
     argv = sys.argv[1:]
     args, name = _parse(stage, item, argv)
@@ -38,20 +35,12 @@ def stage_main(stage: str, work: Callable[..., object], *, item: str | None = No
     return run_stage(stage, work, item=item, track=track, argv=argv)
 
 
-def run_stage(
-    stage: str,
-    work: Callable[..., object],
-    *,
-    item: str | None = None,
-    track: bool = True,
-    argv: Sequence[str] | None = None,
-) -> int:
+def run_stage(stage: str, work: Callable[..., object], *, item: str | None = None, track: bool = True,
+              argv: Sequence[str] | None = None) -> int:
     """Run ``work(params)`` (or ``work(params, item)`` for foreach stages such as finetune@mel) in this process.
 
-    item: the metavar of the foreach item (e.g. "class_code"), None for a plain stage.
-    Returns the exit code. On success the main process prints ``<stage>: done in <s> s``, with its peak GPU memory
-    when it used CUDA and its torch threads when it used torch (also logged to the stage's MLflow run): what
-    ``make gpu-smoke`` reports.
+    item: the metavar of the foreach item (e.g. "class_code"). Returns the exit code. On success the main process
+    prints ``<stage>: done in <s> s`` with its peak GPU memory and torch threads (what ``make gpu-smoke`` reads).
     """
     args, name = _parse(stage, item, argv)
     # SIGTERM (dvc, a scheduler, Ctrl-C in a queue) unwinds like an exception, so temporary
@@ -97,15 +86,14 @@ def _parse(stage: str, item: str | None, argv: Sequence[str] | None) -> tuple[ar
 
 
 def _usage(start: float) -> dict[str, float]:
-    """Wall seconds since ``start``, torch's intra-op threads (a stage slower on one machine than another often ran
-    on fewer) and, if this process used CUDA, torch's peak allocated GPU memory in MiB."""
+    """Wall seconds since ``start``, torch's intra-op threads and, if this process used CUDA, its peak GPU memory."""
     usage = {"stage_seconds": time.perf_counter() - start}
     torch = sys.modules.get("torch")  # a stage that never imported torch never used it
     if torch is None:
         return usage
     usage["torch_threads"] = float(torch.get_num_threads())
     if torch.cuda.is_initialized():
-        usage["gpu_peak_memory_mib"] = torch.cuda.max_memory_allocated() / MiB
+        usage["gpu_peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return usage
 
 
