@@ -10,15 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-
-def _temp_sibling(target: Path, is_dir: bool) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{target.name}.tmp-"
-    if is_dir:
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
-    fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
-    os.close(fd)
-    return Path(name)
+from pipeline.errors import PipelineError
 
 
 def _replace(temp: Path, target: Path) -> None:
@@ -36,7 +28,8 @@ def _replace(temp: Path, target: Path) -> None:
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``target``; on success it replaces ``target`` in one rename."""
     target = Path(target)
-    temp = _temp_sibling(target, is_dir=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield temp
     except BaseException:
@@ -49,7 +42,10 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
 def atomic_file(target: str | Path) -> Iterator[Path]:
     """Yield a temporary file path beside ``target``; on success it replaces ``target``."""
     target = Path(target)
-    temp = _temp_sibling(target, is_dir=False)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.close(fd)
+    temp = Path(name)
     try:
         yield temp
     except BaseException:
@@ -70,8 +66,6 @@ def write_json(target: str | Path, payload: object) -> None:
 
 def read_json(path: str | Path, missing: str) -> dict:
     """What write_json wrote; a missing file or broken JSON is one PipelineError line (``missing`` says what to run)."""
-    from pipeline.errors import PipelineError
-
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: {missing}")

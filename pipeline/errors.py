@@ -2,7 +2,4 @@
 
 
 class PipelineError(Exception):
-    """Bad input or a broken invariant, explained in one line that names the file, key or value.
-
-    Stages print it as ``error: <message>`` and exit 1 instead of showing a traceback.
-    """
+    """Bad input or a broken invariant in one line naming the file, key or value: stages print it, exit 1."""

@@ -1,9 +1,5 @@
-"""Where everything lives, relative to the repository the pipeline runs in.
-
-Stages run with the repo root as working directory (DVC's default), possibly inside a DVC
-experiment's temporary copy; ``workspace_root`` is that copy, ``store_root`` is the original
-repository, where shared stores (MLflow) must live so every experiment logs to the same place.
-"""
+"""Where everything lives: ``workspace_root``, the checkout a stage runs in (possibly a DVC experiment's temporary
+copy), and ``store_root``, the original repository, where shared stores (MLflow) live."""
 
 from __future__ import annotations
 
@@ -14,16 +10,13 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 
 _TEMP_EXPERIMENT = re.compile(r"^(?P<root>.+?)/\.dvc/tmp/exps/")
-
-
 WORKSPACE_ENV = "LESION_SYNTH_WORKSPACE"
 
 
 def workspace_root() -> Path:
     """The checkout the stage runs in: $LESION_SYNTH_WORKSPACE, else the nearest folder holding dvc.yaml from the CWD.
 
-    Not $DVC_ROOT: in `dvc exp run --queue` DVC points it at the parent repository while the stage
-    runs (with that CWD) inside a temporary copy, and the copy is where inputs and outputs live.
+    Not $DVC_ROOT: under `dvc exp run --queue` it names the parent repository, not the copy the stage runs in.
     """
     if os.environ.get(WORKSPACE_ENV):
         return Path(os.environ[WORKSPACE_ENV]).resolve()
@@ -35,11 +28,8 @@ def workspace_root() -> Path:
 
 
 def store_root() -> Path:
-    """The original repository, where shared stores (mlflow.db) live, also from a queued experiment's copy.
-
-    $DVC_ROOT is the parent repository under `dvc exp run --queue`; a path inside .dvc/tmp/exps/ is mapped
-    back to the repository holding it for runners that do not set it.
-    """
+    """The original repository, also from a queued experiment's copy: $DVC_ROOT, or for runners that do not set it,
+    the repository holding a path inside .dvc/tmp/exps/."""
     root = Path(os.environ["DVC_ROOT"]).resolve() if os.environ.get("DVC_ROOT") else workspace_root()
     match = _TEMP_EXPERIMENT.match(root.as_posix() + "/")
     return Path(match.group("root")) if match else root
@@ -66,10 +56,8 @@ _ALLOWED_RELATIVE_ROOTS = ("data", "models", "tests", "checkpoints")
 
 
 def resolve_user_path(value: str, key: str) -> Path:
-    """Turn a path from params into an absolute path, refusing relative paths that escape the repo's data folders.
-
-    Absolute paths are taken as given on purpose (a HAM10000 folder elsewhere on disk).
-    """
+    """Turn a path from params into an absolute one; a relative path must stay inside the repo's data folders, an
+    absolute one is taken as given (a HAM10000 folder elsewhere on disk)."""
     path = Path(os.path.expanduser(value))
     if path.is_absolute():
         return path
@@ -77,8 +65,6 @@ def resolve_user_path(value: str, key: str) -> Path:
     resolved = (root / path).resolve()
     allowed = [(root / name).resolve() for name in _ALLOWED_RELATIVE_ROOTS]
     if not any(resolved == a or a in resolved.parents for a in allowed):
-        raise PipelineError(
-            f"{key}: relative path {value!r} leaves the repository's {'/'.join(_ALLOWED_RELATIVE_ROOTS)} folders; "
-            "give an absolute path to use a folder elsewhere"
-        )
+        raise PipelineError(f"{key}: relative path {value!r} leaves the repository's "
+                            f"{'/'.join(_ALLOWED_RELATIVE_ROOTS)} folders; give an absolute path to use a folder elsewhere")
     return resolved
