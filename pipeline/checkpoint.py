@@ -1,10 +1,7 @@
 """Resumable training state for both trainers (classifier and diffusion fine-tuning): one format, one code path.
 
-A checkpoint is a folder holding ``state.safetensors`` (every tensor: weights, optimizer moments, RNG states, each
-under a ``<group>.`` prefix) and ``state.json`` (everything else, with the run key it was written for), replaced
-in one rename so a kill mid-write keeps the previous one. Loading never unpickles.
-accelerate's ``save_state``/``load_state`` is not used: it writes the optimizer, scheduler and RNG state with
-``torch.save`` and reads them back with ``torch.load``, i.e. pickles.
+A folder of ``state.safetensors`` (every tensor under a ``<group>.`` prefix) and ``state.json`` (the rest, with the
+run key), replaced in one rename. Not accelerate's ``save_state``: it pickles the optimizer and RNG state.
 """
 
 from __future__ import annotations
@@ -62,7 +59,8 @@ def load_checkpoint(folder: Path, key: str) -> Checkpoint | None:
     try:
         meta = json.loads(meta_path.read_text())
         if meta.get("key") != key:
-            print(f"{folder}: checkpoint was written for other params, data or base model; starting fresh", file=sys.stderr)
+            print(f"{folder}: checkpoint was written for other params, data or base model; starting fresh",
+                  file=sys.stderr)
             return None
         return Checkpoint(meta, load_file(str(tensor_path)))
     except (OSError, ValueError, SafetensorError) as exc:
@@ -82,4 +80,5 @@ def set_rng_state(states: dict[str, torch.Tensor], generator: torch.Generator) -
     generator.set_state(states["generator"])
     torch.set_rng_state(states["torch"])
     if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([states[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in states])
+        cuda = [states[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in states]
+        torch.cuda.set_rng_state_all(cuda)

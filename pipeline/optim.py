@@ -1,11 +1,8 @@
-"""The optimizer every fine-tuning and classifier run uses, and how to restore its state from a checkpoint.
+"""The optimizer every fine-tuning and classifier run uses (fused AdamW: one kernel per step, bench/README.md), and
+its state as safetensors + JSON for checkpoints.
 
-Why fused: one kernel per step instead of a Python loop over the parameters: a tiny-UNet LoRA step and an
-EfficientNet-B0 step on CPU are ~4 % faster, and it is the usual choice on GPU (bench/README.md).
-Why the restore helper: on CPU the fused kernel walks each parameter and its moment buffers in memory order, so a
-channels_last weight whose buffers were loaded from a checkpoint in the default layout is updated with the wrong
-moments, silently. Buffers are therefore copied into their parameter's layout after loading.
-Checkpoints store the state as safetensors + JSON (never a pickle): ``state_tensors`` / ``state_from_tensors``.
+On CPU the fused kernel walks each parameter and its moment buffers in memory order, so a channels_last weight
+whose buffers were loaded in the default layout would silently get the wrong moments: ``load_optimizer_state``.
 """
 
 from __future__ import annotations
@@ -50,5 +47,6 @@ def state_from_tensors(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
     # JSON turned tuples (betas) into lists; torch wants them back as they were.
-    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()} for g in rest["param_groups"]]
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+              for g in rest["param_groups"]]
     return {"state": state, "param_groups": groups}

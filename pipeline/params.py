@@ -24,10 +24,6 @@ CLASS_NAMES: dict[str, str] = {
     "nv": "melanocytic nevus",
     "vasc": "vascular lesion",
 }
-# Rare words used as each class's DreamBooth/LoRA instance token (one per class, never shared).
-DEFAULT_INSTANCE_TOKENS: dict[str, str] = {
-    "akiec": "zkq", "bcc": "vbx", "bkl": "pqw", "df": "sks", "mel": "ohwx", "nv": "jxv", "vasc": "qzt",
-}
 
 
 class _Section(BaseModel):
@@ -142,7 +138,9 @@ class DiffusionParams(_Section):
     control: Literal["none", "mask"] = "none"  # mask: a ControlNet on lesion masks steers every class's generation
     controlnet: ControlNetParams = ControlNetParams()
     prompt: str = "a dermoscopic image of {token} {class_name}"
-    instance_tokens: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_INSTANCE_TOKENS))
+    # Rare words used as each class's DreamBooth/LoRA instance token (one per class, never shared).
+    instance_tokens: dict[str, str] = Field(default_factory=lambda: {
+        "akiec": "zkq", "bcc": "vbx", "bkl": "pqw", "df": "sks", "mel": "ohwx", "nv": "jxv", "vasc": "qzt"})
     prior_preservation: bool = False
     prior_loss_weight: float = Field(1.0, ge=0)
     class_images: int = Field(20, gt=0)
@@ -160,21 +158,17 @@ class DiffusionParams(_Section):
         return lr
 
     @model_validator(mode="after")
-    def _lr_for_method(self) -> "DiffusionParams":
+    def _lr_for_method_and_token_in_prompt(self) -> "DiffusionParams":
         if isinstance(self.lr, dict) and self.method not in self.lr:
             raise ValueError(f"lr has no rate for method {self.method!r}; give one or a single number for all methods")
+        if "{token}" not in self.prompt:
+            raise ValueError(f"prompt must contain '{{token}}' so each class gets its instance token, got {self.prompt!r}")
         return self
 
     @property
     def learning_rate(self) -> float:
         """The rate of the configured method."""
         return self.lr[self.method] if isinstance(self.lr, dict) else self.lr
-
-    @model_validator(mode="after")
-    def _prompt_has_token(self) -> "DiffusionParams":
-        if "{token}" not in self.prompt:
-            raise ValueError(f"prompt must contain '{{token}}' so each class gets its instance token, got {self.prompt!r}")
-        return self
 
 
 class GenerateParams(_Section):
@@ -325,8 +319,6 @@ def _describe(error: dict) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         return f"unknown key {key!r}"
-    if error["type"] in {"missing"}:
-        return f"{key}: {message}"
     return f"{key}: {message} (got {error.get('input')!r})"
 
 
