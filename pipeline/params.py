@@ -1,7 +1,6 @@
-"""Typed, validated view of params.yaml: the only way stages read configuration.
+"""Typed, validated view of params.yaml (which documents each key): the only way stages read configuration.
 
-Every section is a pydantic model that forbids unknown keys, so a typo in params.yaml
-fails loudly with one line naming the key instead of silently using a default.
+Every section forbids unknown keys, so a typo fails with one line naming the key instead of using a default.
 """
 
 from __future__ import annotations
@@ -71,9 +70,7 @@ class DataParams(_Section):
 class DemoParams(_Section):
     images: int = Field(2000, gt=0)
     size: int = Field(128, ge=32)
-    # Floor on every class's image count (HAM10000 has only ~1% df/vasc). 260 at val = test = 0.2 gives each class
-    # >= 50 val and test images and ~156 train: a reserve of >= 100 (generate.per_class) at data.real_per_class 50.
-    min_per_class: int = Field(260, gt=0)
+    min_per_class: int = Field(260, gt=0)  # floor on every class's image count (HAM10000 has only ~1% df/vasc)
 
 
 class LoraParams(_Section):
@@ -94,7 +91,7 @@ class BasePretrainParams(_Section):
 
 
 class HypernetworkParams(_Section):
-    """diffusion.method hypernetwork: which kind, and the shape of context_mlp's MLPs (pipeline/diffusion/hypernetwork.py)."""
+    """diffusion.method hypernetwork (pipeline/diffusion/hypernetwork.py)."""
 
     kind: Literal["encoder_copy", "context_mlp"] = "encoder_copy"
     # context_mlp: layer widths as multiples of the context width, AUTOMATIC1111's "1, 2, 1".
@@ -110,7 +107,7 @@ class HypernetworkParams(_Section):
 
 
 class ControlNetParams(_Section):
-    """diffusion.control mask: the lesion-mask ControlNet (pipeline/diffusion/controlnet.py) and its new mask shapes."""
+    """diffusion.control mask: the lesion-mask ControlNet (pipeline/diffusion/controlnet.py)."""
 
     steps: int = Field(400, gt=0)
     batch: int = Field(8, gt=0)
@@ -130,9 +127,7 @@ class DiffusionParams(_Section):
     resolution: int = Field(32, ge=8)
     steps: int = Field(250, gt=0)
     batch: int = Field(4, gt=0)
-    # One rate for every method, or one per method: a rank-8 LoRA on the tiny UNet needs ~3e-3 to move in 250
-    # steps, a full-UNet DreamBooth wants far less (SD 1.5: ~1e-4 for both).
-    lr: float | dict[Method, float] = 1e-4
+    lr: float | dict[Method, float] = 1e-4  # one rate for every method, or one per method
     lora: LoraParams = LoraParams()
     hypernetwork: HypernetworkParams = HypernetworkParams()
     control: Literal["none", "mask"] = "none"  # mask: a ControlNet on lesion masks steers every class's generation
@@ -162,7 +157,8 @@ class DiffusionParams(_Section):
         if isinstance(self.lr, dict) and self.method not in self.lr:
             raise ValueError(f"lr has no rate for method {self.method!r}; give one or a single number for all methods")
         if "{token}" not in self.prompt:
-            raise ValueError(f"prompt must contain '{{token}}' so each class gets its instance token, got {self.prompt!r}")
+            raise ValueError(f"prompt must contain '{{token}}' so each class gets its instance token, "
+                             f"got {self.prompt!r}")
         return self
 
     @property
@@ -178,9 +174,7 @@ class GenerateParams(_Section):
     scheduler: Literal["dpmsolver++", "ddim", "ddpm", "euler", "pndm"] = "dpmsolver++"
     batch: int = Field(16, gt=0)
     negative_prompt: str = ""
-    # Guidance's unconditional branch: "base", the base model without the class's weights (guidance then pulls
-    # towards what the fine-tune added); "finetuned", the fine-tuned model itself, as diffusers' pipelines do.
-    unconditional: Literal["base", "finetuned"] = "base"
+    unconditional: Literal["base", "finetuned"] = "base"  # the UNet of guidance's unconditional branch
 
 
 class ClassifierParams(_Section):
@@ -193,16 +187,12 @@ class ClassifierParams(_Section):
     weight_decay: float = Field(1e-4, ge=0)
     balance: Literal["weighted_sampler", "class_weighted_loss", "none"] = "weighted_sampler"
     patience: int = Field(5, gt=0)
-    min_epochs: int = Field(10, ge=0)  # early stopping waits this long: from scratch, val accuracy sits at chance at first
+    min_epochs: int = Field(10, ge=0)  # early stopping waits this long: from scratch, val accuracy starts at chance
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    # True: an epoch draws as many images as there are *real* train images for both variants, so augmented gets
-    # the same number of optimizer steps as baseline (the gain measures data, not extra compute).
-    equal_steps: bool = True
+    equal_steps: bool = True  # as many steps per epoch for every variant: the gain measures data, not compute
     grad_clip: float = Field(1.0, ge=0)  # max gradient norm (0: off); from scratch, Adam spikes without it
-    # A resumable checkpoint at the end of an epoch once this many minutes have passed since the last one (0: every
-    # epoch), and when a seed finishes that others follow. An interruption loses at most about this much training;
-    # on the demo set an epoch takes ~1 s and a checkpoint (weights + optimizer, ~50 MB) 0.1-0.2 s, so one per
-    # epoch cost 10-15 %.
+    # A resumable checkpoint at an epoch's end once this long since the last (0: every epoch, 10-15 % slower on the
+    # demo set) and when a seed finishes that others follow: an interruption loses at most about this much training.
     checkpoint_minutes: float = Field(1.0, ge=0)
 
     @field_validator("seeds")
@@ -214,10 +204,7 @@ class ClassifierParams(_Section):
 
 
 class OracleParams(_Section):
-    """The oracle that judges class fidelity (pipeline/classifier/oracle.py): the classifier's knobs, with its own budget.
-
-    It trains on every real train-side image (~6x the baseline's on the demo set), so an epoch of all of them would
-    make it the slowest stage; a fixed number of draws per epoch keeps its cost near a variant's."""
+    """The judge of class fidelity (pipeline/classifier/oracle.py): the classifier's knobs, its own budget of draws."""
 
     epochs: int = Field(12, gt=0)
     epoch_images: int = Field(320, gt=0)  # images drawn (class-balanced) per epoch
@@ -254,15 +241,13 @@ class QualityParams(_Section):
 
 
 class SweepParams(_Section):
-    """`make sweep`: one queued DVC experiment per point of two axes, method × generate.per_class (at
-    data.real_per_class) and method × data.real_per_class (at generate.per_class); no stage reads it."""
+    """`make sweep` (pipeline/sweep.py); no stage reads it."""
 
     methods: list[Method] = Field(
         default_factory=lambda: ["lora", "dreambooth", "textual_inversion", "hypernetwork"], min_length=1
     )
     amounts: list[int] = Field(default_factory=lambda: [50, 100, 200], min_length=1)  # synthetic images per class
-    # Real train images per class (data.real_per_class), each at generate.per_class; [] leaves this axis out.
-    real_per_class: list[int] = Field(default_factory=lambda: [5, 10, 20, 50])
+    real_per_class: list[int] = Field(default_factory=lambda: [5, 10, 20, 50])  # []: no scarcity axis
     jobs: int = Field(1, gt=0)  # `dvc queue start -j`: experiments run at once
     timeout_minutes: float = Field(240, gt=0)
 
@@ -278,7 +263,7 @@ class SweepParams(_Section):
 class ComputeParams(_Section):
     """Where the finetune, generate and train stages run: processes (``accelerate launch``) and precision."""
 
-    processes: int = Field(1, gt=0)  # > 1: the stage runs under `accelerate launch --num_processes N` (pipeline/launch.py)
+    processes: int = Field(1, gt=0)  # > 1: the stage runs under `accelerate launch` (pipeline/launch.py)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # fp16/bf16 need a GPU; CPU runs fall back to fp32
 
     @field_validator("mixed_precision", mode="before")
