@@ -316,17 +316,6 @@ def _log_to_mlflow(frame: pd.DataFrame, params: Params, folder: Path, sweep_id: 
             mlflow.log_artifact(str(folder / name))
 
 
-def sweep(params: Params, root: Path, sweep_id: str) -> Path:
-    points = plan(params, sweep_id)
-    s = params.sweep
-    print(f"sweep {sweep_id}: {len(points)} experiments ({', '.join(s.methods)} × {s.amounts} synthetic per class at "
-          f"{_cap_label(params.data.real_per_class)} real, and × {s.real_per_class} real per class at "
-          f"{params.generate.per_class} synthetic), {s.jobs} at a time")
-    queue(points, params, root)
-    run_queue(points, root, s.jobs, s.timeout_minutes * 60)
-    return write_outputs(collect(points, root), params, root, sweep_id, per_class(points, root, params))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.sweep", description=__doc__.split("\n")[0])
     parser.add_argument("--params", default="params.yaml")
@@ -334,7 +323,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         root = workspace_root()
-        summary = sweep(load_params(root / args.params), root, args.id)
+        params = load_params(root / args.params)
+        points, s = plan(params, args.id), params.sweep
+        print(f"sweep {args.id}: {len(points)} experiments ({', '.join(s.methods)} × {s.amounts} synthetic per class "
+              f"at {_cap_label(params.data.real_per_class)} real, and × {s.real_per_class} real per class at "
+              f"{params.generate.per_class} synthetic), {s.jobs} at a time")
+        queue(points, params, root)
+        run_queue(points, root, s.jobs, s.timeout_minutes * 60)
+        summary = write_outputs(collect(points, root), params, root, args.id, per_class(points, root, params))
     except PipelineError as exc:
         print(f"error: sweep: {exc}", file=sys.stderr)
         return 1
