@@ -82,13 +82,10 @@ def clean_stale_temps(folder: str | Path, name: str | None = None) -> int:
     folder = Path(folder)
     if not folder.is_dir():
         return 0
-
-    def is_stale(path: Path) -> bool:
-        if name is not None:
-            return path.name.startswith((f".{name}.tmp-", f".{name}.old-"))
-        return path.name.startswith(".") and (".tmp-" in path.name or ".old-" in path.name)
-
-    stale = [p for p in folder.iterdir() if is_stale(p)]
+    if name is None:
+        stale = [p for p in folder.iterdir() if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name)]
+    else:
+        stale = [p for p in folder.iterdir() if p.name.startswith((f".{name}.tmp-", f".{name}.old-"))]
     for path in stale:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     return len(stale)
