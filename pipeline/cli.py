@@ -29,7 +29,7 @@ def stage_main(stage: str, work: Callable[..., object], *, item: str | None = No
         sys.stderr.write(f"error: {name}: {exc}\n")  # one write: the ranks of a launched stage share stderr
         return 1
     processes = compute.processes if several_processes else 1
-    if processes > 1 and not launch.under_launcher():
+    if processes > 1 and "WORLD_SIZE" not in os.environ:  # not yet a rank: accelerate and torchrun set it in each
         return launch.relaunch(f"stages.{stage}", argv, compute, name)
     launch.set_torch_threads(processes)
     return run_stage(stage, work, item=item, track=track, argv=argv)

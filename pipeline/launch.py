@@ -19,11 +19,6 @@ from pipeline.params import ComputeParams
 THREADS_ENV = "OMP_NUM_THREADS"  # a thread count someone chose: torch reads it at start, the stage leaves it be
 
 
-def under_launcher() -> bool:
-    """True in a rank started by ``accelerate launch`` / torchrun (they set WORLD_SIZE for every rank)."""
-    return "WORLD_SIZE" in os.environ
-
-
 def cgroup_cpu_limit(cgroup: Path = Path("/sys/fs/cgroup")) -> float | None:
     """The container's CPU quota in cores (cgroup v2 or v1), or None without one: a container may see every core of
     its host but be allowed only a few, and threads beyond the quota only wait."""

@@ -26,10 +26,8 @@ def tracking_uri() -> str:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=workspace_root(), capture_output=True, text=True, timeout=10, check=True
-        )
-        return out.stdout.strip()
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=workspace_root(), capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -81,11 +79,8 @@ def ensure_experiment(name: str) -> str:
 
 
 def execution_tags(params) -> dict[str, str]:
-    return {
-        "git_commit": git_commit(),
-        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
-        "params_hash": params_hash(params),
-    }
+    return {"git_commit": git_commit(), "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+            "params_hash": params_hash(params)}
 
 
 def parent_run_id(params) -> str:
@@ -97,9 +92,8 @@ def parent_run_id(params) -> str:
     tags = execution_tags(params)
     key = json_digest(tags)
     with _store_lock():
-        found = mlflow.search_runs(
-            [experiment_id], filter_string=f"tags.pipeline_key = '{key}'", max_results=1, output_format="list"
-        )
+        found = mlflow.search_runs([experiment_id], filter_string=f"tags.pipeline_key = '{key}'", max_results=1,
+                                   output_format="list")
         if found:
             return found[0].info.run_id
         client = mlflow.MlflowClient()
