@@ -64,10 +64,8 @@ def overrides(point: Point, params: Params) -> dict[str, object]:
 
 
 def _env(jobs: int = 1) -> dict[str, str]:
-    """The queue's workers run the stages' `python -m stages.<x>`: that must be this interpreter, as under `make`.
-
-    Experiments running side by side share the cores: each gets its share as torch threads (OMP_NUM_THREADS, which
-    the stages obey; more threads than cores spin and wait, README's compute section)."""
+    """The queue's workers must run the stages with this interpreter, as under `make`; experiments side by side get
+    their share of the cores as torch threads (more threads than cores spin and wait)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     if jobs > 1:
         env.setdefault(launch.THREADS_ENV, str(launch.threads_per_process(jobs)))
