@@ -6,7 +6,7 @@ Every section forbids unknown keys, so a typo fails with one line naming the key
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -243,9 +243,7 @@ class QualityParams(_Section):
 class SweepParams(_Section):
     """`make sweep` (pipeline/sweep.py); no stage reads it."""
 
-    methods: list[Method] = Field(
-        default_factory=lambda: ["lora", "dreambooth", "textual_inversion", "hypernetwork"], min_length=1
-    )
+    methods: list[Method] = Field(default_factory=lambda: list(get_args(Method)), min_length=1)
     amounts: list[int] = Field(default_factory=lambda: [50, 100, 200], min_length=1)  # synthetic images per class
     real_per_class: list[int] = Field(default_factory=lambda: [5, 10, 20, 50])  # []: no scarcity axis
     jobs: int = Field(1, gt=0)  # `dvc queue start -j`: experiments run at once
