@@ -12,8 +12,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # compute.mixed_precis
 def cpu_only() -> bool:
     """No GPU-like device: accelerate must then be told ``cpu=True``, or processes started by
     ``accelerate launch``/torchrun on a CPU machine each think they are alone (and race on the outputs)."""
-    xpu = getattr(torch, "xpu", None)
-    return not (torch.cuda.is_available() or torch.backends.mps.is_available() or (xpu is not None and xpu.is_available()))
+    return not (torch.cuda.is_available() or torch.backends.mps.is_available() or torch.xpu.is_available())
 
 
 def gpu_precision(mixed_precision: str, doing: str) -> str:
