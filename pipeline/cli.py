@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -32,7 +33,11 @@ def stage_main(stage: str, work: Callable[..., object], *, item: str | None = No
     if processes > 1 and "WORLD_SIZE" not in os.environ:  # not yet a rank: accelerate and torchrun set it in each
         return launch.relaunch(f"stages.{stage}", argv, compute, name)
     launch.set_torch_threads(processes)
-    return run_stage(stage, work, item=item, track=track, argv=argv)
+    code = run_stage(stage, work, item=item, track=track, argv=argv)
+    # The interpreter's exit then skips collecting the millions of objects torch, diffusers and MLflow imported:
+    # 1.6 s -> 0.3 s a stage process.
+    gc.freeze()
+    return code
 
 
 def run_stage(stage: str, work: Callable[..., object], *, item: str | None = None, track: bool = True,
