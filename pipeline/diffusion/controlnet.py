@@ -75,9 +75,8 @@ def make_controlnet(unet, vae_scale_factor: int) -> ControlNetModel:
 
 
 def controlled(unet, controlnet, condition: torch.Tensor, scale: float = 1.0):
-    """``unet(noisy, t, states)`` steered by ``controlnet`` under ``condition``: what finetune's loss calls. The
-    ControlNet runs in its own weights' dtype (fp32 while it trains beside a half-precision UNet, with or without
-    autocast); its residuals join the UNet in the UNet's input dtype."""
+    """``unet(noisy, t, states)`` steered by ``controlnet`` under ``condition``. The ControlNet runs in its own weights'
+    dtype (fp32 while it trains beside a half-precision UNet); its residuals join the UNet in the UNet's dtype."""
 
     def forward(noisy, timesteps, states):
         dtype = next(controlnet.parameters()).dtype
@@ -90,9 +89,8 @@ def controlled(unet, controlnet, condition: torch.Tensor, scale: float = 1.0):
 
 
 def conditioning_mask(mask: torch.Tensor, seed: int, cfg: ControlNetParams) -> torch.Tensor:
-    """A new lesion shape from a train mask ([3, R, R] in {0, 1}): random rotation, shift, scale and an elastic
-    warp, all drawn from ``seed`` (the image's own), so an image's mask is the same in any batch or process. The warp
-    runs at ``WARP_SIDE`` pixels whatever R is, so ``cfg.elastic`` means the same reach at 32 px as at 512."""
+    """A new lesion shape from a train mask ([3, R, R] in {0, 1}) drawn from the image's ``seed`` (the same in any batch
+    or process); the warp runs at ``WARP_SIDE`` pixels, so ``cfg.elastic`` reaches as far at 32 px as at 512."""
     from torchvision.transforms import v2
 
     change = v2.Compose([

@@ -232,8 +232,8 @@ def generation_pipeline(params: Params, class_code: str, base_only: bool = False
     dtype = DTYPES.get(gpu_precision(params.compute.mixed_precision, "generating"), torch.float32)
     base_dir = workspace_root() / BASE_MODEL_DIR
     guide_unet = None
+    check_class(params, class_code)
     if base_only:
-        check_class(params, class_code)
         pipe = load_base_pipeline(base_dir, dtype)
         unet = base_model_folder(base_dir) / "unet"
         names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")

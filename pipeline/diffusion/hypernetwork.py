@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import torch
+from diffusers import ControlNetModel
 from diffusers.models.attention_processor import Attention
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -81,17 +82,6 @@ def _hook_context(unet, net: ContextHypernetwork) -> None:
         attn.to_v.register_forward_pre_hook(transform(net.mlps[f"v{width}"]))
 
 
-def _encoder_copy(unet, load_weights: bool):
-    from diffusers import ControlNetModel
-
-    # One condition channel through one 1-channel convolution: the cheapest condition branch there is.
-    net = ControlNetModel.from_unet(
-        unet, conditioning_channels=1, conditioning_embedding_out_channels=(1,), load_weights_from_unet=load_weights
-    )
-    net.controlnet_cond_embedding.requires_grad_(False)
-    return net
-
-
 def _hook_encoder(unet, net) -> None:
     """Add the copy's residuals to the UNet's skip connections and mid block (to any a caller already gives)."""
     signature = inspect.signature(unet.forward)
@@ -133,7 +123,11 @@ def _build(unet, config: dict, load_weights: bool) -> torch.nn.Module:
     """A new network of the config's kind, made on the UNet's device (no copy through host memory)."""
     with torch.device(unet.device):
         if config["kind"] == "encoder_copy":
-            return _encoder_copy(unet, load_weights)
+            # One condition channel through one 1-channel convolution: the cheapest condition branch there is.
+            net = ControlNetModel.from_unet(unet, conditioning_channels=1, conditioning_embedding_out_channels=(1,),
+                                            load_weights_from_unet=load_weights)
+            net.controlnet_cond_embedding.requires_grad_(False)
+            return net
         widths = sorted({attn.to_k.in_features for attn in _cross_attentions(unet)})
         return ContextHypernetwork(widths, config["layer_structure"], config["activation"])
 
