@@ -395,14 +395,6 @@ def write_grid(folder: str | Path, table: pd.DataFrame, target: str | Path, per_
         grid.save(temp, "PNG")
 
 
-def write_placeholder_grid(target: str | Path, source: str) -> None:
-    """Keeps the stage's grid output present (DVC requires it) when a real data folder replaces the demo."""
-    img = Image.new("RGB", (520, 60), "white")
-    ImageDraw.Draw(img).text((10, 20), f"real data source: {source} (no demo images drawn)", fill="black", font=_font(14))
-    with atomic_file(target) as temp:
-        img.save(temp, "PNG")
-
-
 def make_demo(params: Params) -> dict:
     """The demo_data stage: write data/demo/HAM10000 + reports/demo_grid.png, or only a SKIPPED marker for real data."""
     from pipeline import tracking
@@ -415,7 +407,12 @@ def make_demo(params: Params) -> dict:
             (temp / SKIPPED_MARKER).write_text(
                 f"data.source is {params.data.source!r}: the prepare stage reads that folder, no demo images were drawn.\n"
             )
-        write_placeholder_grid(grid, params.data.source)
+        # The grid stays an output (DVC requires it) when a real data folder replaces the demo.
+        placeholder = Image.new("RGB", (520, 60), "white")
+        text = f"real data source: {params.data.source} (no demo images drawn)"
+        ImageDraw.Draw(placeholder).text((10, 20), text, fill="black", font=_font(14))
+        with atomic_file(grid) as temp:
+            placeholder.save(temp, "PNG")
         return {"skipped": True}
     demo = params.demo
     with atomic_dir(demo_root) as temp:

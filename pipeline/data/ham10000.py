@@ -103,16 +103,14 @@ def _read_ham(path: Path) -> pd.DataFrame:
 def _read_isic(path: Path, groupings: Path | None, report: SourceReport) -> pd.DataFrame:
     frame = _read_csv(path)
     _require(path, frame, ("image", *ISIC_CLASSES), filled=("image",))
-    onehot = pd.DataFrame(index=frame.index)
+    onehot = frame[list(ISIC_CLASSES)].apply(pd.to_numeric, errors="coerce")
     for code in ISIC_CLASSES:
-        values = pd.to_numeric(frame[code], errors="coerce")
-        if values.isna().any():
-            row = values.index[values.isna()][0]
+        if onehot[code].isna().any():
+            row = onehot.index[onehot[code].isna()][0]
             raise PipelineError(
                 f"{path}: row {row + 2}: column {code} of image {frame.at[row, 'image']!r} is "
                 f"{frame.at[row, code]!r}, expected 0.0 or 1.0"
             )
-        onehot[code] = values
     ones = (onehot == 1.0).sum(axis=1)
     bad = ones.index[ones != 1]
     if len(bad):

@@ -207,20 +207,6 @@ def build(params: Params) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict, 
     return split, finetune, report, source.skipped
 
 
-def write_outputs(root: Path, split: pd.DataFrame, finetune: Mapping[str, pd.DataFrame], report: dict,
-                  skipped: list[dict]) -> None:
-    """data/prepared appears complete in one rename; reports/data.json by write-then-rename."""
-    prepared = root / PREPARED_DIR
-    clean_stale_temps(prepared.parent)
-    with atomic_dir(prepared) as temp:
-        split.to_csv(temp / SPLIT_CSV.name, index=False, lineterminator="\n")
-        (temp / FINETUNE_DIR.name).mkdir()
-        for class_code, sample in sorted(finetune.items()):
-            sample.to_csv(temp / FINETUNE_DIR.name / f"{class_code}.csv", index=False, lineterminator="\n")
-        pd.DataFrame(skipped, columns=["image_id", "reason"]).to_csv(temp / "skipped.csv", index=False, lineterminator="\n")
-    write_json(root / DATA_JSON, report)
-
-
 def prepare(params: Params) -> dict:
     """The prepare stage (see module docstring); returns the data report also written to reports/data.json."""
     from pipeline import tracking
@@ -232,7 +218,16 @@ def prepare(params: Params) -> dict:
             print(f"prepare: class {class_code!r} keeps {counts['train']} train images, not data.real_per_class={cap}: "
                   "no remaining lesion fits the cap (lesions are never split)")
     root = workspace_root()
-    write_outputs(root, split, finetune, report, skipped)
+    prepared = root / PREPARED_DIR
+    clean_stale_temps(prepared.parent)
+    with atomic_dir(prepared) as temp:  # data/prepared appears complete in one rename
+        split.to_csv(temp / SPLIT_CSV.name, index=False, lineterminator="\n")
+        (temp / FINETUNE_DIR.name).mkdir()
+        for class_code, sample in sorted(finetune.items()):
+            sample.to_csv(temp / FINETUNE_DIR.name / f"{class_code}.csv", index=False, lineterminator="\n")
+        skipped_rows = pd.DataFrame(skipped, columns=["image_id", "reason"])
+        skipped_rows.to_csv(temp / "skipped.csv", index=False, lineterminator="\n")
+    write_json(root / DATA_JSON, report)
     metrics = {f"{c}.{k}": v for c, counts in report["classes"].items() for k, v in counts.items()}
     metrics.update({f"total.{k}": v for k, v in report["totals"].items()})
     metrics["skipped_images"] = report["skipped_images"]
