@@ -13,7 +13,7 @@ from fixtures_data import make_workspace
 from PIL import Image, ImageFilter
 
 from pipeline.data.demo import HAM_COUNTS, METADATA_COLUMNS, class_counts, make_demo, plan, write_demo
-from pipeline.data.ham10000 import load_metadata
+from pipeline.data.ham10000 import read_source
 from pipeline.data.masks import MASK_FOLDER
 from pipeline.data.split import assign_splits, cap_train
 from pipeline.params import load_params, parse_params
@@ -92,7 +92,7 @@ def test_frequencies_and_lesions(demo):
 
 
 def test_reader_accepts_demo(demo):
-    table = load_metadata(demo)
+    table, _ = read_source(demo)
     assert len(table) == 140 and set(table["dx"]) == set(HAM_COUNTS)
     assert table["mask_path"].map(lambda m: Path(m).name).tolist() == [f"{i}_segmentation.png" for i in table["image_id"]]
 

@@ -162,7 +162,7 @@ def test_a_half_precision_controlnet_step_runs_on_cuda_with_the_controlnet_in_fp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_a_mask_conditioned_denoising_step_guided_by_the_base_unet_runs_on_cuda(dtype):
     """generate's sampling under diffusion.control mask and generate.unconditional base: a ControlNet, a second
-    (base) UNet for guidance's unconditional branch, masks made on the CPU (MaskSource) and handed over on the
+    (base) UNet for guidance's unconditional branch, masks made on the CPU (conditioning_masks) and handed over on the
     pipeline's device."""
     from pipeline.diffusion.controlnet import make_controlnet
     from pipeline.diffusion.generate import Control

@@ -11,7 +11,7 @@ import pytest
 from fixtures_data import ham_table, image_path, make_ham_folder, make_isic_folder, write_jpeg, write_masks
 from PIL import Image
 
-from pipeline.data.ham10000 import load_metadata, read_source
+from pipeline.data.ham10000 import read_source
 from pipeline.data.images import check_image, open_rgb, resize_square
 from pipeline.data.masks import MASK_FOLDER
 from pipeline.errors import PipelineError
@@ -39,7 +39,7 @@ def _one_line(exc: pytest.ExceptionInfo) -> str:
 
 
 def test_reads_ham_release_layout(ham):
-    table = load_metadata(ham)
+    table, report = read_source(ham)
     expected = ham_table(lesions_per_class=2)
     assert list(table.columns[:4]) == ["image_id", "lesion_id", "dx", "path"]
     assert {"dx_type", "age", "sex", "localization"} <= set(table.columns)
@@ -47,15 +47,15 @@ def test_reads_ham_release_layout(ham):
     assert all(Path(p).is_absolute() and Path(p).is_file() for p in table["path"])
     parts = {Path(p).parent.name for p in table["path"]}
     assert parts == {"HAM10000_images_part_1", "HAM10000_images_part_2"}
-    assert table.attrs["skipped"] == [] and table.attrs["layout"] == "ham10000"
-    assert (table["mask_path"] == "").all() and table.attrs["masks"] is None  # no segmentation release here
+    assert report.skipped == [] and report.layout == "ham10000"
+    assert (table["mask_path"] == "").all() and report.masks is None  # no segmentation release here
 
 
 def test_images_found_in_any_subfolder_and_extra_columns_ignored(tmp_path):
     table = ham_table(lesions_per_class=1)
     table["dataset"] = "vidir_modern"
     folder = make_ham_folder(tmp_path / "kaggle", table, image_folders=("nested/deeper/images", "other"))
-    read = load_metadata(folder)
+    read, _ = read_source(folder)
     assert len(read) == len(table)
     assert "dataset" not in read.columns
 
@@ -73,7 +73,7 @@ def test_reads_isic_2018_layout_with_groupings(tmp_path):
 def test_isic_without_groupings_warns_and_uses_one_lesion_per_image(tmp_path):
     folder = make_isic_folder(tmp_path / "isic", lesions_per_class=1, groupings=False)
     with pytest.warns(UserWarning, match="LesionGroupings.csv not found"):
-        table = load_metadata(folder)
+        table, _ = read_source(folder)
     assert (table["lesion_id"] == table["image_id"]).all()
 
 
@@ -82,7 +82,7 @@ def test_isic_ground_truth_one_folder_down(tmp_path):
     nested = folder / "ISIC2018_Task3_Training_GroundTruth"
     nested.mkdir()
     shutil.move(folder / "ISIC2018_Task3_Training_GroundTruth.csv", nested)
-    assert len(load_metadata(folder)) == len(ham_table(lesions_per_class=1))
+    assert len(read_source(folder)[0]) == len(ham_table(lesions_per_class=1))
 
 
 # --- errors: each names the file / column / value ---------------------------------------------------
@@ -90,14 +90,14 @@ def test_isic_ground_truth_one_folder_down(tmp_path):
 
 def test_missing_folder(tmp_path):
     with pytest.raises(PipelineError) as exc:
-        load_metadata(tmp_path / "nowhere")
+        read_source(tmp_path / "nowhere")
     assert "nowhere" in _one_line(exc) and "not found" in str(exc.value)
 
 
 def test_missing_metadata_names_both_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PipelineError) as exc:
-        load_metadata(tmp_path / "empty")
+        read_source(tmp_path / "empty")
     message = _one_line(exc)
     assert "HAM10000_metadata.csv" in message and "ISIC2018_Task3_Training_GroundTruth.csv" in message
 
@@ -105,19 +105,19 @@ def test_missing_metadata_names_both_files(tmp_path):
 def test_empty_csv(ham):
     (ham / "HAM10000_metadata.csv").write_text("")
     with pytest.raises(PipelineError, match=r"HAM10000_metadata\.csv: file is empty"):
-        load_metadata(ham)
+        read_source(ham)
 
 
 def test_header_only_csv(ham):
     (ham / "HAM10000_metadata.csv").write_text("lesion_id,image_id,dx,dx_type,age,sex,localization\n")
     with pytest.raises(PipelineError, match="no rows"):
-        load_metadata(ham)
+        read_source(ham)
 
 
 def test_missing_column_is_named(ham):
     _rewrite_csv(ham, lambda t: t.drop(columns=["dx"]))
     with pytest.raises(PipelineError) as exc:
-        load_metadata(ham)
+        read_source(ham)
     assert "missing column(s) dx" in _one_line(exc)
 
 
@@ -129,7 +129,7 @@ def test_duplicate_image_id_is_named(ham):
     _rewrite_csv(ham, dup)
     first = ham_table(lesions_per_class=2)["image_id"][1]
     with pytest.raises(PipelineError) as exc:
-        load_metadata(ham)
+        read_source(ham)
     assert f"duplicated image_id '{first}'" in _one_line(exc) and "rows 3 and 5" in str(exc.value)
 
 
@@ -140,7 +140,7 @@ def test_unknown_dx_names_value_and_row(ham):
 
     _rewrite_csv(ham, bad)
     with pytest.raises(PipelineError) as exc:
-        load_metadata(ham)
+        read_source(ham)
     assert "row 6" in _one_line(exc) and "'scc'" in str(exc.value)
 
 
@@ -151,7 +151,7 @@ def test_empty_lesion_id_is_named(ham):
 
     _rewrite_csv(ham, bad)
     with pytest.raises(PipelineError, match="row 4: empty lesion_id"):
-        load_metadata(ham)
+        read_source(ham)
 
 
 def test_missing_image_names_first_and_count(ham):
@@ -159,7 +159,7 @@ def test_missing_image_names_first_and_count(ham):
     for image_id in table["image_id"][[2, 5]]:
         image_path(ham, image_id).unlink()
     with pytest.raises(PipelineError) as exc:
-        load_metadata(ham)
+        read_source(ham)
     message = _one_line(exc)
     assert "2 listed image(s) not found" in message and table["image_id"][2] in message
 
@@ -168,7 +168,7 @@ def test_zero_byte_image_is_named(ham):
     target = image_path(ham, ham_table(lesions_per_class=2)["image_id"][0])
     target.write_bytes(b"")
     with pytest.raises(PipelineError) as exc:
-        load_metadata(ham)
+        read_source(ham)
     assert str(target) in _one_line(exc) and "0 bytes" in str(exc.value)
 
 
@@ -177,7 +177,7 @@ def test_truncated_jpeg_is_named(ham):
     data = target.read_bytes()
     target.write_bytes(data[: len(data) // 2])
     with pytest.raises(PipelineError) as exc:
-        load_metadata(ham)
+        read_source(ham)
     assert str(target) in _one_line(exc) and "truncated" in str(exc.value)
 
 
@@ -185,7 +185,7 @@ def test_corrupt_bytes_are_named(ham):
     target = image_path(ham, ham_table(lesions_per_class=2)["image_id"][2])
     target.write_bytes(np.random.default_rng(0).bytes(500))
     with pytest.raises(PipelineError) as exc:
-        load_metadata(ham)
+        read_source(ham)
     assert str(target) in _one_line(exc)
 
 
@@ -197,7 +197,7 @@ def test_isic_row_with_two_diagnoses(tmp_path):
     truth.loc[0, "MEL"] = 1.0
     truth.to_csv(csv, index=False)
     with pytest.raises(PipelineError) as exc:
-        load_metadata(folder)
+        read_source(folder)
     assert truth.loc[0, "image"] in _one_line(exc) and "2 diagnosis columns set to 1.0 (MEL, AKIEC)" in str(exc.value)
 
 
@@ -208,7 +208,7 @@ def test_isic_row_with_no_diagnosis(tmp_path):
     truth.loc[0, list("MEL NV BCC AKIEC BKL DF VASC".split())] = 0.0
     truth.to_csv(csv, index=False)
     with pytest.raises(PipelineError, match=f"{truth.loc[0, 'image']}' has 0 diagnosis columns"):
-        load_metadata(folder)
+        read_source(folder)
 
 
 def test_isic_missing_onehot_column(tmp_path):
@@ -216,7 +216,7 @@ def test_isic_missing_onehot_column(tmp_path):
     csv = folder / "ISIC2018_Task3_Training_GroundTruth.csv"
     pd.read_csv(csv).drop(columns=["VASC"]).to_csv(csv, index=False)
     with pytest.raises(PipelineError, match="missing column.s. VASC"):
-        load_metadata(folder)
+        read_source(folder)
 
 
 # --- skip mode --------------------------------------------------------------------------------------
@@ -228,9 +228,9 @@ def test_skip_mode_drops_and_counts_bad_images(ham):
     image_path(ham, ids[1]).write_bytes(b"")
     truncated = image_path(ham, ids[2])
     truncated.write_bytes(truncated.read_bytes()[:100])
-    table = load_metadata(ham, on_bad_image="skip")
+    table, report = read_source(ham, on_bad_image="skip")
     assert len(table) == len(ids) - 3
-    skipped = {s["image_id"]: s["reason"] for s in table.attrs["skipped"]}
+    skipped = {s["image_id"]: s["reason"] for s in report.skipped}
     assert set(skipped) == set(ids[:3])
     assert skipped[ids[0]] == "missing" and "0 bytes" in skipped[ids[1]]
 
@@ -304,7 +304,7 @@ def test_zero_one_and_one_bit_masks_are_binary(ham):
     Image.fromarray(ones, "L").save(folder / f"{ids[0]}_segmentation.png")  # 0/1
     Image.fromarray(ones * 255, "L").convert("1").save(folder / f"{ids[1]}_segmentation.png")  # 1-bit PNG
     Image.fromarray(np.zeros_like(ones), "L").save(folder / f"{ids[2]}_segmentation.png")  # all background
-    assert len(load_metadata(ham)) == len(ids)
+    assert len(read_source(ham)[0]) == len(ids)
 
 
 def _break_mask(folder: Path, image_id: str, case: str) -> None:
@@ -333,7 +333,7 @@ def test_bad_mask_is_a_one_line_error_naming_the_image(ham, case):
     image_id = ham_table(lesions_per_class=2)["image_id"][3]
     _break_mask(folder, image_id, case)
     with pytest.raises(PipelineError, match=BAD_MASKS[case]) as exc:
-        load_metadata(ham)
+        read_source(ham)
     message = _one_line(exc)
     assert message.startswith(f"image {image_id}: ") and f"{image_id}_segmentation.png" in message
 
@@ -344,9 +344,9 @@ def test_bad_masks_are_counted_skips_in_skip_mode(ham):
     cases = ["missing", "wrong size", "not binary", "corrupt"]
     for image_id, case in zip(ids, cases):
         _break_mask(folder, image_id, case)
-    table = load_metadata(ham, on_bad_image="skip")
+    table, report = read_source(ham, on_bad_image="skip")
     assert sorted(table["image_id"]) == sorted(ids[len(cases):])
-    skipped = {s["image_id"]: s["reason"] for s in table.attrs["skipped"]}
+    skipped = {s["image_id"]: s["reason"] for s in report.skipped}
     assert list(skipped) == list(ids[: len(cases)])
     assert "not found" in skipped[ids[0]] and "24x32" in skipped[ids[1]] and "not binary" in skipped[ids[2]]
     assert table["mask_path"].map(lambda m: Path(m).is_file()).all()

@@ -1,16 +1,13 @@
 """The embedded demo data set: procedurally drawn dermoscopy-like images in HAM10000's exact release layout.
 
-It lets the whole pipeline run offline with no download, while exercising the same reader and
-split code as the real data. Each class has its own look (colours, border, texture), with enough
-random variation that classes overlap and a classifier cannot be perfect. Everything is derived
-from ``seed``: the same seed gives byte-identical files.
+It runs the whole pipeline offline through the same reader and split code as real data. Each class has its own look
+(colours, border, texture), varied enough that classes overlap; the same ``seed`` gives byte-identical files.
 """
 
 from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -66,11 +63,6 @@ def class_counts(total: int, min_per_class: int) -> dict[str, int]:
     return counts
 
 
-# ---------------------------------------------------------------------------------------------
-# Drawing
-# ---------------------------------------------------------------------------------------------
-
-
 def _jitter(rng: np.random.Generator, rgb: tuple[float, float, float], amount: float) -> np.ndarray:
     """A colour varied in brightness and per channel, so one class never has a single exact colour."""
     bright = rng.normal(1.0, amount)
@@ -84,29 +76,15 @@ def _noise(rng: np.random.Generator, side: int, cells: int) -> np.ndarray:
     return field / (np.abs(field).max() + 1e-6)
 
 
-@dataclass
-class _Canvas:
-    """Coordinates of one lesion's canvas, in units of the final image's half-width (the image spans [-1, 1])."""
-
-    side: int
-    u: np.ndarray
-    v: np.ndarray
-
-    @classmethod
-    def make(cls, side: int, extent: float) -> "_Canvas":
-        axis = np.linspace(-extent, extent, side, dtype=np.float32)
-        u, v = np.meshgrid(axis, axis)
-        return cls(side, u, v)
-
-
 _ANGLES = 2048
 
 
-def _shape(rng: np.random.Generator, cv: _Canvas, radius: float, irregular: float, asym: float, jag: float):
-    """The lesion's polar geometry: radial coordinate t (0 centre, 1 border), angle and border radius."""
+def _shape(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, radius: float, irregular: float, asym: float,
+           jag: float) -> tuple[np.ndarray, float, float]:
+    """The lesion's radial coordinate t (0 centre, 1 border) on the canvas coordinates (u, v), and its centre."""
     cx, cy = rng.uniform(-0.18, 0.18, 2)
     angle, aspect = rng.uniform(0, math.pi), rng.uniform(1.0, 1.35)
-    dx, dy = cv.u - cx, cv.v - cy
+    dx, dy = u - cx, v - cy
     x = dx * math.cos(angle) + dy * math.sin(angle)
     y = (-dx * math.sin(angle) + dy * math.cos(angle)) * aspect
     rho = np.sqrt(x * x + y * y)
@@ -121,7 +99,7 @@ def _shape(rng: np.random.Generator, cv: _Canvas, radius: float, irregular: floa
         border += jag * rng.uniform(0.5, 1.0) * np.cos(k * grid + rng.uniform(0, 2 * math.pi))
     border = radius * np.clip(border, 0.35, None)
     index = ((theta + math.pi) * (_ANGLES / (2 * math.pi))).astype(np.int32) % _ANGLES
-    return rho / border[index], theta, (cx, cy, angle, aspect)
+    return rho / border[index], cx, cy
 
 
 def _soft_mask(t: np.ndarray, edge: float) -> np.ndarray:
@@ -197,14 +175,15 @@ def draw_lesion(rng: np.random.Generator, dx: str, size: int) -> tuple[Image.Ima
     lesion's soft mask (0..1, float32) on the same canvas: its views become the segmentation masks."""
     extent = 1.5
     side = int(round(size * extent))
-    cv = _Canvas.make(side, extent)
+    axis = np.linspace(-extent, extent, side, dtype=np.float32)  # in units of the image's half-width
+    u, v = np.meshgrid(axis, axis)
     skin = _skin(rng, side)
     colour = skin.copy()
     hue = lambda rgb, amount=0.08: _jitter(rng, rgb, amount)  # noqa: E731
     fine = _noise(rng, side, max(8, side // 4))
 
     if dx == "nv":
-        t, _, (cx, cy, *_r) = _shape(rng, cv, rng.uniform(0.3, 0.6), rng.uniform(0.0, 0.08), rng.uniform(0, 0.05), 0.0)
+        t, cx, cy = _shape(rng, u, v, rng.uniform(0.3, 0.6), rng.uniform(0.0, 0.08), rng.uniform(0, 0.05), 0.0)
         mask = _soft_mask(t, rng.uniform(0.04, 0.15))
         base = hue((140, 92, 62), 0.12)
         centre = np.clip(1 - t, 0, 1) * rng.uniform(0.0, 0.25)
@@ -213,8 +192,8 @@ def draw_lesion(rng: np.random.Generator, dx: str, size: int) -> tuple[Image.Ima
         lesion = lesion * (1 - net[..., None] * 0.6)
         alpha = 0.92
     elif dx == "mel":
-        t, _, (cx, cy, *_r) = _shape(rng, cv, rng.uniform(0.4, 0.75), rng.uniform(0.1, 0.25), rng.uniform(0.05, 0.2),
-                                     rng.uniform(0.0, 0.04))
+        t, cx, cy = _shape(rng, u, v, rng.uniform(0.4, 0.75), rng.uniform(0.1, 0.25), rng.uniform(0.05, 0.2),
+                           rng.uniform(0.0, 0.04))
         mask = _soft_mask(t, rng.uniform(0.03, 0.12))
         palette = [hue((38, 28, 26)), hue((88, 52, 36)), hue((140, 92, 62)), hue((112, 118, 140)), hue((190, 105, 100)),
                    hue((205, 192, 190), 0.04)]
@@ -230,8 +209,8 @@ def draw_lesion(rng: np.random.Generator, dx: str, size: int) -> tuple[Image.Ima
         lesion = lesion + fine[..., None] * 8
         alpha = 0.95
     elif dx == "bkl":
-        t, _, (cx, cy, *_r) = _shape(rng, cv, rng.uniform(0.35, 0.7), rng.uniform(0.03, 0.12), rng.uniform(0, 0.08),
-                                     rng.uniform(0.0, 0.015))
+        t, cx, cy = _shape(rng, u, v, rng.uniform(0.35, 0.7), rng.uniform(0.03, 0.12), rng.uniform(0, 0.08),
+                           rng.uniform(0.0, 0.015))
         mask = _soft_mask(t, rng.uniform(0.02, 0.06))
         base = hue((166, 118, 82), 0.1)
         ridges = _network(rng, side, max(8, side // 10), 0.1) * rng.uniform(0.2, 0.5)
@@ -242,7 +221,7 @@ def draw_lesion(rng: np.random.Generator, dx: str, size: int) -> tuple[Image.Ima
         alpha = rng.uniform(0.8, 0.95)
     elif dx == "bcc":
         radius = rng.uniform(0.3, 0.6)
-        t, _, (cx, cy, *_r) = _shape(rng, cv, radius, rng.uniform(0.04, 0.14), rng.uniform(0, 0.1), 0.0)
+        t, cx, cy = _shape(rng, u, v, radius, rng.uniform(0.04, 0.14), rng.uniform(0, 0.1), 0.0)
         mask = _soft_mask(t, rng.uniform(0.05, 0.15))
         lesion = np.broadcast_to(hue((228, 180, 178), 0.05), colour.shape) + fine[..., None] * 4
         vessels = _draw_vessels(rng, side, (cx, cy), radius, extent, max(1.0, size / 70))
@@ -251,8 +230,8 @@ def draw_lesion(rng: np.random.Generator, dx: str, size: int) -> tuple[Image.Ima
         lesion = _lerp(lesion, hue((110, 118, 140)), np.clip(nests, 0, 1))
         alpha = rng.uniform(0.55, 0.8)
     elif dx == "akiec":
-        t, _, (cx, cy, *_r) = _shape(rng, cv, rng.uniform(0.35, 0.7), rng.uniform(0.06, 0.16), rng.uniform(0.02, 0.1),
-                                     rng.uniform(0.01, 0.03))
+        t, cx, cy = _shape(rng, u, v, rng.uniform(0.35, 0.7), rng.uniform(0.06, 0.16), rng.uniform(0.02, 0.1),
+                           rng.uniform(0.01, 0.03))
         mask = _soft_mask(t, rng.uniform(0.12, 0.3))
         lesion = np.broadcast_to(hue((206, 118, 108), 0.08), colour.shape).copy()
         rough = _noise(rng, side, max(12, side // 3))
@@ -264,7 +243,7 @@ def draw_lesion(rng: np.random.Generator, dx: str, size: int) -> tuple[Image.Ima
         lesion = _lerp(lesion, np.array([240, 215, 205], np.float32), np.clip(pores, 0, 1))
         alpha = rng.uniform(0.7, 0.9)
     elif dx == "df":
-        t, _, (cx, cy, *_r) = _shape(rng, cv, rng.uniform(0.28, 0.5), rng.uniform(0.02, 0.08), rng.uniform(0, 0.06), 0.0)
+        t, cx, cy = _shape(rng, u, v, rng.uniform(0.28, 0.5), rng.uniform(0.02, 0.08), rng.uniform(0, 0.06), 0.0)
         mask = _soft_mask(t, rng.uniform(0.25, 0.45))
         net = _network(rng, side, max(6, side // 10), 0.15) * rng.uniform(0.2, 0.5)
         lesion = np.broadcast_to(hue((160, 110, 80), 0.1), colour.shape) * (1 - net[..., None] * 0.25)
@@ -274,7 +253,7 @@ def draw_lesion(rng: np.random.Generator, dx: str, size: int) -> tuple[Image.Ima
         alpha = rng.uniform(0.6, 0.85)
     elif dx == "vasc":
         radius = rng.uniform(0.28, 0.55)
-        t, _, (cx, cy, *_r) = _shape(rng, cv, radius, rng.uniform(0.03, 0.12), rng.uniform(0, 0.08), 0.0)
+        t, cx, cy = _shape(rng, u, v, radius, rng.uniform(0.03, 0.12), rng.uniform(0, 0.08), 0.0)
         mask = _soft_mask(t, rng.uniform(0.02, 0.06))
         septa = hue((205, 160, 158), 0.05)
         lesion = np.broadcast_to(septa, colour.shape).copy()
@@ -282,7 +261,7 @@ def draw_lesion(rng: np.random.Generator, dx: str, size: int) -> tuple[Image.Ima
         for _ in range(int(rng.integers(8, 20))):
             a, r = rng.uniform(0, 2 * math.pi), radius * math.sqrt(rng.uniform(0, 0.9))
             lx, ly, lr = cx + r * math.cos(a), cy + r * math.sin(a), radius * rng.uniform(0.18, 0.38)
-            inside = np.clip((lr - np.hypot(cv.u - lx, cv.v - ly)) / (lr * 0.3), 0, 1)
+            inside = np.clip((lr - np.hypot(u - lx, v - ly)) / (lr * 0.3), 0, 1)
             w = np.clip(purple + rng.normal(0, 0.25), 0, 1)
             shade = np.array((165, 35, 50), np.float32) * (1 - w) + np.array((95, 30, 75), np.float32) * w
             shade = _jitter(rng, tuple(shade * rng.uniform(0.7, 1.05)), 0.04)
@@ -331,11 +310,6 @@ def jpeg_bytes(img: Image.Image) -> bytes:
     out = io.BytesIO()
     img.save(out, "JPEG", quality=JPEG_QUALITY, subsampling=2, optimize=False)
     return out.getvalue()
-
-
-# ---------------------------------------------------------------------------------------------
-# Data set
-# ---------------------------------------------------------------------------------------------
 
 
 def plan(seed: int, images: int, min_per_class: int) -> pd.DataFrame:
@@ -421,14 +395,6 @@ def write_grid(folder: str | Path, table: pd.DataFrame, target: str | Path, per_
         grid.save(temp, "PNG")
 
 
-def write_placeholder_grid(target: str | Path, source: str) -> None:
-    """Keeps the stage's grid output present (DVC requires it) when a real data folder replaces the demo."""
-    img = Image.new("RGB", (520, 60), "white")
-    ImageDraw.Draw(img).text((10, 20), f"real data source: {source} (no demo images drawn)", fill="black", font=_font(14))
-    with atomic_file(target) as temp:
-        img.save(temp, "PNG")
-
-
 def make_demo(params: Params) -> dict:
     """The demo_data stage: write data/demo/HAM10000 + reports/demo_grid.png, or only a SKIPPED marker for real data."""
     from pipeline import tracking
@@ -441,7 +407,12 @@ def make_demo(params: Params) -> dict:
             (temp / SKIPPED_MARKER).write_text(
                 f"data.source is {params.data.source!r}: the prepare stage reads that folder, no demo images were drawn.\n"
             )
-        write_placeholder_grid(grid, params.data.source)
+        # The grid stays an output (DVC requires it) when a real data folder replaces the demo.
+        placeholder = Image.new("RGB", (520, 60), "white")
+        text = f"real data source: {params.data.source} (no demo images drawn)"
+        ImageDraw.Draw(placeholder).text((10, 20), text, fill="black", font=_font(14))
+        with atomic_file(grid) as temp:
+            placeholder.save(temp, "PNG")
         return {"skipped": True}
     demo = params.demo
     with atomic_dir(demo_root) as temp:

@@ -62,16 +62,13 @@ def _read_csv(path: Path) -> pd.DataFrame:
     return frame.apply(lambda col: col.str.strip())
 
 
-def _require_columns(path: Path, frame: pd.DataFrame, required: tuple[str, ...]) -> None:
-    missing = [c for c in required if c not in frame.columns]
+def _require(path: Path, frame: pd.DataFrame, columns: tuple[str, ...], filled: tuple[str, ...]) -> None:
+    """The ``columns`` exist, and the ``filled`` ones hold a value in every row."""
+    missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise PipelineError(
-            f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, frame.columns))})"
-        )
-
-
-def _require_values(path: Path, frame: pd.DataFrame, columns: tuple[str, ...]) -> None:
-    for column in columns:
+        found = ", ".join(map(str, frame.columns))
+        raise PipelineError(f"{path}: missing column(s) {', '.join(missing)} (found: {found})")
+    for column in filled:
         empty = frame.index[frame[column] == ""]
         if len(empty):
             raise PipelineError(f"{path}: row {empty[0] + 2}: empty {column}")
@@ -89,8 +86,7 @@ def _no_duplicates(path: Path, frame: pd.DataFrame, column: str) -> None:
 
 def _read_ham(path: Path) -> pd.DataFrame:
     frame = _read_csv(path)
-    _require_columns(path, frame, HAM_REQUIRED)
-    _require_values(path, frame, HAM_REQUIRED)
+    _require(path, frame, HAM_REQUIRED, filled=HAM_REQUIRED)
     frame["dx"] = frame["dx"].str.lower()
     bad = frame.index[~frame["dx"].isin(list(CLASS_NAMES))]
     if len(bad):
@@ -106,18 +102,15 @@ def _read_ham(path: Path) -> pd.DataFrame:
 
 def _read_isic(path: Path, groupings: Path | None, report: SourceReport) -> pd.DataFrame:
     frame = _read_csv(path)
-    _require_columns(path, frame, ("image", *ISIC_CLASSES))
-    _require_values(path, frame, ("image",))
-    onehot = pd.DataFrame(index=frame.index)
+    _require(path, frame, ("image", *ISIC_CLASSES), filled=("image",))
+    onehot = frame[list(ISIC_CLASSES)].apply(pd.to_numeric, errors="coerce")
     for code in ISIC_CLASSES:
-        values = pd.to_numeric(frame[code], errors="coerce")
-        if values.isna().any():
-            row = values.index[values.isna()][0]
+        if onehot[code].isna().any():
+            row = onehot.index[onehot[code].isna()][0]
             raise PipelineError(
                 f"{path}: row {row + 2}: column {code} of image {frame.at[row, 'image']!r} is "
                 f"{frame.at[row, code]!r}, expected 0.0 or 1.0"
             )
-        onehot[code] = values
     ones = (onehot == 1.0).sum(axis=1)
     bad = ones.index[ones != 1]
     if len(bad):
@@ -139,8 +132,7 @@ def _read_isic(path: Path, groupings: Path | None, report: SourceReport) -> pd.D
         table["lesion_id"] = table["image_id"]
     else:
         groups = _read_csv(groupings)
-        _require_columns(groupings, groups, ("image", "lesion_id"))
-        _require_values(groupings, groups, ("image", "lesion_id"))
+        _require(groupings, groups, ("image", "lesion_id"), filled=("image", "lesion_id"))
         _no_duplicates(groupings, groups, "image")
         lookup = dict(zip(groups["image"], groups["lesion_id"]))
         table["lesion_id"] = table["image_id"].map(lookup)
@@ -168,37 +160,28 @@ def index_images(folder: Path) -> dict[str, Path]:
     return index
 
 
-def _attach_masks(table: pd.DataFrame, report: SourceReport, on_bad_image: str) -> pd.DataFrame:
-    """Fill ``mask_path`` from the segmentation release, if present: every image needs a valid mask, else it is an
-    error or (skip mode) a recorded skip like a broken image."""
-    table = table.assign(mask_path="")
-    if report.masks is None:
-        return table
+def _drop_bad(table: pd.DataFrame, check, report: SourceReport, on_bad_image: str, desc: str, unit: str
+              ) -> pd.DataFrame:
+    """``check(row)`` on every row: its PipelineError stops the reader, or in skip mode drops the row as a skip."""
     bad: list[int] = []
-    for row, image_id, path in tqdm(
-        zip(table.index, table["image_id"], table["path"]), total=len(table), desc="checking masks", unit="mask",
-        disable=None, mininterval=2,
-    ):
+    for row in tqdm(table.index, desc=desc, unit=unit, disable=None, mininterval=2):
         try:
-            table.at[row, "mask_path"] = str(checked_mask(report.masks, image_id, path))
+            check(row)
         except PipelineError as exc:
             if on_bad_image == "error":
                 raise
             bad.append(row)
-            report.skipped.append({"image_id": image_id, "reason": str(exc).split(": ", 1)[-1]})
+            report.skipped.append({"image_id": table.at[row, "image_id"], "reason": str(exc).split(": ", 1)[-1]})
     return table.drop(index=bad)
 
 
-def read_source(folder: str | Path, on_bad_image: str = "error", verify: bool = True) -> tuple[pd.DataFrame, SourceReport]:
+def read_source(folder: str | Path, on_bad_image: str = "error") -> tuple[pd.DataFrame, SourceReport]:
     """Validate ``folder`` and return (table, report); the table has image_id, lesion_id, dx, path, mask_path
     (+ HAM extras). mask_path is empty when the folder holds no segmentation release.
 
     on_bad_image: "error" stops at the first missing/broken image or mask, "skip" drops and records them.
-    verify: decode every image (at reduced scale for JPEG) to catch truncated or corrupt files up front.
-    Masks, small single-channel PNGs, are always decoded: their values are part of the check.
+    Every image is decoded (JPEGs at reduced scale) to catch truncated or corrupt files up front.
     """
-    if on_bad_image not in ("error", "skip"):
-        raise PipelineError(f"data.on_bad_image: expected 'error' or 'skip', got {on_bad_image!r}")
     folder = Path(folder)
     if not folder.exists():
         raise PipelineError(f"{folder}: data folder not found")
@@ -230,31 +213,17 @@ def read_source(folder: str | Path, on_bad_image: str = "error", verify: bool = 
         report.skipped += [{"image_id": m, "reason": "missing"} for m in missing]
         table = table[table["path"] != ""]
 
-    if verify:
-        broken: list[int] = []
-        for row, path in tqdm(
-            table["path"].items(), total=len(table), desc="checking images", unit="img", disable=None, mininterval=2
-        ):
-            try:
-                check_image(path)
-            except PipelineError as exc:
-                if on_bad_image == "error":
-                    raise
-                broken.append(row)
-                report.skipped.append({"image_id": table.at[row, "image_id"], "reason": str(exc).split(": ", 1)[-1]})
-        table = table.drop(index=broken)
-    report.masks = find_mask_folder(folder)
-    table = _attach_masks(table, report, on_bad_image)
+    check = lambda row: check_image(table.at[row, "path"])  # noqa: E731
+    table = _drop_bad(table, check, report, on_bad_image, "checking images", "img")
+    masks = report.masks = find_mask_folder(folder)
+    table = table.assign(mask_path="")
+    if masks is not None:  # every image then needs a valid mask, like a valid image
+
+        def attach_mask(row: int) -> None:
+            table.at[row, "mask_path"] = str(checked_mask(masks, table.at[row, "image_id"], table.at[row, "path"]))
+
+        table = _drop_bad(table, attach_mask, report, on_bad_image, "checking masks", "mask")
     if table.empty:
         raise PipelineError(f"{report.metadata}: no usable images left after skipping {len(report.skipped)} bad one(s)")
     extras = [c for c in table.columns if c not in COLUMNS]
     return table[COLUMNS + extras].reset_index(drop=True), report
-
-
-def load_metadata(folder: str | Path, on_bad_image: str = "error", verify: bool = True) -> pd.DataFrame:
-    """The validated table of ``folder`` (see read_source); skipped images are listed in ``frame.attrs['skipped']``."""
-    table, report = read_source(folder, on_bad_image=on_bad_image, verify=verify)
-    table.attrs["skipped"] = list(report.skipped)
-    table.attrs["layout"] = report.layout
-    table.attrs["masks"] = report.masks
-    return table

@@ -7,6 +7,8 @@ Every module that reads a real image (reader checks, classifier, diffusion) goes
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +32,21 @@ def _describe(exc: BaseException) -> str:
     return f"corrupt image ({text})"
 
 
-def _check_size(path: Path) -> None:
+@contextmanager
+def _decoding(path: Path) -> Iterator[None]:
+    """A missing or empty file, then any decoding error inside the block, as one PipelineError line naming the file."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
         raise PipelineError(f"{path}: image file not found") from None
     if size == 0:
         raise PipelineError(f"{path}: image file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except (*_DECODE_ERRORS, Image.DecompressionBombWarning) as exc:
+        raise PipelineError(f"{path}: {_describe(exc)}") from None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -48,9 +58,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
         arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
-    if img.mode == "P" or img.mode == "PA":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "La", "RGBa"):
+    if img.mode in ("P", "PA", "RGBA", "LA", "La", "RGBa"):
         # Transparent pixels become white, the usual background of a cut-out lesion photo.
         rgba = img.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -62,39 +70,26 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def open_rgb(path: str | Path) -> Image.Image:
     """Open, verify and fully decode an image as RGB; PipelineError naming the file if it is empty or broken."""
     path = Path(path)
-    _check_size(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as probe:
-                probe.verify()  # cheap structural check (PNG CRCs etc.) before the real decode
-            with Image.open(path) as img:
-                img.load()
-                rgb = _to_rgb(img)
-                return rgb.copy() if rgb is img else rgb  # closing the file would drop img's pixels
-    except (*_DECODE_ERRORS, Image.DecompressionBombWarning) as exc:
-        raise PipelineError(f"{path}: {_describe(exc)}") from None
+    with _decoding(path):
+        with Image.open(path) as probe:
+            probe.verify()  # cheap structural check (PNG CRCs etc.) before the real decode
+        with Image.open(path) as img:
+            img.load()
+            rgb = _to_rgb(img)
+            return rgb.copy() if rgb is img else rgb  # closing the file would drop img's pixels
 
 
 def check_image(path: str | Path) -> None:
-    """Decode the whole file cheaply (JPEGs at 1/8 scale: every byte is still read) or raise PipelineError.
-
-    Used by the reader to validate thousands of files without paying for full-size decodes.
-    """
+    """Decode the whole file cheaply (JPEGs at 1/8 scale: every byte is still read) or raise PipelineError:
+    the reader validates thousands of files without paying for full-size decodes."""
     path = Path(path)
-    _check_size(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.format == "JPEG":
-                    img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
-                else:
-                    with Image.open(path) as probe:
-                        probe.verify()
-                img.load()
-    except (*_DECODE_ERRORS, Image.DecompressionBombWarning) as exc:
-        raise PipelineError(f"{path}: {_describe(exc)}") from None
+    with _decoding(path), Image.open(path) as img:
+        if img.format == "JPEG":
+            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+        else:
+            with Image.open(path) as probe:
+                probe.verify()
+        img.load()
 
 
 def load_square(paths: list[Path], size: int) -> torch.Tensor:
@@ -107,11 +102,7 @@ def load_square(paths: list[Path], size: int) -> torch.Tensor:
 
 def resize_square(img: Image.Image, size: int) -> Image.Image:
     """Centre-crop to a square and resize to ``size``×``size`` (one resampling pass, no distortion)."""
-    if size <= 0:
-        raise PipelineError(f"resize_square: size must be positive, got {size}")
     width, height = img.size
     side = min(width, height)
     left, top = (width - side) / 2, (height - side) / 2
-    if img.mode != "RGB":
-        img = _to_rgb(img)
-    return img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side), reducing_gap=3.0)
+    return _to_rgb(img).resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side), reducing_gap=3.0)

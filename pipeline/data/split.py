@@ -1,19 +1,13 @@
 """The prepare stage: validated table -> lesion-grouped, dx-stratified train/val/test split + per-class fine-tune samples.
 
-Design choices:
-- The split covers every class in the data, not only ``data.classes``, so with ``data.real_per_class`` null
-  changing the class list leaves split.csv byte-identical and DVC does not retrain the base model. With a cap,
-  a newly selected class's reserve leaves the train split the base model reads, so the base retrains.
-- Each class is split on its own, by shuffling its lesions with a generator seeded by (seed, class):
-  one class's split never depends on another class's data.
-- Scarcity (``data.real_per_class`` = K): each selected class keeps at most K train images, whole lesions only;
-  the rest of its train split is marked ``reserve``, the real images a user would not have. Only the
-  ``real_ceiling`` classifier variant and the oracle read them; everything that reads ``split == "train"``
-  (the base model, fine-tuning, the baseline and augmented classifiers, screening) never sees them.
-- Fine-tune images come from train only (so from the K), seeded by (seed, class), preferring distinct lesions.
-- A runtime guard refuses to write anything if a lesion crosses splits or a fine-tune image is not in train.
-- Lesion masks (HAM10000's segmentation release, when present) ride along as ``mask_path`` in every table
-  (empty when the release has none), so they follow their images into every split and fine-tune sample.
+- The split covers every class in the data, not only ``data.classes``, so without a cap changing the class list
+  leaves split.csv byte-identical and DVC does not retrain the base model.
+- Each class is split on its own, by a generator seeded by (seed, class): it never depends on another class's data.
+- Scarcity (``data.real_per_class`` = K): each selected class keeps at most K train images, whole lesions only; the
+  rest of its train split is ``reserve``, read only by the ``real_ceiling`` classifier and the oracle.
+- Fine-tune images come from train only (so from the K), preferring distinct lesions; a guard refuses to write a
+  split where a lesion crosses splits or a fine-tune image is not in train.
+- Lesion masks, when the data has them, ride along as ``mask_path`` (else empty) into every table.
 """
 
 from __future__ import annotations
@@ -43,13 +37,6 @@ DATA_JSON = REPORTS_DIR / "data.json"
 def _class_seed(seed: int, name: str, purpose: int) -> np.random.Generator:
     """A generator that depends only on (seed, class, purpose): stable whatever other classes exist."""
     return np.random.default_rng(derive_seed(seed, name, purpose))
-
-
-def source_folder(params: Params) -> Path:
-    """The folder prepare reads: the demo set inside the workspace, or the user's HAM10000 folder."""
-    if params.data.is_demo:
-        return workspace_root() / DEMO_DIR
-    return resolve_user_path(params.data.source, "data.source")
 
 
 def _lesion_strata(frame: pd.DataFrame) -> pd.DataFrame:
@@ -139,9 +126,6 @@ def check_no_leakage(split: pd.DataFrame, finetune: Mapping[str, pd.DataFrame]) 
         raise PipelineError(
             f"leakage: lesion {lesion!r} is in several splits ({', '.join(where)}); {len(crossing)} lesion(s) affected"
         )
-    bad_split = split.loc[~split["split"].isin(SPLIT_VALUES), "split"]
-    if len(bad_split):
-        raise PipelineError(f"split column holds {bad_split.iloc[0]!r}; expected one of {', '.join(SPLIT_VALUES)}")
     train_ids = set(split.loc[split["split"] == "train", "image_id"])
     for class_code, sample in finetune.items():
         outside = sample.loc[~sample["image_id"].isin(train_ids), "image_id"]
@@ -164,13 +148,20 @@ def _relative(path: str, root: Path) -> str:
         return p.as_posix()
 
 
+def _counts(rows: pd.DataFrame) -> dict:
+    """Images per split value, images and lesions of some split rows (for reports/data.json)."""
+    per_split = {name: int((rows["split"] == name).sum()) for name in SPLIT_VALUES}
+    return {**per_split, "images": len(rows), "lesions": int(rows["lesion_id"].nunique())}
+
+
 def build(params: Params) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict, list[dict]]:
     """Everything prepare writes, computed in memory: (split table, fine-tune tables, data report, skipped images)."""
     data = params.data
     if data.real_per_class is not None and data.finetune_images > data.real_per_class:
         raise PipelineError(f"data.finetune_images ({data.finetune_images}) exceeds data.real_per_class "
                             f"({data.real_per_class}): fine-tune images are drawn from the capped train images")
-    folder = source_folder(params)
+    root = workspace_root()
+    folder = root / DEMO_DIR if data.is_demo else resolve_user_path(data.source, "data.source")
     if data.is_demo and not folder.exists():
         raise PipelineError(f"{folder}: demo data not found; run `dvc repro demo_data` first")
     table, source = read_source(folder, on_bad_image=data.on_bad_image)
@@ -183,50 +174,30 @@ def build(params: Params) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict, 
             )
 
     split = assign_splits(table, data.split.val, data.split.test, params.seed)
-    root = workspace_root()
     for column in ("path", "mask_path"):
         split[column] = split[column].map(lambda p: _relative(p, root))
     split = split.sort_values("image_id")[SPLIT_COLUMNS].reset_index(drop=True)
     if data.real_per_class is not None:
         split = cap_train(split, data.classes, data.real_per_class, params.seed)
 
-    per_class = split.groupby(["dx", "split"]).size().unstack(fill_value=0).reindex(columns=list(SPLIT_VALUES), fill_value=0)
-    for class_code in data.classes:
+    per_class = {c: _counts(split[split["dx"] == c]) for c in data.classes}
+    for class_code, counts in per_class.items():
         for name in ("val", "test"):
-            if per_class.at[class_code, name] == 0:
-                n = int(per_class.loc[class_code].sum())
-                lesions = split.loc[split["dx"] == class_code, "lesion_id"].nunique()
+            if counts[name] == 0:
                 raise PipelineError(
-                    f"class {class_code!r} gets no {name} image: only {n} image(s) in {lesions} lesion(s), "
-                    "at least 3 lesions are needed to fill train, val and test"
+                    f"class {class_code!r} gets no {name} image: only {counts['images']} image(s) in "
+                    f"{counts['lesions']} lesion(s), at least 3 lesions are needed to fill train, val and test"
                 )
     finetune = {c: sample_finetune(split, c, data.finetune_images, params.seed) for c in data.classes}
     check_no_leakage(split, finetune)
 
-    selected = split[split["dx"].isin(data.classes)]
     report = {
         "source": data.source,  # as configured: absolute paths would differ per machine in `dvc metrics diff`
         "layout": source.layout,
         "real_per_class": data.real_per_class,  # null: no cap, so no reserve
-        "classes": {
-            c: {
-                **{name: int(per_class.at[c, name]) for name in SPLIT_VALUES},
-                "images": int(per_class.loc[c].sum()),
-                "lesions": int(split.loc[split["dx"] == c, "lesion_id"].nunique()),
-                "finetune": len(finetune[c]),
-            }
-            for c in data.classes
-        },
-        "totals": {
-            **{name: int((selected["split"] == name).sum()) for name in SPLIT_VALUES},
-            "images": len(selected),
-            "lesions": int(selected["lesion_id"].nunique()),
-        },
-        "all_classes": {
-            "images": len(split),
-            "lesions": int(split["lesion_id"].nunique()),
-            **{name: int((split["split"] == name).sum()) for name in SPLIT_VALUES},
-        },
+        "classes": {c: {**counts, "finetune": len(finetune[c])} for c, counts in per_class.items()},
+        "totals": _counts(split[split["dx"].isin(data.classes)]),
+        "all_classes": _counts(split),
         "images_with_masks": int((split["mask_path"] != "").sum()),
         "masks": (f"lesion masks read from {_relative(str(source.masks), folder.resolve())}" if source.masks is not None
                   else f"no lesion masks found (no {MASK_FOLDER} folder in the data folder): mask_path is empty"),
@@ -234,21 +205,6 @@ def build(params: Params) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict, 
         "warnings": len(source.warnings),
     }
     return split, finetune, report, source.skipped
-
-
-def write_outputs(root: Path, split: pd.DataFrame, finetune: Mapping[str, pd.DataFrame], report: dict,
-                  skipped: list[dict] | None = None) -> None:
-    """data/prepared appears complete in one rename; reports/data.json by write-then-rename."""
-    check_no_leakage(split, finetune)
-    prepared = root / PREPARED_DIR
-    clean_stale_temps(prepared.parent)
-    with atomic_dir(prepared) as temp:
-        split.to_csv(temp / SPLIT_CSV.name, index=False, lineterminator="\n")
-        (temp / FINETUNE_DIR.name).mkdir()
-        for class_code, sample in sorted(finetune.items()):
-            sample.to_csv(temp / FINETUNE_DIR.name / f"{class_code}.csv", index=False, lineterminator="\n")
-        pd.DataFrame(skipped or [], columns=["image_id", "reason"]).to_csv(temp / "skipped.csv", index=False, lineterminator="\n")
-    write_json(root / DATA_JSON, report)
 
 
 def prepare(params: Params) -> dict:
@@ -262,7 +218,16 @@ def prepare(params: Params) -> dict:
             print(f"prepare: class {class_code!r} keeps {counts['train']} train images, not data.real_per_class={cap}: "
                   "no remaining lesion fits the cap (lesions are never split)")
     root = workspace_root()
-    write_outputs(root, split, finetune, report, skipped)
+    prepared = root / PREPARED_DIR
+    clean_stale_temps(prepared.parent)
+    with atomic_dir(prepared) as temp:  # data/prepared appears complete in one rename
+        split.to_csv(temp / SPLIT_CSV.name, index=False, lineterminator="\n")
+        (temp / FINETUNE_DIR.name).mkdir()
+        for class_code, sample in sorted(finetune.items()):
+            sample.to_csv(temp / FINETUNE_DIR.name / f"{class_code}.csv", index=False, lineterminator="\n")
+        skipped_rows = pd.DataFrame(skipped, columns=["image_id", "reason"])
+        skipped_rows.to_csv(temp / "skipped.csv", index=False, lineterminator="\n")
+    write_json(root / DATA_JSON, report)
     metrics = {f"{c}.{k}": v for c, counts in report["classes"].items() for k, v in counts.items()}
     metrics.update({f"total.{k}": v for k, v in report["totals"].items()})
     metrics["skipped_images"] = report["skipped_images"]

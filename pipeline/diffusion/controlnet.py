@@ -1,16 +1,10 @@
-"""controlnet: one lesion-mask ControlNet for every selected class (``diffusion.control: mask``).
+"""controlnet: one lesion-mask ControlNet (diffusers' ``ControlNetModel.from_unet``) for every selected class.
 
-diffusers' ``ControlNetModel.from_unet`` is a trainable copy of the base UNet's encoder whose zero-initialised
-outputs join the frozen UNet's skip connections; here its condition is the lesion's segmentation mask. It trains on
-the classifier-train images of the selected classes and their masks, each under its class's prompt, with the plain
-diffusion loop of finetune (cached latents, Min-SNR-weighted MSE) and the same checkpoints and resume.
-
-At generation it steers whichever class model is loaded (LoRA, DreamBooth, textual inversion or hypernetwork). Each
-image's condition is the mask of one of the class's fine-tuning images (train images; reading the class's own list
-keeps generate@<class> independent of the other classes) under a random affine and elastic change (``conditioning_mask``),
-so the lesions take new shapes, and every (image, mask) pair is a segmentation training pair.
-
-With ``diffusion.control: none`` the stage writes only ``meta.json`` saying so, and generation runs unconditioned.
+It trains on the selected classes' train images and masks, each under its class's prompt, with finetune's diffusion
+loop, checkpoints and resume. At generation it steers whichever class model is loaded; each image's condition is one
+of the class's fine-tuning masks (its own list keeps generate@<class> independent of other classes) under a random
+affine and elastic change, so every (image, mask) pair is a new segmentation training pair.
+With ``diffusion.control: none`` the stage writes only ``meta.json`` saying so.
 """
 
 from __future__ import annotations
@@ -81,9 +75,8 @@ def make_controlnet(unet, vae_scale_factor: int) -> ControlNetModel:
 
 
 def controlled(unet, controlnet, condition: torch.Tensor, scale: float = 1.0):
-    """``unet(noisy, t, states)`` steered by ``controlnet`` under ``condition``: what finetune's loss calls. The
-    ControlNet runs in its own weights' dtype (fp32 while it trains beside a half-precision UNet, with or without
-    autocast); its residuals join the UNet in the UNet's input dtype."""
+    """``unet(noisy, t, states)`` steered by ``controlnet`` under ``condition``. The ControlNet runs in its own weights'
+    dtype (fp32 while it trains beside a half-precision UNet); its residuals join the UNet in the UNet's dtype."""
 
     def forward(noisy, timesteps, states):
         dtype = next(controlnet.parameters()).dtype
@@ -96,9 +89,8 @@ def controlled(unet, controlnet, condition: torch.Tensor, scale: float = 1.0):
 
 
 def conditioning_mask(mask: torch.Tensor, seed: int, cfg: ControlNetParams) -> torch.Tensor:
-    """A new lesion shape from a train mask ([3, R, R] in {0, 1}): random rotation, shift, scale and an elastic
-    warp, all drawn from ``seed`` (the image's own), so an image's mask is the same in any batch or process. The warp
-    runs at ``WARP_SIDE`` pixels whatever R is, so ``cfg.elastic`` means the same reach at 32 px as at 512."""
+    """A new lesion shape from a train mask ([3, R, R] in {0, 1}) drawn from the image's ``seed`` (the same in any batch
+    or process); the warp runs at ``WARP_SIDE`` pixels, so ``cfg.elastic`` reaches as far at 32 px as at 512."""
     from torchvision.transforms import v2
 
     change = v2.Compose([
@@ -130,18 +122,8 @@ def load_controlnet(params: Params, dtype: torch.dtype = torch.float32) -> Contr
 def train_controlnet(params: Params):
     """Train the mask ControlNet on the selected classes' train images (``diffusion.control: mask``) and write
     ``models/controlnet/``; with ``none``, write only its meta.json."""
+    from pipeline.diffusion import finetune
     from pipeline.diffusion.base import load_base_pipeline
-    from pipeline.diffusion.finetune import (
-        Batch,
-        LossLog,
-        Resumable,
-        TrainedPart,
-        base_sha256,
-        diffusion_loss,
-        load_checkpoint,
-        optimizer_step,
-        save_checkpoint,
-    )
     from pipeline.optim import adamw
 
     d, cfg = params.diffusion, params.diffusion.controlnet
@@ -160,13 +142,10 @@ def train_controlnet(params: Params):
     classes = params.data.classes
     rows = masked_images(root / SPLIT_CSV, classes)
     weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
-    pipe = load_base_pipeline(root / BASE_MODEL_DIR)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.to(device)
-    pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
-    pipe.unet.requires_grad_(False)
-    base_sha = base_sha256(root / BASE_MODEL_DIR)
+    pipe = load_base_pipeline(root / BASE_MODEL_DIR).to(device)
+    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+        module.requires_grad_(False)
+    base_sha = finetune.base_sha256(root / BASE_MODEL_DIR)
     fingerprint = tracking.params_hash({
         "seed": params.seed, "classes": classes, "resolution": d.resolution, "prompt": d.prompt,
         "tokens": [params.instance_token(c) for c in classes], "controlnet": cfg.model_dump(mode="json"),
@@ -188,35 +167,36 @@ def train_controlnet(params: Params):
     if weight_dtype != torch.float32:
         for module in (pipe.vae, pipe.text_encoder, pipe.unet):
             module.to(dtype=weight_dtype)
-    part = TrainedPart(controlnet, save=lambda folder: controlnet.save_pretrained(folder, safe_serialization=True))
+    part = finetune.TrainedPart(controlnet, lambda folder: controlnet.save_pretrained(folder, safe_serialization=True))
     trainable = list(part.named_trainable().values())
     optimizer = adamw(trainable, lr=cfg.lr, weight_decay=1e-2)
     generator = torch.Generator(device).manual_seed(derive_seed(seed, "steps", accelerator.process_index))
-    resumable = Resumable(accelerator, part, optimizer, generator)
-    start, recent = load_checkpoint(ckpt_dir, fingerprint, resumable) if d.resume else (0, [])
+    resumable = finetune.Resumable(accelerator, part, optimizer, generator)
+    start, recent = finetune.load_checkpoint(ckpt_dir, fingerprint, resumable) if d.resume else (0, [])
     model, optimizer = accelerator.prepare(controlnet, optimizer)
     resumable.optimizer = optimizer
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
-    losses = LossLog("controlnet/loss", recent, send=main)
+    losses = finetune.LossLog("controlnet/loss", recent, send=main)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="controlnet", disable=not main, mininterval=1)
     for step in bar:
         # --- batch: cached latents of random train images, their masks and their classes' prompts
         index = torch.randint(len(latents), (cfg.batch,), generator=generator, device=device)
-        batch = Batch(latents.sample(index, generator), class_states[class_index[index]])
+        batch = finetune.Batch(latents.sample(index, generator), class_states[class_index[index]])
         unet = controlled(pipe.unet, model, masks[index])
 
         # --- forward, loss, backward, step
         with accelerator.autocast():
-            loss = diffusion_loss(unet, noise_scheduler, batch, generator, dtype=weight_dtype)
-        optimizer_step(accelerator, loss, trainable, optimizer)
+            loss = finetune.diffusion_loss(unet, noise_scheduler, batch, generator, dtype=weight_dtype)
+        finetune.optimizer_step(accelerator, loss, trainable, optimizer)
 
         # --- bookkeeping: loss log, checkpoint
         done = step + 1
         losses.add(accelerator.reduce(loss.detach(), "mean"), done)
         if done % d.checkpoint_every == 0 and done < cfg.steps:
             losses.flush()
-            save_checkpoint(ckpt_dir, resumable, done, {"fingerprint": fingerprint, "recent_losses": losses.recent})
+            state = {"fingerprint": fingerprint, "recent_losses": losses.recent}
+            finetune.save_checkpoint(ckpt_dir, resumable, done, state)
     bar.close()
     losses.flush()
 

@@ -1,18 +1,11 @@
 """generate@<class>: sample the class's synthetic images, each from its own seed, with a manifest that explains every file.
 
-Each classifier seed (``classifier.seeds``) gets its own ``generate.per_class`` images, its draw (the manifest's
-``draw`` column), so the seeds' spread in evaluate covers the generator's variance as well as the classifier's.
-Every image ``k`` has its own seed ``image_seed(params.seed, class, k)`` and its own torch.Generator,
-so any single image can be regenerated alone (``generate_images(pipe, ..., [seed], ...)``): same initial
-noise, same denoising; only float rounding may differ with the batch it is computed in (at most
-one 8-bit level in rare pixels, seen on CPU). The generators live on the pipeline's device, so an
-image is reproducible on the same device type. Under ``accelerate launch`` the batches are split
-between processes; the main process gathers the manifest rows and writes ``manifest.csv`` and
-``grid.png``.
-
-At the user's scale: the pipeline runs in ``compute.mixed_precision`` (fp16/bf16) on a GPU, the VAE
-decodes one image at a time (a 512 px batch decode needs several GB at once), and PNGs are encoded on
-a worker thread while the next batch is sampled.
+Each classifier seed gets its own draw of ``generate.per_class`` images (the manifest's ``draw``), so the seeds'
+spread in evaluate covers the generator as well as the classifier. Image ``k`` has its own seed and generator on the
+pipeline's device, so it can be regenerated alone (``generate_images(pipe, ..., [seed], ...)``); only float rounding
+may differ with its batch (at most one 8-bit level in rare pixels). Under ``accelerate launch`` whole batches are
+shared out and the main process writes ``manifest.csv`` and ``grid.png``. The VAE decodes one image at a time
+(a 512 px batch decode needs GBs) and PNGs are encoded on a worker thread while the next batch samples.
 """
 
 from __future__ import annotations
@@ -82,13 +75,7 @@ def image_seed(seed: int, class_code: str, index: int) -> int:
     return derive_seed(seed, "generate", class_code, index)
 
 
-def image_name(class_code: str, index: int) -> str:
-    return f"{class_code}_{index:05d}.png"
-
-
 def make_scheduler(name: str, config):
-    if name not in SCHEDULERS:
-        raise PipelineError(f"generate.scheduler: unknown scheduler {name!r}; expected one of {', '.join(SCHEDULERS)}")
     cls, overrides = SCHEDULERS[name]
     return cls.from_config(config, **overrides)
 
@@ -106,12 +93,8 @@ def check_class(params: Params, class_code: str) -> None:
         raise PipelineError(f"class {class_code!r} is not in data.classes ({', '.join(params.data.classes)})")
 
 
-def read_model_meta(model_dir: Path) -> dict:
-    return read_json(model_dir / META_FILE, "no fine-tuned class model here; run the finetune stage first")
-
-
 def load_class_pipeline(
-    params: Params, class_code: str, fuse: bool = True, dtype: torch.dtype = torch.float32
+    params: Params, class_code: str, dtype: torch.dtype = torch.float32
 ) -> tuple[StableDiffusionPipeline, Path, dict]:
     """Base model + the class's adapter, fine-tuned UNet or learned word, in ``dtype``; returns (pipe, weights file, meta)."""
     from pipeline.diffusion.base import load_base_pipeline
@@ -123,41 +106,18 @@ def load_class_pipeline(
     check_class(params, class_code)
     root = workspace_root()
     model_dir = root / CLASS_MODELS_DIR / class_code
-    meta = read_model_meta(model_dir)
+    meta = read_json(model_dir / META_FILE, "no fine-tuned class model here; run the finetune stage first")
     token = params.instance_token(class_code)
     if meta.get("token") != token:
         raise PipelineError(
             f"{model_dir}: trained with instance token {meta.get('token')!r} but params give {token!r}; rerun finetune@{class_code}"
         )
+    loaders = {"lora": load_lora, "dreambooth": load_unet, "hypernetwork": load_hypernetwork,
+               "textual_inversion": lambda pipe, folder: load_embedding(pipe, folder, token)}
+    if meta.get("method") not in loaders:
+        raise PipelineError(f"{model_dir / META_FILE}: unknown method {meta.get('method')!r}")
     pipe = load_base_pipeline(root / BASE_MODEL_DIR, dtype)
-    method = meta.get("method")
-    if method == "lora":
-        weights = load_lora(pipe, model_dir, fuse=fuse)
-    elif method == "dreambooth":
-        weights = load_unet(pipe, model_dir)
-    elif method == "textual_inversion":
-        weights = load_embedding(pipe, model_dir, token)
-    elif method == "hypernetwork":
-        weights = load_hypernetwork(pipe, model_dir)
-    else:
-        raise PipelineError(f"{model_dir / META_FILE}: unknown method {method!r}")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, weights, meta
-
-
-def load_base_only_pipeline(
-    params: Params, class_code: str, dtype: torch.dtype = torch.float32
-) -> tuple[StableDiffusionPipeline, Path, dict]:
-    """The base model alone, for the base_only control: the class's prompt without its fine-tuned weights.
-    Returns (pipe, the base UNet's weights file, {}) like ``load_class_pipeline``."""
-    from pipeline.diffusion.base import base_model_folder, load_base_pipeline
-
-    check_class(params, class_code)
-    pipe = load_base_pipeline(workspace_root() / BASE_MODEL_DIR, dtype)
-    pipe.set_progress_bar_config(disable=True)
-    unet = base_model_folder(workspace_root() / BASE_MODEL_DIR) / "unet"
-    names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
-    return pipe, next(unet / name for name in names if (unet / name).is_file()), {}
+    return pipe, loaders[meta["method"]](pipe, model_dir), meta
 
 
 @dataclass
@@ -183,12 +143,8 @@ def sample_images(
     pipe: StableDiffusionPipeline, prompt: str, negative_prompt: str, generators: list[torch.Generator], sampling: Sampling,
     control: Control | None = None, guide_unet: UNet2DConditionModel | None = None,
 ) -> torch.Tensor:
-    """One image per generator, float [N, 3, R, R] in [0, 1] on the pipeline's device.
-
-    Classifier-free guidance: noise = u + guidance * (c - u), with c from ``pipe.unet`` under ``prompt`` and u from
-    ``guide_unet`` (default ``pipe.unet``, as in diffusers' pipelines) under ``negative_prompt``. diffusers' pipelines
-    take both from one UNet, hence this loop; every step of it is the pipeline's own (prompt encoding, initial
-    latents, scheduler, VAE decode, post-processing), and with one UNet it draws the pipeline's images."""
+    """One image per generator, float [N, 3, R, R] in [0, 1]: diffusers' guided denoising loop, step for step, except
+    that guidance's unconditional branch may come from ``guide_unet`` (default ``pipe.unet``, the pipeline's choice)."""
     n, device = len(generators), pipe.device
     cond, uncond = pipe.encode_prompt(prompt, device, n, True, negative_prompt)
     side = sampling.resolution
@@ -215,46 +171,24 @@ def sample_images(
     return pipe.image_processor.postprocess(images, output_type="pt")
 
 
-def to_pil(pipe: StableDiffusionPipeline, images: torch.Tensor) -> list[Image.Image]:
-    """``sample_images``' output as PIL images, rounded exactly as diffusers' ``output_type="pil"`` does."""
-    processor = pipe.image_processor
-    return processor.numpy_to_pil(processor.pt_to_numpy(images))
-
-
 def generate_images(
     pipe: StableDiffusionPipeline, prompt: str, negative_prompt: str, seeds: list[int], sampling: Sampling,
     control: Control | None = None, guide_unet: UNet2DConditionModel | None = None,
 ) -> list[Image.Image]:
     """One image per seed, each drawn from its own generator on the pipeline's device (the same in any batch)."""
     generators = [torch.Generator(pipe.device).manual_seed(s) for s in seeds]
-    return to_pil(pipe, sample_images(pipe, prompt, negative_prompt, generators, sampling, control, guide_unet))
+    images = sample_images(pipe, prompt, negative_prompt, generators, sampling, control, guide_unet)
+    return pipe.image_processor.numpy_to_pil(pipe.image_processor.pt_to_numpy(images))  # as output_type="pil" rounds
 
 
-class MaskSource:
-    """diffusion.control mask: each image's conditioning mask, a new shape from the mask of one of the class's
-    fine-tuning images, drawn from the image's own seed."""
+def conditioning_masks(train_masks: torch.Tensor, seeds: list[int], params: Params) -> torch.Tensor:
+    """diffusion.control mask: one conditioning mask [3, R, R] per image seed, a new shape drawn from that seed out of
+    one of the class's fine-tuning masks."""
+    from pipeline.diffusion.controlnet import conditioning_mask
 
-    def __init__(self, params: Params, class_code: str, controlnet: ControlNetModel, device: torch.device):
-        from pipeline.diffusion.controlnet import load_masks, masked_images
-
-        self.cfg, self.controlnet, self.device = params.diffusion.controlnet, controlnet, device
-        rows = masked_images(workspace_root() / FINETUNE_DIR / f"{class_code}.csv", [class_code])
-        self.masks = load_masks(list(rows["mask_path"]), params.diffusion.resolution)
-
-    def __call__(self, seeds: list[int]) -> torch.Tensor:
-        """Masks [N, 3, R, R] in {0, 1}, one per image seed."""
-        from pipeline.diffusion.controlnet import conditioning_mask
-
-        picks = [self.masks[derive_seed(s, "mask") % len(self.masks)] for s in seeds]
-        return torch.stack([conditioning_mask(m, derive_seed(s, "mask shape"), self.cfg) for m, s in zip(picks, seeds)])
-
-    def control(self, masks: torch.Tensor) -> Control:
-        return Control(self.controlnet, masks.to(self.device), self.cfg.conditioning_scale)
-
-
-def mask_image(mask: torch.Tensor) -> Image.Image:
-    """A [3, R, R] {0, 1} mask as the 0/255 single-channel PNG HAM10000's segmentation release uses."""
-    return Image.fromarray(mask[0].mul(255).to(torch.uint8).cpu().numpy(), mode="L")
+    picks = [train_masks[derive_seed(s, "mask") % len(train_masks)] for s in seeds]
+    cfg = params.diffusion.controlnet
+    return torch.stack([conditioning_mask(m, derive_seed(s, "mask shape"), cfg) for m, s in zip(picks, seeds)])
 
 
 @contextmanager
@@ -276,9 +210,7 @@ def png_writer(max_pending: int = PNG_QUEUE) -> Iterator[Callable[[Image.Image, 
 
 @dataclass
 class Sampler:
-    """What draws a class's images: the pipeline (its UNet carries the class's weights), the UNet of guidance's
-    unconditional branch (None: the pipeline's own), the ControlNet under diffusion.control mask, and the sha256 of
-    the class's weights file (for the manifest: hashed once, an SD UNet is gigabytes)."""
+    """What draws a class's images; ``guide_unet`` None: the pipeline's own; the weights are hashed once (GBs)."""
 
     pipe: StableDiffusionPipeline
     guide_unet: UNet2DConditionModel | None
@@ -287,21 +219,29 @@ class Sampler:
 
 
 def generation_pipeline(params: Params, class_code: str, base_only: bool = False) -> Sampler:
-    """The class's sampler (or the base model alone, for ``base_only``) on this process's device in
+    """The class's sampler (``base_only``: the base model with the class prompt) on this process's device in
     ``compute.mixed_precision``. Under ``generate.unconditional: base`` guidance's unconditional branch is the base
-    model's UNet: the class's weights then steer only the prompt's branch, and guidance pushes the images away from
-    the base model's generic lesion towards the class (textual inversion's UNet already is the base's)."""
+    model's UNet, so guidance pushes the images from the base model's generic lesion towards the class (textual
+    inversion's UNet already is the base's)."""
     from accelerate import PartialState
 
-    from pipeline.diffusion.base import load_base_unet
+    from pipeline.diffusion.base import base_model_folder, load_base_pipeline, load_base_unet
     from pipeline.diffusion.controlnet import load_controlnet
 
     device = PartialState(cpu=cpu_only()).device
     dtype = DTYPES.get(gpu_precision(params.compute.mixed_precision, "generating"), torch.float32)
-    pipe, weights, meta = (load_base_only_pipeline if base_only else load_class_pipeline)(params, class_code, dtype=dtype)
+    base_dir = workspace_root() / BASE_MODEL_DIR
     guide_unet = None
-    if not base_only and params.generate.unconditional == "base" and meta["method"] != "textual_inversion":
-        guide_unet = load_base_unet(workspace_root() / BASE_MODEL_DIR, dtype).to(device)
+    check_class(params, class_code)
+    if base_only:
+        pipe = load_base_pipeline(base_dir, dtype)
+        unet = base_model_folder(base_dir) / "unet"
+        names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
+        weights = next(unet / name for name in names if (unet / name).is_file())
+    else:
+        pipe, weights, meta = load_class_pipeline(params, class_code, dtype=dtype)
+        if params.generate.unconditional == "base" and meta["method"] != "textual_inversion":
+            guide_unet = load_base_unet(base_dir, dtype).to(device)
     controlnet = load_controlnet(params, dtype)
     if controlnet is not None:
         controlnet.to(device)
@@ -321,7 +261,12 @@ def generate_class(params: Params, class_code: str, base_only: bool = False, loa
     g = params.generate
     state = PartialState(cpu=cpu_only())
     sampler = loaded or generation_pipeline(params, class_code, base_only)
-    masks = MaskSource(params, class_code, sampler.controlnet, state.device) if sampler.controlnet is not None else None
+    train_masks = None
+    if sampler.controlnet is not None:
+        from pipeline.diffusion.controlnet import load_masks, masked_images
+
+        listed = masked_images(workspace_root() / FINETUNE_DIR / f"{class_code}.csv", [class_code])
+        train_masks = load_masks(list(listed["mask_path"]), params.diffusion.resolution)
     sampling = Sampling(g.steps, g.guidance, params.diffusion.resolution)
     prompt = params.class_prompt(class_code)
     unconditional = "base" if base_only else g.unconditional  # textual inversion's own UNet is the base's
@@ -333,7 +278,7 @@ def generate_class(params: Params, class_code: str, base_only: bool = False, loa
     # Only the main process owns the temporary folder; the others learn its path and write into it.
     with atomic_dir(target) if state.is_main_process else nullcontext(None) as temp:
         out = Path(broadcast_object_list([str(temp) if temp else None])[0])
-        if masks is not None and state.is_main_process:
+        if train_masks is not None and state.is_main_process:
             (out / MASKS).mkdir()
         state.wait_for_everyone()
         rows = []
@@ -344,17 +289,20 @@ def generate_class(params: Params, class_code: str, base_only: bool = False, loa
         with state.split_between_processes(batches) as mine, png_writer() as save:
             for indices in tqdm(mine, desc=f"generate {class_code}", disable=not state.is_local_main_process):
                 seeds = [image_seed(params.seed, class_code, k) for k in indices]
-                shapes = masks(seeds) if masks is not None else None
-                control = masks.control(shapes) if masks is not None else None
+                shapes = control = None
+                if train_masks is not None:
+                    shapes = conditioning_masks(train_masks, seeds, params)
+                    scale = params.diffusion.controlnet.conditioning_scale
+                    control = Control(sampler.controlnet, shapes.to(state.device), scale)
                 images = generate_images(sampler.pipe, prompt, g.negative_prompt, seeds, sampling, control, sampler.guide_unet)
                 for i, (k, seed, img) in enumerate(zip(indices, seeds, images)):
-                    save(img, out / image_name(class_code, k))
-                    mask = f"{MASKS}/{image_name(class_code, k)}" if shapes is not None else ""
-                    if mask:
-                        save(mask_image(shapes[i]), out / mask)
+                    name = f"{class_code}_{k:05d}.png"
+                    save(img, out / name)
+                    mask = f"{MASKS}/{name}" if shapes is not None else ""
+                    if mask:  # as HAM10000's segmentation release: one channel, 0/255
+                        save(Image.fromarray(shapes[i][0].mul(255).to(torch.uint8).cpu().numpy(), mode="L"), out / mask)
                     rows.append({
-                        "file": image_name(class_code, k), "mask": mask, "class": class_code, "draw": draws[k // n],
-                        "prompt": prompt,
+                        "file": name, "mask": mask, "class": class_code, "draw": draws[k // n], "prompt": prompt,
                         "negative_prompt": g.negative_prompt, "seed": seed, "scheduler": g.scheduler,
                         "steps": g.steps, "guidance": g.guidance, "unconditional": unconditional,
                         "weights_sha256": sampler.weights_sha256,

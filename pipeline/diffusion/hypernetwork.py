@@ -1,23 +1,13 @@
 """Hypernetworks: a small trainable network beside the frozen UNet that steers it toward one class.
 
-Two kinds (``diffusion.hypernetwork.kind``):
+Two kinds (``diffusion.hypernetwork.kind``), both the base model exactly at initialisation:
+- ``encoder_copy``: a trainable copy of the UNet's encoder whose zero-initialised outputs join the frozen UNet's skip
+  connections: diffusers' ``ControlNetModel.from_unet`` with its condition branch frozen and fed zeros;
+- ``context_mlp`` (AUTOMATIC1111 webui): residual MLPs (``layer_structure`` x the context width) transform the text
+  context before every cross-attention key and value projection, one pair per context width, last layer zero.
 
-- ``encoder_copy`` (the write-up's design): a trainable copy of the UNet's conv_in, time embedding, down
-  blocks and mid block whose zero-initialised 1x1 outputs are added to the frozen UNet's skip connections
-  and mid-block output. It is diffusers' ``ControlNetModel.from_unet``, which is exactly that copy with those
-  zero convolutions, minus an external condition: its condition branch is frozen and fed zeros, and as that
-  branch ends in a zero-initialised convolution it adds exactly nothing.
-- ``context_mlp`` (AUTOMATIC1111 webui): residual MLPs (widths ``layer_structure`` x the context width,
-  "1, 2, 1" by default) transform the text context before every cross-attention key and value projection,
-  one MLP for keys and one for values per context width, shared by all layers of that width. The last
-  layer starts at zero.
-
-Either way the output at initialisation is the base model's. The network is the UNet's child module
-``hypernetwork`` and acts through forward pre-hooks (public torch API): the UNet stays the pipeline's own
-UNet2DConditionModel, accelerate and DDP wrap it whole, and its trainable parameters are the hypernetwork's.
-
-Saved as one ``hypernetwork.safetensors`` whose metadata holds the config (JSON), including the base
-UNet's shape it was built for, so a file for another base model fails with one line.
+The network is the UNet's child ``hypernetwork`` acting through forward pre-hooks, so accelerate and DDP wrap the
+UNet whole. Saved as ``hypernetwork.safetensors`` with its config (and the base UNet's shape) in the metadata.
 """
 
 from __future__ import annotations
@@ -27,9 +17,10 @@ import json
 from pathlib import Path
 
 import torch
+from diffusers import ControlNetModel
 from diffusers.models.attention_processor import Attention
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pipeline.errors import PipelineError
 from pipeline.params import HypernetworkParams
@@ -40,9 +31,6 @@ CONFIG_KEY = "hypernetwork_config"
 # UNet config keys a hypernetwork's shapes depend on: a file must have been built for the same values.
 _INTERFACE = ("in_channels", "block_out_channels", "down_block_types", "layers_per_block", "cross_attention_dim")
 _ACTIVATIONS = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "swish": torch.nn.SiLU}
-
-
-# ------------------------------------------------------------------------------------ context_mlp
 
 
 class ContextMLP(torch.nn.Module):
@@ -94,20 +82,6 @@ def _hook_context(unet, net: ContextHypernetwork) -> None:
         attn.to_v.register_forward_pre_hook(transform(net.mlps[f"v{width}"]))
 
 
-# ----------------------------------------------------------------------------------- encoder_copy
-
-
-def _encoder_copy(unet, load_weights: bool):
-    from diffusers import ControlNetModel
-
-    # One condition channel through one 1-channel convolution: the cheapest condition branch there is.
-    net = ControlNetModel.from_unet(
-        unet, conditioning_channels=1, conditioning_embedding_out_channels=(1,), load_weights_from_unet=load_weights
-    )
-    net.controlnet_cond_embedding.requires_grad_(False)
-    return net
-
-
 def _hook_encoder(unet, net) -> None:
     """Add the copy's residuals to the UNet's skip connections and mid block (to any a caller already gives)."""
     signature = inspect.signature(unet.forward)
@@ -135,27 +109,25 @@ def _hook_encoder(unet, net) -> None:
     unet.register_forward_pre_hook(steer, with_kwargs=True)
 
 
-# ----------------------------------------------------------------------------------------- public
-
-
 def _config(cfg: HypernetworkParams, interface: dict) -> dict:
     """What the file records: the kind, the MLP shape, and the base UNet's shape it was built for."""
     return {"kind": cfg.kind, "layer_structure": list(cfg.layer_structure), "activation": cfg.activation, "unet": interface}
 
 
 def _interface(unet) -> dict:
-    return {key: _plain(unet.config.get(key)) for key in _INTERFACE}
-
-
-def _plain(value):
-    return list(value) if isinstance(value, tuple) else value
+    config = {key: unet.config.get(key) for key in _INTERFACE}
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()}
 
 
 def _build(unet, config: dict, load_weights: bool) -> torch.nn.Module:
     """A new network of the config's kind, made on the UNet's device (no copy through host memory)."""
     with torch.device(unet.device):
         if config["kind"] == "encoder_copy":
-            return _encoder_copy(unet, load_weights)
+            # One condition channel through one 1-channel convolution: the cheapest condition branch there is.
+            net = ControlNetModel.from_unet(unet, conditioning_channels=1, conditioning_embedding_out_channels=(1,),
+                                            load_weights_from_unet=load_weights)
+            net.controlnet_cond_embedding.requires_grad_(False)
+            return net
         widths = sorted({attn.to_k.in_features for attn in _cross_attentions(unet)})
         return ContextHypernetwork(widths, config["layer_structure"], config["activation"])
 
@@ -188,10 +160,12 @@ def save_hypernetwork(unet, folder: str | Path) -> Path:
     return path
 
 
-def _read_config(path: Path) -> dict:
+def _read(path: Path) -> tuple[dict, dict]:
+    """The file's config and tensors; one PipelineError line when it is not a readable hypernetwork of this pipeline."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             text = (handle.metadata() or {}).get(CONFIG_KEY)
+            weights = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError) as exc:
         raise PipelineError(f"{path}: not a readable safetensors hypernetwork file ({exc})") from None
     if text is None:
@@ -202,7 +176,7 @@ def _read_config(path: Path) -> dict:
         interface = dict(raw["unet"])
     except (ValueError, KeyError, TypeError) as exc:
         raise PipelineError(f"{path}: malformed hypernetwork config in its metadata ({str(exc).splitlines()[0][:200]})") from None
-    return _config(cfg, interface)
+    return _config(cfg, interface), weights
 
 
 def _check_weights(path: Path, weights: dict, expected: dict, kind: str) -> None:
@@ -227,7 +201,7 @@ def load_hypernetwork(pipe, folder: str | Path) -> Path:
     path = Path(folder) / HYPERNETWORK_FILE
     if not path.is_file():
         raise PipelineError(f"{path}: hypernetwork weights not found; run the finetune stage first")
-    config = _read_config(path)
+    config, weights = _read(path)
     unet = pipe.unet
     base = _interface(unet)
     for key in _INTERFACE:
@@ -236,10 +210,6 @@ def load_hypernetwork(pipe, folder: str | Path) -> Path:
                 f"{path}: built for a UNet with {key}={config['unet'].get(key)} but the base model has {base[key]}: "
                 "it was trained for another base model"
             )
-    try:
-        weights = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise PipelineError(f"{path}: not a readable safetensors hypernetwork file ({exc})") from None
     net = _build(unet, config, load_weights=False)
     _check_weights(path, weights, net.state_dict(), config["kind"])
     net.load_state_dict(weights, strict=True)
