@@ -55,10 +55,8 @@ def build_tiny_pipeline(resolution: int = 32, seed: int = 0) -> StableDiffusionP
     the UNet the same 16x16 latents but kept no more of the class (the oracle recognised 79% of its reconstructions,
     80% of this one's) for 2.5x the VAE's training time; the oracle tells real images apart as well at 32 px as at 128.
 
-    SD's AutoencoderKL stays although diffusers' AutoencoderTiny (no GroupNorm) reconstructed better at this size
-    (the oracle recognised 84% of its reconstructions of real test images, 72% of this VAE's before its loss was
-    weighted towards the lesion, 75-80% after): with it, the fine-tuned models' samples scored 42-47% class fidelity
-    against this VAE's 54% (60% weighted)."""
+    SD's AutoencoderKL stays although diffusers' AutoencoderTiny reconstructed better at this size: with it, the
+    fine-tuned models' samples scored 42-47% class fidelity against this VAE's 60%."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     text_encoder = CLIPTextModel(
