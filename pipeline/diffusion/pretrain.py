@@ -9,7 +9,7 @@ images are read, and the same seed on CPU gives the same weights.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -87,23 +87,28 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.l
     return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, max(steps, warmup + 1), min_lr_rate=MIN_LR_RATE)
 
 
-def optimizer_step(loss: torch.Tensor, module, optimizer, schedule) -> float:
-    """One clipped AdamW + LR-schedule step; returns the loss."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-    optimizer.step()
-    schedule.step()
-    return loss.item()
-
-
-def log_recent(losses: list[float], bar, metric: str) -> None:
-    """Every LOG_EVERY steps (and at the end of the bar) the recent mean loss to the progress bar and MLflow."""
-    step = len(losses)
-    if step % LOG_EVERY == 0 or step == bar.total:
-        recent = float(np.mean(losses[-LOG_EVERY:]))
-        bar.set_postfix(loss=f"{recent:.4f}")
-        tracking.log_metrics({metric: recent}, step=step)
+def fit(module, step_loss: Callable[[int], torch.Tensor], steps: int, lr: float, weight_decay: float,
+        name: str) -> list[float]:
+    """The VAE's or UNet's loop: clipped AdamW steps under ``warmup_cosine``; every LOG_EVERY steps (and at the end)
+    the recent mean loss to the progress bar and MLflow."""
+    module.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = warmup_cosine(optimizer, steps)
+    losses: list[float] = []
+    for step in (bar := tqdm(range(steps), desc=name, mininterval=2)):
+        loss = step_loss(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if len(losses) % LOG_EVERY == 0 or len(losses) == steps:
+            recent = float(np.mean(losses[-LOG_EVERY:]))
+            bar.set_postfix(loss=f"{recent:.4f}")
+            tracking.log_metrics({f"base/{name}_loss": recent}, step=len(losses))
+    module.eval().requires_grad_(False)
+    return losses
 
 
 def lesion_weights(x: torch.Tensor) -> torch.Tensor:
@@ -120,21 +125,16 @@ def vae_loss(vae, x: torch.Tensor) -> torch.Tensor:
 
 
 def train_vae(vae, images: torch.Tensor, weights: torch.Tensor, cfg: BasePretrainParams, generator: torch.Generator) -> list[float]:
-    vae.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    schedule = warmup_cosine(optimizer, cfg.vae_steps)
-    losses: list[float] = []
     it = batches(weights, cfg.batch, generator)
     crop_steps = int(cfg.vae_steps * VAE_CROP_SHARE)
-    for step in (bar := tqdm(range(cfg.vae_steps), desc="vae", mininterval=2)):
+
+    def step_loss(step: int) -> torch.Tensor:
         x = random_flips(to_model_range(images[next(it)]), generator)
         if step < crop_steps:
             x = random_crops(x, x.shape[-1] // 2, generator)
-        loss = vae_loss(vae, x)
-        losses.append(optimizer_step(loss, vae, optimizer, schedule))
-        log_recent(losses, bar, "base/vae_loss")
-    vae.eval().requires_grad_(False)
-    return losses
+        return vae_loss(vae, x)
+
+    return fit(vae, step_loss, cfg.vae_steps, cfg.vae_lr, 0.0, "vae")
 
 
 def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -148,16 +148,11 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
 
 
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float = MIN_SNR_GAMMA) -> torch.Tensor:
-    """Per-sample loss weights min(SNR, gamma) / SNR (epsilon), / (SNR + 1) (v), min(SNR, gamma) (sample): else the
-    nearly noise-free timesteps dominate and the coarse layout the noisy ones decide is learned slowly."""
+    """Per-sample loss weights min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v; ``diffusion_target`` refuses the
+    rest): else the nearly noise-free timesteps dominate and the coarse layout is learned slowly."""
     snr = compute_snr(scheduler, timesteps)
-    clipped = snr.clamp(max=gamma)
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return clipped / snr
-    if kind == "v_prediction":
-        return clipped / (snr + 1)
-    return clipped
+    v_prediction = scheduler.config.prediction_type == "v_prediction"
+    return snr.clamp(max=gamma) / ((snr + 1) if v_prediction else snr)
 
 
 def train_unet(pipe: StableDiffusionPipeline, latents: LatentCache, weights: torch.Tensor, cfg: BasePretrainParams,
@@ -165,12 +160,9 @@ def train_unet(pipe: StableDiffusionPipeline, latents: LatentCache, weights: tor
     unet, scheduler = pipe.unet, pipe.scheduler
     pipe.text_encoder.eval().requires_grad_(False)
     cond, uncond = encode_prompts(pipe, [cfg.prompt, ""]).unsqueeze(1)  # each [1, 77, D]
-    unet.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
-    schedule = warmup_cosine(optimizer, cfg.unet_steps)
-    losses: list[float] = []
     it = batches(weights.repeat(len(latents) // len(weights)), cfg.batch, generator)  # each image and its mirror
-    for _ in (bar := tqdm(range(cfg.unet_steps), desc="unet", mininterval=2)):
+
+    def step_loss(step: int) -> torch.Tensor:
         idx = next(it)
         n = len(idx)
         x = random_flips(latents.sample(idx, generator), generator)  # vertical flips in latent space: the VAE saw both
@@ -181,11 +173,9 @@ def train_unet(pipe: StableDiffusionPipeline, latents: LatentCache, weights: tor
         text = torch.where(drop, uncond, cond)
         pred = unet(noisy, timesteps, encoder_hidden_states=text).sample
         per_sample = F.mse_loss(pred, diffusion_target(scheduler, x, noise, timesteps), reduction="none").mean((1, 2, 3))
-        loss = (per_sample * min_snr_weights(scheduler, timesteps)).mean()
-        losses.append(optimizer_step(loss, unet, optimizer, schedule))
-        log_recent(losses, bar, "base/unet_loss")
-    unet.eval().requires_grad_(False)
-    return losses
+        return (per_sample * min_snr_weights(scheduler, timesteps)).mean()
+
+    return fit(unet, step_loss, cfg.unet_steps, cfg.unet_lr, 1e-2, "unet")
 
 
 @torch.no_grad()
