@@ -27,9 +27,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from pipeline.diffusion import pretrain as pt
 from pipeline.diffusion.base import load_base_pipeline, prepare_base
-from pipeline.diffusion.tiny import build_tiny_pipeline
+from pipeline.diffusion.tiny import build_tiny_pipeline, build_tokenizer, vocab_and_merges
 from pipeline.diffusion.training_data import encode_images, encode_prompts, to_model_range
-from pipeline.diffusion.tokenizer import write_tokenizer
 from pipeline.errors import PipelineError
 from pipeline.params import parse_params
 
@@ -112,8 +111,6 @@ def build_foreign_checkpoint(folder: Path) -> Path:
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=4, layers_per_block=1, norm_num_groups=32, sample_size=64,
     )
-    from pipeline.diffusion.tiny import build_tokenizer
-
     tokenizer = build_tokenizer()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -136,8 +133,10 @@ def build_foreign_checkpoint(folder: Path) -> Path:
     (folder / "safety_checker").mkdir()
     (folder / "safety_checker" / "pytorch_model.bin").write_bytes(b"not a pickle: loading this would fail")
     # Hub SD repos ship the slow-tokenizer files (vocab.json + merges.txt), not tokenizer.json.
-    shutil.rmtree(folder / "tokenizer")
-    write_tokenizer(folder / "tokenizer")
+    (folder / "tokenizer" / "tokenizer.json").unlink()
+    vocab, merges = vocab_and_merges()
+    (folder / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
     return folder
 
 

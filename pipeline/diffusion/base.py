@@ -36,11 +36,9 @@ SAMPLES_FILE = "samples.png"
 # The components StableDiffusionPipeline needs; safety_checker / feature_extractor are never loaded.
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SUPPORTED_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"}
-_WEIGHTS = {  # component -> accepted safetensors names (single file or sharded index)
-    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
-    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
-    "text_encoder": ("model.safetensors", "model.safetensors.index.json"),
-}
+# component -> its safetensors weights (or their sharded index, the same name + ".index.json")
+_WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+            "text_encoder": "model.safetensors"}
 _CONFIGS = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json", "scheduler": "scheduler_config.json"}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # What a Hub download fetches: configs, tokenizer files and the components' safetensors weights; not
@@ -58,20 +56,8 @@ HUB_IGNORE_PATTERNS = ["safety_checker/*"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 
 
-# ----------------------------------------------------------------------------------- validation
-
-
-def _read_model_index(folder: Path) -> dict:
-    index_file = folder / "model_index.json"
-    if not index_file.is_file():
-        raise PipelineError(f"{KEY}: {folder} is not a diffusers pipeline folder: {index_file} is missing")
-    return _read_config(index_file)
-
-
-def _check_weights(folder: Path, component: str) -> None:
-    sub = folder / component
-    names = _WEIGHTS[component]
-    if any((sub / name).is_file() for name in names):
+def _check_weights(sub: Path, name: str) -> None:
+    if (sub / name).is_file() or (sub / f"{name}.index.json").is_file():
         return
     present = sorted(p.name for p in sub.iterdir() if p.is_file())
     pickles = [n for n in present if n.endswith(_PICKLE_SUFFIXES)]
@@ -84,18 +70,10 @@ def _check_weights(folder: Path, component: str) -> None:
     variants = [n for n in present if n.endswith(".safetensors")]
     if variants:
         raise PipelineError(
-            f"{KEY}: {sub} has only variant weights ({variants[0]}); expected {sub / names[0]} "
+            f"{KEY}: {sub} has only variant weights ({variants[0]}); expected {sub / name} "
             "(save the checkpoint without a variant)"
         )
-    raise PipelineError(f"{KEY}: {sub / names[0]} is missing")
-
-
-def _check_tokenizer(folder: Path) -> None:
-    sub = folder / "tokenizer"
-    if (sub / "tokenizer.json").is_file() or ((sub / "vocab.json").is_file() and (sub / "merges.txt").is_file()):
-        return
-    missing = "vocab.json" if not (sub / "vocab.json").is_file() else "merges.txt"
-    raise PipelineError(f"{KEY}: {sub / missing} is missing (a CLIP tokenizer needs vocab.json and merges.txt)")
+    raise PipelineError(f"{KEY}: {sub / name} is missing")
 
 
 def _read_config(path: Path) -> dict:
@@ -111,32 +89,37 @@ def _read_config(path: Path) -> dict:
 def check_diffusers_folder(folder: str | Path) -> dict:
     """Check that ``folder`` is a loadable SD pipeline with safetensors weights; returns model_index.json.
 
-    Everything is checked from file names and small JSON files, so a 4 GB checkpoint is validated in
-    milliseconds and every problem is one line naming the missing or offending file.
+    From file names and small JSON files only: a 4 GB checkpoint is validated in milliseconds, each problem in one line.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise PipelineError(f"{KEY}: folder {folder} does not exist")
-    index = _read_model_index(folder)
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise PipelineError(f"{KEY}: {folder} is not a diffusers pipeline folder: {index_file} is missing")
+    index = _read_config(index_file)
     pipeline_class = index.get("_class_name")
     if pipeline_class is not None and pipeline_class not in SUPPORTED_PIPELINES:
         raise PipelineError(
-            f"{KEY}: {folder / 'model_index.json'} describes a {pipeline_class}; "
+            f"{KEY}: {index_file} describes a {pipeline_class}; "
             "expected a Stable Diffusion 1.x/2.x pipeline (StableDiffusionPipeline)"
         )
     for component in REQUIRED_COMPONENTS:
         entry = index.get(component)
         if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry)):
-            raise PipelineError(f"{KEY}: {folder / 'model_index.json'} lists no {component!r} component")
+            raise PipelineError(f"{KEY}: {index_file} lists no {component!r} component")
         sub = folder / component
         if not sub.is_dir():
             raise PipelineError(f"{KEY}: component folder {sub} is missing")
         if component in _CONFIGS and not (sub / _CONFIGS[component]).is_file():
             raise PipelineError(f"{KEY}: {sub / _CONFIGS[component]} is missing")
         if component in _WEIGHTS:
-            _check_weights(folder, component)
-        if component == "tokenizer":
-            _check_tokenizer(folder)
+            _check_weights(sub, _WEIGHTS[component])
+        if component == "tokenizer" and not (sub / "tokenizer.json").is_file():
+            for name in ("vocab.json", "merges.txt"):
+                if not (sub / name).is_file():
+                    hint = "a CLIP tokenizer needs vocab.json and merges.txt"
+                    raise PipelineError(f"{KEY}: {sub / name} is missing ({hint})")
     unet = _read_config(folder / "unet" / "config.json")
     vae = _read_config(folder / "vae" / "config.json")
     if unet.get("in_channels", 4) != vae.get("latent_channels", 4):
@@ -174,18 +157,8 @@ def folder_fingerprint(folder: str | Path) -> str:
     return digest.hexdigest()
 
 
-# ----------------------------------------------------------------------------------- resolution
-
-
-def _is_offline() -> bool:
-    from huggingface_hub import constants
-
-    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
-    return flag in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
-
-
 def _hub_cache_dir() -> str:
-    """Read at call time (huggingface_hub reads HF_HOME once, at import)."""
+    """Read at call time (huggingface_hub reads HF_HOME and HF_HUB_OFFLINE once, at import)."""
     from huggingface_hub import constants
 
     if os.environ.get("HF_HUB_CACHE"):
@@ -207,10 +180,9 @@ def resolve_hub_snapshot(repo_id: str, missing_folder: Path | None = None) -> Pa
         IncompleteSnapshotError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
-        RevisionNotFoundError,
     )
 
-    offline = _is_offline()
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
     not_reachable = (
         f"{KEY}: {repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached; "
         f"download it once with `huggingface-cli download {repo_id}` or set base_model to a local diffusers folder"
@@ -228,8 +200,6 @@ def resolve_hub_snapshot(repo_id: str, missing_folder: Path | None = None) -> Pa
         raise PipelineError(f"{KEY}: {repo_id!r} is gated on the Hub: accept its licence there and log in (`hf auth login`)") from None
     except RepositoryNotFoundError:
         raise PipelineError(f"{KEY}: no Hub repository {repo_id!r} (or it is private: log in with `hf auth login`)") from None
-    except RevisionNotFoundError:
-        raise PipelineError(f"{KEY}: {repo_id!r} has no such revision on the Hub") from None
     except IncompleteSnapshotError:
         raise PipelineError(
             f"{KEY}: the cached copy of {repo_id!r} is incomplete and the Hub cannot be reached; "
@@ -253,14 +223,13 @@ def resolve_base_source(params: Params) -> Path:
         return workspace_root() / BASE_MODEL_DIR
     if not value:
         raise PipelineError(f"{KEY}: empty; use '{EMBEDDED}', a Hub id (owner/name) or a local diffusers folder")
-    expanded = os.path.expanduser(value)
-    looks_like_path = os.path.isabs(expanded) or value.startswith((".", "~")) or value.endswith("/")
-    local: Path | None = None
-    path_error: PipelineError | None = None
+    looks_like_path = os.path.isabs(os.path.expanduser(value)) or value.startswith((".", "~")) or value.endswith("/")
     try:
         local = resolve_user_path(value, KEY)
-    except PipelineError as exc:
-        path_error = exc
+    except PipelineError:
+        if looks_like_path:
+            raise
+        local = None
     if local is not None and local.exists():
         if not local.is_dir():
             raise PipelineError(f"{KEY}: {local} is a file; expected a diffusers pipeline folder (with model_index.json)")
@@ -269,14 +238,9 @@ def resolve_base_source(params: Params) -> Path:
         return resolve_hub_snapshot(value, missing_folder=local)
     if local is not None:
         raise PipelineError(f"{KEY}: folder {local} does not exist")
-    if looks_like_path and path_error is not None:
-        raise path_error
     raise PipelineError(
         f"{KEY}: {value!r} is neither '{EMBEDDED}', an existing diffusers folder, nor a Hub id of the form owner/name"
     )
-
-
-# ---------------------------------------------------------------------------------------- stage
 
 
 def prepare_base(params: Params) -> None:
@@ -319,38 +283,29 @@ def _prepare_embedded(params: Params, target: Path) -> None:
     print(f"base: pre-training the embedded tiny model on {len(images)} train images at {resolution} px, "
           f"each of their {len(set(diagnoses))} diagnoses drawn equally often")
     pipe = build_tiny_pipeline(resolution, params.seed)
-    report = pretrain(pipe, images, class_balanced(diagnoses), cfg, params.seed)
+    summary, seconds = pretrain(pipe, images, class_balanced(diagnoses), cfg, params.seed)
     samples = make_image_grid(sample_images(pipe, cfg.prompt, count=16, seed=params.seed), rows=2, cols=8)
     recon = reconstruction_grid(pipe.vae, images[:8])
-    summary = {**report.summary(), "resolution": resolution, "seed": params.seed, "pretrain": cfg.model_dump()}
+    summary.update(resolution=resolution, seed=params.seed, pretrain=cfg.model_dump())
     with atomic_dir(target) as temp:
         save_pipeline(pipe, temp)
         samples.save(temp / SAMPLES_FILE)
         recon.save(temp / "reconstructions.png")
         write_json(temp / PRETRAIN_REPORT, summary)
-    final = {k: v for k, v in summary.items() if k in ("vae_loss_last", "unet_loss_last") and v is not None}
-    tracking.log_metrics({**{f"base/{k}": v for k, v in final.items()}, **{f"base/seconds_{k}": v for k, v in report.seconds.items()}})
-    tracking.log_artifact(target / SAMPLES_FILE, "base")
-    tracking.log_artifact(target / "reconstructions.png", "base")
-    tracking.log_artifact(target / PRETRAIN_REPORT, "base")
+    final = {f"base/{k}": v for k, v in summary.items() if k in ("vae_loss_last", "unet_loss_last") and v is not None}
+    tracking.log_metrics({**final, **{f"base/seconds_{k}": v for k, v in seconds.items()}})
+    for name in (SAMPLES_FILE, "reconstructions.png", PRETRAIN_REPORT):
+        tracking.log_artifact(target / name, "base")
     print(
         f"base: vae loss {summary['vae_loss_first']} -> {summary['vae_loss_last']}, "
         f"unet loss {summary['unet_loss_first']} -> {summary['unet_loss_last']}; "
-        f"{', '.join(f'{k} {v:.0f}s' for k, v in report.seconds.items())}; samples in {target / SAMPLES_FILE}"
+        f"{', '.join(f'{k} {v:.0f}s' for k, v in seconds.items())}; samples in {target / SAMPLES_FILE}"
     )
-
-
-# ------------------------------------------------------------------------------------- loading
-
-
-def _resolve_dir(base_dir: str | Path) -> Path:
-    base_dir = Path(base_dir)
-    return base_dir if base_dir.is_absolute() else workspace_root() / base_dir
 
 
 def base_model_folder(base_dir: str | Path = BASE_MODEL_DIR) -> Path:
     """The diffusers folder behind models/base: itself (embedded) or the checkpoint base_model.json points to."""
-    base_dir = _resolve_dir(base_dir)
+    base_dir = workspace_root() / base_dir  # an absolute base_dir stays as it is
     reference = base_dir / REFERENCE_FILE
     if reference.is_file():
         try:
@@ -376,38 +331,27 @@ def base_model_folder(base_dir: str | Path = BASE_MODEL_DIR) -> Path:
     return base_dir
 
 
-def load_error(folder: Path, what: str, exc: Exception) -> PipelineError:
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return PipelineError(f"{KEY}: could not load {what} in {folder} ({first_line})")
+def _from_pretrained(cls, what: str, base_dir: str | Path, dtype: torch.dtype, **kwargs):
+    folder = base_model_folder(base_dir)
+    try:
+        return cls.from_pretrained(
+            str(folder), torch_dtype=dtype, use_safetensors=True, local_files_only=True, **kwargs
+        )
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PipelineError(f"{KEY}: could not load {what} in {folder} ({first_line})") from None
 
 
 def load_base_pipeline(base_dir: str | Path = BASE_MODEL_DIR, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     """Load the base SD pipeline (embedded or referenced) from safetensors only, without safety checker or remote code."""
     from diffusers import StableDiffusionPipeline
 
-    folder = base_model_folder(base_dir)
-    try:
-        return StableDiffusionPipeline.from_pretrained(
-            str(folder),
-            torch_dtype=dtype,
-            use_safetensors=True,
-            local_files_only=True,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    except (OSError, ValueError, EnvironmentError) as exc:
-        raise load_error(folder, "the pipeline", exc) from None
+    return _from_pretrained(StableDiffusionPipeline, "the pipeline", base_dir, dtype, safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False)
 
 
 def load_base_unet(base_dir: str | Path = BASE_MODEL_DIR, dtype: torch.dtype = torch.float32):
     """The base model's UNet alone (generation's guidance against the base model), from safetensors only."""
     from diffusers import UNet2DConditionModel
 
-    folder = base_model_folder(base_dir)
-    try:
-        return UNet2DConditionModel.from_pretrained(
-            str(folder), subfolder="unet", torch_dtype=dtype, use_safetensors=True, local_files_only=True
-        )
-    except (OSError, ValueError, EnvironmentError) as exc:
-        raise load_error(folder, "the UNet", exc) from None
+    return _from_pretrained(UNet2DConditionModel, "the UNet", base_dir, dtype, subfolder="unet")

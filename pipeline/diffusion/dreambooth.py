@@ -1,9 +1,5 @@
-"""DreamBooth: the whole UNet learns the class; prior preservation keeps it able to draw the generic class.
-
-Prior images are sampled from the *base* model with the generic prompt before training starts
-(fixed seeds, so a resumed run sees the same ones) and go through the same latent cache as the
-instance images.
-"""
+"""DreamBooth: the whole UNet learns the class; prior preservation keeps it able to draw the generic class from
+images the *base* model drew before training (fixed seeds, so a resumed run sees the same ones)."""
 
 from __future__ import annotations
 

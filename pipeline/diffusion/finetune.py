@@ -1,26 +1,16 @@
-"""finetune@<class>: teach the base model one class under its own instance token (LoRA, DreamBooth, textual inversion or a hypernetwork).
+"""finetune@<class>: teach the base model one class under its own instance token (LoRA, DreamBooth, textual
+inversion or a hypernetwork).
 
-The loop is the plain diffusion recipe: draw cached latents (``draw_batch``), add noise at a random
-timestep, predict the noise (or v), Min-SNR-weighted MSE (``diffusion_loss``), step. What differs between methods is
-only *which* weights train (``TrainedPart``). The VAE and text encoder are frozen, so latents and
-prompt embeddings are computed once (``training_data``); textual inversion is the exception that
-re-encodes its one prompt each step, because the embedding it trains feeds the text encoder.
-
-Every tensor of a step is made on the model's device from one ``torch.Generator`` that lives there
-too, so the same seed gives the same run on the same device type; the host waits for the device only
-when it reads the loss back (every ``SHOW_LOSS_EVERY`` steps and at checkpoints).
-
-Resumable: every ``diffusion.checkpoint_every`` steps the trainable weights, optimizer state,
-step and RNG states go to ``checkpoints/<class>/`` (safetensors + JSON, no pickle; outside
-``models/`` because DVC deletes outputs before running a stage). With ``diffusion.resume`` a
-rerun continues from there if the checkpoint was written for the same params, data and base
-model, and ends with bit-identical weights to an uninterrupted run on CPU.
+The plain diffusion loop on cached latents and prompt embeddings (the VAE and text encoder are frozen; textual
+inversion re-encodes its prompt each step); methods differ only in *which* weights train (``TrainedPart``). Every
+draw comes from one generator on the model's device, so the same seed gives the same run on the same device type.
+Every ``diffusion.checkpoint_every`` steps the state goes to ``checkpoints/<class>/`` (outside DVC's outputs);
+with ``diffusion.resume`` a rerun of the same params, data and base continues there, bit-identically on CPU.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import shutil
 import sys
@@ -37,7 +27,7 @@ from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
 from pipeline import checkpoint, tracking
-from pipeline.atomic import atomic_dir, clean_stale_temps
+from pipeline.atomic import atomic_dir, clean_stale_temps, write_json
 from pipeline.data.images import load_square
 from pipeline.diffusion.generate import (
     META_FILE,
@@ -60,9 +50,6 @@ MAX_GRAD_NORM = 1.0
 LOSS_WINDOW = 20  # final_loss in meta.json is the mean of the last this many steps
 SHOW_LOSS_EVERY = 10  # steps between progress-bar loss updates (each waits for the device)
 VALIDATION = {"images": 4, "steps": 20, "guidance": 5.0, "scheduler": "dpmsolver++"}
-
-
-# ------------------------------------------------------------------------------------------ helpers
 
 
 def generic_prompt(params: Params, class_code: str) -> str:
@@ -90,9 +77,8 @@ def run_fingerprint(params: Params, class_code: str, images: list[Path], base_sh
 
 
 class LossLog:
-    """Per-step loss, kept on the device until read (``mean``, ``flush``): the loop reads it every few steps, so the
-    host waits for the device then, not every step. The main process sends it to MLflow in batches (one SQLite
-    write per step costs ~25 ms)."""
+    """Per-step loss, kept on the device until read, so the host waits for it every few steps only; sent to MLflow in
+    batches (one SQLite write per step costs ~25 ms)."""
 
     def __init__(self, name: str, recent: list[float], send: bool, send_every: int = 50):
         self.name, self.send, self.send_every = name, send, send_every
@@ -132,9 +118,6 @@ class LossLog:
         self.points = []
 
 
-# ------------------------------------------------------------------------------------- what trains
-
-
 @dataclass
 class TrainedPart:
     """The trainable part of one method: the module accelerate prepares, its trainable tensors, and how to save it."""
@@ -171,9 +154,6 @@ def attach_method(pipe, params: Params, class_code: str) -> TrainedPart:
     )
 
 
-# ------------------------------------------------------------------------------------- one step
-
-
 @dataclass
 class Priors:
     """DreamBooth's prior preservation: latents of base-model images of the generic class, and its prompt."""
@@ -202,9 +182,8 @@ def draw_batch(instances: LatentCache, priors: Priors | None, states: torch.Tens
 
 def diffusion_loss(unet, noise_scheduler, batch: Batch, generator: torch.Generator, prior_weight: float = 1.0,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Noise the batch at random timesteps, predict with ``unet`` (run in ``dtype``), Min-SNR-weighted MSE against
-    the scheduler's target, as in pre-training; prior-class rows add ``prior_weight`` times their own loss. Noise and
-    timesteps are drawn on the latents' device, so ``generator`` must live there."""
+    """Min-SNR-weighted MSE of ``unet`` (run in ``dtype``) on the batch noised at random timesteps, as in pre-training;
+    prior-class rows add ``prior_weight`` times their own loss. ``generator`` must live on the latents' device."""
     latents = batch.latents
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     timesteps = torch.randint(
@@ -219,7 +198,7 @@ def diffusion_loss(unet, noise_scheduler, batch: Batch, generator: torch.Generat
 
 
 def optimizer_step(accelerator, loss: torch.Tensor, trainable: list[torch.nn.Parameter], optimizer) -> None:
-    """accelerate's backward (loss-scaled under fp16), gradients clipped to MAX_GRAD_NORM, the step, gradients cleared."""
+    """accelerate's backward (loss-scaled under fp16), clipped gradients, the step."""
     accelerator.backward(loss)
     if accelerator.sync_gradients:
         accelerator.clip_grad_norm_(trainable, MAX_GRAD_NORM)
@@ -235,9 +214,6 @@ def cast_frozen(pipe, part: TrainedPart, weight_dtype: torch.dtype) -> None:
         if module is not part.module or part.adapter:
             module.to(dtype=weight_dtype)
     cast_training_params(part.module, dtype=torch.float32)
-
-
-# -------------------------------------------------------------------------------------- checkpoints
 
 
 @dataclass
@@ -279,9 +255,6 @@ def load_checkpoint(folder: Path, fingerprint: str, state: Resumable) -> tuple[i
     return int(found.meta["step"]), list(found.meta.get("recent_losses", []))
 
 
-# ---------------------------------------------------------------------------------------- the stage
-
-
 def finetune_class(params: Params, class_code: str) -> Path:
     """Fine-tune the base model on ``data/prepared/finetune/<class>.csv``; writes ``models/diffusion/<class>/``."""
     from pipeline.diffusion.base import load_base_pipeline
@@ -290,8 +263,7 @@ def finetune_class(params: Params, class_code: str) -> Path:
     check_class(params, class_code)
     d = params.diffusion
     root = workspace_root()
-    csv_path = root / FINETUNE_DIR / f"{class_code}.csv"
-    image_paths = read_finetune_csv(csv_path, class_code)
+    image_paths = read_finetune_csv(root / FINETUNE_DIR / f"{class_code}.csv", class_code)
     base_dir = root / BASE_MODEL_DIR
     out_dir = root / CLASS_MODELS_DIR / class_code
     ckpt_dir = root / CHECKPOINT_DIR / class_code
@@ -348,16 +320,11 @@ def finetune_class(params: Params, class_code: str) -> Path:
     losses = LossLog(f"finetune/{class_code}/loss", recent, send=main)
     bar = tqdm(range(start, d.steps), initial=start, total=d.steps, desc=f"finetune {class_code}", disable=not main, mininterval=1)
     for step in bar:
-        # --- batch: cached latents (+ prior-class latents) under their prompts
         states = model(prompt_ids)[0] if part.trains_text else instance_embeds  # [1, 77, D]: one prompt, whole batch
         batch = draw_batch(instances, priors, states, d.batch, generator)
-
-        # --- forward, loss, backward, step
         with accelerator.autocast():
             loss = diffusion_loss(unet, noise_scheduler, batch, generator, d.prior_loss_weight, weight_dtype)
         optimizer_step(accelerator, loss, trainable, optimizer)
-
-        # --- bookkeeping
         done = step + 1
         losses.add(accelerator.reduce(loss.detach(), "mean"), done)
         if done % SHOW_LOSS_EVERY == 0:
@@ -387,7 +354,7 @@ def finetune_class(params: Params, class_code: str) -> Path:
                 "weights": weights.relative_to(temp).as_posix(), "weights_sha256": sha256_file(weights),
                 "images": len(image_paths), "resolution": d.resolution, "validation": VALIDATION,
             }
-            (temp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            write_json(temp / META_FILE, meta)
         tracking.log_artifact(out_dir / "samples.png", artifact_path=f"finetune/{class_code}")
         tracking.log_metrics({f"finetune/{class_code}/final_loss": meta["final_loss"]})
         shutil.rmtree(ckpt_dir, ignore_errors=True)

@@ -1,8 +1,7 @@
-"""LoRA on the UNet's layers (attention projections, ResNet convs: ``diffusion.lora.target_modules``), saved in diffusers' own format so ``pipe.load_lora_weights`` reads it.
+"""LoRA on the UNet's layers (``diffusion.lora.target_modules``), saved so ``pipe.load_lora_weights`` reads it.
 
-diffusers loads a LoRA file for the wrong architecture with at most a log line (unknown keys are
-skipped, mismatched shapes can slip through), so ``load_lora`` checks every key and shape against
-the UNet first and turns any mismatch into one PipelineError.
+diffusers loads a LoRA file for the wrong architecture with at most a log line, so ``load_lora`` first checks every
+key and shape against the UNet.
 """
 
 from __future__ import annotations
@@ -76,7 +75,7 @@ def check_lora_file(path: Path, unet) -> None:
             f"{path}: mixes peft (lora_A/lora_B) and diffusers (lora.down/lora.up) key names; "
             "diffusers would load only part of it: save all keys in one naming"
         )
-    modules = dict(unet.named_modules())
+    modules, ranks = dict(unet.named_modules()), {}
     for key, shape in sorted(shapes.items()):
         match = _KEY.match(key)
         if not match:
@@ -94,11 +93,7 @@ def check_lora_file(path: Path, unet) -> None:
                 f"{path}: {key!r} has shape {list(shape)} but {name} takes {list(expected)}: "
                 "the LoRA was trained for another base model"
             )
-    ranks = {}
-    for key, shape in shapes.items():
-        match = _KEY.match(key)
-        axis = 0 if match["kind"] in ("lora.down", "lora_A") else 1
-        ranks.setdefault(match["module"], set()).add(shape[axis])
+        ranks.setdefault(name, set()).add(rank)
     uneven = sorted(name for name, r in ranks.items() if len(r) != 1)
     if uneven:
         raise PipelineError(f"{path}: down and up weights of {uneven[0]!r} disagree on the LoRA rank")

@@ -1,26 +1,15 @@
 """Pre-training of the embedded tiny base model on the train split, so fine-tuning starts from "skin with a lesion".
 
-A random SD-shaped pipeline only makes noise; LoRA/DreamBooth on 20 images cannot teach it what
-a dermoscopic image looks like. So, like SD's own two-stage recipe but in minutes on a CPU:
-
-1. the VAE learns to reconstruct train images (L1 + MSE weighted towards the lesion + a small KL term),
-   mostly on half-size crops: its GroupNorms make per-image colour slow to learn, so it needs many cheap steps;
-2. every train image (and its mirror image) is encoded once by the frozen VAE and the latents are
-   cached, which makes each UNet step cost only a UNet forward/backward;
-3. the UNet learns to denoise those latents conditioned on the frozen random CLIP text encoder's
-   embedding of one generic prompt (dropped 10% of the time so classifier-free guidance works later).
-
-Both draw the train images class-balanced (``class_balanced``): each diagnosis as often as any other.
-Validation, test and reserve images are never read. Everything is seeded: the same seed on CPU gives the
-same weights.
+SD's two-stage recipe in minutes on a CPU: the VAE learns to reconstruct train images (mostly half-size crops:
+many cheap steps), the images' latents are cached once, then the UNet learns to denoise them under one generic
+prompt (dropped 10% of the time for classifier-free guidance). Both draw each diagnosis equally often; only train
+images are read, and the same seed on CPU gives the same weights.
 """
 
 from __future__ import annotations
 
-import csv
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,80 +22,38 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline import tracking
-from pipeline.diffusion.training_data import LatentCache, encode_images, encode_prompts, to_model_range
+from pipeline.diffusion.training_data import LatentCache, encode_images, encode_prompts, read_image_rows, to_model_range
 from pipeline.errors import PipelineError
 from pipeline.params import BasePretrainParams
-from pipeline.paths import workspace_root
 
 KL_WEIGHT = 1e-6  # SD's VAE weight: latents stay well-behaved without blurring reconstructions
-# Pixels weigh 1 + LESION_WEIGHT x their distance from the image's median colour (the skin): the lesion is a small
-# share of the image but carries the class. Unweighted, the VAE turned purple clods and blue-grey areas brown: the
-# oracle recognised 68-72% of its reconstructions of real test images, 75-80% weighted (86% of the real images at 32 px).
+# Pixels weigh 1 + LESION_WEIGHT x their distance from the skin's (median) colour: the small lesion carries the class.
+# Unweighted, the VAE turned purple clods brown (the oracle recognised 68-72% of its reconstructions, 75-80% weighted).
 LESION_WEIGHT = 12.0
 UNCOND_PROB = 0.1  # share of UNet samples that see the empty prompt (classifier-free guidance)
 MIN_SNR_GAMMA = 5.0  # Min-SNR loss weighting (Hang et al. 2023): converges several times faster
 WARMUP_STEPS = 20
 MIN_LR_RATE = 0.1  # the learning rate ends at this share of its peak
-# The VAE spends this share of its steps on random half-size crops: a convolutional autoencoder learns
-# colour and texture locally, a half-size crop costs a quarter of the whole image, so it sees 4x more
-# samples in the same time; the last steps use whole images so GroupNorm statistics match inference.
+# Share of VAE steps on random half-size crops (4x cheaper; colour and texture are local); the last steps see whole
+# images so GroupNorm statistics match inference.
 VAE_CROP_SHARE = 0.9
 LOG_EVERY = 10
-
-
-@dataclass
-class PretrainReport:
-    """What happened, for pretrain.json beside the weights and for the stage log."""
-
-    train_images: int
-    vae_losses: list[float] = field(default_factory=list)
-    unet_losses: list[float] = field(default_factory=list)
-    scaling_factor: float = 1.0
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    def summary(self) -> dict:
-        """Everything but timings, so the saved pretrain.json is byte-identical for the same seed."""
-
-        def tail(losses: list[float]) -> float | None:
-            return float(np.mean(losses[-LOG_EVERY:])) if losses else None
-
-        return {
-            "train_images": self.train_images,
-            "vae_steps": len(self.vae_losses),
-            "unet_steps": len(self.unet_losses),
-            "vae_loss_first": self.vae_losses[0] if self.vae_losses else None,
-            "vae_loss_last": tail(self.vae_losses),
-            "unet_loss_first": self.unet_losses[0] if self.unet_losses else None,
-            "unet_loss_last": tail(self.unet_losses),
-            "scaling_factor": self.scaling_factor,
-        }
-
-
-# --------------------------------------------------------------------------------------------- data
 
 
 def train_images(split_csv: str | Path) -> tuple[list[Path], list[str]]:
     """Absolute paths and diagnoses of the ``split == "train"`` rows of split.csv (relative paths are from the
     workspace root)."""
-    split_csv = Path(split_csv)
-    if not split_csv.is_file():
-        raise PipelineError(f"{split_csv}: split file not found; run the prepare stage first (dvc repro prepare)")
-    with split_csv.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = {"split", "path", "dx"} - set(reader.fieldnames or [])
-        if missing:
-            raise PipelineError(f"{split_csv}: missing column(s) {', '.join(sorted(missing))}")
-        rows = [row for row in reader if row["split"] == "train"]
-    if not rows:
+    not_found = "split file not found; run the prepare stage first (dvc repro prepare)"
+    rows, paths = read_image_rows(Path(split_csv), ("dx", "path", "split"), not_found)
+    train = [i for i, row in enumerate(rows) if row["split"] == "train"]
+    if not train:
         raise PipelineError(f"{split_csv}: no rows with split == 'train'; the base model needs train images")
-    root = workspace_root()
-    return [p if (p := Path(row["path"])).is_absolute() else root / p for row in rows], [row["dx"] for row in rows]
+    return [paths[i] for i in train], [rows[i]["dx"] for i in train]
 
 
 def class_balanced(labels: list[str]) -> torch.Tensor:
-    """Sampling weights 1 / (images of the label): every diagnosis is drawn equally often. HAM10000 is two thirds
-    nevi, and a base trained on it as it comes learns their browns and loses the reds and purples of the rare classes
-    (its VAE then cannot even reconstruct them)."""
+    """Sampling weights 1 / (images of the label): every diagnosis is drawn equally often. Trained on HAM10000 as it
+    comes (two thirds nevi), the base learns their browns and loses the rare classes' reds and purples."""
     counts = {label: labels.count(label) for label in set(labels)}
     return torch.tensor([1.0 / counts[label] for label in labels], dtype=torch.float64)
 
@@ -133,35 +80,35 @@ def batches(weights: torch.Tensor, batch: int, generator: torch.Generator) -> It
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then cosine decay to 10%: short runs need the big early steps and a calm finish.
-
-    transformers' variant, because diffusers' ``get_cosine_schedule_with_warmup`` has no floor (it decays to 0)."""
+    """Linear warm-up, then cosine decay to 10% (transformers' variant: diffusers' decays to 0)."""
     from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
     warmup = min(WARMUP_STEPS, max(1, steps // 10))
     return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, max(steps, warmup + 1), min_lr_rate=MIN_LR_RATE)
 
 
-# ---------------------------------------------------------------------------------------------- VAE
-
-
-def optimizer_step(loss: torch.Tensor, module, optimizer, schedule) -> float:
-    """One clipped AdamW + LR-schedule step of the VAE or UNet loop; returns the loss."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-    optimizer.step()
-    schedule.step()
-    return loss.item()
-
-
-def log_recent(losses: list[float], bar, metric: str) -> None:
-    """Every LOG_EVERY steps (and at the end of the bar) the recent mean loss to the progress bar and MLflow."""
-    step = len(losses)
-    if step % LOG_EVERY == 0 or step == bar.total:
-        recent = float(np.mean(losses[-LOG_EVERY:]))
-        bar.set_postfix(loss=f"{recent:.4f}")
-        tracking.log_metrics({metric: recent}, step=step)
+def fit(module, step_loss: Callable[[int], torch.Tensor], steps: int, lr: float, weight_decay: float,
+        name: str) -> list[float]:
+    """The VAE's or UNet's loop: clipped AdamW steps under ``warmup_cosine``; every LOG_EVERY steps (and at the end)
+    the recent mean loss to the progress bar and MLflow."""
+    module.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = warmup_cosine(optimizer, steps)
+    losses: list[float] = []
+    for step in (bar := tqdm(range(steps), desc=name, mininterval=2)):
+        loss = step_loss(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if len(losses) % LOG_EVERY == 0 or len(losses) == steps:
+            recent = float(np.mean(losses[-LOG_EVERY:]))
+            bar.set_postfix(loss=f"{recent:.4f}")
+            tracking.log_metrics({f"base/{name}_loss": recent}, step=len(losses))
+    module.eval().requires_grad_(False)
+    return losses
 
 
 def lesion_weights(x: torch.Tensor) -> torch.Tensor:
@@ -178,30 +125,20 @@ def vae_loss(vae, x: torch.Tensor) -> torch.Tensor:
 
 
 def train_vae(vae, images: torch.Tensor, weights: torch.Tensor, cfg: BasePretrainParams, generator: torch.Generator) -> list[float]:
-    vae.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    schedule = warmup_cosine(optimizer, cfg.vae_steps)
-    losses: list[float] = []
     it = batches(weights, cfg.batch, generator)
     crop_steps = int(cfg.vae_steps * VAE_CROP_SHARE)
-    for step in (bar := tqdm(range(cfg.vae_steps), desc="vae", mininterval=2)):
+
+    def step_loss(step: int) -> torch.Tensor:
         x = random_flips(to_model_range(images[next(it)]), generator)
         if step < crop_steps:
             x = random_crops(x, x.shape[-1] // 2, generator)
-        loss = vae_loss(vae, x)
-        losses.append(optimizer_step(loss, vae, optimizer, schedule))
-        log_recent(losses, bar, "base/vae_loss")
-    vae.eval().requires_grad_(False)
-    return losses
+        return vae_loss(vae, x)
 
-
-# --------------------------------------------------------------------------------------------- UNet
+    return fit(vae, step_loss, cfg.vae_steps, cfg.vae_lr, 0.0, "vae")
 
 
 def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """The UNet's regression target for the scheduler's prediction_type, as in diffusers' train scripts.
-
-    Shared by pre-training and fine-tuning (pipeline/diffusion/finetune.py)."""
+    """The UNet's regression target for the scheduler's prediction_type, as in diffusers' train scripts."""
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return noise
@@ -211,19 +148,11 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
 
 
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float = MIN_SNR_GAMMA) -> torch.Tensor:
-    """Per-sample loss weights min(SNR, gamma) / SNR (epsilon), / (SNR + 1) (v), min(SNR, gamma) (sample).
-
-    Without them the many nearly-noise-free timesteps dominate the gradient and the coarse layout
-    (vignette, one lesion) that the high-noise timesteps decide is learned slowly.
-    """
+    """Per-sample loss weights min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v; ``diffusion_target`` refuses the
+    rest): else the nearly noise-free timesteps dominate and the coarse layout is learned slowly."""
     snr = compute_snr(scheduler, timesteps)
-    clipped = snr.clamp(max=gamma)
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return clipped / snr
-    if kind == "v_prediction":
-        return clipped / (snr + 1)
-    return clipped
+    v_prediction = scheduler.config.prediction_type == "v_prediction"
+    return snr.clamp(max=gamma) / ((snr + 1) if v_prediction else snr)
 
 
 def train_unet(pipe: StableDiffusionPipeline, latents: LatentCache, weights: torch.Tensor, cfg: BasePretrainParams,
@@ -231,12 +160,9 @@ def train_unet(pipe: StableDiffusionPipeline, latents: LatentCache, weights: tor
     unet, scheduler = pipe.unet, pipe.scheduler
     pipe.text_encoder.eval().requires_grad_(False)
     cond, uncond = encode_prompts(pipe, [cfg.prompt, ""]).unsqueeze(1)  # each [1, 77, D]
-    unet.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
-    schedule = warmup_cosine(optimizer, cfg.unet_steps)
-    losses: list[float] = []
     it = batches(weights.repeat(len(latents) // len(weights)), cfg.batch, generator)  # each image and its mirror
-    for _ in (bar := tqdm(range(cfg.unet_steps), desc="unet", mininterval=2)):
+
+    def step_loss(step: int) -> torch.Tensor:
         idx = next(it)
         n = len(idx)
         x = random_flips(latents.sample(idx, generator), generator)  # vertical flips in latent space: the VAE saw both
@@ -247,14 +173,9 @@ def train_unet(pipe: StableDiffusionPipeline, latents: LatentCache, weights: tor
         text = torch.where(drop, uncond, cond)
         pred = unet(noisy, timesteps, encoder_hidden_states=text).sample
         per_sample = F.mse_loss(pred, diffusion_target(scheduler, x, noise, timesteps), reduction="none").mean((1, 2, 3))
-        loss = (per_sample * min_snr_weights(scheduler, timesteps)).mean()
-        losses.append(optimizer_step(loss, unet, optimizer, schedule))
-        log_recent(losses, bar, "base/unet_loss")
-    unet.eval().requires_grad_(False)
-    return losses
+        return (per_sample * min_snr_weights(scheduler, timesteps)).mean()
 
-
-# ------------------------------------------------------------------------------------------ samples
+    return fit(unet, step_loss, cfg.unet_steps, cfg.unet_lr, 1e-2, "unet")
 
 
 @torch.no_grad()
@@ -283,29 +204,30 @@ def reconstruction_grid(vae, images: torch.Tensor) -> Image.Image:
     return make_image_grid([Image.fromarray(a) for a in both], rows=2, cols=len(images))
 
 
-# ------------------------------------------------------------------------------------------ driver
-
-
 def pretrain(pipe: StableDiffusionPipeline, images: torch.Tensor, weights: torch.Tensor, cfg: BasePretrainParams,
-             seed: int) -> PretrainReport:
+             seed: int) -> tuple[dict, dict[str, float]]:
     """VAE, then latent cache, then UNet, drawing image ``i`` with probability ∝ ``weights[i]``; updates ``pipe`` in
-    place (including the VAE's scaling_factor)."""
+    place (including the VAE's scaling_factor). Returns pretrain.json's summary (no timings: the same seed gives the
+    same file) and each phase's seconds."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    report = PretrainReport(train_images=len(images))
-
-    start = time.perf_counter()
-    report.vae_losses = train_vae(pipe.vae, images, weights, cfg, generator)
-    report.seconds["vae"] = time.perf_counter() - start
+    seconds, start = {}, time.perf_counter()
+    vae_losses = train_vae(pipe.vae, images, weights, cfg, generator)
+    seconds["vae"] = time.perf_counter() - start
 
     start = time.perf_counter()
     latents = encode_images(pipe.vae, images, chunk=64)
     # SD's rule: scale latents to unit variance so the noise schedule fits them (0.18215 for SD's own VAE).
-    report.scaling_factor = latents.scaling_factor = float(1.0 / latents.mean.std().clamp_min(1e-6))
-    pipe.vae.register_to_config(scaling_factor=report.scaling_factor)
-    report.seconds["encode"] = time.perf_counter() - start
+    latents.scaling_factor = float(1.0 / latents.mean.std().clamp_min(1e-6))
+    pipe.vae.register_to_config(scaling_factor=latents.scaling_factor)
+    seconds["encode"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    report.unet_losses = train_unet(pipe, latents, weights, cfg, generator)
-    report.seconds["unet"] = time.perf_counter() - start
-    return report
+    unet_losses = train_unet(pipe, latents, weights, cfg, generator)
+    seconds["unet"] = time.perf_counter() - start
+    summary = {"train_images": len(images), "scaling_factor": latents.scaling_factor}
+    for name, losses in (("vae", vae_losses), ("unet", unet_losses)):
+        summary[f"{name}_steps"] = len(losses)
+        summary[f"{name}_loss_first"] = losses[0] if losses else None
+        summary[f"{name}_loss_last"] = float(np.mean(losses[-LOG_EVERY:])) if losses else None
+    return summary, seconds

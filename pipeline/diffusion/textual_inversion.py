@@ -1,9 +1,7 @@
 """Textual inversion: the class is learned as one new word; every weight of the model stays frozen.
 
-The new token's embedding is a separate one-row parameter spliced into the frozen embedding
-table (``NewTokenEmbedding``), so the optimizer and checkpoints hold a single vector instead of
-the whole vocabulary, and no other row can drift. The result is saved as
-``learned_embeds.safetensors`` = {token: [1, D]}, the format ``pipe.load_textual_inversion`` reads.
+The new token's embedding is one trainable row spliced into the frozen table (``NewTokenEmbedding``): the optimizer
+holds one vector and no other row can drift. Saved as {token: [1, D]}, what ``pipe.load_textual_inversion`` reads.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """Training images and prompts, encoded once: the VAE and text encoder are frozen, so their outputs are cached.
 
-Used by fine-tuning and by the tiny base model's UNet pre-training. Each image is encoded twice
-(as is and mirrored: dermoscopy has no left or right) and the posterior *mean and std* are kept.
-Every training step draws a fresh latent ``mean + std * noise`` from the cached posterior, exactly
-what ``latent_dist.sample()`` would give, without running the VAE again.
+Each image is encoded as is and mirrored (dermoscopy has no left or right), keeping the posterior's mean and std:
+a step draws ``mean + std * noise``, exactly what ``latent_dist.sample()`` gives, without running the VAE again.
 """
 
 from __future__ import annotations
@@ -20,24 +18,30 @@ from pipeline.paths import workspace_root
 FINETUNE_COLUMNS = ("image_id", "lesion_id", "dx", "path")
 
 
-def read_finetune_csv(csv_path: str | Path, class_code: str) -> list[Path]:
-    """Absolute image paths of ``data/prepared/finetune/<class>.csv``; one-line errors for anything malformed."""
-    csv_path = Path(csv_path)
+def read_image_rows(csv_path: Path, columns: tuple[str, ...], not_found: str) -> tuple[list[dict], list[Path]]:
+    """The rows of a prepared CSV and their images' absolute paths (a relative one is from the workspace root)."""
     if not csv_path.is_file():
-        raise PipelineError(f"{csv_path}: fine-tuning list of class {class_code!r} not found; run the prepare stage first")
+        raise PipelineError(f"{csv_path}: {not_found}")
     with csv_path.open(newline="") as handle:
         reader = csv.DictReader(handle)
-        missing = [c for c in FINETUNE_COLUMNS if c not in (reader.fieldnames or [])]
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
             raise PipelineError(f"{csv_path}: missing column(s) {', '.join(missing)}")
         rows = list(reader)
+    root = workspace_root()
+    return rows, [p if (p := Path(row["path"])).is_absolute() else root / p for row in rows]
+
+
+def read_finetune_csv(csv_path: str | Path, class_code: str) -> list[Path]:
+    """Absolute image paths of ``data/prepared/finetune/<class>.csv``; one-line errors for anything malformed."""
+    csv_path = Path(csv_path)
+    not_found = f"fine-tuning list of class {class_code!r} not found; run the prepare stage first"
+    rows, paths = read_image_rows(csv_path, FINETUNE_COLUMNS, not_found)
     if not rows:
         raise PipelineError(f"{csv_path}: no images to fine-tune class {class_code!r} on")
     other = sorted({row["dx"] for row in rows} - {class_code})
     if other:
         raise PipelineError(f"{csv_path}: rows of class {other[0]!r} in the fine-tuning list of class {class_code!r}")
-    root = workspace_root()
-    paths = [p if (p := Path(row["path"])).is_absolute() else root / p for row in rows]
     for row, path in zip(rows, paths):
         if not path.is_file():
             raise PipelineError(f"{csv_path}: image {row['image_id']} not found at {path}")
