@@ -120,7 +120,7 @@ def quality_child(real: list[str], arms: dict[str, list[str]], size: int, worksp
     with torch.no_grad():
         random_net(x)
     extractors = {"random_init_efficientnet_b0": ClassifierFeatures(BaselineClassifier(
-        [random_net.eval()], ["c"] * 5, size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Path("random-init, BN calibrated on real")))}
+        [random_net.eval()], ["c"] * 5, size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))}
     baseline = REPO / "models" / "classifier" / "baseline"
     if (baseline / "config.json").is_file():
         try:

@@ -1,14 +1,8 @@
-"""Image embeddings for the quality metrics and the memorization check.
+"""Image embeddings for the quality metrics and the memorization gate, on the models' device.
 
-The default extractor is the baseline classifier's penultimate layer (timm ``forward_head(...,
-pre_logits=True)``): it exists offline after ``train@baseline``, and it measures distances in
-the very feature space the augmented classifier learns from. Inception-v3 (the FID standard,
-via torchmetrics/torch-fidelity) is offered only when its weights are already on disk, because
-stages never download.
-
-Extraction runs on the models' device (a GPU when there is one): images go there once per batch and
-every tensor the extractors make is created there. ``feature_space`` maps raw features to the space
-the metrics and the memorization gate compare in.
+The default extractor is the baseline classifier's penultimate layer: it exists offline after ``train@baseline``
+and measures distances in the feature space the augmented classifier learns from. Inception-v3 (the FID standard)
+is used only when its weights are already on disk, because stages never download.
 """
 
 from __future__ import annotations
@@ -23,9 +17,6 @@ from tqdm import tqdm
 
 from pipeline.errors import PipelineError
 
-# torch-fidelity's FID Inception weights, as torchmetrics would download them into torch hub's cache.
-INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
-
 
 @dataclass
 class BaselineClassifier:
@@ -36,30 +27,20 @@ class BaselineClassifier:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    source: Path
-
-
-def screening_device() -> torch.device:
-    """The accelerator torch sees (CUDA, MPS, XPU...), else the CPU."""
-    return torch.accelerator.current_accelerator(check_available=True) or torch.device("cpu")
 
 
 def load_baseline_classifier(model_dir: str | Path, device: torch.device | str = "cpu") -> BaselineClassifier:
     """Every seed's model of a trained classifier folder on ``device``; one-line errors name the file."""
     from safetensors import SafetensorError
 
-    from pipeline.classifier.model import CONFIG_NAME, load_classifier, read_config, weights_name
+    from pipeline.atomic import read_json
+    from pipeline.classifier.model import CONFIG_NAME, load_classifier, weights_name
 
     model_dir = Path(model_dir)
-    config_path = model_dir / CONFIG_NAME
-    if not config_path.is_file():
-        raise PipelineError(f"{config_path}: baseline classifier config not found (run `dvc repro train@baseline`)")
-    config = read_config(model_dir)
-    missing = [key for key in ("arch", "classes", "image_size", "seeds") if key not in config]
+    config = read_json(model_dir / CONFIG_NAME, "baseline classifier config not found (run `dvc repro train@baseline`)")
+    missing = [key for key in ("arch", "classes", "image_size", "seeds") if not config.get(key)]
     if missing:
-        raise PipelineError(f"{config_path}: missing key {missing[0]!r}")
-    if not config["seeds"]:
-        raise PipelineError(f"{config_path}: 'seeds' is empty")
+        raise PipelineError(f"{model_dir / CONFIG_NAME}: missing or empty key {missing[0]!r}")
     models = []
     for seed in config["seeds"]:
         weights = model_dir / weights_name(seed)
@@ -72,17 +53,12 @@ def load_baseline_classifier(model_dir: str | Path, device: torch.device | str =
                 f"{weights}: cannot load into {config['arch']} with {len(config['classes'])} classes "
                 f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
             ) from None
-    mean = tuple(config.get("mean", IMAGENET_DEFAULT_MEAN))
-    std = tuple(config.get("std", IMAGENET_DEFAULT_STD))
-    return BaselineClassifier(models, list(config["classes"]), int(config["image_size"]), mean, std, model_dir)
+    mean, std = config.get("mean", IMAGENET_DEFAULT_MEAN), config.get("std", IMAGENET_DEFAULT_STD)
+    return BaselineClassifier(models, list(config["classes"]), int(config["image_size"]), tuple(mean), tuple(std))
 
 
 class ClassifierFeatures:
-    """Penultimate-layer features of the first seed's model, and class probabilities averaged over all seeds.
-
-    Works on the device the models are on; call ``features_and_probs`` with uint8 (n, 3, S, S) images
-    on any device (they are copied to the models' device) and get tensors on that device back.
-    """
+    """Penultimate-layer features of the first seed's model, and class probabilities averaged over all seeds."""
 
     name = "baseline_classifier"
 
@@ -137,7 +113,8 @@ class InceptionFeatures:
 
 
 def feature_space(real: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
-    """``real`` and ``others`` as the metrics compare them: each feature replaced by the normal quantile of its mid-rank among ``real``.
+    """``real`` and ``others`` as the metrics compare them: each feature replaced by the normal quantile of its
+    mid-rank among ``real``.
 
     Why ranks: a small from-scratch classifier's activations grow 50-190x on ordinary images (thin hairs, on the
     demo), and those few rows own the mean, the covariance and every centred cosine of raw or rescaled features;
@@ -160,13 +137,13 @@ def feature_space(real: torch.Tensor, *others: torch.Tensor) -> list[torch.Tenso
 
 
 def inception_weights_path(configured: str | None) -> Path:
-    """The Inception weights file to use: ``quality.inception_weights``, else torch hub's cache; must exist."""
+    """``quality.inception_weights``, else torch-fidelity's file in torch hub's cache (where torchmetrics puts it)."""
     if configured:
         from pipeline.paths import resolve_user_path
 
         path = resolve_user_path(configured, "quality.inception_weights")
     else:
-        path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
+        path = Path(torch.hub.get_dir()) / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
     if not path.is_file():
         raise PipelineError(
             f"{path}: Inception weights not found (stages never download; set quality.inception_weights "
@@ -176,11 +153,8 @@ def inception_weights_path(configured: str | None) -> Path:
 
 
 def load_arrays(paths: Sequence[str | Path], size: int, desc: str = "images", quiet: bool = False) -> torch.Tensor:
-    """Images as uint8 (n, 3, size, size), centre-cropped and resized exactly as the classifier sees them.
-
-    Goes through the classifier's decode cache (``.cache/classifier``), so real images that
-    train@baseline already decoded are not decoded again; a broken file is a one-line error naming it.
-    """
+    """Images as uint8 (n, 3, size, size), centre-cropped and resized as the classifier sees them, through its decode
+    cache (images train@baseline decoded are not decoded again)."""
     from pipeline.classifier.dataset import load_images
 
     missing = next((p for p in paths if not Path(p).is_file()), None)
@@ -193,13 +167,8 @@ def load_arrays(paths: Sequence[str | Path], size: int, desc: str = "images", qu
     return torch.cat(chunks)
 
 
-def embed_paths(
-    paths: Sequence[str | Path],
-    extract: Callable[[torch.Tensor], torch.Tensor],
-    size: int,
-    batch: int = 32,
-    desc: str = "features",
-) -> torch.Tensor:
+def embed_paths(paths: Sequence[str | Path], extract: Callable[[torch.Tensor], torch.Tensor], size: int, batch: int = 32,
+                desc: str = "features") -> torch.Tensor:
     """Features of many image files, streamed in batches so thousands of real images never sit in memory at once."""
     chunks = []
     for start in tqdm(range(0, len(paths), batch), desc=desc, unit="batch", disable=len(paths) < 4 * batch, leave=False):

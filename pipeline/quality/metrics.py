@@ -1,14 +1,9 @@
-"""Distribution metrics between a real and a synthetic feature set (rows = images, columns = features).
+"""Distribution metrics between a real and a synthetic feature set (rows = images), on the features' device.
 
-Torch on the features' device, independent of the feature extractor, testable on hand-made tensors:
-
-- FID (Heusel et al. 2017) and KID (Binkowski et al. 2018): torchmetrics' ``FrechetInceptionDistance`` and
-  ``KernelInceptionDistance``, fed our features through ``PrecomputedFeatures``.
-- Precision / recall (Kynkaenniemi et al. 2019) and coverage (Naeem et al. 2020): our own code, because no
-  library we depend on computes k-NN manifold precision/recall (torch-fidelity's needs its own Inception).
-  Each set's manifold is the union of balls reaching each sample's k-th nearest neighbour; precision =
-  share of synthetic samples inside the real manifold, recall = share of real samples inside the synthetic
-  one; coverage is robust to synthetic outliers inflating recall.
+FID and KID are torchmetrics' on our features. k-NN precision/recall (Kynkaenniemi et al. 2019) and coverage
+(Naeem et al. 2020) are our own, because no library we depend on computes them on given features: each set's
+manifold is the union of balls reaching each sample's k-th nearest neighbour; precision = share of synthetic
+samples inside the real manifold, recall = the reverse; coverage is robust to synthetic outliers inflating recall.
 """
 
 from __future__ import annotations
@@ -22,18 +17,11 @@ from torchmetrics.image.kid import KernelInceptionDistance
 _CHUNK = 1024  # rows per block of pairwise distances, bounding memory to ~_CHUNK * n * 8 bytes
 
 
-class PrecomputedFeatures(torch.nn.Module):
-    """The identity on (n, d) feature rows, as the ``feature`` module of torchmetrics' FID/KID.
-
-    ``num_features`` tells FID the width, so it does not probe the module with a dummy image.
-    """
-
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.num_features = num_features
-
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows
+def _identity(width: int) -> torch.nn.Module:
+    """Feature rows as torchmetrics' ``feature`` module; ``num_features`` spares FID probing it with a dummy image."""
+    identity = torch.nn.Identity()
+    identity.num_features = width
+    return identity
 
 
 def _as_features(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -72,7 +60,7 @@ def frechet_distance(real, fake) -> float:
     """FID between two feature sets (each needs >= 2 samples): about 0 for identical sets."""
     real, fake = _pair(real, fake, 2)
     real, fake = _span_coordinates(real, fake)
-    metric = FrechetInceptionDistance(feature=PrecomputedFeatures(real.shape[1])).to(real.device)
+    metric = FrechetInceptionDistance(feature=_identity(real.shape[1])).to(real.device)
     metric.update(real, real=True)
     metric.update(fake, real=False)
     return float(metric.compute())
@@ -84,7 +72,7 @@ def kernel_inception_distance(real, fake, subset_size: int = 50, subsets: int = 
     size = min(subset_size, len(real), len(fake))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "KID stores all features": a few hundred rows here
-        metric = KernelInceptionDistance(feature=PrecomputedFeatures(real.shape[1]), subsets=subsets, subset_size=size)
+        metric = KernelInceptionDistance(feature=_identity(real.shape[1]), subsets=subsets, subset_size=size)
     metric = metric.to(real.device)
     metric.update(real, real=True)
     metric.update(fake, real=False)
