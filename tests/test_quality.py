@@ -367,7 +367,7 @@ def test_missing_manifest_is_a_one_line_error_naming_it(workspace, capsys):
 def test_missing_or_mismatched_classifier_is_a_one_line_error_naming_it(workspace):
     baseline = workspace / "models/classifier/baseline"
     (baseline / "seed0.safetensors").unlink()
-    with pytest.raises(PipelineError, match=r"models/classifier/baseline/seed0\.safetensors: baseline classifier weights not found"):
+    with pytest.raises(PipelineError, match=r"models/classifier/baseline/seed0\.safetensors: weights of seed 0 not found"):
         screen(toy_params())
     shutil.rmtree(baseline)
     with pytest.raises(PipelineError, match=r"models/classifier/baseline/config\.json: baseline classifier config not found"):

@@ -1,12 +1,10 @@
 """Memorization gate: is a synthetic image a (near-)copy of one of its class's fine-tuning images?
 
-A diffusion model fine-tuned on 20 images can regurgitate them (Somepalli et al. 2023, Carlini et al. 2023), and a
-copied patient image must not be published or counted as new training data. For every synthetic image the gate
-finds its class's fine-tuning image of highest feature cosine (in ``features.feature_space``, where an exact copy
-scores 1) and measures that pair's pixel SSIM. ``quality.memorization.rule: both`` (default) flags a copy when both
-pass their thresholds: either signal alone misfires here (smooth dermoscopy images with the same vignette reach a
-high SSIM; a small classifier's features put many same-class images close together). ``either`` is the stricter
-gate, with more false positives.
+A model fine-tuned on 20 images can regurgitate them (Somepalli et al. 2023), and a copied patient image must not be
+published or counted as new data. Each synthetic image's nearest fine-tuning image by feature cosine (in
+``features.feature_space``: a copy scores 1) is compared in pixels (SSIM). ``rule: both`` (default) needs both over
+their thresholds, as either alone misfires here (same-vignette images reach a high SSIM, and a small classifier puts
+many same-class images close); ``either`` is stricter, with more false positives.
 """
 
 from __future__ import annotations
@@ -52,8 +50,9 @@ def flag(cosine: np.ndarray, ssim: np.ndarray, params: MemorizationParams) -> np
     return over_cos & over_ssim if params.rule == "both" else over_cos | over_ssim
 
 
-def check_memorization(synthetic_features: torch.Tensor, synthetic_pixels: torch.Tensor, reference_features: torch.Tensor,
-                       reference_pixels: torch.Tensor, params: MemorizationParams) -> MemorizationResult:
+def check_memorization(synthetic_features: torch.Tensor, synthetic_pixels: torch.Tensor,
+                       reference_features: torch.Tensor, reference_pixels: torch.Tensor,
+                       params: MemorizationParams) -> MemorizationResult:
     """Nearest reference image by feature cosine for each synthetic image, that pair's SSIM, and the flag."""
     if len(synthetic_features) == 0:
         empty = np.empty(0)

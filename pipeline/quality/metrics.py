@@ -24,17 +24,14 @@ def _identity(width: int) -> torch.nn.Module:
     return identity
 
 
-def _as_features(x: torch.Tensor, name: str) -> torch.Tensor:
-    x = torch.as_tensor(x).double()
-    if x.ndim != 2:
-        raise ValueError(f"{name}: expected a 2-D (samples, features) tensor, got shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name}: contains NaN or infinite values")
-    return x
-
-
 def _pair(real, fake, minimum: int) -> tuple[torch.Tensor, torch.Tensor]:
-    real, fake = _as_features(real, "real"), _as_features(fake, "fake")
+    """Both sets as float64 (samples, features) on real's device; ValueError when a metric cannot use them."""
+    real, fake = torch.as_tensor(real).double(), torch.as_tensor(fake).double()
+    for name, x in (("real", real), ("fake", fake)):
+        if x.ndim != 2:
+            raise ValueError(f"{name}: expected a 2-D (samples, features) tensor, got shape {tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{name}: contains NaN or infinite values")
     if real.shape[1] != fake.shape[1]:
         raise ValueError(f"feature sizes differ: real {real.shape[1]}, fake {fake.shape[1]}")
     if len(real) < minimum or len(fake) < minimum:
@@ -43,11 +40,8 @@ def _pair(real, fake, minimum: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _span_coordinates(real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both sets in an orthonormal basis of the span of their rows minus a common centre (<= n_real + n_fake dims).
-
-    FID is unchanged by a translation and a rotation of the feature space, and every mean and covariance
-    lies in that span, so this is exact; it lets FID's eigen-solve run on at most (n x n) instead of (d x d).
-    """
+    """Both sets in an orthonormal basis of their centred rows' span: exact for FID (unchanged by translation and
+    rotation; every mean and covariance lies in the span), and its eigen-solve shrinks from (d x d) to (n x n)."""
     centre = torch.cat([real, fake]).mean(dim=0)
     rows = torch.cat([real, fake]) - centre
     if rows.shape[0] >= rows.shape[1]:
@@ -66,7 +60,8 @@ def frechet_distance(real, fake) -> float:
     return float(metric.compute())
 
 
-def kernel_inception_distance(real, fake, subset_size: int = 50, subsets: int = 100, seed: int = 0) -> tuple[float, float]:
+def kernel_inception_distance(real, fake, subset_size: int = 50, subsets: int = 100,
+                              seed: int = 0) -> tuple[float, float]:
     """KID mean and std over ``subsets`` random subsets of ``subset_size`` samples (at most every sample) per set."""
     real, fake = _pair(real, fake, 2)
     size = min(subset_size, len(real), len(fake))
@@ -83,11 +78,9 @@ def kernel_inception_distance(real, fake, subset_size: int = 50, subsets: int = 
 
 
 def knn_radii(x, k: int) -> torch.Tensor:
-    """Distance from each sample to its k-th nearest other sample (the radius of its k-NN ball)."""
-    x = _as_features(x, "x")
-    if not 0 < k < len(x):
-        raise ValueError(f"k must be in [1, {len(x) - 1}] for {len(x)} samples, got {k}")
-    blocks = [torch.cdist(x[start : start + _CHUNK], x).kthvalue(k + 1, dim=1).values for start in range(0, len(x), _CHUNK)]
+    """Distance from each sample to its k-th nearest other sample (the radius of its k-NN ball); needs 0 < k < n."""
+    x = torch.as_tensor(x).double()
+    blocks = [torch.cdist(x[i : i + _CHUNK], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), _CHUNK)]
     return torch.cat(blocks)  # k + 1: the nearest "other" sample after the sample itself
 
 
@@ -103,8 +96,5 @@ def precision_recall(real, fake, k: int = 3) -> dict[str, float]:
         fake_in_real[start : start + _CHUNK] = (block <= real_radii[None, :]).any(dim=1)
         real_in_fake |= (block <= fake_radii[start : start + _CHUNK, None]).any(dim=0)
         real_covered |= block.min(dim=0).values <= real_radii
-    return {
-        "precision": fake_in_real.double().mean().item(),
-        "recall": real_in_fake.double().mean().item(),
-        "coverage": real_covered.double().mean().item(),
-    }
+    shares = {"precision": fake_in_real, "recall": real_in_fake, "coverage": real_covered}
+    return {key: hits.double().mean().item() for key, hits in shares.items()}

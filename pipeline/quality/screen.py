@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,6 @@ SCREENED_CSV = SCREENED_DIR / "synthetic.csv"
 QUALITY_JSON = REPORTS_DIR / "quality.json"
 QUALITY_DIR = REPORTS_DIR / "quality"
 BASELINE_DIR = CLASSIFIER_DIR / "baseline"
-COLUMNS = ["class", "path", "kept", "memorized", "nn_image_id", "nn_cosine", "nn_ssim", "confidence", "reason"]
 SSIM_MAX_SIZE = 128  # memorization pairs are compared at the synthetic resolution, capped here
 FIGURES = ("fid", "fid_kept", "kid_mean", "kid_std", "precision", "recall", "coverage", "median_nn_cosine")
 
@@ -117,46 +117,42 @@ def _finite(value) -> bool:
 def out_of_range(entry: dict, q: QualityParams) -> dict[str, str]:
     """{figure: one-line reason} for every figure of one class's ``entry`` that must not be shown as a plain number.
 
-    Flagged: not computed, not finite, negative beyond round-off or sampling noise, KID on smaller subsets than
-    configured, an FID over ``quality.sanity_factor`` times the real-vs-real FID (the feature space, not the
-    images, decides it), or a median nearest-neighbour cosine at the memorization threshold (the cosine half
-    of the gate cannot tell a copy from a sibling).
+    Beyond the obvious: an FID over ``quality.sanity_factor`` times the real-vs-real FID says the feature space, not
+    the images, decides it; a median nearest-neighbour cosine at the memorization threshold, that the gate's cosine
+    cannot tell a copy from a sibling.
     """
-    reasons: dict[str, list[str]] = {}
-
-    def add(key: str, why: str) -> None:
-        reasons.setdefault(key, []).append(why)
-
+    reasons = defaultdict(list)
     n_real, n_synthetic = entry["n_real_train"], entry["n_synthetic"]
     for key in FIGURES:
         value = entry.get(key)
         if value is None:
             if key != "fid_kept" or entry.get("n_kept", 1):
-                add(key, f"not computed: too few images ({n_real} real, {n_synthetic} synthetic)")
+                reasons[key].append(f"not computed: too few images ({n_real} real, {n_synthetic} synthetic)")
         elif not _finite(value):
-            add(key, f"{value} is not finite")
+            reasons[key].append(f"{value} is not finite")
     reference = entry["fid_real_vs_real"]
     for key in ("fid", "fid_kept"):
         value = entry.get(key)
         if not _finite(value):
             continue
         if value < -1e-6 * (1.0 + abs(reference or 0.0)):
-            add(key, f"{value:.4g} is negative beyond round-off")
+            reasons[key].append(f"{value:.4g} is negative beyond round-off")
         elif _finite(reference) and reference > 0 and value > q.sanity_factor * reference:
-            add(key, f"{value:.4g} is {value / reference:.0f}x the real-vs-real FID {reference:.4g} "
-                     f"(bound: quality.sanity_factor {q.sanity_factor:g}x)")
+            reasons[key].append(f"{value:.4g} is {value / reference:.0f}x the real-vs-real FID {reference:.4g} "
+                                f"(bound: quality.sanity_factor {q.sanity_factor:g}x)")
     mean, std, real_kid = entry.get("kid_mean"), entry.get("kid_std"), entry["kid_real_vs_real"]
     # Noise: the spread over subsets, or real-vs-real's distance from 0 where subsets overlap too much to show it.
     noise = max(std, abs(real_kid)) if _finite(std) and _finite(real_kid) else std
     if _finite(mean) and _finite(noise) and mean < -(2.0 * noise + 1e-9):
-        add("kid_mean", f"{mean:.3g} is negative beyond sampling noise ({noise:.2g})")
+        reasons["kid_mean"].append(f"{mean:.3g} is negative beyond sampling noise ({noise:.2g})")
     subset = min(q.kid_subset_size, n_real, n_synthetic)
     if _finite(mean) and subset < q.kid_subset_size:
-        add("kid_mean", f"subsets of {subset} images, fewer than quality.kid_subset_size {q.kid_subset_size}")
+        reasons["kid_mean"].append(f"subsets of {subset} images, fewer than quality.kid_subset_size "
+                                   f"{q.kid_subset_size}")
     cosine = entry.get("median_nn_cosine")
     if _finite(cosine) and cosine >= q.memorization.cosine:
-        add("median_nn_cosine", f"{cosine:.4f} >= quality.memorization.cosine {q.memorization.cosine}: "
-                                "the cosine cannot tell a copy from a sibling")
+        reasons["median_nn_cosine"].append(f"{cosine:.4f} >= quality.memorization.cosine {q.memorization.cosine}: "
+                                           "the cosine cannot tell a copy from a sibling")
     return {key: "; ".join(why) for key, why in reasons.items()}
 
 
@@ -198,38 +194,30 @@ def _closest_figure(target: Path, code: str, frame: pd.DataFrame, synth_px, near
 
 def screen(params: Params) -> dict:
     """Run the `screen` stage in the current workspace; returns the quality report it wrote."""
-    from pipeline.quality.features import (
-        ClassifierFeatures,
-        InceptionFeatures,
-        inception_weights_path,
-        load_baseline_classifier,
-    )
+    from pipeline.quality.features import InceptionFeatures, inception_weights_path, load_baseline_classifier
 
     root = workspace_root()
     q = params.quality
     classes = params.data.classes
     inputs = gather_inputs(classes, root)
     device = torch.accelerator.current_accelerator(check_available=True) or torch.device("cpu")
-    baseline = load_baseline_classifier(root / BASELINE_DIR, device)
-    unknown = [c for c in classes if c not in baseline.classes]
+    classifier = load_baseline_classifier(root / BASELINE_DIR, device)
+    unknown = [c for c in classes if c not in classifier.classes]
     if unknown:
         raise PipelineError(
             f"{root / BASELINE_DIR / 'config.json'}: baseline classifier has no class {unknown[0]!r} "
-            f"(trained on {', '.join(baseline.classes)}; run `dvc repro train@baseline`)"
+            f"(trained on {', '.join(classifier.classes)}; run `dvc repro train@baseline`)"
         )
-    classifier = ClassifierFeatures(baseline)
     extractor = classifier
     if q.extractor == "inception":
         extractor = InceptionFeatures(inception_weights_path(q.inception_weights), device)
 
-    frames, report, figures = [], {}, {}
+    report, frames, pixels = {}, {}, {}
     for index, code in enumerate(tqdm(classes, desc="screen", unit="class")):
         seed = params.seed + index
-        report[code], frame, pixels = screen_class(code, inputs[code], extractor, classifier, params, seed)
+        report[code], frames[code], pixels[code] = screen_class(code, inputs[code], extractor, classifier, params, seed)
         for key, why in report[code]["flags"].items():
             tqdm.write(f"warning: screen: {code}: {key} flagged: {why}", file=sys.stderr)
-        frames.append(frame)
-        figures[code] = (frame, *pixels)
 
     m = q.memorization
     quality = {
@@ -242,11 +230,10 @@ def screen(params: Params) -> dict:
         "totals": _totals(report),
     }
     with atomic.atomic_dir(root / SCREENED_DIR) as folder:
-        table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
-        table.to_csv(folder / SCREENED_CSV.name, index=False)
+        pd.concat(frames.values(), ignore_index=True).to_csv(folder / SCREENED_CSV.name, index=False)
     with atomic.atomic_dir(root / QUALITY_DIR) as folder:
-        for code, (frame, synth_px, nearest_px) in figures.items():
-            _closest_figure(folder / f"closest_{code}.png", code, frame, synth_px, nearest_px, q.closest_pairs)
+        for code, frame in frames.items():
+            _closest_figure(folder / f"closest_{code}.png", code, frame, *pixels[code], q.closest_pairs)
     atomic.write_json(root / QUALITY_JSON, quality)
 
     flat = {f"quality.{code}.{k}": v for code, entry in report.items()
@@ -275,7 +262,7 @@ def screen_class(code: str, inp: ClassInputs, extractor, classifier, params: Par
     synth_raw, probs = _batched(classifier.features_and_probs, synth_in, q.batch)
     if extractor is not classifier:
         synth_raw = embed_paths(inp.synthetic, extractor, extractor.input_size, q.batch, desc=f"{code} synthetic")
-    confidence = probs[:, classifier.classifier.classes.index(code)].cpu().numpy() if n else np.empty(0)
+    confidence = probs[:, classifier.classes.index(code)].cpu().numpy() if n else np.empty(0)
     train, ft, synth = feature_space(train_raw, ft_raw, synth_raw)
 
     # Pixels for SSIM and the figure: the synthetic resolution (all generated images share it), capped.
@@ -299,8 +286,7 @@ def screen_class(code: str, inp: ClassInputs, extractor, classifier, params: Par
             "confidence": np.round(confidence, 6),
             "reason": [_reason(m, q.memorization.exclude, lc, c, tau)
                        for m, lc, c in zip(memo.memorized, low_conf, confidence)],
-        },
-        columns=COLUMNS,
+        }
     )
 
     # The floor to read FID and KID against: the same figures between two disjoint sets of real images, drawn at
@@ -321,12 +307,8 @@ def screen_class(code: str, inp: ClassInputs, extractor, classifier, params: Par
         "fid_kept": _metric(frechet_distance, train, synth[keep]) if kept.sum() else None,
         "fid_real_vs_real": _metric(frechet_distance, first, second),
         "kid_real_vs_real": kid_real[0] if kid_real else None,
-        "n_synthetic": n,
-        "n_real_train": len(inp.train),
-        "n_finetune": len(inp.finetune),
-        "n_memorized": int(memo.memorized.sum()),
-        "n_filtered": int(low_conf.sum()),
-        "n_kept": int(kept.sum()),
+        "n_synthetic": n, "n_real_train": len(inp.train), "n_finetune": len(inp.finetune),
+        "n_memorized": int(memo.memorized.sum()), "n_filtered": int(low_conf.sum()), "n_kept": int(kept.sum()),
         "max_nn_cosine": float(memo.nn_cosine.max()) if n else None,
         "median_nn_cosine": float(np.median(memo.nn_cosine)) if n else None,
         "max_nn_ssim": float(memo.nn_ssim.max()) if n else None,
