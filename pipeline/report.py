@@ -1,9 +1,8 @@
 """The report stage: ``reports/summary.md``, the one page a person reads, answer first, and the headline.
 
-Everything on it comes from files earlier stages wrote, so it can be regenerated without touching a model. Figures go
-to ``reports/figures/`` (the per-class gain's data beside its PNG, a DVC plot). The headline goes to
-``reports/headline.json`` (the first metrics file in dvc.yaml, so ``dvc exp show`` leads with it) and onto the
-execution's parent MLflow run, so MLflow's runs table compares experiments on the same numbers.
+All from files earlier stages wrote, so it regenerates without a model. The headline goes to ``reports/headline.json``
+(first in dvc.yaml's metrics, so ``dvc exp show`` leads with it) and onto the parent MLflow run, so MLflow's runs
+table compares experiments on the same numbers.
 """
 
 from __future__ import annotations
@@ -16,12 +15,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from pipeline import tracking
 from pipeline.atomic import atomic_dir, atomic_file, read_json, write_json, write_text
 from pipeline.classifier.evaluate import METRICS_JSON, confusion_csv, plot_confusion, verdict_lines
-from pipeline.classifier.metrics import HEADLINE
+from pipeline.classifier.metrics import HEADLINE, confusion
 from pipeline.classifier.dataset import read_split, synthetic_samples
 from pipeline.classifier.oracle import FIDELITY_JSON, SOURCES, fidelity_lines
 from pipeline.classifier.train import VARIANTS
+from pipeline.data.images import open_rgb, resize_square
 from pipeline.data.split import DATA_JSON
 from pipeline.errors import PipelineError
 from pipeline.params import CLASS_NAMES, Params
@@ -47,8 +48,6 @@ def _save(fig, path: Path) -> None:
 
 def samples_figure(params: Params, split: pd.DataFrame, synthetic: dict[str, list[Path]], path: Path) -> None:
     """A row per class: a few real train images | a few synthetic ones, drawn with ``params.seed``."""
-    from pipeline.data.images import open_rgb, resize_square
-
     classes = list(params.data.classes)
     rng = np.random.default_rng(params.seed)
     cols = 2 * SAMPLES_PER_SIDE
@@ -73,8 +72,6 @@ def samples_figure(params: Params, split: pd.DataFrame, synthetic: dict[str, lis
 
 def confusion_figure(classes: list[str], root: Path, metrics: dict, path: Path) -> None:
     """Row-normalised confusion matrices of both variants side by side (the evaluate stage's CSVs)."""
-    from pipeline.classifier.metrics import confusion
-
     fig, axes = plt.subplots(1, 2, figsize=(2.6 + 1.4 * len(classes), 1.2 + 0.75 * len(classes)))
     index = {c: i for i, c in enumerate(classes)}
     for ax, variant in zip(axes, VARIANTS):
@@ -284,8 +281,6 @@ def render(params: Params, metrics: dict, data: dict, synthetic: dict[str, int],
 
 def report(params: Params) -> Path:
     """Write summary, figures and headline, log them to MLflow (the headline onto the parent run) and close it."""
-    from pipeline import tracking
-
     root = workspace_root()
     classes = list(params.data.classes)
     metrics = read_json(root / METRICS_JSON, "not found; run `dvc repro evaluate` first")

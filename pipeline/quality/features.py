@@ -11,20 +11,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from tqdm import tqdm
 
+from pipeline.atomic import read_json
+from pipeline.classifier.dataset import load_images
+from pipeline.classifier.model import CONFIG_NAME, load_classifier, weights_name
 from pipeline.errors import PipelineError
+from pipeline.paths import resolve_user_path
 
 
-def load_baseline_classifier(model_dir: str | Path, device: torch.device | str = "cpu") -> ClassifierFeatures:
+def load_baseline_classifier(model_dir: Path, device: torch.device | str = "cpu") -> ClassifierFeatures:
     """Every seed's model of a trained classifier folder on ``device``; one-line errors name the file."""
-    from safetensors import SafetensorError
-
-    from pipeline.atomic import read_json
-    from pipeline.classifier.model import CONFIG_NAME, load_classifier, weights_name
-
-    model_dir = Path(model_dir)
     config = read_json(model_dir / CONFIG_NAME, "baseline classifier config not found (run `dvc repro train@baseline`)")
     missing = [key for key in ("arch", "classes", "image_size", "seeds") if not config.get(key)]
     if missing:
@@ -34,10 +33,9 @@ def load_baseline_classifier(model_dir: str | Path, device: torch.device | str =
         try:  # a missing weights file is load_classifier's one-line error
             models.append(load_classifier(model_dir, seed).to(device))
         except (SafetensorError, OSError, RuntimeError) as exc:
-            raise PipelineError(
-                f"{model_dir / weights_name(seed)}: cannot load into {config['arch']} with {len(config['classes'])} "
-                f"classes ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-            ) from None
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise PipelineError(f"{model_dir / weights_name(seed)}: cannot load into {config['arch']} with "
+                                f"{len(config['classes'])} classes ({why})") from None
     mean, std = config.get("mean", IMAGENET_DEFAULT_MEAN), config.get("std", IMAGENET_DEFAULT_STD)
     return ClassifierFeatures(models, list(config["classes"]), int(config["image_size"]), mean, std)
 
@@ -77,7 +75,15 @@ class InceptionFeatures:
     name = "inception"
     input_size = 299
 
-    def __init__(self, weights: Path, device: torch.device | str = "cpu"):
+    def __init__(self, configured: str | None, device: torch.device | str = "cpu"):
+        """``configured``: quality.inception_weights, else torch-fidelity's file in torch hub's cache."""
+        if configured:
+            weights = resolve_user_path(configured, "quality.inception_weights")
+        else:
+            weights = Path(torch.hub.get_dir()) / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
+        if not weights.is_file():
+            raise PipelineError(f"{weights}: Inception weights not found (stages never download; set "
+                                "quality.inception_weights to a local copy or use extractor: baseline_classifier)")
         try:
             from torchmetrics.image.fid import NoTrainInceptionV3
 
@@ -118,24 +124,8 @@ def feature_space(real: torch.Tensor, *others: torch.Tensor) -> list[torch.Tenso
     return [gaussianise(x) for x in (real, *others)]
 
 
-def inception_weights_path(configured: str | None) -> Path:
-    """``quality.inception_weights``, else torch-fidelity's file in torch hub's cache (where torchmetrics puts it)."""
-    if configured:
-        from pipeline.paths import resolve_user_path
-
-        path = resolve_user_path(configured, "quality.inception_weights")
-    else:
-        path = Path(torch.hub.get_dir()) / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
-    if not path.is_file():
-        raise PipelineError(f"{path}: Inception weights not found (stages never download; set "
-                            "quality.inception_weights to a local copy or use extractor: baseline_classifier)")
-    return path
-
-
 def load_arrays(paths: Sequence[str | Path], size: int, desc: str = "images", quiet: bool = False) -> torch.Tensor:
     """Images as uint8 (n, 3, size, size) as the classifier sees them, through its decode cache."""
-    from pipeline.classifier.dataset import load_images
-
     missing = next((p for p in paths if not Path(p).is_file()), None)
     if missing is not None:
         raise PipelineError(f"{missing}: image file not found")
@@ -149,8 +139,6 @@ def load_arrays(paths: Sequence[str | Path], size: int, desc: str = "images", qu
 def embed_paths(paths: Sequence[str | Path], extract: Callable[[torch.Tensor], torch.Tensor], size: int,
                 batch: int = 32, desc: str = "features") -> torch.Tensor:
     """Features of many image files, streamed in batches so thousands of real images never sit in memory at once."""
-    chunks = []
     progress = tqdm(range(0, len(paths), batch), desc=desc, unit="batch", disable=len(paths) < 4 * batch, leave=False)
-    for start in progress:
-        chunks.append(extract(load_arrays(paths[start : start + batch], size, quiet=True)))
+    chunks = [extract(load_arrays(paths[start : start + batch], size, quiet=True)) for start in progress]
     return torch.cat(chunks) if chunks else torch.empty((0, 0), dtype=torch.float64)

@@ -1,10 +1,7 @@
-"""Memorization gate: is a synthetic image a (near-)copy of one of its class's fine-tuning images?
-
-A model fine-tuned on 20 images can regurgitate them (Somepalli et al. 2023), and a copied patient image must not be
-published or counted as new data. Each synthetic image's nearest fine-tuning image by feature cosine (in
-``features.feature_space``: a copy scores 1) is compared in pixels (SSIM). ``rule: both`` (default) needs both over
-their thresholds, as either alone misfires here (same-vignette images reach a high SSIM, and a small classifier puts
-many same-class images close); ``either`` is stricter, with more false positives.
+"""Memorization gate: is a synthetic image a (near-)copy of one of its class's fine-tuning images (which a model
+fine-tuned on 20 images can regurgitate)? Its nearest fine-tuning image by feature cosine is compared in pixels (SSIM).
+``rule: both`` (default) needs both over their thresholds, as either alone misfires here (same-vignette images reach a
+high SSIM; a small classifier puts many same-class images close); ``either`` is stricter, with more false positives.
 """
 
 from __future__ import annotations
@@ -55,8 +52,7 @@ def check_memorization(synthetic_features: torch.Tensor, synthetic_pixels: torch
                        params: MemorizationParams) -> MemorizationResult:
     """Nearest reference image by feature cosine for each synthetic image, that pair's SSIM, and the flag."""
     if len(synthetic_features) == 0:
-        empty = np.empty(0)
-        return MemorizationResult(np.empty(0, dtype=int), empty, empty, np.empty(0, dtype=bool))
+        return MemorizationResult(np.empty(0, dtype=int), np.empty(0), np.empty(0), np.empty(0, dtype=bool))
     nn_cosine, nn_index = cosine_matrix(synthetic_features, reference_features.to(synthetic_features.device)).max(dim=1)
     nearest = reference_pixels.to(synthetic_pixels.device)[nn_index.to(synthetic_pixels.device)]
     nn_ssim = pair_ssim(synthetic_pixels, nearest).cpu().numpy()

@@ -1,9 +1,7 @@
 """Distribution metrics between a real and a synthetic feature set (rows = images), on the features' device.
 
-FID and KID are torchmetrics' on our features. k-NN precision/recall (Kynkaenniemi et al. 2019) and coverage
-(Naeem et al. 2020) are our own, because no library we depend on computes them on given features: each set's
-manifold is the union of balls reaching each sample's k-th nearest neighbour; precision = share of synthetic
-samples inside the real manifold, recall = the reverse; coverage is robust to synthetic outliers inflating recall.
+FID and KID are torchmetrics'. k-NN precision/recall and coverage (Kynkaenniemi et al. 2019, Naeem et al. 2020) are
+our own, as no library we use computes them on given features.
 """
 
 from __future__ import annotations
@@ -52,8 +50,7 @@ def _span_coordinates(real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Ten
 
 def frechet_distance(real, fake) -> float:
     """FID between two feature sets (each needs >= 2 samples): about 0 for identical sets."""
-    real, fake = _pair(real, fake, 2)
-    real, fake = _span_coordinates(real, fake)
+    real, fake = _span_coordinates(*_pair(real, fake, 2))
     metric = FrechetInceptionDistance(feature=_identity(real.shape[1])).to(real.device)
     metric.update(real, real=True)
     metric.update(fake, real=False)
@@ -85,7 +82,8 @@ def knn_radii(x, k: int) -> torch.Tensor:
 
 
 def precision_recall(real, fake, k: int = 3) -> dict[str, float]:
-    """k-NN precision, recall and coverage; each set needs > k samples."""
+    """k-NN precision (share of synthetic samples inside the real manifold: the union of balls reaching each sample's
+    k-th neighbour), recall (the reverse) and coverage (robust to outliers inflating recall); each set needs > k."""
     real, fake = _pair(real, fake, k + 1)
     real_radii, fake_radii = knn_radii(real, k), knn_radii(fake, k)
     fake_in_real = torch.zeros(len(fake), dtype=torch.bool, device=real.device)

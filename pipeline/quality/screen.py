@@ -1,9 +1,8 @@
 """The `screen` stage: score every class's synthetic images against its real ones and decide which may be used.
 
-Writes, atomically: ``data/screened/synthetic.csv`` (``kept`` per image; augmented training reads it through
-``load_kept_synthetic``), ``reports/quality.json`` (per-class figures, the ``flags`` naming each figure out of
-range and why, totals) and ``reports/quality/closest_<class>.png`` (the synthetic images nearest to a fine-tuning
-image beside it, for a person to judge the memorization gate).
+Writes ``data/screened/synthetic.csv`` (``kept`` per image, read by ``load_kept_synthetic``), ``reports/quality.json``
+(figures, ``flags`` naming each one out of range and why, totals) and ``reports/quality/closest_<class>.png`` (the
+synthetic images nearest to a fine-tuning image beside it, for a person to judge the memorization gate).
 """
 
 from __future__ import annotations
@@ -61,11 +60,6 @@ def _read_csv(path: Path, required: list[str], what: str, hint: str) -> pd.DataF
     return frame
 
 
-def _resolve(root: Path, value: str) -> Path:
-    path = Path(value)
-    return path if path.is_absolute() else root / path
-
-
 def gather_inputs(classes: list[str], root: Path) -> dict[str, ClassInputs]:
     """Read split, fine-tune lists and manifests of every class; fail on the first missing/malformed file."""
     split = _read_csv(root / SPLIT_CSV, ["image_id", "dx", "split", "path"], "split file", "run `dvc repro prepare`")
@@ -93,11 +87,11 @@ def gather_inputs(classes: list[str], root: Path) -> dict[str, ClassInputs]:
         inputs[code] = ClassInputs(
             synthetic=[root / r for r in rel],
             synthetic_rel=rel,
-            train=[_resolve(root, p) for p in train["path"]],
-            finetune=[_resolve(root, p) for p in finetune["path"]],
+            train=[root / p for p in train["path"]],  # absolute paths stay as they are
+            finetune=[root / p for p in finetune["path"]],
             finetune_ids=list(finetune["image_id"]),
             synthetic_masks=[folder / name for name in manifest.get("mask", []) if name],
-            train_masks=[(_resolve(root, p), _resolve(root, m)) for p, m in zip(train["path"], train_masks) if m],
+            train_masks=[(root / p, root / m) for p, m in zip(train["path"], train_masks) if m],
         )
     return inputs
 
@@ -194,7 +188,7 @@ def _closest_figure(target: Path, code: str, frame: pd.DataFrame, synth_px, near
 
 def screen(params: Params) -> dict:
     """Run the `screen` stage in the current workspace; returns the quality report it wrote."""
-    from pipeline.quality.features import InceptionFeatures, inception_weights_path, load_baseline_classifier
+    from pipeline.quality.features import InceptionFeatures, load_baseline_classifier
 
     root = workspace_root()
     q = params.quality
@@ -204,13 +198,9 @@ def screen(params: Params) -> dict:
     classifier = load_baseline_classifier(root / BASELINE_DIR, device)
     unknown = [c for c in classes if c not in classifier.classes]
     if unknown:
-        raise PipelineError(
-            f"{root / BASELINE_DIR / 'config.json'}: baseline classifier has no class {unknown[0]!r} "
-            f"(trained on {', '.join(classifier.classes)}; run `dvc repro train@baseline`)"
-        )
-    extractor = classifier
-    if q.extractor == "inception":
-        extractor = InceptionFeatures(inception_weights_path(q.inception_weights), device)
+        raise PipelineError(f"{root / BASELINE_DIR / 'config.json'}: baseline classifier has no class {unknown[0]!r} "
+                            f"(trained on {', '.join(classifier.classes)}; run `dvc repro train@baseline`)")
+    extractor = InceptionFeatures(q.inception_weights, device) if q.extractor == "inception" else classifier
 
     report, frames, pixels = {}, {}, {}
     for index, code in enumerate(tqdm(classes, desc="screen", unit="class")):
@@ -247,8 +237,7 @@ def screen(params: Params) -> dict:
 
 
 def screen_class(code: str, inp: ClassInputs, extractor, classifier, params: Params, seed: int):
-    """One class's quality entry, its rows of the screened table, and for its figure the synthetic pixels with the
-    pixels of each one's nearest fine-tuning image."""
+    """One class's quality entry, its screened rows, and its figure's pixels (synthetic, nearest fine-tuning)."""
     from pipeline.quality.features import embed_paths, feature_space, load_arrays
     from pipeline.quality.memorization import check_memorization
     from pipeline.quality.metrics import frechet_distance, kernel_inception_distance, precision_recall
@@ -344,23 +333,20 @@ def _totals(report: dict[str, dict]) -> dict[str, float | int | None]:
 
 
 def load_kept_synthetic(path: str | Path = SCREENED_CSV, classes: list[str] | None = None) -> pd.DataFrame:
-    """The synthetic images the `screen` stage kept: columns ``class``, ``path`` (relative to the workspace root).
-
-    Augmented training reads this, not data/synthetic, so memorized and low-confidence images never reach the
-    classifier; a file screened for other ``classes`` than the run's is stale and rejected.
-    """
+    """The kept synthetic images (``class``, ``path`` relative to the workspace root) for augmented training, so
+    memorized and low-confidence images never reach the classifier; a file screened for other ``classes`` is stale."""
     root = workspace_root()
-    full = _resolve(root, str(path))
+    full = root / path  # an absolute path stays as it is
     frame = _read_csv(full, ["class", "path", "kept"], "screened synthetic list", "run `dvc repro screen`")
     kept = frame["kept"].str.strip().str.lower().map({"true": True, "1": True, "false": False, "0": False})
     if kept.isna().any():
         raise PipelineError(f"{full}: column 'kept' must be True/False, got {frame.loc[kept.isna(), 'kept'].iloc[0]!r}")
     stale = sorted(set(frame["class"]) - set(classes)) if classes is not None else []
     if stale:
-        raise PipelineError(
-            f"{full}: lists class {stale[0]!r} which is not in data.classes {classes} (stale; run `dvc repro screen`)")
+        raise PipelineError(f"{full}: lists class {stale[0]!r} which is not in data.classes {classes} "
+                            "(stale; run `dvc repro screen`)")
     out = frame.loc[kept.astype(bool), ["class", "path"]].reset_index(drop=True)
-    missing = [p for p in out["path"] if not _resolve(root, p).is_file()]
+    missing = [p for p in out["path"] if not (root / p).is_file()]
     if missing:
         raise PipelineError(f"{full}: kept image {missing[0]} does not exist (stale; run `dvc repro screen`)")
     return out
