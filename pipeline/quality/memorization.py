@@ -1,7 +1,9 @@
-"""Memorization gate: is a synthetic image a (near-)copy of one of its class's fine-tuning images (which a model
-fine-tuned on 20 images can regurgitate)? Its nearest fine-tuning image by feature cosine is compared in pixels (SSIM).
-``rule: both`` (default) needs both over their thresholds, as either alone misfires here (same-vignette images reach a
-high SSIM; a small classifier puts many same-class images close); ``either`` is stricter, with more false positives.
+"""Memorization gate: is a synthetic image a (near-)copy of one of its class's fine-tuning images? A model fine-tuned
+on 20 images can regurgitate them, and a copied patient image must not be published or counted as new data.
+
+The nearest fine-tuning image by feature cosine is compared in pixels (SSIM). ``rule: both`` (default) needs both over
+their thresholds, as either alone misfires here (same-vignette images reach a high SSIM; a small classifier puts many
+same-class images close); ``either`` is stricter, with more false positives.
 """
 
 from __future__ import annotations

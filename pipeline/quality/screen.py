@@ -68,8 +68,8 @@ def gather_inputs(classes: list[str], root: Path) -> dict[str, ClassInputs]:
         ft_csv = root / FINETUNE_DIR / f"{code}.csv"
         finetune = _read_csv(ft_csv, ["image_id", "dx", "path"], "fine-tune list", "run `dvc repro prepare`")
         if finetune.empty:
-            raise PipelineError(f"{ft_csv}: fine-tune list is empty; the memorization check needs the fine-tuning "
-                                "images")
+            raise PipelineError(f"{ft_csv}: fine-tune list is empty; the memorization check needs the "
+                                "fine-tuning images")
         folder = root / SYNTHETIC_DIR / code
         hint = f"run `dvc repro generate@{code}`"
         manifest = _read_csv(folder / "manifest.csv", ["file", "class"], "synthetic manifest", hint)
