@@ -248,7 +248,8 @@ def screen_class(code: str, inp: ClassInputs, extractor, classifier, params: Par
     ft_raw = embed_paths(inp.finetune, extractor, extractor.input_size, q.batch, desc=f"{code} fine-tune")
     # The classifier's features come with its probabilities at no extra cost; another extractor embeds separately.
     synth_in = load_arrays(inp.synthetic, classifier.input_size, desc=f"{code} synthetic")
-    synth_raw, probs = _batched(classifier.features_and_probs, synth_in, q.batch)
+    parts = [classifier.features_and_probs(synth_in[start : start + q.batch]) for start in range(0, n, q.batch)]
+    synth_raw, probs = map(torch.cat, zip(*parts)) if parts else (torch.empty((0, 0), dtype=torch.float64),) * 2
     if extractor is not classifier:
         synth_raw = embed_paths(inp.synthetic, extractor, extractor.input_size, q.batch, desc=f"{code} synthetic")
     confidence = probs[:, classifier.classes.index(code)].cpu().numpy() if n else np.empty(0)
@@ -311,14 +312,6 @@ def screen_class(code: str, inp: ClassInputs, extractor, classifier, params: Par
         entry["mask_iou_real"] = float(mask_ious(real_images, real_masks, px_size).mean()) if real_images else None
     entry["flags"] = out_of_range(entry, q)
     return entry, frame, (synth_px, ft_px[torch.as_tensor(memo.nn_index, dtype=torch.long)])
-
-
-def _batched(fn, images: torch.Tensor, batch: int) -> tuple[torch.Tensor, ...]:
-    """``fn`` (returning a tuple of tensors) over chunks of ``batch`` images, concatenated; (0, 0) tensors for none."""
-    parts = [fn(images[start : start + batch]) for start in range(0, len(images), batch)]
-    if not parts:
-        return (torch.empty((0, 0), dtype=torch.float64),) * 2
-    return tuple(torch.cat(column) for column in zip(*parts))
 
 
 def _totals(report: dict[str, dict]) -> dict[str, float | int | None]:
