@@ -101,7 +101,7 @@ def quality_child(real: list[str], arms: dict[str, list[str]], size: int, worksp
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     from pipeline.classifier.model import create_classifier
-    from pipeline.quality.features import BaselineClassifier, ClassifierFeatures, feature_space, load_arrays, load_baseline_classifier
+    from pipeline.quality.features import ClassifierFeatures, feature_space, load_arrays, load_baseline_classifier
     from pipeline.quality.metrics import frechet_distance
 
     enter_workspace(workspace)  # the decode cache lands in the throw-away workspace
@@ -119,12 +119,12 @@ def quality_child(real: list[str], arms: dict[str, list[str]], size: int, worksp
     random_net.train()
     with torch.no_grad():
         random_net(x)
-    extractors = {"random_init_efficientnet_b0": ClassifierFeatures(BaselineClassifier(
-        [random_net.eval()], ["c"] * 5, size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Path("random-init, BN calibrated on real")))}
+    extractors = {"random_init_efficientnet_b0": ClassifierFeatures(
+        [random_net.eval()], ["c"] * 5, size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)}
     baseline = REPO / "models" / "classifier" / "baseline"
     if (baseline / "config.json").is_file():
         try:
-            extractors["trained_baseline_classifier"] = ClassifierFeatures(load_baseline_classifier(baseline))
+            extractors["trained_baseline_classifier"] = load_baseline_classifier(baseline)
         except Exception as exc:  # a half-written model folder from a concurrent run: skip it, say so
             print(f"baseline classifier not usable: {exc}")
     out: dict = {}

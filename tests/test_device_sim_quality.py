@@ -7,14 +7,12 @@ device anywhere in the extraction path fails this test.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import timm
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from pipeline.quality.features import BaselineClassifier, ClassifierFeatures, feature_space
+from pipeline.quality.features import ClassifierFeatures, feature_space
 from pipeline.quality.memorization import cosine_matrix
 
 pytestmark = pytest.mark.device_sim
@@ -26,8 +24,7 @@ def test_classifier_features_and_their_comparison_stay_on_the_models_cuda_device
     with FakeTensorMode():
         with torch.device("cuda"):  # built on cuda: Module.to cannot move fake parameters; cpu stays the default after
             models = [timm.create_model("efficientnet_b0", num_classes=len(CLASSES), pretrained=False).eval() for _ in range(2)]
-        baseline = BaselineClassifier(models, CLASSES, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), Path("fake"))
-        extractor = ClassifierFeatures(baseline)
+        extractor = ClassifierFeatures(models, CLASSES, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
         images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, device="cuda")
         features, probs = extractor.features_and_probs(images)
         real_images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, device="cuda")

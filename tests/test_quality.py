@@ -21,8 +21,7 @@ from pipeline.params import MemorizationParams, parse_params
 from pipeline.quality.features import feature_space
 from pipeline.quality.memorization import check_memorization, cosine_matrix, flag, pair_ssim
 from pipeline.quality.metrics import frechet_distance, kernel_inception_distance, knn_radii, precision_recall
-from pipeline.quality.sanity import Bounds, out_of_range
-from pipeline.quality.screen import load_kept_synthetic, screen
+from pipeline.quality.screen import load_kept_synthetic, out_of_range, screen
 
 SIZE = 32  # classifier input and synthetic resolution in the toy workspace
 CLASSES = ["df", "vasc"]
@@ -304,27 +303,24 @@ def test_a_figure_out_of_range_is_flagged_in_quality_json_and_named_in_the_log(w
     assert json.loads((workspace / "reports/quality.json").read_text())["classes"]["df"]["flags"] == report["classes"]["df"]["flags"]
 
 
-def bounds(**overrides) -> Bounds:
-    values = {"fid_real_vs_real": 10.0, "kid_real_vs_real": 0.01, "kid_subset_used": 50, "kid_subset_size": 50, "sanity_factor": 50.0,
-              "memorization_cosine": 0.97, "n_real": 60, "n_synthetic": 100}
-    return Bounds(**{**values, **overrides})
-
-
 def test_out_of_range_names_each_figure_that_cannot_be_read_as_a_number():
+    q = toy_params(kid_subset_size=50, sanity_factor=50.0).quality
     sane = {"fid": 40.0, "fid_kept": 41.0, "kid_mean": 0.5, "kid_std": 0.1, "precision": 0.5, "recall": 0.4,
-            "coverage": 0.3, "median_nn_cosine": 0.6, "n_kept": 90}
-    assert out_of_range(sane, bounds()) == {}
+            "coverage": 0.3, "median_nn_cosine": 0.6, "n_kept": 90, "fid_real_vs_real": 10.0, "kid_real_vs_real": 0.01,
+            "n_real_train": 60, "n_synthetic": 100}
+    assert out_of_range(sane, q) == {}
     flags = out_of_range({**sane, "fid": 22784.0, "fid_kept": float("nan"), "kid_mean": -0.5, "recall": None,
-                          "median_nn_cosine": 0.996}, bounds())
+                          "median_nn_cosine": 0.996}, q)
     assert set(flags) == {"fid", "fid_kept", "kid_mean", "recall", "median_nn_cosine"}
     assert "2278x the real-vs-real FID 10" in flags["fid"] and "not finite" in flags["fid_kept"]
     assert "negative beyond sampling noise" in flags["kid_mean"] and "not computed" in flags["recall"]
     assert "cannot tell a copy from a sibling" in flags["median_nn_cosine"]
-    assert out_of_range({**sane, "kid_mean": -0.15}, bounds()) == {}  # within 2 std of zero: noise
-    assert out_of_range({**sane, "kid_mean": -0.5}, bounds(kid_real_vs_real=-0.3)) == {}  # real-vs-real noise as large
-    assert "negative beyond round-off" in out_of_range({**sane, "fid": -1.0}, bounds())["fid"]
-    assert out_of_range({**sane, "fid_kept": None, "n_kept": 0}, bounds()) == {}  # nothing kept: nothing to measure
-    assert out_of_range({**sane, "fid": 22784.0}, bounds(fid_real_vs_real=None)) == {}  # no real-vs-real: no ratio
+    assert out_of_range({**sane, "kid_mean": -0.15}, q) == {}  # within 2 std of zero: noise
+    assert out_of_range({**sane, "kid_mean": -0.5, "kid_real_vs_real": -0.3}, q) == {}  # real-vs-real noise as large
+    assert "negative beyond round-off" in out_of_range({**sane, "fid": -1.0}, q)["fid"]
+    assert out_of_range({**sane, "fid_kept": None, "n_kept": 0}, q) == {}  # nothing kept: nothing to measure
+    assert out_of_range({**sane, "fid": 22784.0, "fid_real_vs_real": None}, q) == {}  # no real-vs-real: no ratio
+    assert "subsets of 40 images" in out_of_range({**sane, "n_real_train": 40}, q)["kid_mean"]
 
 
 def test_confidence_filter_keeps_exactly_the_images_at_or_above_tau_and_exclude_false_keeps_copies(workspace):
@@ -371,7 +367,7 @@ def test_missing_manifest_is_a_one_line_error_naming_it(workspace, capsys):
 def test_missing_or_mismatched_classifier_is_a_one_line_error_naming_it(workspace):
     baseline = workspace / "models/classifier/baseline"
     (baseline / "seed0.safetensors").unlink()
-    with pytest.raises(PipelineError, match=r"models/classifier/baseline/seed0\.safetensors: baseline classifier weights not found"):
+    with pytest.raises(PipelineError, match=r"models/classifier/baseline/seed0\.safetensors: weights of seed 0 not found"):
         screen(toy_params())
     shutil.rmtree(baseline)
     with pytest.raises(PipelineError, match=r"models/classifier/baseline/config\.json: baseline classifier config not found"):

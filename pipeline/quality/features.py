@@ -1,109 +1,69 @@
-"""Image embeddings for the quality metrics and the memorization check.
+"""Image embeddings for the quality metrics and the memorization gate, on the models' device.
 
-The default extractor is the baseline classifier's penultimate layer (timm ``forward_head(...,
-pre_logits=True)``): it exists offline after ``train@baseline``, and it measures distances in
-the very feature space the augmented classifier learns from. Inception-v3 (the FID standard,
-via torchmetrics/torch-fidelity) is offered only when its weights are already on disk, because
-stages never download.
-
-Extraction runs on the models' device (a GPU when there is one): images go there once per batch and
-every tensor the extractors make is created there. ``feature_space`` maps raw features to the space
-the metrics and the memorization gate compare in.
+The default extractor is the baseline classifier's penultimate layer: it exists offline after ``train@baseline``
+and measures distances in the feature space the augmented classifier learns from. Inception-v3 (the FID standard)
+is used only when its weights are already on disk, because stages never download.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from tqdm import tqdm
 
+from pipeline.atomic import read_json
+from pipeline.classifier.dataset import load_images
+from pipeline.classifier.model import CONFIG_NAME, load_classifier, weights_name
 from pipeline.errors import PipelineError
-
-# torch-fidelity's FID Inception weights, as torchmetrics would download them into torch hub's cache.
-INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+from pipeline.paths import resolve_user_path
 
 
-@dataclass
-class BaselineClassifier:
-    """The trained baseline classifier(s): one model per training seed, in eval mode."""
-
-    models: list[torch.nn.Module]
-    classes: list[str]
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    source: Path
-
-
-def screening_device() -> torch.device:
-    """The accelerator torch sees (CUDA, MPS, XPU...), else the CPU."""
-    return torch.accelerator.current_accelerator(check_available=True) or torch.device("cpu")
-
-
-def load_baseline_classifier(model_dir: str | Path, device: torch.device | str = "cpu") -> BaselineClassifier:
+def load_baseline_classifier(model_dir: Path, device: torch.device | str = "cpu") -> ClassifierFeatures:
     """Every seed's model of a trained classifier folder on ``device``; one-line errors name the file."""
-    from safetensors import SafetensorError
-
-    from pipeline.classifier.model import CONFIG_NAME, load_classifier, read_config, weights_name
-
-    model_dir = Path(model_dir)
-    config_path = model_dir / CONFIG_NAME
-    if not config_path.is_file():
-        raise PipelineError(f"{config_path}: baseline classifier config not found (run `dvc repro train@baseline`)")
-    config = read_config(model_dir)
-    missing = [key for key in ("arch", "classes", "image_size", "seeds") if key not in config]
+    config = read_json(model_dir / CONFIG_NAME, "baseline classifier config not found (run `dvc repro train@baseline`)")
+    missing = [key for key in ("arch", "classes", "image_size", "seeds") if not config.get(key)]
     if missing:
-        raise PipelineError(f"{config_path}: missing key {missing[0]!r}")
-    if not config["seeds"]:
-        raise PipelineError(f"{config_path}: 'seeds' is empty")
+        raise PipelineError(f"{model_dir / CONFIG_NAME}: missing or empty key {missing[0]!r}")
     models = []
     for seed in config["seeds"]:
-        weights = model_dir / weights_name(seed)
-        if not weights.is_file():
-            raise PipelineError(f"{weights}: baseline classifier weights not found (run `dvc repro train@baseline`)")
-        try:
+        try:  # a missing weights file is load_classifier's one-line error
             models.append(load_classifier(model_dir, seed).to(device))
         except (SafetensorError, OSError, RuntimeError) as exc:
-            raise PipelineError(
-                f"{weights}: cannot load into {config['arch']} with {len(config['classes'])} classes "
-                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-            ) from None
-    mean = tuple(config.get("mean", IMAGENET_DEFAULT_MEAN))
-    std = tuple(config.get("std", IMAGENET_DEFAULT_STD))
-    return BaselineClassifier(models, list(config["classes"]), int(config["image_size"]), mean, std, model_dir)
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise PipelineError(f"{model_dir / weights_name(seed)}: cannot load into {config['arch']} with "
+                                f"{len(config['classes'])} classes ({why})") from None
+    mean, std = config.get("mean", IMAGENET_DEFAULT_MEAN), config.get("std", IMAGENET_DEFAULT_STD)
+    return ClassifierFeatures(models, list(config["classes"]), int(config["image_size"]), mean, std)
 
 
 class ClassifierFeatures:
-    """Penultimate-layer features of the first seed's model, and class probabilities averaged over all seeds.
-
-    Works on the device the models are on; call ``features_and_probs`` with uint8 (n, 3, S, S) images
-    on any device (they are copied to the models' device) and get tensors on that device back.
-    """
+    """A trained classifier's models (one per training seed, in eval mode) as a feature extractor: penultimate-layer
+    features of the first seed's model, and class probabilities averaged over all seeds."""
 
     name = "baseline_classifier"
 
-    def __init__(self, classifier: BaselineClassifier):
-        self.classifier = classifier
-        self.input_size = classifier.image_size
-        self.device = next(classifier.models[0].parameters()).device
-        self._mean = torch.tensor(classifier.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(classifier.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+    def __init__(self, models: list[torch.nn.Module], classes: list[str], input_size: int, mean: Sequence[float],
+                 std: Sequence[float]):
+        self.models, self.classes, self.input_size = models, classes, input_size
+        self.device = next(models[0].parameters()).device
+        self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
 
     @torch.no_grad()
     def features_and_probs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(float64 features, probabilities) of uint8 (n, 3, input_size, input_size) images, on the models' device."""
         x = (images.to(self.device).float() / 255.0 - self._mean) / self._std
-        first, *others = self.classifier.models
+        first, *others = self.models
         trunk = first.forward_features(x)  # the expensive part, shared by features and logits
         pooled = first.forward_head(trunk, pre_logits=True)
         probs = torch.softmax(first.forward_head(trunk), dim=1)
         for model in others:
             probs = probs + torch.softmax(model(x), dim=1)
-        return pooled.double(), probs / len(self.classifier.models)
+        return pooled.double(), probs / len(self.models)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.features_and_probs(images)[0]
@@ -115,18 +75,23 @@ class InceptionFeatures:
     name = "inception"
     input_size = 299
 
-    def __init__(self, weights: Path, device: torch.device | str = "cpu"):
+    def __init__(self, configured: str | None, device: torch.device | str = "cpu"):
+        """``configured``: quality.inception_weights, else torch-fidelity's file in torch hub's cache."""
+        if configured:
+            weights = resolve_user_path(configured, "quality.inception_weights")
+        else:
+            weights = Path(torch.hub.get_dir()) / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
+        if not weights.is_file():
+            raise PipelineError(f"{weights}: Inception weights not found (stages never download; set "
+                                "quality.inception_weights to a local copy or use extractor: baseline_classifier)")
         try:
             from torchmetrics.image.fid import NoTrainInceptionV3
 
-            model = NoTrainInceptionV3(
-                name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(weights)
-            )
+            model = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                       feature_extractor_weights_path=str(weights))
         except ModuleNotFoundError as exc:
-            raise PipelineError(
-                f"quality.extractor: inception needs the torch-fidelity package ({exc}); "
-                "install it or use extractor: baseline_classifier"
-            ) from None
+            raise PipelineError(f"quality.extractor: inception needs the torch-fidelity package ({exc}); "
+                                "install it or use extractor: baseline_classifier") from None
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
 
@@ -137,12 +102,12 @@ class InceptionFeatures:
 
 
 def feature_space(real: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
-    """``real`` and ``others`` as the metrics compare them: each feature replaced by the normal quantile of its mid-rank among ``real``.
+    """``real`` and ``others`` as the metrics compare them: each feature as the normal quantile of its mid-rank in
+    ``real``.
 
-    Why ranks: a small from-scratch classifier's activations grow 50-190x on ordinary images (thin hairs, on the
-    demo), and those few rows own the mean, the covariance and every centred cosine of raw or rescaled features;
-    ranks are immune to that, give real features unit scale and zero mean (KID's kernel and the memorization
-    cosine assume both), and keep an exact copy of a real image at cosine 1.
+    Why ranks: a few images with outsized activations (50-190x, on the demo) own the mean, the covariance and every
+    centred cosine of raw features; ranks are immune, give real features zero mean and unit scale (as KID's kernel and
+    the memorization cosine assume), and keep an exact copy of a real image at cosine 1.
     """
     ordered = real.T.contiguous().sort(dim=1).values  # (features, n_real)
     n = ordered.shape[1]
@@ -159,49 +124,21 @@ def feature_space(real: torch.Tensor, *others: torch.Tensor) -> list[torch.Tenso
     return [gaussianise(x) for x in (real, *others)]
 
 
-def inception_weights_path(configured: str | None) -> Path:
-    """The Inception weights file to use: ``quality.inception_weights``, else torch hub's cache; must exist."""
-    if configured:
-        from pipeline.paths import resolve_user_path
-
-        path = resolve_user_path(configured, "quality.inception_weights")
-    else:
-        path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
-    if not path.is_file():
-        raise PipelineError(
-            f"{path}: Inception weights not found (stages never download; set quality.inception_weights "
-            "to a local copy or use extractor: baseline_classifier)"
-        )
-    return path
-
-
 def load_arrays(paths: Sequence[str | Path], size: int, desc: str = "images", quiet: bool = False) -> torch.Tensor:
-    """Images as uint8 (n, 3, size, size), centre-cropped and resized exactly as the classifier sees them.
-
-    Goes through the classifier's decode cache (``.cache/classifier``), so real images that
-    train@baseline already decoded are not decoded again; a broken file is a one-line error naming it.
-    """
-    from pipeline.classifier.dataset import load_images
-
+    """Images as uint8 (n, 3, size, size) as the classifier sees them, through its decode cache."""
     missing = next((p for p in paths if not Path(p).is_file()), None)
     if missing is not None:
         raise PipelineError(f"{missing}: image file not found")
-    chunks = [torch.empty((0, 3, size, size), dtype=torch.uint8)]
-    step = 64
-    for start in tqdm(range(0, len(paths), step), desc=desc, unit="chunk", disable=quiet or len(paths) < 4 * step, leave=False):
+    chunks, step = [torch.empty((0, 3, size, size), dtype=torch.uint8)], 64
+    quiet = quiet or len(paths) < 4 * step
+    for start in tqdm(range(0, len(paths), step), desc=desc, unit="chunk", disable=quiet, leave=False):
         chunks.append(load_images([Path(p) for p in paths[start : start + step]], size))
     return torch.cat(chunks)
 
 
-def embed_paths(
-    paths: Sequence[str | Path],
-    extract: Callable[[torch.Tensor], torch.Tensor],
-    size: int,
-    batch: int = 32,
-    desc: str = "features",
-) -> torch.Tensor:
+def embed_paths(paths: Sequence[str | Path], extract: Callable[[torch.Tensor], torch.Tensor], size: int,
+                batch: int = 32, desc: str = "features") -> torch.Tensor:
     """Features of many image files, streamed in batches so thousands of real images never sit in memory at once."""
-    chunks = []
-    for start in tqdm(range(0, len(paths), batch), desc=desc, unit="batch", disable=len(paths) < 4 * batch, leave=False):
-        chunks.append(extract(load_arrays(paths[start : start + batch], size, quiet=True)))
+    progress = tqdm(range(0, len(paths), batch), desc=desc, unit="batch", disable=len(paths) < 4 * batch, leave=False)
+    chunks = [extract(load_arrays(paths[start : start + batch], size, quiet=True)) for start in progress]
     return torch.cat(chunks) if chunks else torch.empty((0, 0), dtype=torch.float64)

@@ -1,10 +1,8 @@
 """Mask fidelity of mask-conditioned images: does the generated lesion lie where its conditioning mask says?
 
-A simple segmentation of the lesion: each pixel's CIELAB distance from the skin, split by Otsu's threshold. Only the
-dermoscope's round field of view counts (its dark corners are neither skin nor lesion), and the skin colour is the
-median of a ring at the field's edge. The figure is the segmentation's IoU with the mask. The same segmentation of
-real images against their own masks gives the IoU this segmenter reaches on real lesions: the figure to read the
-synthetic one against.
+The lesion is segmented as the field-of-view pixels whose CIELAB distance from the skin (the median of a ring at the
+field's edge) passes Otsu's threshold; the figure is its IoU with the mask. The same segmenter on real images against
+their own masks gives the IoU to read the synthetic one against.
 """
 
 from __future__ import annotations
@@ -17,15 +15,12 @@ from skimage.filters import threshold_otsu
 
 from pipeline.data.images import load_square
 
-FIELD = 0.95  # the field of view: the centred disc of this radius (in half sides)
-SKIN_RING = 0.75  # the skin: the field's pixels beyond this radius
-# On the demo's real train images at 32 px, IoU with their masks per class: 0.44 (df, whose white centre is skin-
-# coloured) to 0.91; 0.11 to 0.44 with the image's square border as the skin and no field.
+FIELD = 0.95  # the dermoscope's field of view: the centred disc of this radius (in half sides); its corners are dark
+SKIN_RING = 0.75  # the skin: the field's pixels beyond this radius (the square border as skin: real IoU 0.11-0.44)
 
 
 def segment_lesion(rgb: np.ndarray) -> np.ndarray:
-    """Boolean lesion mask of an [H, W, 3] uint8 image: the field-of-view pixels farther from the skin's median
-    colour than Otsu's threshold of those distances."""
+    """Boolean lesion mask of an [H, W, 3] uint8 image (see the module docstring)."""
     height, width = rgb.shape[:2]
     yy, xx = np.mgrid[:height, :width]
     radius = np.hypot(yy - (height - 1) / 2, xx - (width - 1) / 2) / (min(height, width) / 2)
@@ -45,8 +40,6 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def mask_ious(images: list[Path], masks: list[Path], size: int) -> np.ndarray:
     """IoU of each image's segmented lesion with its mask, both centre-cropped and resized to ``size``."""
-    if not images:
-        return np.empty(0)
     pixels = load_square(images, size).permute(0, 2, 3, 1).numpy()
     truth = load_square(masks, size)[:, 0].numpy() >= 128
     return np.array([iou(segment_lesion(p), t) for p, t in zip(pixels, truth)])
