@@ -14,8 +14,7 @@ from pipeline.classifier.evaluate import verdict_lines
 from pipeline.classifier.gains import balanced_accuracy, bootstrap_gains, recovered_share, resample_indices
 from pipeline.classifier.metrics import classification_metrics, paired_bootstrap
 from pipeline.classifier.oracle import FIDELITY_JSON, fidelity_lines, fidelity_table, own_class_scores, score_fidelity, train_oracle
-from pipeline.classifier.train import train_variant, training_samples
-from pipeline.classifier.variants import skip_reason
+from pipeline.classifier.train import skip_reason, train_variant, training_samples
 from pipeline.cli import run_stage
 from pipeline.errors import PipelineError
 

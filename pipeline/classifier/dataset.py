@@ -1,18 +1,13 @@
 """What the classifier sees: image lists from split.csv and the synthetic manifests, leakage guards, and a
 decoded-once uint8 tensor cache.
 
-Why a cache: JPEG decoding + resizing every epoch costs more than the 64px forward pass on 2 CPU cores.
-Each image is decoded once (``pipeline.data.images.open_rgb``), centre-cropped/resized once, and stored as a
-``.npy`` keyed by the file's SHA-256 and the target size, so the cache is shared by both variants, by
-evaluate and by every DVC experiment (it lives under the original repository's ``.cache/``).
-The training loop indexes batches straight out of the cached tensor and augments them whole
-(``pipeline.classifier.augment``).
+Why a cache: JPEG decoding + resizing every epoch costs more than the 64px forward pass on 2 CPU cores. Each image
+is decoded and resized once and stored as a ``.npy`` keyed by the file's SHA-256 and the target size, under the
+original repository's ``.cache/``, so every variant, evaluate and every DVC experiment share it.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline.atomic import atomic_file
 from pipeline.data.images import load_square
 from pipeline.digest import sha256_file
 from pipeline.errors import PipelineError
@@ -44,11 +40,6 @@ class Sample:
     image_id: str
 
 
-def _resolve(path: str, root: Path) -> Path:
-    p = Path(path)
-    return (p if p.is_absolute() else root / p).resolve()
-
-
 def read_split(params: Params, root: Path | None = None) -> pd.DataFrame:
     """split.csv restricted to ``data.classes``, with ``label`` and absolute ``abs_path`` columns added."""
     root = root or workspace_root()
@@ -68,7 +59,7 @@ def read_split(params: Params, root: Path | None = None) -> pd.DataFrame:
         if not (frame["dx"] == class_code).any():
             raise PipelineError(f"{path}: no rows for class {class_code!r} of data.classes; rerun `dvc repro prepare`")
     frame["label"] = frame["dx"].map({c: i for i, c in enumerate(classes)}).astype(int)
-    frame["abs_path"] = [str(_resolve(p, root)) for p in frame["path"]]
+    frame["abs_path"] = [str((root / p).resolve()) for p in frame["path"]]  # an absolute path stays as it is
     return frame.reset_index(drop=True)
 
 
@@ -173,18 +164,11 @@ def assert_real_heldout(samples: Sequence[Sample], split: pd.DataFrame, which: s
             raise PipelineError(f"leakage guard: {sample.image_id} ({path}) is not a {which} row of split.csv")
 
 
-def cache_folder(size: int) -> Path:
-    return store_root() / CACHE_DIR / "classifier" / f"{_CACHE_VERSION}-{size}px"
-
-
 def load_images(paths: Iterable[Path], size: int, digests: dict[Path, str] | None = None) -> torch.Tensor:
     """Images as one uint8 tensor (N, 3, size, size), decoded at most once per (content, size) ever.
-
-    ``digests`` (path -> sha256) is filled in as a side effect so callers can reuse the hashes.
-    """
+    ``digests`` (path -> sha256) is filled in as a side effect so callers can reuse the hashes."""
     digests = {} if digests is None else digests
-    folder = cache_folder(size)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = store_root() / CACHE_DIR / "classifier" / f"{_CACHE_VERSION}-{size}px"
     arrays = []
     for path in paths:
         path = Path(path).resolve()
@@ -195,10 +179,8 @@ def load_images(paths: Iterable[Path], size: int, digests: dict[Path, str] | Non
             array = np.load(cached, allow_pickle=False)
         except (FileNotFoundError, ValueError, OSError):
             array = load_square([path], size)[0].numpy()
-            fd, temp = tempfile.mkstemp(prefix=f".{digest}.tmp-", suffix=".npy", dir=folder)
-            with os.fdopen(fd, "wb") as handle:
+            with atomic_file(cached) as temp, open(temp, "wb") as handle:
                 np.save(handle, array, allow_pickle=False)
-            os.replace(temp, cached)
         arrays.append(array)
     if not arrays:
         return torch.empty((0, 3, size, size), dtype=torch.uint8)

@@ -43,8 +43,7 @@ from pipeline.classifier.metrics import (
 from pipeline.classifier.gains import BASELINE, CEILING, SYNTHETIC, bootstrap_gains, recovered_share, resample_indices
 from pipeline.classifier.model import load_classifier, read_config
 from pipeline.classifier.step import predict_proba
-from pipeline.classifier.train import VARIANTS
-from pipeline.classifier.variants import CONTROL_VARIANTS, skip_reason
+from pipeline.classifier.train import CONTROL_VARIANTS, VARIANTS, skip_reason
 from pipeline.errors import PipelineError
 from pipeline.params import Params
 from pipeline.paths import CLASSIFIER_DIR, PLOTS_DIR, REPORTS_DIR, SYNTHETIC_DIR, workspace_root

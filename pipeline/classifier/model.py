@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pipeline.atomic import read_json
 from pipeline.errors import PipelineError
@@ -40,10 +40,6 @@ def create_classifier(arch: str, num_classes: int, pretrained: bool) -> torch.nn
 def state_to_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached, contiguous CPU copy of the weights (what safetensors can store)."""
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-
-
-def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
 
 
 def read_config(folder: Path) -> dict:

@@ -1,17 +1,14 @@
 """Class fidelity: did the generator learn the class? An oracle classifier judges each class's synthetic images.
 
-The oracle is the project's EfficientNet-B0, trained by ``train_variant`` (same loop and knobs, first seed of
-``classifier.seeds``, ``oracle.epochs`` of ``oracle.epoch_images`` draws) on every real train-side image: the train rows and the reserve (variants.py). It never trains
-on a val, test or synthetic image; like every variant it picks its epoch by val balanced accuracy. The ``fidelity``
-stage then scores, per class:
+The oracle is the project's EfficientNet-B0, trained by ``train_variant`` (first seed of ``classifier.seeds``,
+``oracle.epochs`` of ``oracle.epoch_images`` draws) on every real train-side image: the train and reserve rows,
+never a val, test or synthetic image. The ``fidelity`` stage then scores, per class, for the fine-tuned models'
+images (``augmented``: data/synthetic) and the base model's (``base_only``: data/synthetic_base):
 
-- ``share_own_class``: the share of that class's synthetic images the oracle assigns to the class;
+- ``share_own_class``: the share of that class's images the oracle assigns to the class;
 - ``mean_p_own_class``: the oracle's mean probability of the class on them;
-- beside both, ``oracle_test_recall``: the same oracle's recall on the class's real test images, so a low fidelity
-  can be told from an oracle that cannot recognise the class at all;
-
-for the fine-tuned model's images (``augmented``: data/synthetic) and the base model's (``base_only``:
-data/synthetic_base). Written to reports/fidelity.json and logged to MLflow.
+- beside both, ``oracle_test_recall``: its recall on the class's real test images, so a low fidelity can be told
+  from an oracle that cannot recognise the class at all.
 """
 
 from __future__ import annotations
@@ -23,8 +20,7 @@ from pipeline.atomic import write_json
 from pipeline.classifier.dataset import assert_real_heldout, load_images, read_split, real_samples, synthetic_samples
 from pipeline.classifier.model import load_classifier, read_config
 from pipeline.classifier.step import predict_proba
-from pipeline.classifier.train import train_variant
-from pipeline.classifier.variants import ORACLE
+from pipeline.classifier.train import ORACLE, train_variant
 from pipeline.errors import PipelineError
 from pipeline.params import Params
 from pipeline.paths import CLASSIFIER_DIR, REPORTS_DIR, SYNTHETIC_BASE_DIR, SYNTHETIC_DIR, workspace_root
@@ -33,16 +29,11 @@ FIDELITY_JSON = REPORTS_DIR / "fidelity.json"
 SOURCES = {"augmented": SYNTHETIC_DIR, "base_only": SYNTHETIC_BASE_DIR}  # source -> folder of its images
 
 
-def oracle_params(params: Params) -> Params:
-    """The classifier params with one seed (one judge is enough) and the ``oracle`` section's epochs."""
+def train_oracle(params: Params) -> dict:
+    """The `oracle` stage: models/classifier/oracle and reports/train/oracle.json; one seed (one judge is enough)."""
     c, epochs = params.classifier, params.oracle.epochs
     classifier = c.model_copy(update={"seeds": c.seeds[:1], "epochs": epochs, "min_epochs": min(c.min_epochs, epochs)})
-    return params.model_copy(update={"classifier": classifier})
-
-
-def train_oracle(params: Params) -> dict:
-    """The `oracle` stage: models/classifier/oracle and reports/train/oracle.json."""
-    return train_variant(oracle_params(params), ORACLE)
+    return train_variant(params.model_copy(update={"classifier": classifier}), ORACLE)
 
 
 def own_class_scores(labels: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict[str, dict]:

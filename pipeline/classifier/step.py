@@ -1,8 +1,6 @@
-"""What one classifier step computes: the training loss of a batch and the class probabilities of a batch.
+"""One classifier step: a batch's training loss and its class probabilities (train.py, evaluate, the device tests).
 
-train.py's loop, evaluate and the device tests (tests/test_device_sim_classifier.py) call these same functions.
-Inputs are expected on the model's device; everything made here (augmentation draws, normalisation constants,
-class weights) is made there too, so a step never mixes devices.
+Inputs are expected on the model's device; everything made here is made there too, so a step never mixes devices.
 """
 
 from __future__ import annotations
@@ -14,10 +12,6 @@ import torch.nn.functional as F
 from pipeline.classifier.augment import augment, normalize
 
 EVAL_BATCH = 256
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def inverse_frequency_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -38,18 +32,11 @@ def predict_batch(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     return torch.softmax(model(normalize(images)).float(), dim=1)
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def predict_proba(model: torch.nn.Module, images: torch.Tensor, device: torch.device | str | None = None,
-                  batch: int = EVAL_BATCH) -> np.ndarray:
+def predict_proba(model: torch.nn.Module, images: torch.Tensor, device: torch.device | str | None = None) -> np.ndarray:
     """Probabilities (N, classes) for cached uint8 images, in order, computed on ``device`` (default: the GPU if any).
-
-    The model is moved there and set to eval mode; each batch goes to the device once and comes back once.
-    """
-    device = default_device() if device is None else torch.device(device)
+    The model is moved there and set to eval mode."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device).eval()
-    out = [predict_batch(model, images[start : start + batch].to(device, non_blocking=True)).cpu()
-           for start in range(0, len(images), batch)]
+    out = [predict_batch(model, images[start : start + EVAL_BATCH].to(device, non_blocking=True)).cpu()
+           for start in range(0, len(images), EVAL_BATCH)]
     return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)

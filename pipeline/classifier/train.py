@@ -1,23 +1,15 @@
-"""The train@<variant> stage: EfficientNet-B0 on real train images (baseline) or real + synthetic (augmented).
+"""The train@<variant> stage: EfficientNet-B0 on the real train rows plus each variant's extra images.
 
-Both variants see the same split, the same val set and, for each seed in ``classifier.seeds``, the same
-initial weights, so evaluate can pair them. The loop is plain and runs under ``accelerate`` (device placement,
-mixed precision from ``compute.mixed_precision``, DDP under ``accelerate launch``); one step is
-``step.classifier_loss``. An epoch ends with a checkpoint (pipeline/checkpoint.py) once
-``classifier.checkpoint_minutes`` have passed since the last one, and when a seed other than the last finishes; a
-rerun with the same params and data resumes from it and reaches bit-identical weights on CPU, because all
-randomness of an epoch (augmentations, sampling order) is reseeded from (seed, epoch) instead of carried over.
+Every variant sees the same split and val set and, for each seed in ``classifier.seeds``, the same initial weights,
+so evaluate can pair them. The loop runs under ``accelerate`` (device placement, mixed precision, DDP under
+``accelerate launch``); one step is ``step.classifier_loss``. An epoch ends with a checkpoint once
+``classifier.checkpoint_minutes`` have passed, and when a seed other than the last finishes; a rerun with the same
+params and data resumes from it and reaches bit-identical weights on CPU, because each epoch's randomness
+(augmentations, sampling order) is reseeded from (seed, epoch) instead of carried over.
 
-With ``classifier.equal_steps`` (default) an epoch draws as many images as there are real train rows for every
-variant (``variants.epoch_images``): augmented, base_only and real_ceiling spread the baseline's optimizer steps
-over their larger sets, so a gain cannot come from simply training longer.
-
-Several processes (``compute.processes`` > 1, ``accelerate launch --num_processes N``): ``classifier.batch`` is the
-*global* batch, images per optimizer step summed over all processes. Every process draws the same epoch order;
-each optimizer step's images are split between the processes (``epoch_batches``), so each drawn image is seen by
-exactly one process once per epoch, and the number of steps per epoch, the learning rate and its schedule are
-those of a single process. BatchNorm statistics are per process (no SyncBatchNorm), so N processes match one
-process closely, not bitwise.
+Several processes: ``classifier.batch`` is the *global* batch. Every process draws the same epoch order and each
+step's images are split between them (``epoch_batches``), so steps per epoch and the schedule are those of one
+process. BatchNorm statistics are per process (no SyncBatchNorm): N processes match one closely, not bitwise.
 """
 
 from __future__ import annotations
@@ -30,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+from safetensors.torch import save_file
 from sklearn.metrics import balanced_accuracy_score
 from torch.utils.data import RandomSampler, WeightedRandomSampler
 from tqdm.auto import tqdm
@@ -47,45 +41,72 @@ from pipeline.classifier.dataset import (
     real_samples,
     synthetic_samples,
 )
-from pipeline.classifier.model import CONFIG_NAME, create_classifier, save_weights, state_to_cpu, weights_name
+from pipeline.classifier.model import CONFIG_NAME, create_classifier, state_to_cpu, weights_name
 from pipeline.classifier.step import classifier_loss, inverse_frequency_weights, predict_proba
-from pipeline.classifier.variants import (
-    EXTRA_VARIANTS,
-    SYNTHETIC_VARIANTS,
-    epoch_images,
-    skip_reason,
-    variant_samples,
-    write_skipped,
-)
 from pipeline.device import make_accelerator
 from pipeline.digest import derive_seed, json_digest, sha256_file
 from pipeline.errors import PipelineError
 from pipeline.optim import adamw
 from pipeline.params import Params
-from pipeline.paths import CHECKPOINT_DIR, CLASSIFIER_DIR, REPORTS_DIR, SYNTHETIC_DIR, workspace_root
+from pipeline.paths import (
+    CHECKPOINT_DIR,
+    CLASSIFIER_DIR,
+    REPORTS_DIR,
+    SYNTHETIC_BASE_DIR,
+    SYNTHETIC_DIR,
+    workspace_root,
+)
 from pipeline.quality.screen import SCREENED_CSV, load_kept_synthetic
 
 VARIANTS = ("baseline", "augmented")
+CONTROL_VARIANTS = ("base_only", "real_ceiling")
+ORACLE = "oracle"
+ALL_VARIANTS = (*VARIANTS, *CONTROL_VARIANTS, ORACLE)
+SYNTHETIC_VARIANTS = ("augmented", "base_only")  # the variants whose training list may hold synthetic images
+RESERVE = "reserve"
 
 
 def check_variant(variant: str) -> None:
-    if variant not in (*VARIANTS, *EXTRA_VARIANTS):
-        raise PipelineError(f"unknown variant {variant!r}; expected one of {', '.join((*VARIANTS, *EXTRA_VARIANTS))}")
+    if variant not in ALL_VARIANTS:
+        raise PipelineError(f"unknown variant {variant!r}; expected one of {', '.join(ALL_VARIANTS)}")
 
 
-def training_samples(params: Params, variant: str, split, root: Path, draw: int | None = None) -> list[Sample]:
-    """Baseline: the real train rows. Augmented: the same rows plus the synthetic images of ``draw`` (the classifier
-    seed they were generated for; default the first) that the `screen` stage kept (memorized copies and, when
-    enabled, low-confidence images are left out). The controls and the oracle: variants.py."""
+def skip_reason(params: Params, variant: str) -> str | None:
+    """Why ``variant`` has nothing to train under these params, or None when it applies."""
+    if variant == "real_ceiling" and params.data.real_per_class is None:
+        return "data.real_per_class is null: every real train image is already used, so no reserve is left for a ceiling"
+    return None
+
+
+def training_samples(params: Params, variant: str, split: pd.DataFrame, root: Path, draw: int | None = None) -> list[Sample]:
+    """The real train rows, plus for classifier seed ``draw`` (default the first):
+
+    - ``augmented``: the synthetic images generated for ``draw`` that the `screen` stage kept;
+    - ``base_only``: the base model's images from each class's prompt, no fine-tuned weights (``generate_base``):
+      what any lesion-like image adds, so augmented minus base_only is what fine-tuning added;
+    - ``real_ceiling``: ``generate.per_class`` reserve rows per class (train rows beyond ``data.real_per_class``),
+      drawn from a seed of (seed, class, draw): what a perfect generator could add;
+    - ``oracle``: every reserve row; the judge of class fidelity (oracle.py).
+    """
     check_variant(variant)
     draw = params.classifier.seeds[0] if draw is None else draw
-    if variant in EXTRA_VARIANTS:
-        return variant_samples(params, variant, split, root, draw)
     samples = real_samples(split, "train")
     if variant == "augmented":
         kept = load_kept_synthetic(root / SCREENED_CSV, params.data.classes)
         kept_paths = {(root / path).resolve() for path in kept["path"]}
-        samples += [s for s in synthetic_samples(params, root, draw=draw) if s.path in kept_paths]
+        return samples + [s for s in synthetic_samples(params, root, draw=draw) if s.path in kept_paths]
+    if variant == "base_only":
+        return samples + synthetic_samples(params, root, SYNTHETIC_BASE_DIR, draw=draw)
+    if variant == "real_ceiling":
+        reserve, picked = split[split["split"] == RESERVE], []
+        for label, class_code in enumerate(params.data.classes):
+            rows = reserve[reserve["label"] == label].sort_values("image_id")
+            rng = np.random.default_rng(derive_seed(params.seed, "real_ceiling", class_code, draw))
+            take = rng.choice(len(rows), size=min(params.generate.per_class, len(rows)), replace=False)
+            picked.append(rows.iloc[np.sort(take)])
+        return samples + real_samples(pd.concat(picked), RESERVE)
+    if variant == ORACLE:
+        return samples + real_samples(split, RESERVE)
     return samples
 
 
@@ -103,12 +124,9 @@ def make_sampler(labels: list[int], num_classes: int, balance: str, generator: t
 
 
 def epoch_batches(order: torch.Tensor, batch: int, rank: int, processes: int) -> list[torch.Tensor]:
-    """This process's image indices for each optimizer step of an epoch drawn in ``order``.
-
-    The epoch is cut into ceil(len / batch) steps of nearly equal size (no image dropped), and each step's images
-    into ``processes`` nearly equal shares; process ``rank`` takes share ``rank``. Every process gets the same
-    number of steps, as DDP needs.
-    """
+    """This process's image indices for each optimizer step of an epoch drawn in ``order``: ceil(len / batch) steps
+    of nearly equal size (no image dropped), each cut into ``processes`` nearly equal shares. Every process gets the
+    same number of steps, as DDP needs."""
     steps = math.ceil(len(order) / batch)
     smallest = len(order) // steps // processes
     if smallest < 2:
@@ -117,28 +135,6 @@ def epoch_batches(order: torch.Tensor, batch: int, rank: int, processes: int) ->
             f"{smallest} image(s) per process and step; BatchNorm needs at least 2 (raise classifier.batch or use "
             f"fewer processes)")
     return [chunk.tensor_split(processes)[rank] for chunk in order.tensor_split(steps)]
-
-
-def _run_key(params: Params, variant: str, seed: int, train: list[Sample], digests: dict[Path, str],
-             processes: int) -> str:
-    """What a checkpoint must match to be resumed: every training knob and the exact training data, in order."""
-    payload = {
-        "classifier": params.classifier.model_dump(mode="json", exclude={"seeds", "checkpoint_minutes"}),
-        "classes": list(params.data.classes),
-        "variant": variant,
-        "seed": seed,
-        "processes": processes,
-        "mixed_precision": params.compute.mixed_precision,
-        "train": [(digests[s.path.resolve()], s.label) for s in train],
-    }
-    return json_digest(payload)
-
-
-def _cosine_schedule(optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int):
-    """Linear warm-up over the first epoch (from scratch, full lr at step 0 blows the logits up), then cosine decay."""
-    from diffusers.optimization import get_cosine_schedule_with_warmup
-
-    return get_cosine_schedule_with_warmup(optimizer, steps_per_epoch, steps_per_epoch * epochs)
 
 
 def log_epoch(accelerator, label: str, epochs: int, entry: dict, meta: dict, suffix: str) -> None:
@@ -152,14 +148,10 @@ def log_epoch(accelerator, label: str, epochs: int, entry: dict, meta: dict, suf
                       f"val balanced acc {score:.4f} (best {meta['best_score']:.4f} @ {meta['best_epoch']})")
 
 
-# ----------------------------------------------------------------------------- one seed
-
 @dataclass
 class SeedRun:
-    """One seed's training job: its data, the key a checkpoint must match, and where checkpoints go.
-
-    ``checkpoint_at_end``: also checkpoint the finished seed, so that an interruption while later seeds train
-    does not redo it (the last seed's finished weights are written as the model right away instead)."""
+    """One seed's training job. ``run_key``: what a checkpoint must match to be resumed. ``checkpoint_at_end``: also
+    checkpoint the finished seed, so an interruption while later seeds train does not redo it."""
 
     seed: int
     train_images: torch.Tensor  # uint8 (N, 3, S, S), CPU
@@ -176,11 +168,12 @@ class SeedRun:
 def fit_seed(params: Params, variant: str, run: SeedRun, accelerator) -> tuple[dict, dict]:
     """Train one seed with early stopping on val balanced accuracy; returns (summary, best weights on CPU)."""
     from accelerate.utils import broadcast_object_list
+    from diffusers.optimization import get_cosine_schedule_with_warmup
 
     c, classes = params.classifier, list(params.data.classes)
     device, rank, processes = accelerator.device, accelerator.process_index, accelerator.num_processes
     label = f"train@{variant} seed {run.seed}"
-    torch.manual_seed(run.seed)  # same seed -> same initial weights for both variants (paired comparison)
+    torch.manual_seed(run.seed)  # same seed -> same initial weights for every variant (paired comparison)
     model = create_classifier(c.arch, len(classes), c.pretrained)
     # channels_last: the layout CPU (oneDNN) and GPU (cuDNN, tensor cores) convolutions run fastest in; a CPU step
     # of EfficientNet-B0 takes ~2/3 of the time. Set before any optimizer state is restored (pipeline/optim.py).
@@ -189,10 +182,10 @@ def fit_seed(params: Params, variant: str, run: SeedRun, accelerator) -> tuple[d
     generator = torch.Generator()
     sampler = make_sampler(run.train_labels, len(classes), c.balance, generator, run.epoch_size)
     steps_per_epoch = len(epoch_batches(torch.arange(run.epoch_size), c.batch, rank, processes))  # checks the batch too
-    scheduler = _cosine_schedule(optimizer, steps_per_epoch, c.epochs)
+    # Warm-up over the first epoch (from scratch, full lr at step 0 blows the logits up), then cosine decay.
+    scheduler = get_cosine_schedule_with_warmup(optimizer, steps_per_epoch, steps_per_epoch * c.epochs)
     meta = {"epoch": 0, "best_epoch": 0, "best_score": -1.0, "bad_epochs": 0, "stopped": False, "history": []}
-    best = None
-    resumed_from = None
+    best = resumed_from = None
     found = load_checkpoint(run.checkpoint_dir, run.run_key)
     if found is not None:
         meta = found.meta
@@ -276,20 +269,25 @@ def fit_seed(params: Params, variant: str, run: SeedRun, accelerator) -> tuple[d
     return summary, best
 
 
-# ----------------------------------------------------------------------------- the stage
+def write_skipped(params: Params, variant: str, reason: str) -> dict:
+    """The stage's outputs for a variant that does not apply: a model folder and a train report saying why."""
+    from accelerate import PartialState
 
-def _set_tags(tags: dict[str, str]) -> None:
-    import mlflow
-
-    if mlflow.active_run() is not None:
-        mlflow.set_tags(tags)
+    report = {"variant": variant, "skipped": reason}
+    if PartialState().is_main_process:
+        root = workspace_root()
+        with atomic_dir(root / CLASSIFIER_DIR / variant) as temp:
+            (temp / CONFIG_NAME).write_text(json.dumps({**report, "classes": list(params.data.classes)}, indent=2) + "\n")
+        write_json(root / REPORTS_DIR / "train" / f"{variant}.json", report)
+        print(f"train@{variant}: skipped ({reason})")
+    return report
 
 
 def train_variant(params: Params, variant: str) -> dict:
-    """Train every seed of ``classifier.seeds`` for one variant; writes the model folder and reports/train/<variant>.json.
+    """Train every seed of ``classifier.seeds`` for one variant; writes the model folder and returns the report
+    written to reports/train/<variant>.json."""
+    import mlflow
 
-    Returns the report written to reports/train/<variant>.json.
-    """
     from pipeline import tracking
 
     check_variant(variant)
@@ -302,9 +300,8 @@ def train_variant(params: Params, variant: str) -> dict:
     trains = {seed: training_samples(params, variant, split, root, seed) for seed in c.seeds}
     val = real_samples(split, "val")
 
-    digests: dict[Path, str] = {}
-    for sample in real_samples(split, "test"):  # hashed only, so the guard can catch byte-identical copies
-        digests[sample.path.resolve()] = sha256_file(sample.path)
+    # The test images are hashed only, so the guard can catch byte-identical copies.
+    digests = {s.path.resolve(): sha256_file(s.path) for s in real_samples(split, "test")}
     train_images = {seed: load_images([s.path for s in train], c.image_size, digests) for seed, train in trains.items()}
     val_images = load_images([s.path for s in val], c.image_size, digests)
     for train in trains.values():
@@ -319,11 +316,9 @@ def train_variant(params: Params, variant: str) -> dict:
     if empty:
         raise PipelineError(f"no training image of class {empty[0]!r} in the train split; check data/prepared/split.csv")
     synthetic_count = sum(counts["synthetic"].values())
-    _set_tags({"variant": variant, "classes": ",".join(classes), "method": params.diffusion.method,
-               "synthetic_count": str(synthetic_count), "seed": ",".join(map(str, c.seeds))})
-    import mlflow
-
     if mlflow.active_run() is not None:
+        mlflow.set_tags({"variant": variant, "classes": ",".join(classes), "method": params.diffusion.method,
+                         "synthetic_count": str(synthetic_count), "seed": ",".join(map(str, c.seeds))})
         mlflow.log_params({f"classifier.{k}": v for k, v in tracking.flatten(c.model_dump(mode="json")).items()})
 
     accelerator = make_accelerator(params.compute.mixed_precision)
@@ -332,14 +327,27 @@ def train_variant(params: Params, variant: str) -> dict:
                       f"{accelerator.num_processes} process(es) on {accelerator.device.type}")
     val_labels = np.array([s.label for s in val])
     checkpoints = root / CHECKPOINT_DIR / "classifier" / variant
+    # classifier.equal_steps: every variant draws as many images per epoch as there are real train rows, whatever it
+    # adds, so all take the baseline's steps and a gain measures data, not compute.
+    if variant == ORACLE:
+        epoch_size = params.oracle.epoch_images
+    else:
+        epoch_size = len(real_samples(split, "train")) if c.equal_steps else len(train)
     per_seed, best_states = {}, {}
-    epoch_size = epoch_images(params, variant, train, split)
     for seed, train in trains.items():
-        run = SeedRun(
-            seed, train_images[seed], [s.label for s in train], val_images, val_labels,
-            run_key=_run_key(params, variant, seed, train, digests, accelerator.num_processes),
-            checkpoint_dir=checkpoints / f"seed{seed}", epoch_size=epoch_size,
-            metric_suffix=f"_seed{seed}" if len(c.seeds) > 1 else "", checkpoint_at_end=seed != c.seeds[-1])
+        # A checkpoint is resumed only if every training knob and the exact training data, in order, match.
+        run_key = json_digest({
+            "classifier": c.model_dump(mode="json", exclude={"seeds", "checkpoint_minutes"}),
+            "classes": classes,
+            "variant": variant,
+            "seed": seed,
+            "processes": accelerator.num_processes,
+            "mixed_precision": params.compute.mixed_precision,
+            "train": [(digests[s.path.resolve()], s.label) for s in train],
+        })
+        run = SeedRun(seed, train_images[seed], [s.label for s in train], val_images, val_labels, run_key,
+                      checkpoints / f"seed{seed}", epoch_size, metric_suffix=f"_seed{seed}" if len(c.seeds) > 1 else "",
+                      checkpoint_at_end=seed != c.seeds[-1])
         per_seed[seed], best_states[seed] = fit_seed(params, variant, run, accelerator)
 
     report = {
@@ -362,7 +370,7 @@ def train_variant(params: Params, variant: str) -> dict:
         clean_stale_temps(target.parent, variant)  # only this variant's: the other may be writing
         with atomic_dir(target) as temp:
             for seed, state in best_states.items():
-                save_weights(state, temp / weights_name(seed))
+                save_file(state, str(temp / weights_name(seed)))
             (temp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         write_json(root / REPORTS_DIR / "train" / f"{variant}.json", report)
         shutil.rmtree(checkpoints, ignore_errors=True)  # the finished models replace the resumable state
