@@ -1,29 +1,22 @@
 """The evaluate stage: every classifier variant on the held-out *real* test split, and what the synthetic images bought.
 
-Variants: baseline, augmented, and the controls base_only and real_ceiling (variants.py; real_ceiling only when
-``data.real_per_class`` leaves a reserve). For every seed in ``classifier.seeds`` each variant predicts the same
-test images; metrics are reported as mean ± std over seeds. The augmented − baseline gain of every metric gets a
-95% CI from a paired bootstrap over test images (``gain``, ``gain_ci95``, ``verdict``); the balanced-accuracy gain
-of every variant over baseline and the share of the real ceiling's gain that the synthetic images recover come
-from one shared paired bootstrap (gains.py): ``gain_over_baseline`` and ``recovered_share``. ``verdict_lines``
-says it in plain words. Confusion outputs (CSV for DVC's confusion template, PNG) show baseline and augmented,
-first seed.
+Every evaluated variant (baseline, augmented, base_only, and real_ceiling when ``data.real_per_class`` leaves a
+reserve) predicts the same test images with each seed of ``classifier.seeds``; metrics are mean ± std over seeds.
+The augmented − baseline gain of every metric gets a 95% CI from a paired bootstrap (``gain``, ``gain_ci95``,
+``verdict``); every variant's balanced-accuracy gain and the real ceiling's share that the synthetic images recover
+come from the same resamples (gains.py). Confusion outputs show baseline and augmented, first seed.
 
-MLflow: the stage writes exactly one run per evaluated variant, children of this execution's parent run, tagged
-``stage=evaluate`` and ``variant=<variant>``; each holds that variant's test metrics and its
-``gain_over_baseline`` (with ``gain_over_baseline_ci95_low``/``_high``), plus the shared augmented gain
-(``gain_*``, ``gain_ci95_low_*``/``gain_ci95_high_*``), ``recovered_share`` where defined, the ``verdict`` tag and
-a shared ``evaluation_id``. (stages/evaluate.py therefore runs with ``track=False``: no extra, metric-less
-"evaluate" run.) The latest evaluation, one row per variant:
+MLflow: one run per evaluated variant (``stages/evaluate.py`` runs with ``track=False``), a child of this
+execution's parent run tagged ``stage=evaluate``, ``variant=<variant>`` and a shared ``evaluation_id``; it holds
+the variant's test metrics, its ``gain_over_baseline`` (+ ``_ci95_low``/``_high``), the shared augmented gains,
+``recovered_share`` where defined and the ``verdict`` tag. The latest evaluation, one row per variant:
 
     MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/mlflow.db} python -c "import mlflow; r = mlflow.search_runs(experiment_names=['lesion-synth'], filter_string=\"tags.stage = 'evaluate'\", order_by=['attributes.start_time DESC']); print(r[r['tags.evaluation_id'] == r['tags.evaluation_id'].iloc[0]][['tags.variant', 'metrics.balanced_accuracy', 'metrics.gain_over_baseline', 'tags.verdict', 'tags.mlflow.parentRunId']].to_string(index=False))"
-
-(``EVALUATE_RUNS_FILTER`` below is that filter string; every past evaluation is grouped by ``tags.evaluation_id``.)
 """
 
 from __future__ import annotations
 
-import time
+import contextlib
 import uuid
 from pathlib import Path
 
@@ -33,6 +26,9 @@ import pandas as pd
 from pipeline.atomic import atomic_file, write_json
 from pipeline.classifier.dataset import assert_real_heldout, load_images, read_split, real_samples
 from pipeline.classifier.metrics import (
+    VERDICT_HELPED,
+    VERDICT_HURT,
+    VERDICT_UNSURE,
     classification_metrics,
     confusion,
     mean_std,
@@ -49,7 +45,9 @@ from pipeline.params import Params
 from pipeline.paths import CLASSIFIER_DIR, PLOTS_DIR, REPORTS_DIR, SYNTHETIC_DIR, workspace_root
 
 METRICS_JSON = REPORTS_DIR / "metrics.json"
-EVALUATE_RUNS_FILTER = "tags.stage = 'evaluate'"
+EVALUATE_RUNS_FILTER = "tags.stage = 'evaluate'"  # the one-liner's filter above
+CI_WORDS = {VERDICT_HELPED: "clearly above 0", VERDICT_HURT: "clearly below 0",
+            VERDICT_UNSURE: "not distinguishable from 0"}
 
 
 def confusion_csv(variant: str) -> Path:
@@ -94,18 +92,13 @@ def _write_confusion(root: Path, variant: str, y_true: np.ndarray, y_pred: np.nd
     plt.close(fig)
 
 
-def _log_variant_runs(params: Params, metrics: dict, root: Path) -> dict[str, str]:
-    """One MLflow run per variant, children of this execution's parent run; returns {variant: run_id}."""
+def _log_variant_runs(params: Params, metrics: dict, root: Path) -> None:
+    """One MLflow run per variant, children of this execution's parent run."""
     import mlflow
-    from mlflow.entities import Metric, Param
 
     from pipeline import tracking
 
-    client = mlflow.MlflowClient(tracking.tracking_uri())
-    parent = tracking.parent_run_id(params)
-    experiment_id = tracking.ensure_experiment(params.mlflow.experiment)
     evaluation_id = uuid.uuid4().hex
-    now = int(time.time() * 1000)
     shared = {f"gain_{k}": v for k, v in metrics["gain"].items()}
     shared.update({f"gain_ci95_low_{k}": v["low"] for k, v in metrics["gain_ci95"].items()})
     shared.update({f"gain_ci95_high_{k}": v["high"] for k, v in metrics["gain_ci95"].items()})
@@ -113,57 +106,37 @@ def _log_variant_runs(params: Params, metrics: dict, root: Path) -> dict[str, st
     if share["defined"]:
         shared.update(recovered_share=share["value"], recovered_share_ci95_low=share["ci_low"],
                       recovered_share_ci95_high=share["ci_high"])
-    logged_params = [Param(k, v) for k, v in tracking.flatten(
-        {"classifier": params.classifier.model_dump(mode="json"), "evaluate": params.evaluate.model_dump(mode="json")}).items()]
-    run_ids = {}
+    logged_params = tracking.flatten({"classifier": params.classifier.model_dump(mode="json"),
+                                      "evaluate": params.evaluate.model_dump(mode="json")})
     for variant in metrics["variants"]:
-        tags = {
-            **tracking.execution_tags(params),
-            "stage": "evaluate",
-            "variant": variant,
-            "classes": ",".join(params.data.classes),
-            "method": params.diffusion.method,
-            "seed": ",".join(map(str, params.classifier.seeds)),
-            "verdict": metrics["verdict"],
-            "evaluation_id": evaluation_id,
-            "mlflow.parentRunId": parent,
-        }
-        run = client.create_run(experiment_id, run_name=f"evaluate@{variant}", tags=tags)
-        values = {**{k: v for k, v in metrics[variant].items() if isinstance(v, (int, float))}, **shared}
-        if variant in metrics["gain_over_baseline"]:
-            own = metrics["gain_over_baseline"][variant]
-            values.update(gain_over_baseline=own["balanced_accuracy"], gain_over_baseline_ci95_low=own["ci_low"],
-                          gain_over_baseline_ci95_high=own["ci_high"])
-        entries = [Metric(k, float(v), now, 0) for k, v in values.items()]
-        for start in range(0, max(len(entries), len(logged_params)), 100):
-            client.log_batch(run.info.run_id, metrics=entries[start : start + 100], params=logged_params[start : start + 100])
-        for path in (confusion_png(variant), confusion_csv(variant)) if variant in VARIANTS else ():
-            client.log_artifact(run.info.run_id, str(root / path), artifact_path="plots")
-        client.log_artifact(run.info.run_id, str(root / METRICS_JSON))
-        client.set_terminated(run.info.run_id, status="FINISHED")
-        run_ids[variant] = run.info.run_id
-    return run_ids
-
-
-def _mark_parent_failed(params: Params) -> None:
-    """What tracking.stage_run does for the other stages when they fail (evaluate runs without a stage run)."""
-    from pipeline import tracking
-
-    try:
-        import mlflow
-
-        mlflow.MlflowClient(tracking.tracking_uri()).set_terminated(tracking.parent_run_id(params), status="FAILED")
-    except Exception:  # never hide the real error behind a tracking one
-        pass
+        tags = {"stage": "evaluate", "variant": variant, "classes": ",".join(params.data.classes),
+                "method": params.diffusion.method, "seed": ",".join(map(str, params.classifier.seeds)),
+                "verdict": metrics["verdict"], "evaluation_id": evaluation_id}
+        with tracking.stage_run(f"evaluate@{variant}", params, tags=tags):
+            mlflow.log_params(logged_params)
+            values = {**{k: v for k, v in metrics[variant].items() if isinstance(v, (int, float))}, **shared}
+            if variant in metrics["gain_over_baseline"]:
+                own = metrics["gain_over_baseline"][variant]
+                values.update(gain_over_baseline=own["balanced_accuracy"], gain_over_baseline_ci95_low=own["ci_low"],
+                              gain_over_baseline_ci95_high=own["ci_high"])
+            tracking.log_metrics(values)
+            for path in (confusion_png(variant), confusion_csv(variant)) if variant in VARIANTS else ():
+                tracking.log_artifact(root / path, artifact_path="plots")
+            tracking.log_artifact(root / METRICS_JSON)
 
 
 def evaluate(params: Params) -> dict:
-    """Predict the real test split with every seed of both variants; write reports/metrics.json and confusion plots,
-    and log one MLflow run per variant (see module docstring). A failure marks the execution's parent run FAILED."""
+    """Predict the real test split with every seed of every variant; write reports/metrics.json and confusion plots,
+    and log one MLflow run per variant. A failure marks the execution's parent run FAILED."""
     try:
         return _evaluate(params)
     except BaseException:
-        _mark_parent_failed(params)
+        with contextlib.suppress(Exception):  # as tracking.stage_run does; never hide the real error behind this one
+            import mlflow
+
+            from pipeline import tracking
+
+            mlflow.MlflowClient(tracking.tracking_uri()).set_terminated(tracking.parent_run_id(params), status="FAILED")
         raise
 
 
@@ -171,14 +144,6 @@ def evaluated_variants(params: Params) -> tuple[list[str], dict[str, str]]:
     """(the variants evaluate reads, {skipped variant: why})."""
     reasons = {v: skip_reason(params, v) for v in (*VARIANTS, *CONTROL_VARIANTS)}
     return [v for v, r in reasons.items() if r is None], {v: r for v, r in reasons.items() if r is not None}
-
-
-def _ci_words(low: float, high: float) -> str:
-    if low > 0:
-        return "clearly above 0"
-    if high < 0:
-        return "clearly below 0"
-    return "not distinguishable from 0"
 
 
 def verdict_lines(metrics: dict) -> list[str]:
@@ -197,7 +162,7 @@ def verdict_lines(metrics: dict) -> list[str]:
         if variant in gains:
             g = gains[variant]
             lines.append(f"{words}: gain {g['balanced_accuracy']:+.3f} (95% CI {g['ci_low']:+.3f} .. "
-                         f"{g['ci_high']:+.3f}), {_ci_words(g['ci_low'], g['ci_high'])}.")
+                         f"{g['ci_high']:+.3f}), {CI_WORDS[verdict(g['ci_low'], g['ci_high'])]}.")
         elif variant in metrics.get("skipped", {}):
             lines.append(f"{words}: not run, {metrics['skipped'][variant]}.")
     share = metrics["recovered_share"]
