@@ -11,8 +11,14 @@ from classifier_workspace import CLASSES, make_workspace, micro_params, write_pa
 
 from pipeline.classifier.dataset import assert_no_leakage, read_split
 from pipeline.classifier.evaluate import verdict_lines
-from pipeline.classifier.gains import balanced_accuracy, bootstrap_gains, recovered_share, resample_indices
-from pipeline.classifier.metrics import classification_metrics, paired_bootstrap
+from pipeline.classifier.metrics import (
+    balanced_accuracy,
+    bootstrap_gains,
+    classification_metrics,
+    paired_bootstrap,
+    recovered_share,
+    resample_indices,
+)
 from pipeline.classifier.oracle import FIDELITY_JSON, fidelity_lines, fidelity_table, own_class_scores, score_fidelity, train_oracle
 from pipeline.classifier.train import skip_reason, train_variant, training_samples
 from pipeline.cli import run_stage

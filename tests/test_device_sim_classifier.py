@@ -12,8 +12,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
 
-from pipeline.classifier.model import create_classifier
-from pipeline.classifier.step import classifier_loss, inverse_frequency_weights, predict_batch
+from pipeline.classifier.model import classifier_loss, create_classifier, inverse_frequency_weights, predict_batch
 
 pytestmark = [pytest.mark.device_sim, pytest.mark.usefixtures("one_thread")]
 

@@ -13,7 +13,6 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 from pipeline.classifier import evaluate as evaluate_module
 from pipeline.classifier.evaluate import EVALUATE_RUNS_FILTER, evaluate
-from pipeline.classifier.gains import resample_indices
 from pipeline.classifier.metrics import (
     VERDICT_HELPED,
     VERDICT_HURT,
@@ -24,6 +23,7 @@ from pipeline.classifier.metrics import (
     mean_std,
     paired_bootstrap,
     paired_gain,
+    resample_indices,
     verdict,
 )
 from pipeline.classifier.train import train_variant

@@ -1,11 +1,8 @@
-"""Classifier input: normalisation and batched, per-image random augmentations of cached uint8 batches.
+"""Classifier input: ImageNet normalisation and batched, per-image random augmentations of cached uint8 batches.
 
-Why batched: torchvision's transforms draw one set of parameters per call, so per-image randomness meant one call
-per image, which cost 41 ms per batch of 64 at 64 px on 2 CPU cores (a fifth of a training step). Drawing a
-parameter per image and applying them as whole-batch tensor ops costs ~6 ms (bench/README.md). The
-augmentations are all label-preserving for dermoscopy (no canonical orientation): horizontal and vertical flips,
-rotation by up to ±30°, and colour jitter (brightness, contrast, saturation ±20 %, hue ±0.02 turn).
-Every tensor, constants and random draws included, is made on the device of the input batch.
+One draw per image applied as whole-batch tensor ops costs ~6 ms per batch of 64 at 64 px on 2 CPU cores, one
+torchvision call per image 41 ms (bench/README.md). All are label-preserving for dermoscopy (no canonical
+orientation): flips, rotation up to ±30°, colour jitter. Every tensor is made on the input batch's device.
 """
 
 from __future__ import annotations
@@ -21,9 +18,8 @@ MAX_ROTATION_DEGREES = 30.0
 BRIGHTNESS = CONTRAST = SATURATION = 0.2
 MAX_HUE_TURN = 0.02
 
-# Hue is a rotation of the chroma plane of YIQ (the NTSC colour space): the standard linear form of a hue shift,
-# the same as HSV's for the small angles used here, and one 3x3 matrix per image. Kept as Python numbers: each
-# call makes its tensors on the batch's device.
+# Hue is a rotation of the chroma plane of YIQ (the NTSC colour space): the linear form of a hue shift, the same as
+# HSV's for the small angles used here. Python numbers: each call makes its tensors on the batch's device.
 _RGB_TO_YIQ = [[0.299, 0.587, 0.114], [0.5959, -0.2746, -0.3213], [0.2115, -0.5227, 0.3112]]
 _YIQ_TO_RGB = torch.linalg.inv(torch.tensor(_RGB_TO_YIQ, dtype=torch.float64)).tolist()
 

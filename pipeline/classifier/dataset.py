@@ -112,14 +112,8 @@ def synthetic_samples(params: Params, root: Path | None = None, images_dir: Path
     return samples
 
 
-def assert_no_leakage(
-    train: Sequence[Sample],
-    split: pd.DataFrame,
-    *,
-    allow_synthetic: bool,
-    synthetic_root: Path | None = None,
-    digests: dict[Path, str] | None = None,
-) -> None:
+def assert_no_leakage(train: Sequence[Sample], split: pd.DataFrame, *, allow_synthetic: bool,
+                      synthetic_root: Path | None = None, digests: dict[Path, str] | None = None) -> None:
     """Runtime leakage guard for a training list, checked against split.csv itself (not the samples' own labels).
 
     Refuses: any val/test image (by path or image_id, or byte-identical content when ``digests`` covers the
@@ -131,9 +125,8 @@ def assert_no_leakage(
     held_paths = {Path(p).resolve(): (s, i) for p, s, i in zip(held["abs_path"], held["split"], held["image_id"])}
     held_ids = dict(zip(held["image_id"], held["split"]))
     train_ids = set(split.loc[split["split"].isin(TRAIN_SIDE), "image_id"])
-    held_digests = {}
-    if digests is not None:
-        held_digests = {digests[p]: p for p in held_paths if p in digests}
+    digests = digests or {}
+    held_digests = {digests[p]: p for p in held_paths if p in digests}
     for sample in train:
         path = sample.path.resolve()
         synthetic = sample.origin == "synthetic" or synthetic_root in path.parents
@@ -146,7 +139,7 @@ def assert_no_leakage(
             raise PipelineError(f"leakage guard: {held_ids[sample.image_id]} image {sample.image_id} is in the training list")
         if not synthetic and sample.image_id not in train_ids:
             raise PipelineError(f"leakage guard: {sample.image_id} ({path}) is not a train row of split.csv")
-        digest = digests.get(path) if digests is not None else None
+        digest = digests.get(path)
         if digest is not None and digest in held_digests:
             raise PipelineError(f"leakage guard: training image {path} is byte-identical to held-out image {held_digests[digest]}")
 

@@ -4,7 +4,7 @@ Every evaluated variant (baseline, augmented, base_only, and real_ceiling when `
 reserve) predicts the same test images with each seed of ``classifier.seeds``; metrics are mean ± std over seeds.
 The augmented − baseline gain of every metric gets a 95% CI from a paired bootstrap (``gain``, ``gain_ci95``,
 ``verdict``); every variant's balanced-accuracy gain and the real ceiling's share that the synthetic images recover
-come from the same resamples (gains.py). Confusion outputs show baseline and augmented, first seed.
+come from the same resamples (metrics.py). Confusion outputs show baseline and augmented, first seed.
 
 MLflow: one run per evaluated variant (``stages/evaluate.py`` runs with ``track=False``), a child of this
 execution's parent run tagged ``stage=evaluate``, ``variant=<variant>`` and a shared ``evaluation_id``; it holds
@@ -26,19 +26,23 @@ import pandas as pd
 from pipeline.atomic import atomic_file, write_json
 from pipeline.classifier.dataset import assert_real_heldout, load_images, read_split, real_samples
 from pipeline.classifier.metrics import (
+    BASELINE,
+    CEILING,
+    SYNTHETIC,
     VERDICT_HELPED,
     VERDICT_HURT,
     VERDICT_UNSURE,
+    bootstrap_gains,
     classification_metrics,
     confusion,
     mean_std,
     paired_bootstrap,
     paired_gain,
+    recovered_share,
+    resample_indices,
     verdict,
 )
-from pipeline.classifier.gains import BASELINE, CEILING, SYNTHETIC, bootstrap_gains, recovered_share, resample_indices
-from pipeline.classifier.model import load_classifier, read_config
-from pipeline.classifier.step import predict_proba
+from pipeline.classifier.model import load_classifier, predict_proba, read_config
 from pipeline.classifier.train import CONTROL_VARIANTS, VARIANTS, skip_reason
 from pipeline.errors import PipelineError
 from pipeline.params import Params

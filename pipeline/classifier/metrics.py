@@ -1,15 +1,15 @@
-"""Classification metrics (scikit-learn), their mean ± std over seeds, and the paired bootstrap of the gain.
+"""Classification metrics (scikit-learn), their mean ± std over seeds, and the paired bootstraps of the gains.
 
-Conventions, chosen so a class missing from a (resampled) test set never crashes or silently scores 0:
-- per-class recall/precision and every macro average run over the classes *present in y_true*;
-  hence ``macro_recall`` equals ``balanced_accuracy`` by definition (both are reported because both names are used);
-- ``auroc_macro`` is the mean one-vs-rest AUROC over present classes, omitted when fewer than 2 are present;
-- precision of a class that is never predicted is 0 (scikit-learn's zero_division=0).
-Own code, kept where no library computes the same thing:
-- ``fast_metrics``: the numbers of ``classification_metrics`` from one bincount (checked against scikit-learn in
-  tests), because 1000 resamples × seeds × 2 variants through scikit-learn's input validation take minutes;
-- ``paired_bootstrap``: ``scipy.stats.bootstrap`` needs one fixed-length statistic per resample, but a resample
-  that misses a class has no ``recall_<class>`` (and with one class left, no AUROC), so those draws are skipped.
+Per-class recall/precision and every macro average run over the classes *present in y_true*, so a class missing
+from a (resampled) test set never crashes or silently scores 0 (hence ``macro_recall`` equals ``balanced_accuracy``);
+``auroc_macro`` is omitted with fewer than 2 classes present; a class never predicted has precision 0.
+
+``resample_indices`` draws the evaluate stage's bootstrap resamples once and every interval comes from them
+(scipy.stats.bootstrap would draw its own in each call, and needs one fixed-length statistic per resample, which a
+resample missing a class has not). Within a resample seed k of a variant is paired with seed k of baseline and the
+gains are averaged over seeds, so the interval covers the generator's variance as well as the classifier's. The
+fast paths (``fast_metrics``, ``balanced_accuracy``) exist because 1000 resamples through scikit-learn's input
+validation take minutes; tests check them against scikit-learn.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ HEADLINE = ("balanced_accuracy", "macro_recall", "macro_f1", "auroc_macro", "acc
 VERDICT_HELPED = "augmentation helped"
 VERDICT_HURT = "augmentation did not help"
 VERDICT_UNSURE = "inconclusive at 95%"
+BASELINE = "baseline"
+SYNTHETIC = "augmented"
+CEILING = "real_ceiling"
 
 
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str]) -> dict[str, float]:
@@ -111,17 +114,10 @@ def paired_gain(base: Sequence[dict[str, float]], aug: Sequence[dict[str, float]
     return {k: float(np.mean([a[k] - b[k] for a, b in zip(aug, base)])) for k in keys}
 
 
-def paired_bootstrap(
-    y_true: np.ndarray,
-    base_proba: Sequence[np.ndarray],
-    aug_proba: Sequence[np.ndarray],
-    classes: Sequence[str],
-    indices: np.ndarray,
-) -> dict[str, tuple[float, float]]:
-    """95% percentile CI of the gain for every metric over the resamples ``indices`` (``gains.resample_indices``): the
-    same test images for both variants and all seeds (paired), the per-seed gains averaged within each resample."""
-    if len(base_proba) != len(aug_proba):
-        raise ValueError("baseline and augmented need the same seeds")
+def paired_bootstrap(y_true: np.ndarray, base_proba: Sequence[np.ndarray], aug_proba: Sequence[np.ndarray],
+                     classes: Sequence[str], indices: np.ndarray) -> dict[str, tuple[float, float]]:
+    """95% percentile CI of the augmented gain for every metric over the resamples ``indices``; a resample lacking a
+    metric (a class's recall, AUROC with one class left) is skipped for it."""
     y_true = np.asarray(y_true)
     base_pred = [p.argmax(axis=1) for p in base_proba]
     aug_pred = [p.argmax(axis=1) for p in aug_proba]
@@ -146,3 +142,62 @@ def verdict(low: float, high: float) -> str:
     if high < 0:
         return VERDICT_HURT
     return VERDICT_UNSURE
+
+
+def resample_indices(n: int, resamples: int, seed: int) -> np.ndarray:
+    """(resamples, n) indices into the test images, drawn with replacement: the evaluate stage's one bootstrap."""
+    return np.random.default_rng(seed).integers(0, n, (resamples, n))
+
+
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Mean recall over the classes present in ``y_true``, along the last axis (so for many resamples at once)."""
+    recalls = []
+    for c in range(num_classes):
+        actual = y_true == c
+        support = actual.sum(axis=-1)
+        hits = (actual & (y_pred == c)).sum(axis=-1)
+        recalls.append(np.where(support > 0, hits / np.maximum(support, 1), np.nan))
+    return np.nanmean(np.stack(recalls), axis=0)
+
+
+def bootstrap_gains(y_true: np.ndarray, preds: dict[str, list[np.ndarray]], num_classes: int,
+                    indices: np.ndarray) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
+    """Balanced-accuracy gain over baseline of every other variant in ``preds`` ({variant: predictions per seed, the
+    same seeds in the same order}), with its 95% CI over the resamples ``indices`` (``resample_indices``).
+
+    Returns ({variant: {"balanced_accuracy", "ci_low", "ci_high"}}, {variant: the gain in each resample}).
+    """
+    seeds = len(preds[BASELINE])
+    others = [v for v in preds if v != BASELINE]
+    if any(len(preds[v]) != seeds for v in others):
+        raise ValueError(f"every variant needs the baseline's {seeds} seed(s): {({v: len(p) for v, p in preds.items()})}")
+    y_true = np.asarray(y_true)
+
+    def gain(variant: str, rows=slice(None)) -> np.ndarray:
+        """Seed-averaged gain of ``variant``, on the whole test set (rows: all) or in each resample."""
+        y = y_true[rows]
+        return np.mean([balanced_accuracy(y, np.asarray(p)[rows], num_classes)
+                        - balanced_accuracy(y, np.asarray(b)[rows], num_classes)
+                        for p, b in zip(preds[variant], preds[BASELINE])], axis=0)
+
+    table, draws = {}, {}
+    for variant in others:
+        draws[variant] = gain(variant, indices)
+        low, high = np.percentile(draws[variant], [2.5, 97.5])
+        table[variant] = {"balanced_accuracy": float(gain(variant)), "ci_low": float(low), "ci_high": float(high)}
+    return table, draws
+
+
+def recovered_share(gains: dict[str, dict[str, float]], draws: dict[str, np.ndarray]) -> dict:
+    """gain(augmented) / gain(real_ceiling) with a 95% CI from the same resamples. Undefined (value and CI None, with
+    a note) unless the ceiling's gain is clearly above 0: a ratio to a gain that may be 0 or negative means nothing."""
+    ceiling = gains[CEILING]
+    if ceiling["ci_low"] <= 0:
+        where = "includes 0" if ceiling["ci_high"] >= 0 else "lies below 0"
+        return {"value": None, "ci_low": None, "ci_high": None, "defined": False,
+                "note": f"the real images' own gain is not clearly above 0 (its 95% CI {where})"}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(draws[CEILING] != 0, draws[SYNTHETIC] / draws[CEILING], np.nan)
+    low, high = np.nanpercentile(ratio, [2.5, 97.5])
+    return {"value": gains[SYNTHETIC]["balanced_accuracy"] / ceiling["balanced_accuracy"], "ci_low": float(low),
+            "ci_high": float(high), "defined": True, "note": None}

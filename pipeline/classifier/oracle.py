@@ -18,8 +18,7 @@ import numpy as np
 from pipeline import tracking
 from pipeline.atomic import write_json
 from pipeline.classifier.dataset import assert_real_heldout, load_images, read_split, real_samples, synthetic_samples
-from pipeline.classifier.model import load_classifier, read_config
-from pipeline.classifier.step import predict_proba
+from pipeline.classifier.model import load_classifier, predict_proba, read_config
 from pipeline.classifier.train import ORACLE, train_variant
 from pipeline.errors import PipelineError
 from pipeline.params import Params

@@ -2,7 +2,7 @@
 
 Every variant sees the same split and val set and, for each seed in ``classifier.seeds``, the same initial weights,
 so evaluate can pair them. The loop runs under ``accelerate`` (device placement, mixed precision, DDP under
-``accelerate launch``); one step is ``step.classifier_loss``. An epoch ends with a checkpoint once
+``accelerate launch``); one step is ``model.classifier_loss``. An epoch ends with a checkpoint once
 ``classifier.checkpoint_minutes`` have passed, and when a seed other than the last finishes; a rerun with the same
 params and data resumes from it and reaches bit-identical weights on CPU, because each epoch's randomness
 (augmentations, sampling order) is reseeded from (seed, epoch) instead of carried over.
@@ -41,21 +41,21 @@ from pipeline.classifier.dataset import (
     real_samples,
     synthetic_samples,
 )
-from pipeline.classifier.model import CONFIG_NAME, create_classifier, state_to_cpu, weights_name
-from pipeline.classifier.step import classifier_loss, inverse_frequency_weights, predict_proba
+from pipeline.classifier.model import (
+    CONFIG_NAME,
+    classifier_loss,
+    create_classifier,
+    inverse_frequency_weights,
+    predict_proba,
+    state_to_cpu,
+    weights_name,
+)
 from pipeline.device import make_accelerator
 from pipeline.digest import derive_seed, json_digest, sha256_file
 from pipeline.errors import PipelineError
 from pipeline.optim import adamw
 from pipeline.params import Params
-from pipeline.paths import (
-    CHECKPOINT_DIR,
-    CLASSIFIER_DIR,
-    REPORTS_DIR,
-    SYNTHETIC_BASE_DIR,
-    SYNTHETIC_DIR,
-    workspace_root,
-)
+from pipeline.paths import CHECKPOINT_DIR, CLASSIFIER_DIR, REPORTS_DIR, SYNTHETIC_BASE_DIR, SYNTHETIC_DIR, workspace_root
 from pipeline.quality.screen import SCREENED_CSV, load_kept_synthetic
 
 VARIANTS = ("baseline", "augmented")
