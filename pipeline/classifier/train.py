@@ -18,7 +18,6 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -148,45 +147,33 @@ def log_epoch(accelerator, label: str, epochs: int, entry: dict, meta: dict, suf
                       f"val balanced acc {score:.4f} (best {meta['best_score']:.4f} @ {meta['best_epoch']})")
 
 
-@dataclass
-class SeedRun:
-    """One seed's training job. ``run_key``: what a checkpoint must match to be resumed. ``checkpoint_at_end``: also
-    checkpoint the finished seed, so an interruption while later seeds train does not redo it."""
-
-    seed: int
-    train_images: torch.Tensor  # uint8 (N, 3, S, S), CPU
-    train_labels: list[int]
-    val_images: torch.Tensor
-    val_labels: np.ndarray
-    run_key: str
-    checkpoint_dir: Path
-    epoch_size: int  # images drawn per epoch
-    metric_suffix: str = ""
-    checkpoint_at_end: bool = True
-
-
-def fit_seed(params: Params, variant: str, run: SeedRun, accelerator) -> tuple[dict, dict]:
-    """Train one seed with early stopping on val balanced accuracy; returns (summary, best weights on CPU)."""
+def fit_seed(params: Params, variant: str, seed: int, train: tuple[torch.Tensor, list[int]],
+             val: tuple[torch.Tensor, np.ndarray], epoch_size: int, run_key: str, accelerator) -> tuple[dict, dict]:
+    """Train one seed on (uint8 images, labels) with early stopping on val balanced accuracy; returns (summary, best
+    weights on CPU). A checkpoint is resumed only when written for ``run_key``."""
     from accelerate.utils import broadcast_object_list
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
     c, classes = params.classifier, list(params.data.classes)
     device, rank, processes = accelerator.device, accelerator.process_index, accelerator.num_processes
-    label = f"train@{variant} seed {run.seed}"
-    torch.manual_seed(run.seed)  # same seed -> same initial weights for every variant (paired comparison)
+    (train_images, train_labels), (val_images, val_labels) = train, val
+    checkpoint_dir = workspace_root() / CHECKPOINT_DIR / "classifier" / variant / f"seed{seed}"
+    suffix = f"_seed{seed}" if len(c.seeds) > 1 else ""
+    label = f"train@{variant} seed {seed}"
+    torch.manual_seed(seed)  # same seed -> same initial weights for every variant (paired comparison)
     model = create_classifier(c.arch, len(classes), c.pretrained)
     # channels_last: the layout CPU (oneDNN) and GPU (cuDNN, tensor cores) convolutions run fastest in; a CPU step
     # of EfficientNet-B0 takes ~2/3 of the time. Set before any optimizer state is restored (pipeline/optim.py).
     model.to(memory_format=torch.channels_last)
     optimizer = adamw(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     generator = torch.Generator()
-    sampler = make_sampler(run.train_labels, len(classes), c.balance, generator, run.epoch_size)
-    steps_per_epoch = len(epoch_batches(torch.arange(run.epoch_size), c.batch, rank, processes))  # checks the batch too
+    sampler = make_sampler(train_labels, len(classes), c.balance, generator, epoch_size)
+    steps_per_epoch = len(epoch_batches(torch.arange(epoch_size), c.batch, rank, processes))  # checks the batch too
     # Warm-up over the first epoch (from scratch, full lr at step 0 blows the logits up), then cosine decay.
     scheduler = get_cosine_schedule_with_warmup(optimizer, steps_per_epoch, steps_per_epoch * c.epochs)
     meta = {"epoch": 0, "best_epoch": 0, "best_score": -1.0, "bad_epochs": 0, "stopped": False, "history": []}
     best = resumed_from = None
-    found = load_checkpoint(run.checkpoint_dir, run.run_key)
+    found = load_checkpoint(checkpoint_dir, run_key)
     if found is not None:
         meta = found.meta
         model.load_state_dict(found.group("model"))
@@ -196,10 +183,10 @@ def fit_seed(params: Params, variant: str, run: SeedRun, accelerator) -> tuple[d
         if best is None and meta["best_epoch"] == meta["epoch"] > 0:  # the best epoch was the last one saved
             best = {k: v.clone() for k, v in found.group("model").items()}
         resumed_from = meta["epoch"]
-        accelerator.print(f"{label}: resuming after epoch {resumed_from} from {run.checkpoint_dir}")
+        accelerator.print(f"{label}: resuming after epoch {resumed_from} from {checkpoint_dir}")
 
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler steps once per optimizer step as built
-    train_labels = torch.as_tensor(run.train_labels)
+    train_labels = torch.as_tensor(train_labels)
     loss_weight = None
     if c.balance == "class_weighted_loss":
         loss_weight = inverse_frequency_weights(train_labels.to(device), len(classes))
@@ -208,14 +195,14 @@ def fit_seed(params: Params, variant: str, run: SeedRun, accelerator) -> tuple[d
     for epoch in range(meta["epoch"], c.epochs):
         if meta["stopped"]:
             break
-        torch.manual_seed(derive_seed(run.seed, "epoch", epoch, "augment", rank))  # augmentations (CPU and GPU)
-        generator.manual_seed(derive_seed(run.seed, "epoch", epoch, "order"))  # the same order on every process
+        torch.manual_seed(derive_seed(seed, "epoch", epoch, "augment", rank))  # augmentations (CPU and GPU)
+        generator.manual_seed(derive_seed(seed, "epoch", epoch, "order"))  # the same order on every process
         order = torch.as_tensor(list(sampler))
         model.train()
         total, seen = torch.zeros((), device=device), 0
         for indices in tqdm(epoch_batches(order, c.batch, rank, processes), desc=f"{label} epoch {epoch + 1}/{c.epochs}",
                             leave=False, disable=not accelerator.is_local_main_process):
-            images = run.train_images[indices].to(device, non_blocking=True)
+            images = train_images[indices].to(device, non_blocking=True)
             labels = train_labels[indices].to(device, non_blocking=True)
             loss = classifier_loss(model, images, labels, loss_weight)
             optimizer.zero_grad(set_to_none=True)
@@ -232,8 +219,8 @@ def fit_seed(params: Params, variant: str, run: SeedRun, accelerator) -> tuple[d
 
         score = [None]
         if accelerator.is_main_process:  # one process scores val: BatchNorm buffers differ between processes
-            proba = predict_proba(accelerator.unwrap_model(model), run.val_images, device)
-            score = [float(balanced_accuracy_score(run.val_labels, proba.argmax(axis=1)))]
+            proba = predict_proba(accelerator.unwrap_model(model), val_images, device)
+            score = [float(balanced_accuracy_score(val_labels, proba.argmax(axis=1)))]
         score = broadcast_object_list(score)[0]
         if score > meta["best_score"]:
             meta.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0)
@@ -246,16 +233,17 @@ def fit_seed(params: Params, variant: str, run: SeedRun, accelerator) -> tuple[d
                  "images_seen_per_process": seen_per_process}
         meta["history"].append(entry)
         finished = meta["stopped"] or meta["epoch"] == c.epochs
-        if (finished and run.checkpoint_at_end) or time.monotonic() - last_checkpoint >= 60 * c.checkpoint_minutes:
+        # A finished seed other than the last is kept too, so an interruption while later seeds train does not redo it.
+        if (finished and seed != c.seeds[-1]) or time.monotonic() - last_checkpoint >= 60 * c.checkpoint_minutes:
             if accelerator.is_main_process:
                 groups = {"model": accelerator.unwrap_model(model).state_dict()}
                 if best is not None and meta["best_epoch"] != meta["epoch"]:  # else best is the model: stored once
                     groups["best"] = best
-                save_checkpoint(run.checkpoint_dir, run.run_key, groups, {**meta, "scheduler": scheduler.state_dict()},
+                save_checkpoint(checkpoint_dir, run_key, groups, {**meta, "scheduler": scheduler.state_dict()},
                                 optimizer)
             accelerator.wait_for_everyone()
             last_checkpoint = time.monotonic()
-        log_epoch(accelerator, label, c.epochs, entry, meta, run.metric_suffix)
+        log_epoch(accelerator, label, c.epochs, entry, meta, suffix)
         if meta["stopped"]:
             accelerator.print(f"{label}: early stop, no val improvement for {c.patience} epochs")
 
@@ -302,8 +290,9 @@ def train_variant(params: Params, variant: str) -> dict:
 
     # The test images are hashed only, so the guard can catch byte-identical copies.
     digests = {s.path.resolve(): sha256_file(s.path) for s in real_samples(split, "test")}
-    train_images = {seed: load_images([s.path for s in train], c.image_size, digests) for seed, train in trains.items()}
-    val_images = load_images([s.path for s in val], c.image_size, digests)
+    train_data = {seed: (load_images([s.path for s in train], c.image_size, digests), [s.label for s in train])
+                  for seed, train in trains.items()}
+    val_data = (load_images([s.path for s in val], c.image_size, digests), np.array([s.label for s in val]))
     for train in trains.values():
         assert_no_leakage(train, split, allow_synthetic=variant in SYNTHETIC_VARIANTS, synthetic_root=root / SYNTHETIC_DIR,
                           digests=digests)
@@ -325,7 +314,6 @@ def train_variant(params: Params, variant: str) -> dict:
     accelerator.print(f"train@{variant}: {len(train) - synthetic_count} real + {synthetic_count} synthetic train images, "
                       f"{len(val)} val, {c.arch} at {c.image_size}px, seeds {c.seeds}, "
                       f"{accelerator.num_processes} process(es) on {accelerator.device.type}")
-    val_labels = np.array([s.label for s in val])
     checkpoints = root / CHECKPOINT_DIR / "classifier" / variant
     # classifier.equal_steps: every variant draws as many images per epoch as there are real train rows, whatever it
     # adds, so all take the baseline's steps and a gain measures data, not compute.
@@ -345,10 +333,8 @@ def train_variant(params: Params, variant: str) -> dict:
             "mixed_precision": params.compute.mixed_precision,
             "train": [(digests[s.path.resolve()], s.label) for s in train],
         })
-        run = SeedRun(seed, train_images[seed], [s.label for s in train], val_images, val_labels, run_key,
-                      checkpoints / f"seed{seed}", epoch_size, metric_suffix=f"_seed{seed}" if len(c.seeds) > 1 else "",
-                      checkpoint_at_end=seed != c.seeds[-1])
-        per_seed[seed], best_states[seed] = fit_seed(params, variant, run, accelerator)
+        per_seed[seed], best_states[seed] = fit_seed(params, variant, seed, train_data[seed], val_data, epoch_size,
+                                                     run_key, accelerator)
 
     report = {
         "variant": variant,
