@@ -26,8 +26,7 @@ _YIQ_TO_RGB = torch.linalg.inv(torch.tensor(_RGB_TO_YIQ, dtype=torch.float64)).t
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float32, ImageNet-normalised."""
-    x = images.float().div_(255)
-    return _standardize(x)
+    return _standardize(images.float().div_(255))
 
 
 def augment(images: torch.Tensor) -> torch.Tensor:

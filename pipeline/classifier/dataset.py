@@ -114,12 +114,9 @@ def synthetic_samples(params: Params, root: Path | None = None, images_dir: Path
 
 def assert_no_leakage(train: Sequence[Sample], split: pd.DataFrame, *, allow_synthetic: bool,
                       synthetic_root: Path | None = None, digests: dict[Path, str] | None = None) -> None:
-    """Runtime leakage guard for a training list, checked against split.csv itself (not the samples' own labels).
-
-    Refuses: any val/test image (by path or image_id, or byte-identical content when ``digests`` covers the
-    held-out files); any real image that is not a train row of split.csv; any synthetic image when
-    ``allow_synthetic`` is False (baseline). Raises PipelineError naming the first offending image.
-    """
+    """Runtime guard of a training list against split.csv itself (not the samples' own labels): one PipelineError
+    naming the first val/test image (by path, image_id, or content when ``digests`` covers the held-out files), real
+    image that is not a train-side row, or synthetic image unless ``allow_synthetic``."""
     synthetic_root = (synthetic_root or workspace_root() / SYNTHETIC_DIR).resolve()
     held = split[~split["split"].isin(TRAIN_SIDE)]
     held_paths = {Path(p).resolve(): (s, i) for p, s, i in zip(held["abs_path"], held["split"], held["image_id"])}

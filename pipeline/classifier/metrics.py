@@ -162,11 +162,9 @@ def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) 
 
 def bootstrap_gains(y_true: np.ndarray, preds: dict[str, list[np.ndarray]], num_classes: int,
                     indices: np.ndarray) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
-    """Balanced-accuracy gain over baseline of every other variant in ``preds`` ({variant: predictions per seed, the
-    same seeds in the same order}), with its 95% CI over the resamples ``indices`` (``resample_indices``).
-
-    Returns ({variant: {"balanced_accuracy", "ci_low", "ci_high"}}, {variant: the gain in each resample}).
-    """
+    """Balanced-accuracy gain over baseline, with its 95% CI over the resamples ``indices``, of every other variant in
+    ``preds`` ({variant: predictions per seed, the same seeds in the same order}). Returns
+    ({variant: {"balanced_accuracy", "ci_low", "ci_high"}}, {variant: the gain in each resample})."""
     seeds = len(preds[BASELINE])
     others = [v for v in preds if v != BASELINE]
     if any(len(preds[v]) != seeds for v in others):

@@ -82,7 +82,7 @@ def fidelity_lines(table: dict) -> list[str]:
     """Plain words for the summary: how often the oracle recognises each source's images as their own class."""
     mean = table["mean"]
     words = {"augmented": "the fine-tuned models' images", "base_only": "the base model's images (class prompt, no fine-tuning)"}
-    parts = [f"{mean[s]['share_own_class']:.0%} of {words.get(s, s)}" for s in SOURCES if s in mean]
+    parts = [f"{mean[s]['share_own_class']:.0%} of {words[s]}" for s in SOURCES if s in mean]
     recall = mean.get("oracle_test_recall")
     real = f", and {recall:.0%} of real test images (its recall)" if recall is not None else ""
     lines = [f"Class fidelity: an oracle classifier trained on every real train image assigns {' and '.join(parts)} "
@@ -109,12 +109,11 @@ def score_fidelity(params: Params) -> dict:
     table = fidelity_table(scores(test), {s: scores(synthetic_samples(params, root, d)) for s, d in SOURCES.items()}, classes)
     table["oracle"] = {"seed": int(config["seeds"][0]), "image_size": size, "test_images": len(test)}
     write_json(root / FIDELITY_JSON, table)
-    _log(table)
-    _print(table, classes)
+    _log_and_print(table, classes)
     return table
 
 
-def _log(table: dict) -> None:
+def _log_and_print(table: dict, classes: list[str]) -> None:
     metrics = {}
     for class_code, entry in table["classes"].items():
         if entry["oracle_test_recall"] is not None:
@@ -128,15 +127,11 @@ def _log(table: dict) -> None:
         metrics["oracle_test_recall_mean"] = table["mean"]["oracle_test_recall"]
     tracking.log_metrics(metrics)
     tracking.log_artifact(workspace_root() / FIDELITY_JSON)
-
-
-def _print(table: dict, classes: list[str]) -> None:
     print(f"{'class':8} {'oracle recall':>13} " + " ".join(f"{s + ' share':>18} {'p(own)':>7}" for s in SOURCES))
     for class_code in classes:
         entry = table["classes"][class_code]
         recall = entry["oracle_test_recall"]
         cells = " ".join(f"{entry[s]['share_own_class']:>18.3f} {entry[s]['mean_p_own_class']:>7.3f}" for s in SOURCES)
         print(f"{class_code:8} {'n/a' if recall is None else f'{recall:.3f}':>13} {cells}")
-    for line in fidelity_lines(table):
-        print(line)
+    print("\n".join(fidelity_lines(table)))
 
