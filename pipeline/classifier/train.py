@@ -54,7 +54,14 @@ from pipeline.digest import derive_seed, json_digest, sha256_file
 from pipeline.errors import PipelineError
 from pipeline.optim import adamw
 from pipeline.params import Params
-from pipeline.paths import CHECKPOINT_DIR, CLASSIFIER_DIR, REPORTS_DIR, SYNTHETIC_BASE_DIR, SYNTHETIC_DIR, workspace_root
+from pipeline.paths import (
+    CHECKPOINT_DIR,
+    CLASSIFIER_DIR,
+    REPORTS_DIR,
+    SYNTHETIC_BASE_DIR,
+    SYNTHETIC_DIR,
+    workspace_root,
+)
 from pipeline.quality.screen import SCREENED_CSV, load_kept_synthetic
 
 VARIANTS = ("baseline", "augmented")
@@ -77,7 +84,8 @@ def skip_reason(params: Params, variant: str) -> str | None:
     return None
 
 
-def training_samples(params: Params, variant: str, split: pd.DataFrame, root: Path, draw: int | None = None) -> list[Sample]:
+def training_samples(params: Params, variant: str, split: pd.DataFrame, root: Path,
+                     draw: int | None = None) -> list[Sample]:
     """The real train rows, plus for classifier seed ``draw`` (default the first):
 
     - ``augmented``: the synthetic images generated for ``draw`` that the `screen` stage kept;
