@@ -177,7 +177,7 @@ def child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[s
         "TQDM_DISABLE": "1",
         "PYTHONWARNINGS": "ignore",
     })
-    for key in ("LESION_SYNTH_PARENT_RUN_ID", "LESION_SYNTH_WORKSPACE", "DVC_ROOT"):
+    for key in ("LESION_SYNTH_WORKSPACE", "DVC_ROOT"):
         env.pop(key, None)
     env.update(extra or {})
     return env

@@ -59,7 +59,6 @@ def copy_repo(root: Path, quick: bool) -> dict[str, str]:
            "PYTHONPATH": str(root), "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}  # dvc's stage lines arrive as printed
     for key in ("DVC_ROOT", "LESION_SYNTH_WORKSPACE"):  # the copy is the workspace (stages find it from the CWD)
         env.pop(key, None)
-    env.pop("LESION_SYNTH_PARENT_RUN_ID", None)
     git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
     for cmd in (["git", "init", "-q"], [*git, "add", "-A"], [*git, "commit", "-qm", "bench snapshot"]):
         subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)

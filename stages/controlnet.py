@@ -2,10 +2,16 @@
 
 import sys
 
+from pipeline.atomic import atomic_dir, write_json
 from pipeline.cli import stage_main
+from pipeline.paths import CONTROLNET_DIR, workspace_root
 
 
 def controlnet(params):
+    if params.diffusion.control == "none":  # the marker that generation checks: no torch or diffusers to load
+        with atomic_dir(workspace_root() / CONTROLNET_DIR) as temp:
+            write_json(temp / "meta.json", {"control": "none"})
+        return
     # Imported here: with compute.processes > 1 this process only launches the ranks (pipeline/launch.py).
     from pipeline.diffusion.controlnet import train_controlnet
 

@@ -18,7 +18,7 @@ def isolated_mlflow(tmp_path_factory, monkeypatch):
     """Point MLflow at a per-test SQLite store so tests never touch the repo's mlflow.db."""
     store = tmp_path_factory.mktemp("mlflow")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
-    for name in ("LESION_SYNTH_PARENT_RUN_ID", "LESION_SYNTH_WORKSPACE", "DVC_ROOT", "DVC_EXP_NAME"):
+    for name in ("LESION_SYNTH_WORKSPACE", "DVC_ROOT", "DVC_EXP_NAME"):
         monkeypatch.delenv(name, raising=False)
     yield store
 

@@ -132,8 +132,10 @@ def test_train_then_generate_writes_each_image_beside_its_mask(workspace):
 
 
 def test_control_none_writes_a_marker_and_generation_stays_unconditioned(workspace):
+    from stages.controlnet import controlnet
+
     params = micro_params()
-    train_controlnet(params)
+    controlnet(params)
     assert json.loads((workspace / "models" / "controlnet" / "meta.json").read_text()) == {"control": "none"}
     assert load_controlnet(params) is None
     with pytest.raises(PipelineError, match=r"made for diffusion.control 'none', params give 'mask'; rerun `dvc repro controlnet`"):

@@ -121,7 +121,7 @@ def load_controlnet(params: Params, dtype: torch.dtype = torch.float32) -> Contr
 
 def train_controlnet(params: Params):
     """Train the mask ControlNet on the selected classes' train images (``diffusion.control: mask``) and write
-    ``models/controlnet/``; with ``none``, write only its meta.json."""
+    ``models/controlnet/`` (the stage script writes the marker of ``none`` itself)."""
     from pipeline.diffusion import finetune
     from pipeline.diffusion.base import load_base_pipeline
     from pipeline.optim import adamw
@@ -133,12 +133,6 @@ def train_controlnet(params: Params):
     device, main = accelerator.device, accelerator.is_main_process
     if main:
         clean_stale_temps(out_dir.parent, out_dir.name)
-    if d.control == "none":
-        if main:
-            with atomic_dir(out_dir) as temp:
-                (temp / META_FILE).write_text(json.dumps({"control": "none"}, indent=2) + "\n")
-        return out_dir
-
     classes = params.data.classes
     rows = masked_images(root / SPLIT_CSV, classes)
     weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)

@@ -212,7 +212,8 @@ def screen(params: Params) -> dict:
     m = q.memorization
     quality = {
         "extractor": extractor.name,
-        "feature_space": "unit-norm rows, centred and scaled by the class's real train images (features.feature_space)",
+        "feature_space": "each feature as the normal quantile of its rank among the real train images "
+                         "(features.feature_space)",
         "settings": {"memorization_cosine": m.cosine, "memorization_ssim": m.ssim, "memorization_rule": m.rule,
                      "memorization_exclude": m.exclude, "filter_confidence": q.filter_confidence,
                      "sanity_factor": q.sanity_factor},
