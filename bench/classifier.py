@@ -56,7 +56,7 @@ def resized_copies(rows: list[dict], folder: Path, size: tuple[int, int]) -> lis
 
 
 def _params(epochs: int, batch: int, image_size: int):
-    from pipeline.params import parse_params
+    from pipeline.core.params import parse_params
 
     return parse_params({"data": {"classes": CLASSES}, "classifier": {
         "epochs": epochs, "batch": batch, "image_size": image_size, "seeds": [0], "patience": epochs + 1}})

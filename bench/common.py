@@ -376,7 +376,7 @@ def environment(settings: Settings) -> dict:
 
 def write_reports(results: dict[str, BenchResult], env: dict, total_s: float, merge: bool = True) -> None:
     """reports/bench.json (numbers, ratios, targets) and reports/bench.md, atomically; earlier benchmarks are kept."""
-    from pipeline.atomic import write_json, write_text
+    from pipeline.core.atomic import write_json, write_text
 
     report_json, report_md, _ = report_paths()
     payload = {"environment": env, "benchmarks": {}}

@@ -39,7 +39,7 @@ DEFAULT_CLASSES = ["akiec", "bcc", "df", "mel", "vasc"]
 
 
 def _params(method: str, steps: int, resolution: int, batch: int, class_code: str):
-    from pipeline.params import parse_params
+    from pipeline.core.params import parse_params
 
     classes = DEFAULT_CLASSES if class_code in DEFAULT_CLASSES else [*DEFAULT_CLASSES[:-1], class_code]
     return parse_params({"data": {"classes": classes}, "diffusion": {
@@ -51,7 +51,7 @@ def instrumented_finetune(params, class_code: str, with_mlflow: bool, warmup: in
 
     Per-step timestamps come from torch's global optimizer-step hook (see ``optimizer_clock``).
     """
-    from pipeline import tracking
+    from pipeline.core import tracking
     from pipeline.diffusion.finetune import finetune_class
 
     start = time.perf_counter()
@@ -96,7 +96,7 @@ def reference_child(workspace: str, method: str, steps: int, resolution: int, ba
     from pipeline.diffusion import lora
     from pipeline.diffusion.base import load_base_pipeline
     from pipeline.diffusion.finetune import MAX_GRAD_NORM, WEIGHT_DECAY
-    from pipeline.digest import derive_seed
+    from pipeline.core.digest import derive_seed
     from pipeline.diffusion.pretrain import diffusion_target
     from pipeline.diffusion.training_data import read_finetune_csv
 
@@ -233,7 +233,7 @@ def flops_child(resolution: int, batch: int, method: str) -> dict:
 
     from pipeline.diffusion.lora import add_lora
     from pipeline.diffusion.tiny import build_tiny_pipeline
-    from pipeline.params import LoraParams
+    from pipeline.core.params import LoraParams
 
     def count(fn) -> float:
         with FlopCounterMode(display=False) as counter:

@@ -36,7 +36,7 @@ BOOTSTRAP = 200
 
 
 def _params(per_class: int, steps: int, batch: int, resolution: int):
-    from pipeline.params import parse_params
+    from pipeline.core.params import parse_params
 
     # unconditional finetuned: guidance from the fine-tuned UNet alone, as the reference's pipeline call does.
     return parse_params({"diffusion": {"resolution": resolution},
@@ -65,7 +65,7 @@ def reference_child(base: str, lora_dir: str, out: str, class_code: str, images:
 
     from pipeline.diffusion.generate import image_seed
     from pipeline.diffusion.lora import LORA_FILE
-    from pipeline.params import parse_params
+    from pipeline.core.params import parse_params
 
     params = parse_params({"diffusion": {"resolution": resolution}})
     prompt = params.class_prompt(class_code)

@@ -4,7 +4,7 @@ line per stage.
 Run it on the GPU machine before a real job. It copies the repository into a temporary folder with the micro
 params of ``make bench`` (BENCH_QUICK; compute.mixed_precision fp16 unless told otherwise), runs ``dvc repro``
 there, and prints for each stage its wall time (as DVC saw it, and the stage's own) and the peak GPU memory torch
-allocated in it; the stages print both (pipeline/cli.py). Exit code 0 only when every stage passed.
+allocated in it; the stages print both (pipeline/core/cli.py). Exit code 0 only when every stage passed.
 
     python -m bench.gpu_smoke [--processes N] [--mixed-precision no|fp16|bf16] [--keep]
 

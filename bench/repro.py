@@ -178,7 +178,7 @@ def run(settings: Settings) -> BenchResult:
         return result
     noop = repro(root, env, settings.workdir / "repro-2.log", 600)
     params = yaml.safe_load((root / "params.yaml").read_text())
-    from pipeline.params import CLASS_NAMES
+    from pipeline.core.params import CLASS_NAMES
 
     classes = list(params["data"]["classes"])
     new = next(c for c in CLASS_NAMES if c not in classes and c != "nv")

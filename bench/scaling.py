@@ -85,7 +85,7 @@ def _plot(points: dict, fits: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.atomic import atomic_file
+    from pipeline.core.atomic import atomic_file
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     res = [p["resolution"] for p in points["resolution"]]

@@ -27,7 +27,7 @@ def data_root(settings: Settings) -> Path:
     """A folder holding ``data/prepared/{split.csv,finetune/}`` whose paths resolve against it."""
     if (REPO / "data" / "prepared" / "split.csv").is_file() and (REPO / "data" / "prepared" / "finetune").is_dir():
         return REPO
-    from pipeline.params import parse_params
+    from pipeline.core.params import parse_params
 
     demo = parse_params({}).demo
     images, size = (160, 48) if settings.quick else (demo.images, demo.size)
@@ -42,7 +42,7 @@ def demo_data_child(root: str, images: int, size: int) -> dict:
     """Draw a small demo set and split it with the project's own demo_data + prepare code."""
     from pipeline.data.demo import write_demo
     from pipeline.data.split import prepare
-    from pipeline.params import parse_params
+    from pipeline.core.params import parse_params
 
     root_path = Path(root)
     root_path.mkdir(parents=True, exist_ok=True)
@@ -172,7 +172,7 @@ def train_models_child(root: str, class_code: str, plan: dict, resolution: int, 
 
     from pipeline.diffusion.base import prepare_base
     from pipeline.diffusion.finetune import finetune_class
-    from pipeline.params import parse_params
+    from pipeline.core.params import parse_params
 
     root_path = Path(root)
     (root_path / "dvc.yaml").parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pipeline.atomic import atomic_dir
+from pipeline.core.atomic import atomic_dir
 from pipeline.optim import load_optimizer_state, state_from_tensors, state_tensors
 
 TENSORS_FILE = "state.safetensors"

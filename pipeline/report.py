@@ -15,8 +15,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from pipeline import tracking
-from pipeline.atomic import atomic_dir, atomic_file, read_json, write_json, write_text
+from pipeline.core import tracking
+from pipeline.core.atomic import atomic_dir, atomic_file, read_json, write_json, write_text
 from pipeline.classifier.evaluate import METRICS_JSON, confusion_csv, plot_confusion, verdict_lines
 from pipeline.classifier.metrics import HEADLINE, confusion
 from pipeline.classifier.dataset import read_split, synthetic_samples
@@ -24,9 +24,9 @@ from pipeline.classifier.oracle import FIDELITY_JSON, SOURCES, fidelity_lines
 from pipeline.classifier.train import VARIANTS
 from pipeline.data.images import open_rgb, resize_square
 from pipeline.data.split import DATA_JSON
-from pipeline.errors import PipelineError
-from pipeline.params import CLASS_NAMES, Params
-from pipeline.paths import REPORTS_DIR, workspace_root
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import CLASS_NAMES, Params
+from pipeline.core.paths import REPORTS_DIR, workspace_root
 from pipeline.quality.screen import QUALITY_JSON
 
 matplotlib.use("Agg")  # figures are files; no display

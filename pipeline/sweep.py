@@ -22,11 +22,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from pipeline import launch
-from pipeline.atomic import atomic_file, write_json, write_text
-from pipeline.errors import PipelineError
-from pipeline.params import Params, load_params
-from pipeline.paths import REPORTS_DIR, workspace_root
+from pipeline.core import launch
+from pipeline.core.atomic import atomic_file, write_json, write_text
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import Params, load_params
+from pipeline.core.paths import REPORTS_DIR, workspace_root
 
 METRIC = "balanced_accuracy"
 CONTROLS = ("base_only", "real_ceiling")  # control variants whose gain over baseline metrics.json may hold
@@ -298,7 +298,7 @@ def write_outputs(frame: pd.DataFrame, params: Params, root: Path, sweep_id: str
 def _log_to_mlflow(frame: pd.DataFrame, params: Params, folder: Path, sweep_id: str, charts: list[str]) -> None:
     import mlflow
 
-    from pipeline import tracking
+    from pipeline.core import tracking
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
     experiment_id = tracking.ensure_experiment(params.mlflow.experiment)

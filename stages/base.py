@@ -2,7 +2,7 @@
 
 import sys
 
-from pipeline.cli import stage_main
+from pipeline.core.cli import stage_main
 from pipeline.diffusion.base import prepare_base
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 import sys
 
-from pipeline.atomic import atomic_dir, write_json
-from pipeline.cli import stage_main
-from pipeline.paths import CONTROLNET_DIR, workspace_root
+from pipeline.core.atomic import atomic_dir, write_json
+from pipeline.core.cli import stage_main
+from pipeline.core.paths import CONTROLNET_DIR, workspace_root
 
 
 def controlnet(params):
@@ -12,7 +12,7 @@ def controlnet(params):
         with atomic_dir(workspace_root() / CONTROLNET_DIR) as temp:
             write_json(temp / "meta.json", {"control": "none"})
         return
-    # Imported here: with compute.processes > 1 this process only launches the ranks (pipeline/launch.py).
+    # Imported here: with compute.processes > 1 this process only launches the ranks (pipeline/core/launch.py).
     from pipeline.diffusion.controlnet import train_controlnet
 
     return train_controlnet(params)

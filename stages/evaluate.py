@@ -3,7 +3,7 @@
 import sys
 
 from pipeline.classifier.evaluate import evaluate
-from pipeline.cli import stage_main
+from pipeline.core.cli import stage_main
 
 if __name__ == "__main__":
     # track=False: evaluate logs its own two runs (one per variant), see pipeline/classifier/evaluate.py.

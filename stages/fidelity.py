@@ -3,7 +3,7 @@
 import sys
 
 from pipeline.classifier.oracle import score_fidelity
-from pipeline.cli import stage_main
+from pipeline.core.cli import stage_main
 
 if __name__ == "__main__":
     sys.exit(stage_main("fidelity", score_fidelity))

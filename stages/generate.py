@@ -2,11 +2,11 @@
 
 import sys
 
-from pipeline.cli import stage_main
+from pipeline.core.cli import stage_main
 
 
 def generate(params, class_code):
-    # Imported here: with compute.processes > 1 this process only launches the ranks (pipeline/launch.py).
+    # Imported here: with compute.processes > 1 this process only launches the ranks (pipeline/core/launch.py).
     from pipeline.diffusion.generate import generate_class
 
     return generate_class(params, class_code)

@@ -5,11 +5,11 @@ seconds of imports and a pipeline load, and the images depend only on the base m
 
 import sys
 
-from pipeline.cli import stage_main
+from pipeline.core.cli import stage_main
 
 
 def generate_base(params):
-    # Imported here: with compute.processes > 1 this process only launches the ranks (pipeline/launch.py).
+    # Imported here: with compute.processes > 1 this process only launches the ranks (pipeline/core/launch.py).
     from pipeline.diffusion.generate import generate_class, generation_pipeline
 
     loaded = generation_pipeline(params, params.data.classes[0], base_only=True)  # the same model for every class

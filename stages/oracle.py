@@ -2,11 +2,11 @@
 
 import sys
 
-from pipeline.cli import stage_main
+from pipeline.core.cli import stage_main
 
 
 def oracle(params):
-    # Imported here: with compute.processes > 1 this process only launches the ranks (pipeline/launch.py).
+    # Imported here: with compute.processes > 1 this process only launches the ranks (pipeline/core/launch.py).
     from pipeline.classifier.oracle import train_oracle
 
     return train_oracle(params)

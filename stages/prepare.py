@@ -2,7 +2,7 @@
 
 import sys
 
-from pipeline.cli import stage_main
+from pipeline.core.cli import stage_main
 from pipeline.data.split import prepare
 
 if __name__ == "__main__":

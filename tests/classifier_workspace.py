@@ -13,7 +13,7 @@ import pandas as pd
 import yaml
 from PIL import Image
 
-from pipeline.params import Params, parse_params
+from pipeline.core.params import Params, parse_params
 
 CLASSES = ["bcc", "mel", "vasc"]
 _COLOURS = {"bcc": (210, 120, 120), "mel": (60, 40, 30), "vasc": (160, 30, 110), "nv": (120, 90, 60)}

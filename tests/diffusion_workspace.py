@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.params import Params, parse_params
-from pipeline.paths import WORKSPACE_ENV
+from pipeline.core.params import Params, parse_params
+from pipeline.core.paths import WORKSPACE_ENV
 
 CLASSES = ["df", "vasc"]
 _COLOURS = {"df": (150, 105, 75), "vasc": (160, 40, 60)}

@@ -108,7 +108,7 @@ def make_isic_folder(root: str | Path, table: pd.DataFrame | None = None, *, gro
 
 
 def make_workspace(root: str | Path) -> Path:
-    """A throw-away repository root: pipeline.paths.workspace_root() finds it by its dvc.yaml."""
+    """A throw-away repository root: pipeline.core.paths.workspace_root() finds it by its dvc.yaml."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / "dvc.yaml").write_text("stages: {}\n")

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from pipeline.atomic import atomic_dir, atomic_file, clean_stale_temps, write_json
-from pipeline.errors import PipelineError
-from pipeline.paths import resolve_user_path
+from pipeline.core.atomic import atomic_dir, atomic_file, clean_stale_temps, write_json
+from pipeline.core.errors import PipelineError
+from pipeline.core.paths import resolve_user_path
 
 
 def test_failed_dir_write_keeps_the_old_output_and_no_temp(tmp_path):
@@ -52,7 +52,7 @@ def test_killed_writer_leaves_no_partial_output(tmp_path, sig):
     script = textwrap.dedent(
         f"""
         import time
-        from pipeline.atomic import atomic_dir
+        from pipeline.core.atomic import atomic_dir
         with atomic_dir({str(tmp_path / 'out')!r}) as temp:
             (temp / 'part1').write_text('x')
             print('started', flush=True)

@@ -29,8 +29,8 @@ from pipeline.diffusion import pretrain as pt
 from pipeline.diffusion.base import load_base_pipeline, prepare_base
 from pipeline.diffusion.tiny import build_tiny_pipeline, build_tokenizer, vocab_and_merges
 from pipeline.diffusion.training_data import encode_images, encode_prompts, to_model_range
-from pipeline.errors import PipelineError
-from pipeline.params import parse_params
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO = {"diffusion": {"resolution": 32, "pretrain": {"vae_steps": 3, "unet_steps": 3, "batch": 4}}}

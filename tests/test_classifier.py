@@ -23,10 +23,10 @@ from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.classifier import train
 from pipeline.classifier.model import create_classifier
 from pipeline.classifier.train import epoch_batches, make_sampler, train_variant, training_samples
-from pipeline.cli import run_stage
-from pipeline.digest import sha256_file
-from pipeline.errors import PipelineError
-from pipeline.params import ComputeParams
+from pipeline.core.cli import run_stage
+from pipeline.core.digest import sha256_file
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import ComputeParams
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,9 +16,9 @@ from pipeline.diffusion.controlnet import conditioning_mask, controlled, load_co
 from pipeline.diffusion.finetune import finetune_class
 from pipeline.diffusion.generate import generate_class
 from pipeline.diffusion.tiny import build_tiny_pipeline
-from pipeline.errors import PipelineError
-from pipeline.params import ControlNetParams
-from pipeline.paths import WORKSPACE_ENV
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import ControlNetParams
+from pipeline.core.paths import WORKSPACE_ENV
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

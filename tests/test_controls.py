@@ -21,8 +21,8 @@ from pipeline.classifier.metrics import (
 )
 from pipeline.classifier.oracle import FIDELITY_JSON, fidelity_lines, fidelity_table, own_class_scores, score_fidelity, train_oracle
 from pipeline.classifier.train import skip_reason, train_variant, training_samples
-from pipeline.cli import run_stage
-from pipeline.errors import PipelineError
+from pipeline.core.cli import run_stage
+from pipeline.core.errors import PipelineError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -251,8 +251,8 @@ def test_generate_base_draws_the_class_prompt_from_the_base_model_alone(tmp_path
 
     from pipeline.diffusion.base import load_base_pipeline
     from pipeline.diffusion.generate import Sampling, generate_class, generate_images, image_seed, make_scheduler
-    from pipeline.digest import sha256_file
-    from pipeline.paths import WORKSPACE_ENV
+    from pipeline.core.digest import sha256_file
+    from pipeline.core.paths import WORKSPACE_ENV
 
     root = make_diffusion_workspace(tmp_path / "ws", build_base(tmp_path / "base"))
     monkeypatch.chdir(root)

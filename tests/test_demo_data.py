@@ -16,7 +16,7 @@ from pipeline.data.demo import HAM_COUNTS, METADATA_COLUMNS, class_counts, make_
 from pipeline.data.ham10000 import read_source
 from pipeline.data.masks import MASK_FOLDER
 from pipeline.data.split import assign_splits, cap_train
-from pipeline.params import load_params, parse_params
+from pipeline.core.params import load_params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -98,7 +98,7 @@ def test_static_scan_sees_at_least_what_python_really_imports():
 @pytest.mark.parametrize("cmd, expected", [
     ("python -m stages.train baseline", ["stages.train"]),
     ("accelerate launch --num_processes 2 -m stages.finetune mel", ["stages.finetune"]),
-    ("python -m pipeline.launch stages.generate vasc", ["pipeline.launch", "stages.generate"]),
+    ("python -m pipeline.core.launch stages.generate vasc", ["pipeline.core.launch", "stages.generate"]),
 ])
 def test_entry_modules_follow_launchers(cmd, expected):
     assert entry_modules(cmd, REPO) == expected

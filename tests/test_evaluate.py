@@ -27,7 +27,7 @@ from pipeline.classifier.metrics import (
     verdict,
 )
 from pipeline.classifier.train import train_variant
-from pipeline.cli import run_stage
+from pipeline.core.cli import run_stage
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -214,7 +214,7 @@ def test_mlflow_one_liner_returns_one_run_per_variant(tmp_path, monkeypatch):
     assert "real_ceiling" not in metrics and set(metrics["skipped"]) == {"real_ceiling"}
     assert set(metrics["gain_over_baseline"]) == {"augmented", "base_only"}
     assert not metrics["recovered_share"]["defined"] and metrics["recovered_share"]["value"] is None
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
 
     with pytest.raises(PipelineError, match=r"train@real_ceiling was skipped \(data.real_per_class is null.*dvc repro train@real_ceiling"):
         evaluate(micro_params(seeds=[0, 1], real_per_class=6, per_class=2))  # a stale skip marker is not read as a model
@@ -228,7 +228,7 @@ def test_evaluate_refuses_a_test_list_with_synthetic_images(tmp_path, monkeypatc
     first_test_row = split.index[split["split"] == "test"][0]
     split.loc[first_test_row, "path"] = "data/synthetic/bcc/bcc_0000.png"
     split.to_csv(root / "data/prepared/split.csv", index=False)
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
 
     with pytest.raises(PipelineError, match="leakage guard: synthetic image .* in the test list"):
         evaluate(micro_params())

@@ -14,16 +14,16 @@ import torch
 from safetensors.torch import load_file
 
 from diffusion_workspace import killed_during_step, make_workspace, micro_params, pixels, trained_workspace, unet_probe
-from pipeline.cli import run_stage
+from pipeline.core.cli import run_stage
 from pipeline.diffusion.base import load_base_pipeline
 from pipeline.diffusion import finetune
 from pipeline.diffusion.finetune import base_sha256, finetune_class, validation_grid
 from pipeline.diffusion.generate import load_class_pipeline
 from pipeline.diffusion.lora import LORA_FILE, load_lora
-from pipeline.digest import sha256_file
-from pipeline.errors import PipelineError
-from pipeline.params import ComputeParams
-from pipeline.paths import WORKSPACE_ENV
+from pipeline.core.digest import sha256_file
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import ComputeParams
+from pipeline.core.paths import WORKSPACE_ENV
 
 WEIGHTS = {
     "lora": "pytorch_lora_weights.safetensors",

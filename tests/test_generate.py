@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from diffusion_workspace import build_base, micro_params, pixels, trained_workspace
-from pipeline.cli import run_stage
+from pipeline.core.cli import run_stage
 from pipeline.diffusion.generate import (
     MANIFEST_COLUMNS,
     SCHEDULERS,
@@ -32,9 +32,9 @@ from pipeline.diffusion.generate import (
 )
 from pipeline.diffusion.base import load_base_pipeline, load_base_unet
 from pipeline.diffusion.lora import LORA_FILE
-from pipeline.digest import sha256_file
-from pipeline.errors import PipelineError
-from pipeline.paths import WORKSPACE_ENV
+from pipeline.core.digest import sha256_file
+from pipeline.core.errors import PipelineError
+from pipeline.core.paths import WORKSPACE_ENV
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -261,7 +261,7 @@ def test_a_killed_runs_leftovers_are_removed_but_not_another_class_in_progress(w
 
 
 def test_mixed_precision_on_cpu_generates_in_fp32_with_a_warning(workspace, capsys):
-    from pipeline.params import ComputeParams
+    from pipeline.core.params import ComputeParams
 
     _, params = workspace
     plain = pixel_hashes(generate_class(params, "df"))

@@ -14,7 +14,7 @@ from PIL import Image
 from pipeline.data.ham10000 import read_source
 from pipeline.data.images import check_image, open_rgb, resize_square
 from pipeline.data.masks import MASK_FOLDER
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 
 @pytest.fixture

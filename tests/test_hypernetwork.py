@@ -25,10 +25,10 @@ from pipeline.diffusion.hypernetwork import (
     save_hypernetwork,
 )
 from pipeline.diffusion.tiny import build_tiny_pipeline
-from pipeline.digest import sha256_file
-from pipeline.errors import PipelineError
-from pipeline.params import HypernetworkParams, parse_params
-from pipeline.paths import WORKSPACE_ENV
+from pipeline.core.digest import sha256_file
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import HypernetworkParams, parse_params
+from pipeline.core.paths import WORKSPACE_ENV
 
 KINDS = ["encoder_copy", "context_mlp"]
 # The parameters that start at zero, so that training must move them: encoder_copy's 1x1 output convolutions,

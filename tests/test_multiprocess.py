@@ -1,7 +1,7 @@
 """Two processes from DVC: `dvc repro` of finetune, generate and train with ``compute.processes: 2`` on the CPU.
 
 The stage commands of dvc.yaml are unchanged; each stage script starts itself again under ``accelerate launch``
-(pipeline/launch.py). Checked: one set of outputs and one MLflow run per stage, generated images byte-identical to
+(pipeline/core/launch.py). Checked: one set of outputs and one MLflow run per stage, generated images byte-identical to
 a one-process run (one torch thread per process in both), each drawn training image seen by exactly one process per
 epoch. Then, with a stage script that imports nothing heavy: a rank's one-line error and exit code, and a rank killed
 by a signal, reach the caller."""
@@ -73,8 +73,8 @@ def test_two_processes_from_dvc_match_one_process(tmp_path):
 
 PROBE_STAGE = """
 import os, signal, sys
-from pipeline.cli import stage_main
-from pipeline.errors import PipelineError
+from pipeline.core.cli import stage_main
+from pipeline.core.errors import PipelineError
 
 def probe(params, what):
     if what == "bad":
@@ -115,7 +115,7 @@ def test_a_launched_stage_reports_a_ranks_error_in_one_line(tmp_path, what, code
 ])
 def test_the_cgroup_quota_caps_the_threads(tmp_path, monkeypatch, files, cores):
     """A container that sees every host core but may use few must not start a thread per visible core."""
-    from pipeline import launch
+    from pipeline.core import launch
 
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -130,7 +130,7 @@ def test_the_thread_count_does_not_follow_the_load_at_the_start(monkeypatch):
     """The same machine gives a stage the same threads, busy or not, so the same seed gives the same numbers."""
     import threading
 
-    from pipeline import launch
+    from pipeline.core import launch
 
     monkeypatch.delenv(launch.THREADS_ENV, raising=False)
     monkeypatch.setattr(launch, "cgroup_cpu_limit", lambda: None)

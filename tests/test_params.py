@@ -8,9 +8,9 @@ import re
 import pytest
 import yaml
 
-from pipeline.cli import run_stage
-from pipeline.errors import PipelineError
-from pipeline.params import CLASS_NAMES, load_params, parse_params
+from pipeline.core.cli import run_stage
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import CLASS_NAMES, load_params, parse_params
 
 REPO_PARAMS = yaml.safe_load(open("params.yaml"))
 

@@ -14,8 +14,8 @@ from PIL import Image
 from fixtures_data import ham_table, image_path, make_ham_folder, make_workspace, write_masks, write_params
 
 from pipeline.data.split import assign_splits, cap_train, check_no_leakage, prepare, sample_finetune
-from pipeline.errors import PipelineError
-from pipeline.params import parse_params
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 

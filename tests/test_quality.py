@@ -14,10 +14,10 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
-from pipeline.cli import run_stage
+from pipeline.core.cli import run_stage
 from pipeline.data.images import open_rgb, resize_square
-from pipeline.errors import PipelineError
-from pipeline.params import MemorizationParams, parse_params
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import MemorizationParams, parse_params
 from pipeline.quality.features import feature_space
 from pipeline.quality.memorization import check_memorization, cosine_matrix, flag, pair_ssim
 from pipeline.quality.metrics import frechet_distance, kernel_inception_distance, knn_radii, precision_recall

@@ -11,8 +11,8 @@ from classifier_workspace import CLASSES, make_workspace, micro_params, write_pa
 
 from pipeline.classifier.evaluate import evaluate
 from pipeline.classifier.train import train_variant
-from pipeline.cli import run_stage
-from pipeline.errors import PipelineError
+from pipeline.core.cli import run_stage
+from pipeline.core.errors import PipelineError
 from pipeline.report import fidelity_table, headline, quality_table, report
 
 

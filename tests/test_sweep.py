@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.errors import PipelineError
-from pipeline.params import parse_params
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import parse_params
 from pipeline.sweep import Point, axis_rows, collect, markdown, overrides, per_class, plan, plot, write_outputs
 
 
@@ -154,7 +154,8 @@ def test_the_methods_sit_side_by_side_per_class_at_the_configured_point(repo):
 
 
 def test_experiments_side_by_side_share_the_cores_as_torch_threads(monkeypatch):
-    from pipeline import launch, sweep
+    from pipeline import sweep
+    from pipeline.core import launch
 
     monkeypatch.delenv(launch.THREADS_ENV, raising=False)
     monkeypatch.setattr(launch, "usable_cores", lambda: 4)

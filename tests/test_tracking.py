@@ -6,9 +6,9 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from pipeline import tracking
-from pipeline.params import parse_params
-from pipeline.paths import store_root, workspace_root
+from pipeline.core import tracking
+from pipeline.core.params import parse_params
+from pipeline.core.paths import store_root, workspace_root
 
 
 def test_store_is_anchored_at_the_original_repo_inside_experiment_copies(tmp_path, monkeypatch):
@@ -101,7 +101,7 @@ def test_concurrent_stages_can_open_a_new_store_together(tmp_path):
 
     env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     code = (
-        "from pipeline import tracking; from pipeline.params import parse_params; "
+        "from pipeline.core import tracking; from pipeline.core.params import parse_params; "
         "import sys; p = parse_params({'seed': int(sys.argv[1])}); "
         "ctx = tracking.stage_run('demo_data', p); ctx.__enter__(); ctx.__exit__(None, None, None)"
     )

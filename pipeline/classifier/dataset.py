@@ -16,12 +16,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.atomic import atomic_file
+from pipeline.core.atomic import atomic_file
 from pipeline.data.images import load_square
-from pipeline.digest import sha256_file
-from pipeline.errors import PipelineError
-from pipeline.params import Params
-from pipeline.paths import CACHE_DIR, SPLIT_CSV, SYNTHETIC_BASE_DIR, SYNTHETIC_DIR, store_root, workspace_root
+from pipeline.core.digest import sha256_file
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import Params
+from pipeline.core.paths import CACHE_DIR, SPLIT_CSV, SYNTHETIC_BASE_DIR, SYNTHETIC_DIR, store_root, workspace_root
 
 SPLIT_COLUMNS = ("image_id", "lesion_id", "dx", "split", "path")
 TRAIN_SIDE = ("train", "reserve")  # reserve: train rows beyond data.real_per_class (real_ceiling and oracle only)

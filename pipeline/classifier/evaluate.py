@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.atomic import atomic_file, write_json
+from pipeline.core.atomic import atomic_file, write_json
 from pipeline.classifier.dataset import assert_real_heldout, load_images, read_split, real_samples
 from pipeline.classifier.metrics import (
     BASELINE,
@@ -44,9 +44,9 @@ from pipeline.classifier.metrics import (
 )
 from pipeline.classifier.model import load_classifier, predict_proba, read_config
 from pipeline.classifier.train import CONTROL_VARIANTS, VARIANTS, skip_reason
-from pipeline.errors import PipelineError
-from pipeline.params import Params
-from pipeline.paths import CLASSIFIER_DIR, PLOTS_DIR, REPORTS_DIR, SYNTHETIC_DIR, workspace_root
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import Params
+from pipeline.core.paths import CLASSIFIER_DIR, PLOTS_DIR, REPORTS_DIR, SYNTHETIC_DIR, workspace_root
 
 METRICS_JSON = REPORTS_DIR / "metrics.json"
 EVALUATE_RUNS_FILTER = "tags.stage = 'evaluate'"  # the one-liner's filter above
@@ -100,7 +100,7 @@ def _log_variant_runs(params: Params, metrics: dict, root: Path) -> None:
     """One MLflow run per variant, children of this execution's parent run."""
     import mlflow
 
-    from pipeline import tracking
+    from pipeline.core import tracking
 
     evaluation_id = uuid.uuid4().hex
     shared = {f"gain_{k}": v for k, v in metrics["gain"].items()}
@@ -138,7 +138,7 @@ def evaluate(params: Params) -> dict:
         with contextlib.suppress(Exception):  # as tracking.stage_run does; never hide the real error behind this one
             import mlflow
 
-            from pipeline import tracking
+            from pipeline.core import tracking
 
             mlflow.MlflowClient(tracking.tracking_uri()).set_terminated(tracking.parent_run_id(params), status="FAILED")
         raise

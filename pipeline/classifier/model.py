@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from pipeline.atomic import read_json
+from pipeline.core.atomic import read_json
 from pipeline.classifier.augment import augment, normalize
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 CONFIG_NAME = "config.json"
 EVAL_BATCH = 256

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline import tracking
-from pipeline.atomic import write_json
+from pipeline.core import tracking
+from pipeline.core.atomic import write_json
 from pipeline.classifier.dataset import assert_real_heldout, load_images, read_split, real_samples, synthetic_samples
 from pipeline.classifier.model import load_classifier, predict_proba, read_config
 from pipeline.classifier.train import ORACLE, train_variant
-from pipeline.errors import PipelineError
-from pipeline.params import Params
-from pipeline.paths import CLASSIFIER_DIR, REPORTS_DIR, SYNTHETIC_BASE_DIR, SYNTHETIC_DIR, workspace_root
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import Params
+from pipeline.core.paths import CLASSIFIER_DIR, REPORTS_DIR, SYNTHETIC_BASE_DIR, SYNTHETIC_DIR, workspace_root
 
 FIDELITY_JSON = REPORTS_DIR / "fidelity.json"
 SOURCES = {"augmented": SYNTHETIC_DIR, "base_only": SYNTHETIC_BASE_DIR}  # source -> folder of its images

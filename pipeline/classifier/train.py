@@ -28,7 +28,7 @@ from sklearn.metrics import balanced_accuracy_score
 from torch.utils.data import RandomSampler, WeightedRandomSampler
 from tqdm.auto import tqdm
 
-from pipeline.atomic import atomic_dir, clean_stale_temps, write_json
+from pipeline.core.atomic import atomic_dir, clean_stale_temps, write_json
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.classifier.augment import MEAN, STD
 from pipeline.classifier.dataset import (
@@ -49,12 +49,12 @@ from pipeline.classifier.model import (
     state_to_cpu,
     weights_name,
 )
-from pipeline.device import make_accelerator
-from pipeline.digest import derive_seed, json_digest, sha256_file
-from pipeline.errors import PipelineError
+from pipeline.core.device import make_accelerator
+from pipeline.core.digest import derive_seed, json_digest, sha256_file
+from pipeline.core.errors import PipelineError
 from pipeline.optim import adamw
-from pipeline.params import Params
-from pipeline.paths import (
+from pipeline.core.params import Params
+from pipeline.core.paths import (
     CHECKPOINT_DIR,
     CLASSIFIER_DIR,
     REPORTS_DIR,
@@ -146,7 +146,7 @@ def epoch_batches(order: torch.Tensor, batch: int, rank: int, processes: int) ->
 
 def log_epoch(accelerator, label: str, epochs: int, entry: dict, meta: dict, suffix: str) -> None:
     """Print one epoch's line (a non-finite train loss is flagged) and log it to MLflow."""
-    from pipeline import tracking
+    from pipeline.core import tracking
 
     loss, score = entry["train_loss"], entry["val_balanced_accuracy"]
     flag = "" if math.isfinite(loss) else " (NOT FINITE: training diverged; lower classifier.lr)"
@@ -284,7 +284,7 @@ def train_variant(params: Params, variant: str) -> dict:
     written to reports/train/<variant>.json."""
     import mlflow
 
-    from pipeline import tracking
+    from pipeline.core import tracking
 
     check_variant(variant)
     if (reason := skip_reason(params, variant)) is not None:

@@ -15,11 +15,11 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from tqdm import tqdm
 
-from pipeline.atomic import atomic_dir, atomic_file, clean_stale_temps
+from pipeline.core.atomic import atomic_dir, atomic_file, clean_stale_temps
 from pipeline.data.masks import MASK_FOLDER, mask_file
-from pipeline.errors import PipelineError
-from pipeline.params import CLASS_NAMES, Params
-from pipeline.paths import DEMO_DIR, REPORTS_DIR, workspace_root
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import CLASS_NAMES, Params
+from pipeline.core.paths import DEMO_DIR, REPORTS_DIR, workspace_root
 
 # HAM10000's image counts per diagnosis (10015 images in all).
 HAM_COUNTS: dict[str, int] = {"nv": 6705, "mel": 1113, "bkl": 1099, "bcc": 514, "akiec": 327, "vasc": 142, "df": 115}
@@ -397,7 +397,7 @@ def write_grid(folder: str | Path, table: pd.DataFrame, target: str | Path, per_
 
 def make_demo(params: Params) -> dict:
     """The demo_data stage: write data/demo/HAM10000 + reports/demo_grid.png, or only a SKIPPED marker for real data."""
-    from pipeline import tracking
+    from pipeline.core import tracking
 
     root = workspace_root()
     demo_root, grid = root / DEMO_ROOT, root / GRID_PATH

@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 from pipeline.data.images import check_image
 from pipeline.data.masks import MASK_FOLDER, checked_mask, find_mask_folder
-from pipeline.errors import PipelineError
-from pipeline.params import CLASS_NAMES
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import CLASS_NAMES
 
 HAM_METADATA = "HAM10000_metadata.csv"
 ISIC_GROUND_TRUTH = "ISIC2018_Task3_Training_GroundTruth.csv"

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 # Refuse half-decoded images instead of silently padding them with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.data.images import check_image
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 MASK_FOLDER = "HAM10000_segmentations_lesion_tschandl"
 MASK_SUFFIX = "_segmentation.png"

@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.atomic import atomic_dir, clean_stale_temps, write_json
+from pipeline.core.atomic import atomic_dir, clean_stale_temps, write_json
 from pipeline.data.ham10000 import read_source
 from pipeline.data.masks import MASK_FOLDER
-from pipeline.digest import derive_seed
-from pipeline.errors import PipelineError
-from pipeline.params import CLASS_NAMES, Params
-from pipeline.paths import DEMO_DIR, FINETUNE_DIR, PREPARED_DIR, REPORTS_DIR, SPLIT_CSV, resolve_user_path, workspace_root
+from pipeline.core.digest import derive_seed
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import CLASS_NAMES, Params
+from pipeline.core.paths import (DEMO_DIR, FINETUNE_DIR, PREPARED_DIR, REPORTS_DIR, SPLIT_CSV, resolve_user_path,
+                                 workspace_root)
 
 SPLITS = ("train", "val", "test")
 RESERVE = "reserve"  # train images of a selected class beyond data.real_per_class
@@ -209,7 +210,7 @@ def build(params: Params) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict, 
 
 def prepare(params: Params) -> dict:
     """The prepare stage (see module docstring); returns the data report also written to reports/data.json."""
-    from pipeline import tracking
+    from pipeline.core import tracking
 
     split, finetune, report, skipped = build(params)
     cap = params.data.real_per_class

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline import tracking
-from pipeline.atomic import atomic_dir, clean_stale_temps, write_json
-from pipeline.errors import PipelineError
-from pipeline.params import Params
-from pipeline.paths import BASE_MODEL_DIR, SPLIT_CSV, resolve_user_path, workspace_root
+from pipeline.core import tracking
+from pipeline.core.atomic import atomic_dir, clean_stale_temps, write_json
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import Params
+from pipeline.core.paths import BASE_MODEL_DIR, SPLIT_CSV, resolve_user_path, workspace_root
 
 if TYPE_CHECKING:  # diffusers costs seconds to import; validating a checkpoint folder does not need it
     from diffusers import StableDiffusionPipeline

@@ -19,16 +19,16 @@ import torch
 from diffusers import ControlNetModel, DDPMScheduler
 from tqdm.auto import tqdm
 
-from pipeline import tracking
-from pipeline.atomic import atomic_dir, clean_stale_temps, read_json
+from pipeline.core import tracking
+from pipeline.core.atomic import atomic_dir, clean_stale_temps, read_json
 from pipeline.data.images import load_square
-from pipeline.device import DTYPES, make_accelerator
+from pipeline.core.device import DTYPES, make_accelerator
 from pipeline.diffusion.generate import META_FILE
 from pipeline.diffusion.training_data import encode_images, encode_prompts
-from pipeline.digest import derive_seed, sha256_file
-from pipeline.errors import PipelineError
-from pipeline.params import ControlNetParams, Params
-from pipeline.paths import BASE_MODEL_DIR, CHECKPOINT_DIR, CONTROLNET_DIR, SPLIT_CSV, workspace_root
+from pipeline.core.digest import derive_seed, sha256_file
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import ControlNetParams, Params
+from pipeline.core.paths import BASE_MODEL_DIR, CHECKPOINT_DIR, CONTROLNET_DIR, SPLIT_CSV, workspace_root
 
 # The condition branch's channels for an 8x VAE (diffusers' default); a VAE that downsamples less uses fewer of them,
 # one stride-2 step per halving, so the condition lands at the latents' size.

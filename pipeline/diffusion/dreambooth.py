@@ -9,7 +9,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from pipeline.diffusion.generate import Sampling, sample_images
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 UNET_DIR = "unet"
 UNET_FILE = "diffusion_pytorch_model.safetensors"

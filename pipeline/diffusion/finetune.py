@@ -26,8 +26,9 @@ from diffusers.training_utils import cast_training_params
 from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
-from pipeline import checkpoint, tracking
-from pipeline.atomic import atomic_dir, clean_stale_temps, write_json
+from pipeline import checkpoint
+from pipeline.core import tracking
+from pipeline.core.atomic import atomic_dir, clean_stale_temps, write_json
 from pipeline.data.images import load_square
 from pipeline.diffusion.generate import (
     META_FILE,
@@ -38,12 +39,12 @@ from pipeline.diffusion.generate import (
 )
 from pipeline.diffusion.pretrain import diffusion_target, min_snr_weights
 from pipeline.diffusion.training_data import LatentCache, encode_images, encode_prompts, read_finetune_csv, tokenize
-from pipeline.device import DTYPES, make_accelerator
-from pipeline.digest import derive_seed, sha256_file
-from pipeline.errors import PipelineError
+from pipeline.core.device import DTYPES, make_accelerator
+from pipeline.core.digest import derive_seed, sha256_file
+from pipeline.core.errors import PipelineError
 from pipeline.optim import adamw
-from pipeline.params import CLASS_NAMES, Params
-from pipeline.paths import BASE_MODEL_DIR, CHECKPOINT_DIR, CLASS_MODELS_DIR, FINETUNE_DIR, workspace_root
+from pipeline.core.params import CLASS_NAMES, Params
+from pipeline.core.paths import BASE_MODEL_DIR, CHECKPOINT_DIR, CLASS_MODELS_DIR, FINETUNE_DIR, workspace_root
 
 WEIGHT_DECAY = 1e-2
 MAX_GRAD_NORM = 1.0

@@ -33,13 +33,14 @@ from diffusers.utils import make_image_grid
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipeline import tracking
-from pipeline.atomic import atomic_dir, clean_stale_temps, read_json
-from pipeline.device import DTYPES, cpu_only, gpu_precision
-from pipeline.digest import derive_seed, sha256_file
-from pipeline.errors import PipelineError
-from pipeline.params import Params
-from pipeline.paths import BASE_MODEL_DIR, CLASS_MODELS_DIR, FINETUNE_DIR, SYNTHETIC_BASE_DIR, SYNTHETIC_DIR, workspace_root
+from pipeline.core import tracking
+from pipeline.core.atomic import atomic_dir, clean_stale_temps, read_json
+from pipeline.core.device import DTYPES, cpu_only, gpu_precision
+from pipeline.core.digest import derive_seed, sha256_file
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import Params
+from pipeline.core.paths import (BASE_MODEL_DIR, CLASS_MODELS_DIR, FINETUNE_DIR, SYNTHETIC_BASE_DIR, SYNTHETIC_DIR,
+                                 workspace_root)
 
 # mask: the conditioning mask's file under diffusion.control mask (masks/<file>), else empty
 MANIFEST_COLUMNS = (

@@ -22,8 +22,8 @@ from diffusers.models.attention_processor import Attention
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from pipeline.errors import PipelineError
-from pipeline.params import HypernetworkParams
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import HypernetworkParams
 
 HYPERNETWORK_FILE = "hypernetwork.safetensors"
 CHILD = "hypernetwork"  # the UNet's child module that holds the trainable network

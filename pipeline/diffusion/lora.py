@@ -17,8 +17,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 
-from pipeline.errors import PipelineError
-from pipeline.params import LoraParams
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import LoraParams
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 # diffusers' format ("...to_q.lora.down.weight") and peft's ("...to_q.lora_A.weight") both appear in the wild.

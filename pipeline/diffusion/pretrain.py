@@ -21,10 +21,10 @@ from diffusers.utils import make_image_grid
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipeline import tracking
+from pipeline.core import tracking
 from pipeline.diffusion.training_data import LatentCache, encode_images, encode_prompts, read_image_rows, to_model_range
-from pipeline.errors import PipelineError
-from pipeline.params import BasePretrainParams
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import BasePretrainParams
 
 KL_WEIGHT = 1e-6  # SD's VAE weight: latents stay well-behaved without blurring reconstructions
 # Pixels weigh 1 + LESION_WEIGHT x their distance from the skin's (median) colour: the small lesion carries the class.

@@ -13,7 +13,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 EMBEDS_FILE = "learned_embeds.safetensors"
 

@@ -14,7 +14,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from pipeline.params import CLASS_NAMES
+from pipeline.core.params import CLASS_NAMES
 
 TEXT_DIM = 64
 DOMAIN_WORDS = sorted(

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import PipelineError
-from pipeline.paths import workspace_root
+from pipeline.core.errors import PipelineError
+from pipeline.core.paths import workspace_root
 
 FINETUNE_COLUMNS = ("image_id", "lesion_id", "dx", "path")
 

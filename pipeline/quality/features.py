@@ -15,11 +15,11 @@ from safetensors import SafetensorError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from tqdm import tqdm
 
-from pipeline.atomic import read_json
+from pipeline.core.atomic import read_json
 from pipeline.classifier.dataset import load_images
 from pipeline.classifier.model import CONFIG_NAME, load_classifier, weights_name
-from pipeline.errors import PipelineError
-from pipeline.paths import resolve_user_path
+from pipeline.core.errors import PipelineError
+from pipeline.core.paths import resolve_user_path
 
 
 def load_baseline_classifier(model_dir: Path, device: torch.device | str = "cpu") -> ClassifierFeatures:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.params import MemorizationParams
+from pipeline.core.params import MemorizationParams
 
 
 @dataclass

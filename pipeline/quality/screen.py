@@ -18,11 +18,11 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pipeline import atomic, tracking
+from pipeline.core import atomic, tracking
 from pipeline.data.images import open_rgb
-from pipeline.errors import PipelineError
-from pipeline.params import CLASS_NAMES, Params, QualityParams
-from pipeline.paths import CLASSIFIER_DIR, FINETUNE_DIR, REPORTS_DIR, SPLIT_CSV, SYNTHETIC_DIR, workspace_root
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import CLASS_NAMES, Params, QualityParams
+from pipeline.core.paths import CLASSIFIER_DIR, FINETUNE_DIR, REPORTS_DIR, SPLIT_CSV, SYNTHETIC_DIR, workspace_root
 
 SCREENED_DIR = Path("data/screened")
 SCREENED_CSV = SCREENED_DIR / "synthetic.csv"

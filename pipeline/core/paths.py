@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 _TEMP_EXPERIMENT = re.compile(r"^(?P<root>.+?)/\.dvc/tmp/exps/")
 WORKSPACE_ENV = "LESION_SYNTH_WORKSPACE"

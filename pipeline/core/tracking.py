@@ -16,8 +16,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from pipeline.digest import json_digest
-from pipeline.paths import store_root, workspace_root
+from pipeline.core.digest import json_digest
+from pipeline.core.paths import store_root, workspace_root
 
 
 def tracking_uri() -> str:

@@ -14,7 +14,7 @@ import socket
 import sys
 from pathlib import Path
 
-from pipeline.params import ComputeParams
+from pipeline.core.params import ComputeParams
 
 THREADS_ENV = "OMP_NUM_THREADS"  # a thread count someone chose: torch reads it at start, the stage leaves it be
 
@@ -67,7 +67,7 @@ def relaunch(module: str, args: list[str], compute: ComputeParams, name: str) ->
     from accelerate.utils import patch_environment
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    from pipeline.device import cpu_only  # imports torch: only the launching process needs it here
+    from pipeline.core.device import cpu_only  # imports torch: only the launching process needs it here
 
     cuda = not cpu_only()
     env = {} if cuda else {"ACCELERATE_USE_CPU": "true"}

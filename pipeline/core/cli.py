@@ -10,9 +10,9 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from pipeline import launch
-from pipeline.errors import PipelineError
-from pipeline.params import Params, load_params
+from pipeline.core import launch
+from pipeline.core.errors import PipelineError
+from pipeline.core.params import Params, load_params
 
 
 def stage_main(stage: str, work: Callable[..., object], *, item: str | None = None, track: bool = True,
@@ -60,7 +60,7 @@ def run_stage(stage: str, work: Callable[..., object], *, item: str | None = Non
             call()
             usage = _usage(start)
         else:
-            from pipeline import tracking
+            from pipeline.core import tracking
 
             tags = {"item": value} if item else None
             with tracking.stage_run(name, params, tags=tags):

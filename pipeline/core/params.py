@@ -11,7 +11,7 @@ from typing import Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 # HAM10000's seven diagnosis codes, with the names used in prompts and reports.
 CLASS_NAMES: dict[str, str] = {
@@ -261,7 +261,7 @@ class SweepParams(_Section):
 class ComputeParams(_Section):
     """Where the finetune, generate and train stages run: processes (``accelerate launch``) and precision."""
 
-    processes: int = Field(1, gt=0)  # > 1: the stage runs under `accelerate launch` (pipeline/launch.py)
+    processes: int = Field(1, gt=0)  # > 1: the stage runs under `accelerate launch` (pipeline/core/launch.py)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # fp16/bf16 need a GPU; CPU runs fall back to fp32
 
     @field_validator("mixed_precision", mode="before")

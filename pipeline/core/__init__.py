@@ -1,0 +1,1 @@
+"""The plumbing every stage shares: its entry point, params, paths, MLflow tracking, atomic writes and devices."""
