@@ -131,10 +131,14 @@ def test_train_then_generate_writes_each_image_beside_its_mask(workspace):
     assert not all(np.array_equal(pixels(again / r["file"]), first[r["file"]][0]) for r in rows)
 
 
-def test_control_none_writes_a_marker_and_generation_stays_unconditioned(workspace):
+def test_control_none_writes_a_marker_and_generation_stays_unconditioned(workspace, monkeypatch):
     from stages.controlnet import controlnet
 
     params = micro_params()
+    monkeypatch.setenv("RANK", "1")  # a launched stage's other ranks leave the marker to rank 0
+    controlnet(params)
+    assert not (workspace / "models" / "controlnet").exists()
+    monkeypatch.delenv("RANK")
     controlnet(params)
     assert json.loads((workspace / "models" / "controlnet" / "meta.json").read_text()) == {"control": "none"}
     assert load_controlnet(params) is None

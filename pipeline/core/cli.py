@@ -56,7 +56,7 @@ def run_stage(stage: str, work: Callable[..., object], *, item: str | None = Non
     try:
         params: Params = load_params(args.params)
         call = (lambda: work(params, value)) if item else (lambda: work(params))
-        if not track or not _is_main_process():
+        if not track or not is_main_process():
             call()
             usage = _usage(start)
         else:
@@ -73,7 +73,7 @@ def run_stage(stage: str, work: Callable[..., object], *, item: str | None = Non
     except KeyboardInterrupt:
         sys.stderr.write(f"error: {name}: interrupted\n")
         return 130
-    if _is_main_process():
+    if is_main_process():
         gpu = f", peak GPU memory {usage['gpu_peak_memory_mib']:.0f} MiB" if "gpu_peak_memory_mib" in usage else ""
         threads = f", {usage['torch_threads']:.0f} torch thread(s)" if "torch_threads" in usage else ""
         print(f"{name}: done in {usage['stage_seconds']:.1f} s{gpu}{threads}", flush=True)
@@ -106,6 +106,6 @@ def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def _is_main_process() -> bool:
-    """Under `accelerate launch` / torchrun only rank 0 opens the MLflow run; the others just work."""
+def is_main_process() -> bool:
+    """Under `accelerate launch` / torchrun only rank 0 opens the MLflow run and prints; the others just work."""
     return int(os.environ.get("RANK", "0")) == 0
