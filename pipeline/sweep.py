@@ -296,11 +296,9 @@ def write_outputs(frame: pd.DataFrame, params: Params, root: Path, sweep_id: str
 
 
 def _log_to_mlflow(frame: pd.DataFrame, params: Params, folder: Path, sweep_id: str, charts: list[str]) -> None:
-    import mlflow
-
     from pipeline.core import tracking
 
-    mlflow.set_tracking_uri(tracking.tracking_uri())
+    mlflow = tracking.configured_mlflow()
     experiment_id = tracking.ensure_experiment(params.mlflow.experiment)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"sweep {sweep_id}",
                           tags={"kind": "sweep", "sweep_id": sweep_id}):
