@@ -276,14 +276,6 @@ class Params(_Section):
         return self.diffusion.prompt.format(token=self.instance_token(class_code), class_name=CLASS_NAMES[class_code])
 
 
-def _describe(error: dict) -> str:
-    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
-    message = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        return f"unknown key {key!r}"
-    return f"{key}: {message} (got {error.get('input')!r})"
-
-
 def parse_params(raw: dict, source: str = "params.yaml") -> Params:
     """Validate a params mapping; any problem becomes one PipelineError line naming the key."""
     if not isinstance(raw, dict):
@@ -291,7 +283,12 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        raise PipelineError(f"{source}: {_describe(exc.errors()[0])}") from None
+        error = exc.errors()[0]
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        if error["type"] == "extra_forbidden":
+            raise PipelineError(f"{source}: unknown key {key!r}") from None
+        message = error["msg"].removeprefix("Value error, ")
+        raise PipelineError(f"{source}: {key}: {message} (got {error.get('input')!r})") from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
