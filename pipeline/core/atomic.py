@@ -72,9 +72,8 @@ def read_json(path: str | Path, missing: str) -> dict:
 
 
 def clean_stale_temps(folder: str | Path, name: str = "*") -> int:
-    """Remove temporaries a killed run left behind (``.name.tmp-*`` / ``.name.old-*``); returns how many.
-
-    name: only those of this target, for a folder that holds other targets possibly being written right now."""
+    """Remove temporaries a killed run left behind (``.name.tmp-*`` / ``.name.old-*``); returns how many. A ``name``
+    keeps to that target's, in a folder whose other targets may be being written right now."""
     stale = {path for kind in ("tmp", "old") for path in Path(folder).glob(f".{name}.{kind}-*")}
     for path in stale:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)

@@ -18,8 +18,8 @@ from pipeline.core.params import Params, load_params
 
 def stage_main(stage: str, work: Callable[..., object], *, item: str | None = None, track: bool = True,
                several_processes: bool = False) -> int:
-    """What ``python -m stages.<stage>`` runs: ``run_stage`` on ``compute.processes`` processes if
-    ``several_processes`` (finetune, generate, train), each with its share of the usable cores as torch threads."""
+    """What ``python -m stages.<stage>`` runs: ``run_stage``, if ``several_processes`` (finetune, generate, train) on
+    ``compute.processes`` processes (``accelerate launch``), each with its share of the usable cores as threads."""
     argv = sys.argv[1:]
     args, name = _parse(stage, item, argv)
     try:

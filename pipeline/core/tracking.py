@@ -1,8 +1,5 @@
-"""MLflow tracking: one parent run per pipeline execution, one child run per stage (docs/architecture.md).
-
-Every stage process of one execution (same git commit, DVC experiment name and params hash) computes the same key
-and attaches to the same parent run, so MLflow's runs table shows one comparable row per experiment.
-"""
+"""MLflow tracking: one parent run per pipeline execution (same git commit, DVC experiment name and params hash),
+one child run per stage, so the runs table shows one comparable row per experiment (docs/architecture.md)."""
 
 from __future__ import annotations
 
