@@ -1,9 +1,5 @@
-"""The report stage: ``reports/summary.md``, the one page a person reads, answer first, and the headline.
-
-All from files earlier stages wrote, so it regenerates without a model. The headline goes to ``reports/headline.json``
-(first in dvc.yaml's metrics, so ``dvc exp show`` leads with it) and onto the parent MLflow run, so MLflow's runs
-table compares experiments on the same numbers.
-"""
+"""The report stage: ``reports/summary.md``, the one page a person reads, answer first, from files earlier stages
+wrote (no model); the headline to ``reports/headline.json`` and the parent MLflow run (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -109,27 +105,19 @@ def gain_figure(rows: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
-def curves_figure(root: Path, path: Path) -> bool:
-    """Validation balanced accuracy per epoch for each variant and seed (from reports/train/*.json); False if absent."""
+def curves_figure(root: Path, path: Path) -> None:
+    """Validation balanced accuracy per epoch for each variant and seed (from reports/train/*.json)."""
     fig, ax = plt.subplots(figsize=(5, 3))
-    drawn = False
-    for variant, style in zip(VARIANTS, ("-", "--")):
-        report = root / REPORTS_DIR / "train" / f"{variant}.json"
-        if not report.is_file():
-            continue
-        for seed, result in json.loads(report.read_text()).get("seeds", {}).items():
-            history = result.get("history", [])
+    for variant, style in zip(VARIANTS, ("-", "--")):  # never skipped: both always have a history
+        train = read_json(root / REPORTS_DIR / "train" / f"{variant}.json", "not found; run `dvc repro train`")
+        for seed, result in train["seeds"].items():
+            history = result["history"]
             ax.plot([h["epoch"] for h in history], [h["val_balanced_accuracy"] for h in history], style, marker="o",
                     markersize=3, label=f"{variant} seed {seed}")
-            drawn = drawn or bool(history)
-    if not drawn:
-        plt.close(fig)
-        return False
     ax.set(xlabel="epoch", ylabel="val balanced accuracy")
     ax.legend(fontsize=8)
     ax.set_title("Validation balanced accuracy during training", fontsize=10)
     _save(fig, path)
-    return True
 
 
 def headline(metrics: dict, fidelity: dict) -> dict[str, float]:
@@ -208,8 +196,7 @@ def quality_table(quality: dict, classes: list[str]) -> str:
                    "kept", *(["mask IoU (real)"] if with_masks else []), "flagged"], rows)
 
 
-def render(params: Params, metrics: dict, data: dict, synthetic: dict[str, int], curves: bool, fidelity: dict,
-           quality: dict) -> str:
+def render(params: Params, metrics: dict, data: dict, synthetic: dict[str, int], fidelity: dict, quality: dict) -> str:
     """The page; ``fidelity`` and ``quality`` are empty when their stage has not run."""
     classes = list(params.data.classes)
     base, aug, gain = metrics["baseline"], metrics["augmented"], metrics["gain"]
@@ -267,7 +254,8 @@ def render(params: Params, metrics: dict, data: dict, synthetic: dict[str, int],
         f"Row-normalised (each row is an actual class; the diagonal is its recall), "
         f"{seeds_note.replace('mean over', 'first of')}.",
         "![Confusion matrices of both variants](figures/confusion.png)",
-        *(["## Training", "![Validation balanced accuracy per epoch](figures/training_curves.png)"] if curves else []),
+        "## Training",
+        "![Validation balanced accuracy per epoch](figures/training_curves.png)",
         "---\nNumbers: `reports/metrics.json` (all metrics, gains and CIs), `reports/train/*.json` "
         "(per-seed training). "
         f"Runs: MLflow experiment `{params.mlflow.experiment}`: the parent run of each execution holds this headline "
@@ -301,9 +289,9 @@ def report(params: Params) -> Path:
         confusion_figure(classes, root, metrics, temp / "confusion.png")
         gain_figure(gains, temp / "per_class_gain.png")
         write_json(temp / "per_class_gain.json", gains)
-        curves = curves_figure(root, temp / "training_curves.png")
+        curves_figure(root, temp / "training_curves.png")
     counts = {c: len(files) for c, files in synthetic.items()}
-    write_text(root / SUMMARY_MD, render(params, metrics, data, counts, curves, fidelity, quality))
+    write_text(root / SUMMARY_MD, render(params, metrics, data, counts, fidelity, quality))
     values = headline(metrics, fidelity)
     write_text(root / HEADLINE_JSON, json.dumps({**values, "verdict": metrics["verdict"]}, indent=2) + "\n")
 

@@ -125,23 +125,17 @@ def _git_show(root: Path, ref: str, path: str) -> str:
 
 
 def _row(p: Point, metrics: dict) -> dict:
-    """A point's figures; a control's gain comes from ``gain_over_baseline`` when evaluate wrote it (with its CI),
-    else from the variant's own figure minus baseline's (no CI), else NaN."""
+    """A point's figures; a control's gain and CI are NaN where it did not run (evaluate writes each that ran)."""
     row = {
         "method": p.method, "amount": p.amount, "real_per_class": p.real_per_class, "experiment": p.name,
         "baseline": metrics["baseline"][METRIC], "augmented": metrics["augmented"][METRIC],
         "gain": metrics["gain"][METRIC], "ci_low": metrics["gain_ci95"][METRIC]["low"],
         "ci_high": metrics["gain_ci95"][METRIC]["high"], "verdict": metrics["verdict"],
     }
-    recorded = metrics.get("gain_over_baseline", {})
     for variant in CONTROLS:
-        gain = ci_low = ci_high = np.nan
-        if isinstance(recorded.get(variant), dict) and METRIC in recorded[variant]:
-            entry = recorded[variant]
-            gain, ci_low, ci_high = entry[METRIC], entry.get("ci_low", np.nan), entry.get("ci_high", np.nan)
-        elif isinstance(metrics.get(variant), dict) and METRIC in metrics[variant]:
-            gain = metrics[variant][METRIC] - metrics["baseline"][METRIC]
-        row.update({f"{variant}_gain": gain, f"{variant}_ci_low": ci_low, f"{variant}_ci_high": ci_high})
+        entry = metrics["gain_over_baseline"].get(variant, {})
+        row.update({f"{variant}_gain": entry.get(METRIC, np.nan), f"{variant}_ci_low": entry.get("ci_low", np.nan),
+                    f"{variant}_ci_high": entry.get("ci_high", np.nan)})
     return row
 
 
@@ -296,11 +290,9 @@ def write_outputs(frame: pd.DataFrame, params: Params, root: Path, sweep_id: str
 
 
 def _log_to_mlflow(frame: pd.DataFrame, params: Params, folder: Path, sweep_id: str, charts: list[str]) -> None:
-    import mlflow
-
     from pipeline.core import tracking
 
-    mlflow.set_tracking_uri(tracking.tracking_uri())
+    mlflow = tracking.configured_mlflow()
     experiment_id = tracking.ensure_experiment(params.mlflow.experiment)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"sweep {sweep_id}",
                           tags={"kind": "sweep", "sweep_id": sweep_id}):

@@ -13,17 +13,6 @@ from pathlib import Path
 from pipeline.core.errors import PipelineError
 
 
-def _replace(temp: Path, target: Path) -> None:
-    if target.is_dir() and not target.is_symlink():
-        # Directories cannot be swapped atomically; move the old one aside first, then drop it.
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(temp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(temp, target)
-
-
 @contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``target``; on success it replaces ``target`` in one rename."""
@@ -35,7 +24,14 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
-    _replace(temp, target)
+    if target.is_dir() and not target.is_symlink():
+        # Directories cannot be swapped atomically; move the old one aside first, then drop it.
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(temp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(temp, target)
 
 
 @contextmanager
@@ -52,7 +48,7 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
         temp.unlink(missing_ok=True)
         raise
     os.chmod(temp, 0o644)
-    _replace(temp, target)
+    os.replace(temp, target)
 
 
 def write_text(target: str | Path, text: str) -> None:
@@ -75,17 +71,10 @@ def read_json(path: str | Path, missing: str) -> dict:
         raise PipelineError(f"{path}: not valid JSON ({exc})") from None
 
 
-def clean_stale_temps(folder: str | Path, name: str | None = None) -> int:
-    """Remove temporaries a killed run left behind (``.name.tmp-*`` / ``.name.old-*``); returns how many.
-
-    name: only those of this target, for a folder that holds other targets possibly being written right now."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return 0
-    if name is None:
-        stale = [p for p in folder.iterdir() if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name)]
-    else:
-        stale = [p for p in folder.iterdir() if p.name.startswith((f".{name}.tmp-", f".{name}.old-"))]
+def clean_stale_temps(folder: str | Path, name: str = "*") -> int:
+    """Remove temporaries a killed run left behind (``.name.tmp-*`` / ``.name.old-*``); returns how many. A ``name``
+    keeps to that target's, in a folder whose other targets may be being written right now."""
+    stale = {path for kind in ("tmp", "old") for path in Path(folder).glob(f".{name}.{kind}-*")}
     for path in stale:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     return len(stale)

@@ -9,19 +9,17 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
-from pipeline.core import launch
+from pipeline.core import launch, tracking
 from pipeline.core.errors import PipelineError
 from pipeline.core.params import Params, load_params
 
 
 def stage_main(stage: str, work: Callable[..., object], *, item: str | None = None, track: bool = True,
                several_processes: bool = False) -> int:
-    """What ``python -m stages.<stage>`` runs: ``run_stage`` in a process set up for it.
-
-    several_processes: the stage runs on ``compute.processes`` processes (finetune, generate, train), under
-    ``accelerate launch`` when more than one; torch gets the usable cores shared out between them.
-    """
+    """What ``python -m stages.<stage>`` runs: ``run_stage``, if ``several_processes`` (finetune, generate, train) on
+    ``compute.processes`` processes (``accelerate launch``), each with its share of the usable cores as threads."""
     argv = sys.argv[1:]
     args, name = _parse(stage, item, argv)
     try:
@@ -32,7 +30,10 @@ def stage_main(stage: str, work: Callable[..., object], *, item: str | None = No
     processes = compute.processes if several_processes else 1
     if processes > 1 and "WORLD_SIZE" not in os.environ:  # not yet a rank: accelerate and torchrun set it in each
         return launch.relaunch(f"stages.{stage}", argv, compute, name)
-    launch.set_torch_threads(processes)
+    if launch.THREADS_ENV not in os.environ:  # a thread count someone chose wins
+        import torch
+
+        torch.set_num_threads(launch.threads_per_process(processes))
     code = run_stage(stage, work, item=item, track=track, argv=argv)
     # The interpreter's exit then skips collecting the millions of objects torch, diffusers and MLflow imported:
     # 1.6 s -> 0.3 s a stage process.
@@ -42,30 +43,26 @@ def stage_main(stage: str, work: Callable[..., object], *, item: str | None = No
 
 def run_stage(stage: str, work: Callable[..., object], *, item: str | None = None, track: bool = True,
               argv: Sequence[str] | None = None) -> int:
-    """Run ``work(params)`` (or ``work(params, item)`` for foreach stages such as finetune@mel) in this process.
-
-    item: the metavar of the foreach item (e.g. "class_code"). Returns the exit code. On success the main process
-    prints ``<stage>: done in <s> s`` with its peak GPU memory and torch threads (what ``make gpu-smoke`` reads).
-    """
+    """Run ``work(params)`` (or ``work(params, item)`` for foreach stages such as finetune@mel) in this process;
+    returns the exit code. The done line with peak GPU memory and torch threads is what ``make gpu-smoke`` reads."""
     args, name = _parse(stage, item, argv)
     # SIGTERM (dvc, a scheduler, Ctrl-C in a queue) unwinds like an exception, so temporary
     # outputs are removed and the MLflow run is marked FAILED instead of left RUNNING.
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    value = getattr(args, item) if item else None
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    inputs = (getattr(args, item),) if item else ()
+    tracked = track and is_main_process()
     start = time.perf_counter()
     try:
         params: Params = load_params(args.params)
-        call = (lambda: work(params, value)) if item else (lambda: work(params))
-        if not track or not is_main_process():
-            call()
-            usage = _usage(start)
-        else:
-            from pipeline.core import tracking
-
-            tags = {"item": value} if item else None
-            with tracking.stage_run(name, params, tags=tags):
-                call()
-                usage = _usage(start)
+        with tracking.stage_run(name, params, tags={"item": inputs[0]} if item else None) if tracked else nullcontext():
+            work(params, *inputs)
+            usage = {"stage_seconds": time.perf_counter() - start}
+            torch = sys.modules.get("torch")  # a stage that never imported torch never used it
+            if torch is not None:
+                usage["torch_threads"] = float(torch.get_num_threads())
+                if torch.cuda.is_initialized():
+                    usage["gpu_peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
+            if tracked:
                 tracking.log_metrics(usage)
     except PipelineError as exc:
         sys.stderr.write(f"error: {name}: {exc}\n")  # one write: the ranks of a launched stage share stderr
@@ -88,22 +85,6 @@ def _parse(stage: str, item: str | None, argv: Sequence[str] | None) -> tuple[ar
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     return args, f"{stage}@{getattr(args, item)}" if item else stage
-
-
-def _usage(start: float) -> dict[str, float]:
-    """Wall seconds since ``start``, torch's intra-op threads and, if this process used CUDA, its peak GPU memory."""
-    usage = {"stage_seconds": time.perf_counter() - start}
-    torch = sys.modules.get("torch")  # a stage that never imported torch never used it
-    if torch is None:
-        return usage
-    usage["torch_threads"] = float(torch.get_num_threads())
-    if torch.cuda.is_initialized():
-        usage["gpu_peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    return usage
-
-
-def _exit_on_sigterm(signum, frame) -> None:
-    raise SystemExit(128 + signum)
 
 
 def is_main_process() -> bool:

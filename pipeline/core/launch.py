@@ -33,11 +33,8 @@ def cgroup_cpu_limit(cgroup: Path = Path("/sys/fs/cgroup")) -> float | None:
 
 
 def usable_cores() -> int:
-    """Cores this process may run on: its CPU affinity, capped by the container's CPU quota.
-
-    Not the cores idle at the start: the thread count, and with it the floating-point sums, would then follow
-    whatever else ran at that moment. Under lasting competition for the cores, set OMP_NUM_THREADS.
-    """
+    """Cores this process may run on: its CPU affinity, capped by the container's CPU quota. Not the cores idle at
+    the start: the thread count, and with it the floating-point sums, would then follow whatever else ran then."""
     allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     limit = cgroup_cpu_limit()
     return max(1, allowed if limit is None else min(allowed, round(limit)))
@@ -48,21 +45,9 @@ def threads_per_process(processes: int) -> int:
     return max(1, usable_cores() // processes)
 
 
-def set_torch_threads(processes: int) -> None:
-    """Set this process's torch intra-op threads for a stage run by ``processes`` processes (OMP_NUM_THREADS wins)."""
-    if THREADS_ENV in os.environ:
-        return
-    import torch
-
-    torch.set_num_threads(threads_per_process(processes))
-
-
 def relaunch(module: str, args: list[str], compute: ComputeParams, name: str) -> int:
-    """Run ``python -m module *args`` under ``accelerate launch`` and return its exit code.
-
-    Each rank prints its own one-line error; a rank killed by a signal (the OOM killer, say) gets one line here
-    instead of the launcher's long traceback.
-    """
+    """Run ``python -m module *args`` under ``accelerate launch`` and return its exit code. Each rank prints its own
+    one-line error; a rank killed by a signal (the OOM killer, say) gets one line here, not the launcher's traceback."""
     from accelerate.commands.launch import launch_command, launch_command_parser
     from accelerate.utils import patch_environment
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

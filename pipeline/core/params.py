@@ -80,8 +80,6 @@ class LoraParams(_Section):
 
 
 class BasePretrainParams(_Section):
-    """How the embedded tiny base model is pre-trained (ignored for a real checkpoint)."""
-
     vae_steps: int = Field(1000, ge=0)  # 90% of them on half-size crops (4x cheaper), see pretrain.py
     unet_steps: int = Field(800, ge=0)
     batch: int = Field(16, gt=0)
@@ -91,10 +89,7 @@ class BasePretrainParams(_Section):
 
 
 class HypernetworkParams(_Section):
-    """diffusion.method hypernetwork (pipeline/diffusion/hypernetwork.py)."""
-
     kind: Literal["encoder_copy", "context_mlp"] = "encoder_copy"
-    # context_mlp: layer widths as multiples of the context width, AUTOMATIC1111's "1, 2, 1".
     layer_structure: list[float] = Field(default_factory=lambda: [1.0, 2.0, 1.0])
     activation: Literal["linear", "relu", "gelu", "swish"] = "linear"  # between layers; linear: none (webui default)
 
@@ -107,8 +102,6 @@ class HypernetworkParams(_Section):
 
 
 class ControlNetParams(_Section):
-    """diffusion.control mask: the lesion-mask ControlNet (pipeline/diffusion/controlnet.py)."""
-
     steps: int = Field(400, gt=0)
     batch: int = Field(8, gt=0)
     lr: float = Field(1e-4, gt=0)  # diffusers' ControlNet example: 1e-5 for SD 1.5
@@ -133,7 +126,6 @@ class DiffusionParams(_Section):
     control: Literal["none", "mask"] = "none"  # mask: a ControlNet on lesion masks steers every class's generation
     controlnet: ControlNetParams = ControlNetParams()
     prompt: str = "a dermoscopic image of {token} {class_name}"
-    # Rare words used as each class's DreamBooth/LoRA instance token (one per class, never shared).
     instance_tokens: dict[str, str] = Field(default_factory=lambda: {
         "akiec": "zkq", "bcc": "vbx", "bkl": "pqw", "df": "sks", "mel": "ohwx", "nv": "jxv", "vasc": "qzt"})
     prior_preservation: bool = False
@@ -163,7 +155,6 @@ class DiffusionParams(_Section):
 
     @property
     def learning_rate(self) -> float:
-        """The rate of the configured method."""
         return self.lr[self.method] if isinstance(self.lr, dict) else self.lr
 
 
@@ -191,9 +182,7 @@ class ClassifierParams(_Section):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     equal_steps: bool = True  # as many steps per epoch for every variant: the gain measures data, not compute
     grad_clip: float = Field(1.0, ge=0)  # max gradient norm (0: off); from scratch, Adam spikes without it
-    # A resumable checkpoint at an epoch's end once this long since the last (0: every epoch, 10-15 % slower on the
-    # demo set) and when a seed finishes that others follow: an interruption loses at most about this much training.
-    checkpoint_minutes: float = Field(1.0, ge=0)
+    checkpoint_minutes: float = Field(1.0, ge=0)  # 0: every epoch, 10-15 % slower on the demo set
 
     @field_validator("seeds")
     @classmethod
@@ -204,15 +193,11 @@ class ClassifierParams(_Section):
 
 
 class OracleParams(_Section):
-    """The judge of class fidelity (pipeline/classifier/oracle.py): the classifier's knobs, its own budget of draws."""
-
     epochs: int = Field(12, gt=0)
     epoch_images: int = Field(320, gt=0)  # images drawn (class-balanced) per epoch
 
 
 class EvaluateParams(_Section):
-    """The `evaluate` stage: paired bootstrap of the baseline-vs-augmented gain on the real test split."""
-
     bootstrap: int = Field(1000, ge=10)  # resamples of the test images for the 95% CI of the gain
 
 
@@ -226,8 +211,6 @@ class MemorizationParams(_Section):
 
 
 class QualityParams(_Section):
-    """The `screen` stage: synthetic-image quality, memorization gate and classifier-guided filter."""
-
     extractor: Literal["baseline_classifier", "inception"] = "baseline_classifier"
     inception_weights: str | None = None  # local torch-fidelity Inception weights (never downloaded)
     memorization: MemorizationParams = MemorizationParams()
@@ -241,8 +224,6 @@ class QualityParams(_Section):
 
 
 class SweepParams(_Section):
-    """`make sweep` (pipeline/sweep.py); no stage reads it."""
-
     methods: list[Method] = Field(default_factory=lambda: list(get_args(Method)), min_length=1)
     amounts: list[int] = Field(default_factory=lambda: [50, 100, 200], min_length=1)  # synthetic images per class
     real_per_class: list[int] = Field(default_factory=lambda: [5, 10, 20, 50])  # []: no scarcity axis
@@ -259,8 +240,6 @@ class SweepParams(_Section):
 
 
 class ComputeParams(_Section):
-    """Where the finetune, generate and train stages run: processes (``accelerate launch``) and precision."""
-
     processes: int = Field(1, gt=0)  # > 1: the stage runs under `accelerate launch` (pipeline/core/launch.py)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # fp16/bf16 need a GPU; CPU runs fall back to fp32
 
@@ -297,14 +276,6 @@ class Params(_Section):
         return self.diffusion.prompt.format(token=self.instance_token(class_code), class_name=CLASS_NAMES[class_code])
 
 
-def _describe(error: dict) -> str:
-    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
-    message = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        return f"unknown key {key!r}"
-    return f"{key}: {message} (got {error.get('input')!r})"
-
-
 def parse_params(raw: dict, source: str = "params.yaml") -> Params:
     """Validate a params mapping; any problem becomes one PipelineError line naming the key."""
     if not isinstance(raw, dict):
@@ -312,7 +283,12 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        raise PipelineError(f"{source}: {_describe(exc.errors()[0])}") from None
+        error = exc.errors()[0]
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        if error["type"] == "extra_forbidden":
+            raise PipelineError(f"{source}: unknown key {key!r}") from None
+        message = error["msg"].removeprefix("Value error, ")
+        raise PipelineError(f"{source}: {key}: {message} (got {error.get('input')!r})") from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -14,10 +14,8 @@ WORKSPACE_ENV = "LESION_SYNTH_WORKSPACE"
 
 
 def workspace_root() -> Path:
-    """The checkout the stage runs in: $LESION_SYNTH_WORKSPACE, else the nearest folder holding dvc.yaml from the CWD.
-
-    Not $DVC_ROOT: under `dvc exp run --queue` it names the parent repository, not the copy the stage runs in.
-    """
+    """$LESION_SYNTH_WORKSPACE, else the nearest folder holding dvc.yaml from the CWD. Not $DVC_ROOT: under
+    `dvc exp run --queue` it names the parent repository, not the copy the stage runs in."""
     if os.environ.get(WORKSPACE_ENV):
         return Path(os.environ[WORKSPACE_ENV]).resolve()
     here = Path.cwd().resolve()

@@ -1,8 +1,5 @@
-"""MLflow tracking: one parent run per pipeline execution, one child run per stage (docs/architecture.md).
-
-Every stage process of one execution (same git commit, DVC experiment name and params hash) computes the same key
-and attaches to the same parent run, so MLflow's runs table shows one comparable row per experiment.
-"""
+"""MLflow tracking: one parent run per pipeline execution (same git commit, DVC experiment name and params hash),
+one child run per stage, so the runs table shows one comparable row per experiment (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -24,14 +21,6 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root() / 'mlflow.db'}"
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=workspace_root(), capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def params_hash(params) -> str:
     return json_digest(params.model_dump(mode="json") if hasattr(params, "model_dump") else params)
 
@@ -48,7 +37,8 @@ def flatten(mapping: Mapping, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def _mlflow():
+def configured_mlflow():
+    """The mlflow module, pointed at this repository's store."""
     import mlflow  # imported lazily: it takes a couple of seconds
 
     mlflow.set_tracking_uri(tracking_uri())
@@ -69,7 +59,7 @@ def _store_lock() -> FileLock:
 
 def ensure_experiment(name: str) -> str:
     """The experiment's id; a new one keeps its artifacts beside a SQLite store (a server decides itself)."""
-    mlflow = _mlflow()
+    mlflow = configured_mlflow()
     with _store_lock():  # two processes opening a new SQLite store at once both try to create its tables
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is not None:
@@ -79,7 +69,12 @@ def ensure_experiment(name: str) -> str:
 
 
 def execution_tags(params) -> dict[str, str]:
-    return {"git_commit": git_commit(), "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=workspace_root(), capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return {"git_commit": commit, "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
             "params_hash": params_hash(params)}
 
 
@@ -87,7 +82,7 @@ def parent_run_id(params) -> str:
     """Find or create the parent run of this pipeline execution, named after the DVC experiment, holding every param."""
     from mlflow.entities import Param
 
-    mlflow = _mlflow()
+    mlflow = configured_mlflow()
     experiment_id = ensure_experiment(params.mlflow.experiment)
     tags = execution_tags(params)
     key = json_digest(tags)
@@ -107,7 +102,7 @@ def parent_run_id(params) -> str:
 @contextmanager
 def stage_run(stage: str, params, tags: Mapping[str, str] | None = None) -> Iterator:
     """A child run for one stage; an exception marks it (and its parent) FAILED before propagating."""
-    mlflow = _mlflow()
+    mlflow = configured_mlflow()
     experiment_id = ensure_experiment(params.mlflow.experiment)
     parent = parent_run_id(params)
     all_tags = {**execution_tags(params), "stage": stage, "mlflow.parentRunId": parent, **(tags or {})}
@@ -125,7 +120,7 @@ def log_headline(params, metrics: Mapping[str, float], tags: Mapping[str, str]) 
     from mlflow.entities import Metric, RunTag
 
     now = int(time.time() * 1000)
-    _mlflow().MlflowClient().log_batch(
+    configured_mlflow().MlflowClient().log_batch(
         parent_run_id(params),
         metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
         tags=[RunTag(k, str(v)) for k, v in tags.items()],
@@ -134,7 +129,7 @@ def log_headline(params, metrics: Mapping[str, float], tags: Mapping[str, str]) 
 
 def finish_parent(params) -> None:
     """Mark this execution's parent run FINISHED (the last stage calls this)."""
-    _mlflow().MlflowClient().set_terminated(parent_run_id(params), status="FINISHED")
+    configured_mlflow().MlflowClient().set_terminated(parent_run_id(params), status="FINISHED")
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
