@@ -33,7 +33,6 @@ LESION_WEIGHT = 12.0
 UNCOND_PROB = 0.1  # share of UNet samples that see the empty prompt (classifier-free guidance)
 MIN_SNR_GAMMA = 5.0  # Min-SNR loss weighting (Hang et al. 2023): converges several times faster
 WARMUP_STEPS = 20
-MIN_LR_RATE = 0.1  # the learning rate ends at this share of its peak
 # Share of VAE steps on random half-size crops (4x cheaper; colour and texture are local); the last steps see whole
 # images so GroupNorm statistics match inference.
 VAE_CROP_SHARE = 0.9
@@ -41,8 +40,7 @@ LOG_EVERY = 10
 
 
 def train_images(split_csv: str | Path) -> tuple[list[Path], list[str]]:
-    """Absolute paths and diagnoses of the ``split == "train"`` rows of split.csv (relative paths are from the
-    workspace root)."""
+    """Absolute paths and diagnoses of split.csv's train rows (relative paths are from the workspace root)."""
     not_found = "split file not found; run the prepare stage first (dvc repro prepare)"
     rows, paths = read_image_rows(Path(split_csv), ("dx", "path", "split"), not_found)
     train = [i for i, row in enumerate(rows) if row["split"] == "train"]
@@ -79,21 +77,16 @@ def batches(weights: torch.Tensor, batch: int, generator: torch.Generator) -> It
         yield torch.multinomial(weights, batch, replacement=True, generator=generator)
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then cosine decay to 10% (transformers' variant: diffusers' decays to 0)."""
-    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
-
-    warmup = min(WARMUP_STEPS, max(1, steps // 10))
-    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, max(steps, warmup + 1), min_lr_rate=MIN_LR_RATE)
-
-
 def fit(module, step_loss: Callable[[int], torch.Tensor], steps: int, lr: float, weight_decay: float,
         name: str) -> list[float]:
-    """The VAE's or UNet's loop: clipped AdamW steps under ``warmup_cosine``; every LOG_EVERY steps (and at the end)
-    the recent mean loss to the progress bar and MLflow."""
+    """The VAE's or UNet's loop: clipped AdamW, warm-up then cosine decay to 10% of the peak (transformers' schedule;
+    diffusers' decays to 0); the mean loss of every LOG_EVERY steps (and the last) to the progress bar and MLflow."""
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
     module.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
-    schedule = warmup_cosine(optimizer, steps)
+    warmup = min(WARMUP_STEPS, max(1, steps // 10))
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, max(steps, warmup + 1), min_lr_rate=0.1)
     losses: list[float] = []
     for step in (bar := tqdm(range(steps), desc=name, mininterval=2)):
         loss = step_loss(step)
@@ -206,9 +199,8 @@ def reconstruction_grid(vae, images: torch.Tensor) -> Image.Image:
 
 def pretrain(pipe: StableDiffusionPipeline, images: torch.Tensor, weights: torch.Tensor, cfg: BasePretrainParams,
              seed: int) -> tuple[dict, dict[str, float]]:
-    """VAE, then latent cache, then UNet, drawing image ``i`` with probability ∝ ``weights[i]``; updates ``pipe`` in
-    place (including the VAE's scaling_factor). Returns pretrain.json's summary (no timings: the same seed gives the
-    same file) and each phase's seconds."""
+    """VAE, latent cache, UNet, drawing image ``i`` with probability ∝ ``weights[i]``, in place (VAE scaling_factor
+    too). Returns pretrain.json's summary (no timings: the same seed gives the same file) and each phase's seconds."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     seconds, start = {}, time.perf_counter()
