@@ -85,10 +85,8 @@ def _read_config(path: Path) -> dict:
 
 
 def check_diffusers_folder(folder: str | Path) -> int:
-    """Check that ``folder`` is a loadable SD pipeline with safetensors weights; returns its native resolution.
-
-    From file names and small JSON files only: a 4 GB checkpoint is validated in milliseconds, each problem in one line.
-    """
+    """Check that ``folder`` is a loadable SD pipeline with safetensors weights; returns its native resolution. From
+    file names and small JSON files only: a 4 GB checkpoint is validated in milliseconds, each problem in one line."""
     folder = Path(folder)
     if not folder.is_dir():
         raise PipelineError(f"{KEY}: folder {folder} does not exist")
@@ -197,11 +195,8 @@ def resolve_hub_snapshot(repo_id: str, missing_folder: Path | None = None) -> Pa
 
 
 def resolve_base_source(params: Params) -> Path:
-    """The local diffusers folder that ``diffusion.base_model`` names: a Hub id's cached snapshot, models/base itself
-    for ``embedded-tiny``."""
+    """The local diffusers folder that a real checkpoint's ``diffusion.base_model`` names (a Hub id: its snapshot)."""
     value = params.diffusion.base_model.strip()
-    if value == EMBEDDED:
-        return workspace_root() / BASE_MODEL_DIR
     if not value:
         raise PipelineError(f"{KEY}: empty; use '{EMBEDDED}', a Hub id (owner/name) or a local diffusers folder")
     looks_like_path = os.path.isabs(os.path.expanduser(value)) or value.startswith((".", "~")) or value.endswith("/")
@@ -250,9 +245,7 @@ def prepare_base(params: Params) -> None:
 
 def _prepare_embedded(params: Params, target: Path) -> None:
     from pipeline.data.images import load_square
-    from diffusers.utils import make_image_grid
-
-    from pipeline.diffusion.pretrain import class_balanced, pretrain, reconstruction_grid, sample_images, train_images
+    from pipeline.diffusion.pretrain import class_balanced, pretrain, reconstruction_grid, sample_grid, train_images
     from pipeline.diffusion.tiny import build_tiny_pipeline, save_pipeline
 
     resolution, cfg = params.diffusion.resolution, params.diffusion.pretrain
@@ -264,7 +257,7 @@ def _prepare_embedded(params: Params, target: Path) -> None:
           f"each of their {len(set(diagnoses))} diagnoses drawn equally often")
     pipe = build_tiny_pipeline(resolution, params.seed)
     summary, seconds = pretrain(pipe, images, class_balanced(diagnoses), cfg, params.seed)
-    samples = make_image_grid(sample_images(pipe, cfg.prompt, count=16, seed=params.seed), rows=2, cols=8)
+    samples = sample_grid(pipe, cfg.prompt, params.seed)
     recon = reconstruction_grid(pipe.vae, images[:8])
     summary.update(resolution=resolution, seed=params.seed, pretrain=cfg.model_dump())
     with atomic_dir(target) as temp:

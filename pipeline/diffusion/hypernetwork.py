@@ -62,14 +62,10 @@ def _cross_attentions(unet) -> list[Attention]:
 
 def _hook_context(unet, net: torch.nn.Module) -> None:
     """Transform the input of every cross-attention key/value projection by its MLP."""
-
-    def transform(mlp: ContextMLP):
-        return lambda _module, args: (mlp(args[0]), *args[1:])
-
     for attn in _cross_attentions(unet):
-        width = attn.to_k.in_features
-        attn.to_k.register_forward_pre_hook(transform(net.mlps[f"k{width}"]))
-        attn.to_v.register_forward_pre_hook(transform(net.mlps[f"v{width}"]))
+        for which, projection in (("k", attn.to_k), ("v", attn.to_v)):
+            mlp = net.mlps[f"{which}{projection.in_features}"]
+            projection.register_forward_pre_hook(lambda _module, args, mlp=mlp: (mlp(args[0]), *args[1:]))
 
 
 def _hook_encoder(unet, net) -> None:
@@ -131,10 +127,7 @@ def _attach(unet, net: torch.nn.Module, config: dict) -> None:
         raise PipelineError("the UNet already has a hypernetwork; load a fresh base model to attach another")
     unet.add_module(CHILD, net)
     unet.hypernetwork_config = config
-    if config["kind"] == "encoder_copy":
-        _hook_encoder(unet, net)
-    else:
-        _hook_context(unet, net)
+    {"encoder_copy": _hook_encoder, "context_mlp": _hook_context}[config["kind"]](unet, net)
 
 
 def add_hypernetwork(unet, cfg: HypernetworkParams) -> list[torch.nn.Parameter]:

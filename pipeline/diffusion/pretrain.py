@@ -172,20 +172,17 @@ def train_unet(pipe: StableDiffusionPipeline, latents: LatentCache, weights: tor
 
 
 @torch.no_grad()
-def sample_images(
-    pipe: StableDiffusionPipeline, prompt: str, count: int = 16, seed: int = 0, steps: int = 25, guidance: float = 3.0
-) -> list[Image.Image]:
-    """A few images from the generic prompt, with a fast multistep solver (the saved scheduler is untouched)."""
+def sample_grid(pipe: StableDiffusionPipeline, prompt: str, seed: int) -> Image.Image:
+    """16 images of the generic prompt in 2 rows, by a fast multistep solver (the saved scheduler is untouched)."""
     sampler = StableDiffusionPipeline(
         **{**pipe.components, "scheduler": DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)},
         requires_safety_checker=False,
     )
     sampler.set_progress_bar_config(disable=True)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return sampler(
-        [prompt] * count, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-        generator=torch.Generator().manual_seed(seed), output_type="pil",
-    ).images
+    images = sampler([prompt] * 16, height=size, width=size, num_inference_steps=25, guidance_scale=3.0,
+                     generator=torch.Generator().manual_seed(seed), output_type="pil").images
+    return make_image_grid(images, rows=2, cols=8)
 
 
 @torch.no_grad()
@@ -203,20 +200,16 @@ def pretrain(pipe: StableDiffusionPipeline, images: torch.Tensor, weights: torch
     too). Returns pretrain.json's summary (no timings: the same seed gives the same file) and each phase's seconds."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    seconds, start = {}, time.perf_counter()
-    vae_losses = train_vae(pipe.vae, images, weights, cfg, generator)
-    seconds["vae"] = time.perf_counter() - start
-
     start = time.perf_counter()
+    vae_losses = train_vae(pipe.vae, images, weights, cfg, generator)
+    vae_done = time.perf_counter()
     latents = encode_images(pipe.vae, images, chunk=64)
     # SD's rule: scale latents to unit variance so the noise schedule fits them (0.18215 for SD's own VAE).
     latents.scaling_factor = float(1.0 / latents.mean.std().clamp_min(1e-6))
     pipe.vae.register_to_config(scaling_factor=latents.scaling_factor)
-    seconds["encode"] = time.perf_counter() - start
-
-    start = time.perf_counter()
+    encoded = time.perf_counter()
     unet_losses = train_unet(pipe, latents, weights, cfg, generator)
-    seconds["unet"] = time.perf_counter() - start
+    seconds = {"vae": vae_done - start, "encode": encoded - vae_done, "unet": time.perf_counter() - encoded}
     summary = {"train_images": len(images), "scaling_factor": latents.scaling_factor}
     for name, losses in (("vae", vae_losses), ("unet", unet_losses)):
         summary[f"{name}_steps"] = len(losses)
