@@ -1,10 +1,9 @@
 """controlnet: one lesion-mask ControlNet (diffusers' ``ControlNetModel.from_unet``) for every selected class.
 
-It trains on the selected classes' train images and masks, each under its class's prompt, with finetune's diffusion
-loop, checkpoints and resume. At generation it steers whichever class model is loaded; each image's condition is one
-of the class's fine-tuning masks (its own list keeps generate@<class> independent of other classes) under a random
-affine and elastic change, so every (image, mask) pair is a new segmentation training pair.
-With ``diffusion.control: none`` the stage writes only ``meta.json`` saying so.
+Trained on the selected classes' train images and masks under each class's prompt, with finetune's loop, checkpoints
+and resume. At generation it steers whichever class model is loaded, each image conditioned on one of the class's
+fine-tuning masks (so generate@<class> needs no other class) under a random affine and elastic change: every
+(image, mask) pair is a new segmentation training pair. Under ``diffusion.control: none`` it writes only a marker.
 """
 
 from __future__ import annotations

@@ -156,13 +156,11 @@ def train_unet(pipe: StableDiffusionPipeline, latents: LatentCache, weights: tor
     it = batches(weights.repeat(len(latents) // len(weights)), cfg.batch, generator)  # each image and its mirror
 
     def step_loss(step: int) -> torch.Tensor:
-        idx = next(it)
-        n = len(idx)
-        x = random_flips(latents.sample(idx, generator), generator)  # vertical flips in latent space: the VAE saw both
+        x = random_flips(latents.sample(next(it), generator), generator)  # latent vertical flips: the VAE saw both
         noise = torch.randn(x.shape, generator=generator)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch,), generator=generator)
         noisy = scheduler.add_noise(x, noise, timesteps)
-        drop = (torch.rand(n, generator=generator) < UNCOND_PROB)[:, None, None]
+        drop = (torch.rand(cfg.batch, generator=generator) < UNCOND_PROB)[:, None, None]
         text = torch.where(drop, uncond, cond)
         pred = unet(noisy, timesteps, encoder_hidden_states=text).sample
         per_sample = F.mse_loss(pred, diffusion_target(scheduler, x, noise, timesteps), reduction="none").mean((1, 2, 3))
