@@ -80,10 +80,8 @@ def _hook_encoder(unet, net) -> None:
         # autocast), its frozen condition branch in that branch's dtype; residuals come back in the UNet's.
         dtype, blank_dtype = net.conv_in.weight.dtype, net.controlnet_cond_embedding.conv_in.weight.dtype
         blank = sample.new_zeros(sample.shape[0], 1, *sample.shape[2:], dtype=blank_dtype)
-        extra = {k: given[k] for k in ("timestep_cond", "attention_mask", "cross_attention_kwargs", "added_cond_kwargs")
-                 if given.get(k) is not None}
         context = given["encoder_hidden_states"].to(dtype)
-        down, mid = net(sample.to(dtype), given["timestep"], context, blank, return_dict=False, **extra)
+        down, mid = net(sample.to(dtype), given["timestep"], context, blank, return_dict=False)
         down, mid = [r.to(sample.dtype) for r in down], mid.to(sample.dtype)
         if given.get("down_block_additional_residuals") is not None:
             down = [a + b for a, b in zip(given["down_block_additional_residuals"], down)]
