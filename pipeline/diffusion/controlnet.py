@@ -183,7 +183,6 @@ def train_controlnet(params: Params):
             losses.flush()
             state = {"fingerprint": fingerprint, "recent_losses": losses.recent}
             finetune.save_checkpoint(ckpt_dir, resumable, done, state)
-    bar.close()
     losses.flush()
 
     accelerator.wait_for_everyone()
