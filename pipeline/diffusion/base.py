@@ -1,10 +1,8 @@
 """The `base` stage and the one function every later stage uses to load the base model.
 
-``diffusion.base_model`` is either ``embedded-tiny`` (build and pre-train the tiny SD-shaped model,
-saved in diffusers' folder format under models/base) or a real Stable Diffusion checkpoint: a
-local diffusers folder or a Hugging Face Hub id. A real checkpoint is validated and *referenced*
-from ``models/base/base_model.json`` (never copied: SD 1.5 is gigabytes), and loaded from there
-with safetensors only, so no pickle from a downloaded checkpoint is ever executed.
+``diffusion.base_model`` is ``embedded-tiny`` (pre-train the tiny SD-shaped model into models/base) or a real SD
+checkpoint, a local diffusers folder or Hub id, *referenced* from ``models/base/base_model.json`` (never copied: SD 1.5
+is gigabytes) and loaded with safetensors only, so no pickle from a downloaded checkpoint is ever executed.
 """
 
 from __future__ import annotations
@@ -86,11 +84,9 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def check_diffusers_folder(folder: str | Path) -> dict:
-    """Check that ``folder`` is a loadable SD pipeline with safetensors weights; returns model_index.json.
-
-    From file names and small JSON files only: a 4 GB checkpoint is validated in milliseconds, each problem in one line.
-    """
+def check_diffusers_folder(folder: str | Path) -> int:
+    """Check that ``folder`` is a loadable SD pipeline with safetensors weights; returns its native resolution. From
+    file names and small JSON files only: a 4 GB checkpoint is validated in milliseconds, each problem in one line."""
     folder = Path(folder)
     if not folder.is_dir():
         raise PipelineError(f"{KEY}: folder {folder} does not exist")
@@ -127,31 +123,18 @@ def check_diffusers_folder(folder: str | Path) -> dict:
             f"{KEY}: {folder} has a UNet with {unet.get('in_channels')} input channels but a VAE with "
             f"{vae.get('latent_channels')} latent channels (an inpainting checkpoint?); a text-to-image SD pipeline is needed"
         )
-    return index
-
-
-def native_resolution(folder: str | Path) -> int:
-    """The image size the checkpoint was trained at: UNet sample size times the VAE's downsampling (SD 1.5: 64 * 8)."""
-    folder = Path(folder)
-    unet = _read_config(folder / "unet" / "config.json")
-    vae = _read_config(folder / "vae" / "config.json")
+    # The size it was trained at: UNet sample size times the VAE's downsampling (SD 1.5: 64 * 8).
     return int(unet.get("sample_size", 64)) * 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
 
 
 def folder_fingerprint(folder: str | Path) -> str:
-    """sha256 of model_index.json, the component configs and every component file's name and size.
-
-    Names and sizes, not contents: hashing gigabytes of weights on every run is too slow, and a
-    checkpoint whose weights change keep their size only if someone edits them on purpose.
-    """
+    """sha256 of model_index.json, the component configs and every component file's name and size (not contents:
+    hashing gigabytes on every run is too slow, and changed weights keep their size only if edited on purpose)."""
     folder = Path(folder)
     digest = hashlib.sha256((folder / "model_index.json").read_bytes())
     for component in REQUIRED_COMPONENTS:
-        for path in sorted((folder / component).rglob("*")):
-            if not path.is_file():
-                continue
-            rel = path.relative_to(folder).as_posix()
-            digest.update(f"\n{rel}\t{path.stat().st_size}".encode())
+        for path in sorted(p for p in (folder / component).rglob("*") if p.is_file()):
+            digest.update(f"\n{path.relative_to(folder).as_posix()}\t{path.stat().st_size}".encode())
             if path.suffix == ".json" and path.stat().st_size < 1_000_000:
                 digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -169,10 +152,8 @@ def _hub_cache_dir() -> str:
 
 
 def resolve_hub_snapshot(repo_id: str, missing_folder: Path | None = None) -> Path:
-    """The local snapshot folder of a Hub repo: from the cache when offline, downloaded (safetensors only) otherwise.
-
-    missing_folder: the in-repo folder the same value would have named, mentioned in the error if the Hub fails too.
-    """
+    """The local snapshot folder of a Hub repo: from the cache when offline, downloaded (safetensors only) otherwise;
+    ``missing_folder``, the in-repo folder the same value would name, is mentioned if the Hub fails too."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -214,13 +195,8 @@ def resolve_hub_snapshot(repo_id: str, missing_folder: Path | None = None) -> Pa
 
 
 def resolve_base_source(params: Params) -> Path:
-    """The local diffusers folder that ``diffusion.base_model`` names (a Hub id resolves to its cached snapshot).
-
-    For ``embedded-tiny`` it is models/base itself, which the base stage writes.
-    """
+    """The local diffusers folder that a real checkpoint's ``diffusion.base_model`` names (a Hub id: its snapshot)."""
     value = params.diffusion.base_model.strip()
-    if value == EMBEDDED:
-        return workspace_root() / BASE_MODEL_DIR
     if not value:
         raise PipelineError(f"{KEY}: empty; use '{EMBEDDED}', a Hub id (owner/name) or a local diffusers folder")
     looks_like_path = os.path.isabs(os.path.expanduser(value)) or value.startswith((".", "~")) or value.endswith("/")
@@ -251,12 +227,11 @@ def prepare_base(params: Params) -> None:
         _prepare_embedded(params, target)
         return
     folder = resolve_base_source(params).resolve()
-    check_diffusers_folder(folder)
     record = {
+        "native_resolution": check_diffusers_folder(folder),
         "source": params.diffusion.base_model,
         "path": str(folder),
         "sha256": folder_fingerprint(folder),
-        "native_resolution": native_resolution(folder),
     }
     with atomic_dir(target) as temp:
         write_json(temp / REFERENCE_FILE, record)
@@ -270,9 +245,7 @@ def prepare_base(params: Params) -> None:
 
 def _prepare_embedded(params: Params, target: Path) -> None:
     from pipeline.data.images import load_square
-    from diffusers.utils import make_image_grid
-
-    from pipeline.diffusion.pretrain import class_balanced, pretrain, reconstruction_grid, sample_images, train_images
+    from pipeline.diffusion.pretrain import class_balanced, pretrain, reconstruction_grid, sample_grid, train_images
     from pipeline.diffusion.tiny import build_tiny_pipeline, save_pipeline
 
     resolution, cfg = params.diffusion.resolution, params.diffusion.pretrain
@@ -284,7 +257,7 @@ def _prepare_embedded(params: Params, target: Path) -> None:
           f"each of their {len(set(diagnoses))} diagnoses drawn equally often")
     pipe = build_tiny_pipeline(resolution, params.seed)
     summary, seconds = pretrain(pipe, images, class_balanced(diagnoses), cfg, params.seed)
-    samples = make_image_grid(sample_images(pipe, cfg.prompt, count=16, seed=params.seed), rows=2, cols=8)
+    samples = sample_grid(pipe, cfg.prompt, params.seed)
     recon = reconstruction_grid(pipe.vae, images[:8])
     summary.update(resolution=resolution, seed=params.seed, pretrain=cfg.model_dump())
     with atomic_dir(target) as temp:

@@ -1,15 +1,13 @@
 """controlnet: one lesion-mask ControlNet (diffusers' ``ControlNetModel.from_unet``) for every selected class.
 
-It trains on the selected classes' train images and masks, each under its class's prompt, with finetune's diffusion
-loop, checkpoints and resume. At generation it steers whichever class model is loaded; each image's condition is one
-of the class's fine-tuning masks (its own list keeps generate@<class> independent of other classes) under a random
-affine and elastic change, so every (image, mask) pair is a new segmentation training pair.
-With ``diffusion.control: none`` the stage writes only ``meta.json`` saying so.
+Trained on the selected classes' train images and masks under each class's prompt, with finetune's loop, checkpoints
+and resume. At generation it steers whichever class model is loaded, each image conditioned on one of the class's
+fine-tuning masks (so generate@<class> needs no other class) under a random affine and elastic change: every
+(image, mask) pair is a new segmentation training pair. Under ``diffusion.control: none`` it writes only a marker.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -20,7 +18,7 @@ from diffusers import ControlNetModel, DDPMScheduler
 from tqdm.auto import tqdm
 
 from pipeline.core import tracking
-from pipeline.core.atomic import atomic_dir, clean_stale_temps, read_json
+from pipeline.core.atomic import atomic_dir, clean_stale_temps, read_json, write_json
 from pipeline.data.images import load_square
 from pipeline.core.device import DTYPES, make_accelerator
 from pipeline.diffusion.generate import META_FILE
@@ -158,10 +156,8 @@ def train_controlnet(params: Params):
 
     controlnet = make_controlnet(pipe.unet, pipe.vae_scale_factor).to(device)
     controlnet.train()
-    if weight_dtype != torch.float32:
-        for module in (pipe.vae, pipe.text_encoder, pipe.unet):
-            module.to(dtype=weight_dtype)
     part = finetune.TrainedPart(controlnet, lambda folder: controlnet.save_pretrained(folder, safe_serialization=True))
+    finetune.cast_frozen(pipe, part, weight_dtype)
     trainable = list(part.named_trainable().values())
     optimizer = adamw(trainable, lr=cfg.lr, weight_decay=1e-2)
     generator = torch.Generator(device).manual_seed(derive_seed(seed, "steps", accelerator.process_index))
@@ -174,24 +170,19 @@ def train_controlnet(params: Params):
     losses = finetune.LossLog("controlnet/loss", recent, send=main)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="controlnet", disable=not main, mininterval=1)
     for step in bar:
-        # --- batch: cached latents of random train images, their masks and their classes' prompts
+        # Cached latents of random train images, their masks and their classes' prompts.
         index = torch.randint(len(latents), (cfg.batch,), generator=generator, device=device)
         batch = finetune.Batch(latents.sample(index, generator), class_states[class_index[index]])
         unet = controlled(pipe.unet, model, masks[index])
-
-        # --- forward, loss, backward, step
         with accelerator.autocast():
             loss = finetune.diffusion_loss(unet, noise_scheduler, batch, generator, dtype=weight_dtype)
         finetune.optimizer_step(accelerator, loss, trainable, optimizer)
-
-        # --- bookkeeping: loss log, checkpoint
         done = step + 1
         losses.add(accelerator.reduce(loss.detach(), "mean"), done)
         if done % d.checkpoint_every == 0 and done < cfg.steps:
             losses.flush()
             state = {"fingerprint": fingerprint, "recent_losses": losses.recent}
             finetune.save_checkpoint(ckpt_dir, resumable, done, state)
-    bar.close()
     losses.flush()
 
     accelerator.wait_for_everyone()
@@ -204,7 +195,7 @@ def train_controlnet(params: Params):
                 "base": {"source": d.base_model, "sha256": base_sha}, "params_hash": fingerprint,
                 "weights_sha256": sha256_file(temp / "diffusion_pytorch_model.safetensors"),
             }
-            (temp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            write_json(temp / META_FILE, meta)
         tracking.log_metrics({"controlnet/final_loss": meta["final_loss"]})
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     accelerator.wait_for_everyone()

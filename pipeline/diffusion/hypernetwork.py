@@ -1,10 +1,10 @@
 """Hypernetworks: a small trainable network beside the frozen UNet that steers it toward one class.
 
 Two kinds (``diffusion.hypernetwork.kind``), both the base model exactly at initialisation:
-- ``encoder_copy``: a trainable copy of the UNet's encoder whose zero-initialised outputs join the frozen UNet's skip
-  connections: diffusers' ``ControlNetModel.from_unet`` with its condition branch frozen and fed zeros;
-- ``context_mlp`` (AUTOMATIC1111 webui): residual MLPs (``layer_structure`` x the context width) transform the text
-  context before every cross-attention key and value projection, one pair per context width, last layer zero.
+- ``encoder_copy``: diffusers' ``ControlNetModel.from_unet``, its condition branch frozen and fed zeros, whose
+  zero-initialised outputs join the frozen UNet's skip connections;
+- ``context_mlp`` (AUTOMATIC1111 webui): residual MLPs, last layer zero, transform the text context before every
+  cross-attention key and value projection, one pair per context width.
 
 The network is the UNet's child ``hypernetwork`` acting through forward pre-hooks, so accelerate and DDP wrap the
 UNet whole. Saved as ``hypernetwork.safetensors`` with its config (and the base UNet's shape) in the metadata.
@@ -55,31 +55,17 @@ class ContextMLP(torch.nn.Module):
         return context + self.mlp(context.to(self.mlp[0].weight.dtype)).to(context.dtype)
 
 
-class ContextHypernetwork(torch.nn.Module):
-    """A key MLP and a value MLP per context width (keys "k<width>", "v<width>")."""
-
-    def __init__(self, widths: list[int], layer_structure: list[float], activation: str):
-        super().__init__()
-        self.mlps = torch.nn.ModuleDict({
-            f"{which}{width}": ContextMLP(width, layer_structure, activation) for width in widths for which in "kv"
-        })
-
-
 def _cross_attentions(unet) -> list[Attention]:
     return [m for name, m in unet.named_modules() if isinstance(m, Attention) and m.is_cross_attention
             and not name.startswith(f"{CHILD}.")]
 
 
-def _hook_context(unet, net: ContextHypernetwork) -> None:
+def _hook_context(unet, net: torch.nn.Module) -> None:
     """Transform the input of every cross-attention key/value projection by its MLP."""
-
-    def transform(mlp: ContextMLP):
-        return lambda _module, args: (mlp(args[0]), *args[1:])
-
     for attn in _cross_attentions(unet):
-        width = attn.to_k.in_features
-        attn.to_k.register_forward_pre_hook(transform(net.mlps[f"k{width}"]))
-        attn.to_v.register_forward_pre_hook(transform(net.mlps[f"v{width}"]))
+        for which, projection in (("k", attn.to_k), ("v", attn.to_v)):
+            mlp = net.mlps[f"{which}{projection.in_features}"]
+            projection.register_forward_pre_hook(lambda _module, args, mlp=mlp: (mlp(args[0]), *args[1:]))
 
 
 def _hook_encoder(unet, net) -> None:
@@ -94,10 +80,8 @@ def _hook_encoder(unet, net) -> None:
         # autocast), its frozen condition branch in that branch's dtype; residuals come back in the UNet's.
         dtype, blank_dtype = net.conv_in.weight.dtype, net.controlnet_cond_embedding.conv_in.weight.dtype
         blank = sample.new_zeros(sample.shape[0], 1, *sample.shape[2:], dtype=blank_dtype)
-        extra = {k: given[k] for k in ("timestep_cond", "attention_mask", "cross_attention_kwargs", "added_cond_kwargs")
-                 if given.get(k) is not None}
         context = given["encoder_hidden_states"].to(dtype)
-        down, mid = net(sample.to(dtype), given["timestep"], context, blank, return_dict=False, **extra)
+        down, mid = net(sample.to(dtype), given["timestep"], context, blank, return_dict=False)
         down, mid = [r.to(sample.dtype) for r in down], mid.to(sample.dtype)
         if given.get("down_block_additional_residuals") is not None:
             down = [a + b for a, b in zip(given["down_block_additional_residuals"], down)]
@@ -129,7 +113,11 @@ def _build(unet, config: dict, load_weights: bool) -> torch.nn.Module:
             net.controlnet_cond_embedding.requires_grad_(False)
             return net
         widths = sorted({attn.to_k.in_features for attn in _cross_attentions(unet)})
-        return ContextHypernetwork(widths, config["layer_structure"], config["activation"])
+        # A key MLP and a value MLP per context width; under "mlps", as the saved files name them.
+        return torch.nn.ModuleDict({"mlps": torch.nn.ModuleDict({
+            f"{which}{width}": ContextMLP(width, config["layer_structure"], config["activation"])
+            for width in widths for which in "kv"
+        })})
 
 
 def _attach(unet, net: torch.nn.Module, config: dict) -> None:
@@ -137,10 +125,7 @@ def _attach(unet, net: torch.nn.Module, config: dict) -> None:
         raise PipelineError("the UNet already has a hypernetwork; load a fresh base model to attach another")
     unet.add_module(CHILD, net)
     unet.hypernetwork_config = config
-    if config["kind"] == "encoder_copy":
-        _hook_encoder(unet, net)
-    else:
-        _hook_context(unet, net)
+    {"encoder_copy": _hook_encoder, "context_mlp": _hook_context}[config["kind"]](unet, net)
 
 
 def add_hypernetwork(unet, cfg: HypernetworkParams) -> list[torch.nn.Parameter]:
@@ -179,23 +164,6 @@ def _read(path: Path) -> tuple[dict, dict]:
     return _config(cfg, interface), weights
 
 
-def _check_weights(path: Path, weights: dict, expected: dict, kind: str) -> None:
-    """Every tensor the network needs, with its shape, and nothing else; else one PipelineError naming the first."""
-    missing = sorted(set(expected) - set(weights))
-    unknown = sorted(set(weights) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(weights) if weights[k].shape != expected[k].shape)
-    if missing:
-        raise PipelineError(f"{path}: {len(missing)} tensors of a {kind} hypernetwork missing, e.g. {missing[0]!r}")
-    if unknown:
-        raise PipelineError(f"{path}: {len(unknown)} tensors a {kind} hypernetwork does not have, e.g. {unknown[0]!r}")
-    if wrong:
-        key = wrong[0]
-        raise PipelineError(
-            f"{path}: {key!r} has shape {list(weights[key].shape)} but this {kind} hypernetwork needs "
-            f"{list(expected[key].shape)}"
-        )
-
-
 def load_hypernetwork(pipe, folder: str | Path) -> Path:
     """Validate the class's hypernetwork file and attach it to ``pipe.unet``; returns the file."""
     path = Path(folder) / HYPERNETWORK_FILE
@@ -210,9 +178,15 @@ def load_hypernetwork(pipe, folder: str | Path) -> Path:
                 f"{path}: built for a UNet with {key}={config['unet'].get(key)} but the base model has {base[key]}: "
                 "it was trained for another base model"
             )
-    net = _build(unet, config, load_weights=False)
-    _check_weights(path, weights, net.state_dict(), config["kind"])
-    net.load_state_dict(weights, strict=True)
+    net, kind = _build(unet, config, load_weights=False), config["kind"]
+    try:
+        missing, unknown = net.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # a tensor of the wrong shape: torch's second line names it and both shapes
+        raise PipelineError(f"{path}: {str(exc).splitlines()[1].strip()}") from None
+    if missing:
+        raise PipelineError(f"{path}: {len(missing)} tensors of a {kind} hypernetwork missing, e.g. {missing[0]!r}")
+    if unknown:
+        raise PipelineError(f"{path}: {len(unknown)} tensors a {kind} hypernetwork does not have, e.g. {unknown[0]!r}")
     net.requires_grad_(False).eval()
     if unet.dtype != torch.float32:  # diffusers warns on any dtype cast, so only when one is needed
         net.to(dtype=unet.dtype)

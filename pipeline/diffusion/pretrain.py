@@ -33,7 +33,6 @@ LESION_WEIGHT = 12.0
 UNCOND_PROB = 0.1  # share of UNet samples that see the empty prompt (classifier-free guidance)
 MIN_SNR_GAMMA = 5.0  # Min-SNR loss weighting (Hang et al. 2023): converges several times faster
 WARMUP_STEPS = 20
-MIN_LR_RATE = 0.1  # the learning rate ends at this share of its peak
 # Share of VAE steps on random half-size crops (4x cheaper; colour and texture are local); the last steps see whole
 # images so GroupNorm statistics match inference.
 VAE_CROP_SHARE = 0.9
@@ -41,8 +40,7 @@ LOG_EVERY = 10
 
 
 def train_images(split_csv: str | Path) -> tuple[list[Path], list[str]]:
-    """Absolute paths and diagnoses of the ``split == "train"`` rows of split.csv (relative paths are from the
-    workspace root)."""
+    """Absolute paths and diagnoses of split.csv's train rows (relative paths are from the workspace root)."""
     not_found = "split file not found; run the prepare stage first (dvc repro prepare)"
     rows, paths = read_image_rows(Path(split_csv), ("dx", "path", "split"), not_found)
     train = [i for i, row in enumerate(rows) if row["split"] == "train"]
@@ -79,21 +77,16 @@ def batches(weights: torch.Tensor, batch: int, generator: torch.Generator) -> It
         yield torch.multinomial(weights, batch, replacement=True, generator=generator)
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then cosine decay to 10% (transformers' variant: diffusers' decays to 0)."""
-    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
-
-    warmup = min(WARMUP_STEPS, max(1, steps // 10))
-    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, max(steps, warmup + 1), min_lr_rate=MIN_LR_RATE)
-
-
 def fit(module, step_loss: Callable[[int], torch.Tensor], steps: int, lr: float, weight_decay: float,
         name: str) -> list[float]:
-    """The VAE's or UNet's loop: clipped AdamW steps under ``warmup_cosine``; every LOG_EVERY steps (and at the end)
-    the recent mean loss to the progress bar and MLflow."""
+    """The VAE's or UNet's loop: clipped AdamW, warm-up then cosine decay to 10% of the peak (transformers' schedule;
+    diffusers' decays to 0); the mean loss of every LOG_EVERY steps (and the last) to the progress bar and MLflow."""
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
     module.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
-    schedule = warmup_cosine(optimizer, steps)
+    warmup = min(WARMUP_STEPS, max(1, steps // 10))
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, max(steps, warmup + 1), min_lr_rate=0.1)
     losses: list[float] = []
     for step in (bar := tqdm(range(steps), desc=name, mininterval=2)):
         loss = step_loss(step)
@@ -163,13 +156,11 @@ def train_unet(pipe: StableDiffusionPipeline, latents: LatentCache, weights: tor
     it = batches(weights.repeat(len(latents) // len(weights)), cfg.batch, generator)  # each image and its mirror
 
     def step_loss(step: int) -> torch.Tensor:
-        idx = next(it)
-        n = len(idx)
-        x = random_flips(latents.sample(idx, generator), generator)  # vertical flips in latent space: the VAE saw both
+        x = random_flips(latents.sample(next(it), generator), generator)  # latent vertical flips: the VAE saw both
         noise = torch.randn(x.shape, generator=generator)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch,), generator=generator)
         noisy = scheduler.add_noise(x, noise, timesteps)
-        drop = (torch.rand(n, generator=generator) < UNCOND_PROB)[:, None, None]
+        drop = (torch.rand(cfg.batch, generator=generator) < UNCOND_PROB)[:, None, None]
         text = torch.where(drop, uncond, cond)
         pred = unet(noisy, timesteps, encoder_hidden_states=text).sample
         per_sample = F.mse_loss(pred, diffusion_target(scheduler, x, noise, timesteps), reduction="none").mean((1, 2, 3))
@@ -179,20 +170,17 @@ def train_unet(pipe: StableDiffusionPipeline, latents: LatentCache, weights: tor
 
 
 @torch.no_grad()
-def sample_images(
-    pipe: StableDiffusionPipeline, prompt: str, count: int = 16, seed: int = 0, steps: int = 25, guidance: float = 3.0
-) -> list[Image.Image]:
-    """A few images from the generic prompt, with a fast multistep solver (the saved scheduler is untouched)."""
+def sample_grid(pipe: StableDiffusionPipeline, prompt: str, seed: int) -> Image.Image:
+    """16 images of the generic prompt in 2 rows, by a fast multistep solver (the saved scheduler is untouched)."""
     sampler = StableDiffusionPipeline(
         **{**pipe.components, "scheduler": DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)},
         requires_safety_checker=False,
     )
     sampler.set_progress_bar_config(disable=True)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return sampler(
-        [prompt] * count, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-        generator=torch.Generator().manual_seed(seed), output_type="pil",
-    ).images
+    images = sampler([prompt] * 16, height=size, width=size, num_inference_steps=25, guidance_scale=3.0,
+                     generator=torch.Generator().manual_seed(seed), output_type="pil").images
+    return make_image_grid(images, rows=2, cols=8)
 
 
 @torch.no_grad()
@@ -206,25 +194,20 @@ def reconstruction_grid(vae, images: torch.Tensor) -> Image.Image:
 
 def pretrain(pipe: StableDiffusionPipeline, images: torch.Tensor, weights: torch.Tensor, cfg: BasePretrainParams,
              seed: int) -> tuple[dict, dict[str, float]]:
-    """VAE, then latent cache, then UNet, drawing image ``i`` with probability ∝ ``weights[i]``; updates ``pipe`` in
-    place (including the VAE's scaling_factor). Returns pretrain.json's summary (no timings: the same seed gives the
-    same file) and each phase's seconds."""
+    """VAE, latent cache, UNet, drawing image ``i`` with probability ∝ ``weights[i]``, in place (VAE scaling_factor
+    too). Returns pretrain.json's summary (no timings: the same seed gives the same file) and each phase's seconds."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    seconds, start = {}, time.perf_counter()
-    vae_losses = train_vae(pipe.vae, images, weights, cfg, generator)
-    seconds["vae"] = time.perf_counter() - start
-
     start = time.perf_counter()
+    vae_losses = train_vae(pipe.vae, images, weights, cfg, generator)
+    vae_done = time.perf_counter()
     latents = encode_images(pipe.vae, images, chunk=64)
     # SD's rule: scale latents to unit variance so the noise schedule fits them (0.18215 for SD's own VAE).
     latents.scaling_factor = float(1.0 / latents.mean.std().clamp_min(1e-6))
     pipe.vae.register_to_config(scaling_factor=latents.scaling_factor)
-    seconds["encode"] = time.perf_counter() - start
-
-    start = time.perf_counter()
+    encoded = time.perf_counter()
     unet_losses = train_unet(pipe, latents, weights, cfg, generator)
-    seconds["unet"] = time.perf_counter() - start
+    seconds = {"vae": vae_done - start, "encode": encoded - vae_done, "unet": time.perf_counter() - encoded}
     summary = {"train_images": len(images), "scaling_factor": latents.scaling_factor}
     for name, losses in (("vae", vae_losses), ("unet", unet_losses)):
         summary[f"{name}_steps"] = len(losses)
