@@ -15,6 +15,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from tqdm import tqdm
 
+from pipeline.core import tracking
 from pipeline.core.atomic import atomic_dir, atomic_file, clean_stale_temps
 from pipeline.data.masks import MASK_FOLDER, mask_file
 from pipeline.core.errors import PipelineError
@@ -25,10 +26,6 @@ from pipeline.core.paths import DEMO_DIR, REPORTS_DIR, workspace_root
 HAM_COUNTS: dict[str, int] = {"nv": 6705, "mel": 1113, "bkl": 1099, "bcc": 514, "akiec": 327, "vasc": 142, "df": 115}
 METADATA_COLUMNS = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]
 FIRST_IMAGE_NUMBER = 24306  # HAM10000's image ids run from ISIC_0024306 upwards
-JPEG_QUALITY = 90
-DEMO_ROOT = DEMO_DIR.parent  # data/demo: the DVC output; the HAM10000 folder sits inside it
-GRID_PATH = REPORTS_DIR / "demo_grid.png"
-SKIPPED_MARKER = "SKIPPED"
 
 # Images per lesion, 1..4: HAM10000 has ~1.34 images per lesion.
 _IMAGES_PER_LESION_P = (0.72, 0.17, 0.07, 0.04)
@@ -77,11 +74,25 @@ def _noise(rng: np.random.Generator, side: int, cells: int) -> np.ndarray:
 
 
 _ANGLES = 2048
+# Each class's outline: uniform ranges of radius, irregular (lobes), asym (one-sided bulge), jag (fine notches) and
+# edge (soft border width), drawn in that order; a bare 0.0 is fixed, not drawn.
+_OUTLINES = {
+    "nv": ((0.3, 0.6), (0.0, 0.08), (0, 0.05), 0.0, (0.04, 0.15)),
+    "mel": ((0.4, 0.75), (0.1, 0.25), (0.05, 0.2), (0.0, 0.04), (0.03, 0.12)),
+    "bkl": ((0.35, 0.7), (0.03, 0.12), (0, 0.08), (0.0, 0.015), (0.02, 0.06)),
+    "bcc": ((0.3, 0.6), (0.04, 0.14), (0, 0.1), 0.0, (0.05, 0.15)),
+    "akiec": ((0.35, 0.7), (0.06, 0.16), (0.02, 0.1), (0.01, 0.03), (0.12, 0.3)),
+    "df": ((0.28, 0.5), (0.02, 0.08), (0, 0.06), 0.0, (0.25, 0.45)),
+    "vasc": ((0.28, 0.55), (0.03, 0.12), (0, 0.08), 0.0, (0.02, 0.06)),
+}
 
 
-def _shape(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, radius: float, irregular: float, asym: float,
-           jag: float) -> tuple[np.ndarray, float, float]:
-    """The lesion's radial coordinate t (0 centre, 1 border) on the canvas coordinates (u, v), and its centre."""
+def _outline(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, class_code: str
+             ) -> tuple[np.ndarray, np.ndarray, float, tuple[float, float]]:
+    """The lesion's radial coordinate t (0 centre, 1 border) on the canvas coordinates (u, v), its soft mask,
+    radius and centre."""
+    *ranges, edge = _OUTLINES[class_code]
+    radius, irregular, asym, jag = (rng.uniform(*r) if isinstance(r, tuple) else r for r in ranges)
     cx, cy = rng.uniform(-0.18, 0.18, 2)
     angle, aspect = rng.uniform(0, math.pi), rng.uniform(1.0, 1.35)
     dx, dy = u - cx, v - cy
@@ -99,11 +110,9 @@ def _shape(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, radius: float
         border += jag * rng.uniform(0.5, 1.0) * np.cos(k * grid + rng.uniform(0, 2 * math.pi))
     border = radius * np.clip(border, 0.35, None)
     index = ((theta + math.pi) * (_ANGLES / (2 * math.pi))).astype(np.int32) % _ANGLES
-    return rho / border[index], cx, cy
-
-
-def _soft_mask(t: np.ndarray, edge: float) -> np.ndarray:
-    return np.clip((1.0 - t) / max(edge, 1e-3) + 0.5, 0.0, 1.0)
+    t = rho / border[index]
+    mask = np.clip((1.0 - t) / max(rng.uniform(*edge), 1e-3) + 0.5, 0.0, 1.0)
+    return t, mask, radius, (cx, cy)
 
 
 def _network(rng: np.random.Generator, side: int, cells: int, width: float) -> np.ndarray:
@@ -177,14 +186,12 @@ def draw_lesion(rng: np.random.Generator, dx: str, size: int) -> tuple[Image.Ima
     side = int(round(size * extent))
     axis = np.linspace(-extent, extent, side, dtype=np.float32)  # in units of the image's half-width
     u, v = np.meshgrid(axis, axis)
-    skin = _skin(rng, side)
-    colour = skin.copy()
+    colour = _skin(rng, side)
     hue = lambda rgb, amount=0.08: _jitter(rng, rgb, amount)  # noqa: E731
     fine = _noise(rng, side, max(8, side // 4))
+    t, mask, radius, (cx, cy) = _outline(rng, u, v, dx)
 
     if dx == "nv":
-        t, cx, cy = _shape(rng, u, v, rng.uniform(0.3, 0.6), rng.uniform(0.0, 0.08), rng.uniform(0, 0.05), 0.0)
-        mask = _soft_mask(t, rng.uniform(0.04, 0.15))
         base = hue((140, 92, 62), 0.12)
         centre = np.clip(1 - t, 0, 1) * rng.uniform(0.0, 0.25)
         lesion = np.broadcast_to(base, colour.shape) * (1 - centre[..., None])
@@ -192,9 +199,6 @@ def draw_lesion(rng: np.random.Generator, dx: str, size: int) -> tuple[Image.Ima
         lesion = lesion * (1 - net[..., None] * 0.6)
         alpha = 0.92
     elif dx == "mel":
-        t, cx, cy = _shape(rng, u, v, rng.uniform(0.4, 0.75), rng.uniform(0.1, 0.25), rng.uniform(0.05, 0.2),
-                           rng.uniform(0.0, 0.04))
-        mask = _soft_mask(t, rng.uniform(0.03, 0.12))
         palette = [hue((38, 28, 26)), hue((88, 52, 36)), hue((140, 92, 62)), hue((112, 118, 140)), hue((190, 105, 100)),
                    hue((205, 192, 190), 0.04)]
         picks = rng.choice(len(palette), size=int(rng.integers(2, 5)), replace=False, p=[0.26, 0.26, 0.2, 0.1, 0.1, 0.08])
@@ -209,9 +213,6 @@ def draw_lesion(rng: np.random.Generator, dx: str, size: int) -> tuple[Image.Ima
         lesion = lesion + fine[..., None] * 8
         alpha = 0.95
     elif dx == "bkl":
-        t, cx, cy = _shape(rng, u, v, rng.uniform(0.35, 0.7), rng.uniform(0.03, 0.12), rng.uniform(0, 0.08),
-                           rng.uniform(0.0, 0.015))
-        mask = _soft_mask(t, rng.uniform(0.02, 0.06))
         base = hue((166, 118, 82), 0.1)
         ridges = _network(rng, side, max(8, side // 10), 0.1) * rng.uniform(0.2, 0.5)
         lesion = np.broadcast_to(base, colour.shape) * (1 - ridges[..., None] * 0.45)
@@ -220,9 +221,6 @@ def draw_lesion(rng: np.random.Generator, dx: str, size: int) -> tuple[Image.Ima
         lesion = _lerp(lesion, np.array([235, 225, 195], np.float32), np.clip(cysts, 0, 1))
         alpha = rng.uniform(0.8, 0.95)
     elif dx == "bcc":
-        radius = rng.uniform(0.3, 0.6)
-        t, cx, cy = _shape(rng, u, v, radius, rng.uniform(0.04, 0.14), rng.uniform(0, 0.1), 0.0)
-        mask = _soft_mask(t, rng.uniform(0.05, 0.15))
         lesion = np.broadcast_to(hue((228, 180, 178), 0.05), colour.shape) + fine[..., None] * 4
         vessels = _draw_vessels(rng, side, (cx, cy), radius, extent, max(1.0, size / 70))
         lesion = _lerp(lesion, hue((175, 30, 45), 0.1), vessels * rng.uniform(0.6, 0.95))
@@ -230,9 +228,6 @@ def draw_lesion(rng: np.random.Generator, dx: str, size: int) -> tuple[Image.Ima
         lesion = _lerp(lesion, hue((110, 118, 140)), np.clip(nests, 0, 1))
         alpha = rng.uniform(0.55, 0.8)
     elif dx == "akiec":
-        t, cx, cy = _shape(rng, u, v, rng.uniform(0.35, 0.7), rng.uniform(0.06, 0.16), rng.uniform(0.02, 0.1),
-                           rng.uniform(0.01, 0.03))
-        mask = _soft_mask(t, rng.uniform(0.12, 0.3))
         lesion = np.broadcast_to(hue((206, 118, 108), 0.08), colour.shape).copy()
         rough = _noise(rng, side, max(12, side // 3))
         lesion = lesion * (1 + rough[..., None] * 0.14)
@@ -243,20 +238,14 @@ def draw_lesion(rng: np.random.Generator, dx: str, size: int) -> tuple[Image.Ima
         lesion = _lerp(lesion, np.array([240, 215, 205], np.float32), np.clip(pores, 0, 1))
         alpha = rng.uniform(0.7, 0.9)
     elif dx == "df":
-        t, cx, cy = _shape(rng, u, v, rng.uniform(0.28, 0.5), rng.uniform(0.02, 0.08), rng.uniform(0, 0.06), 0.0)
-        mask = _soft_mask(t, rng.uniform(0.25, 0.45))
         net = _network(rng, side, max(6, side // 10), 0.15) * rng.uniform(0.2, 0.5)
         lesion = np.broadcast_to(hue((160, 110, 80), 0.1), colour.shape) * (1 - net[..., None] * 0.25)
         lesion = lesion + fine[..., None] * 4
         patch = np.clip((rng.uniform(0.4, 0.6) - t) / 0.2, 0, 1) * np.clip(1 + 0.5 * _noise(rng, side, 6), 0, 1)
         lesion = _lerp(lesion, hue((236, 218, 206), 0.03), patch)
         alpha = rng.uniform(0.6, 0.85)
-    elif dx == "vasc":
-        radius = rng.uniform(0.28, 0.55)
-        t, cx, cy = _shape(rng, u, v, radius, rng.uniform(0.03, 0.12), rng.uniform(0, 0.08), 0.0)
-        mask = _soft_mask(t, rng.uniform(0.02, 0.06))
-        septa = hue((205, 160, 158), 0.05)
-        lesion = np.broadcast_to(septa, colour.shape).copy()
+    else:  # vasc
+        lesion = np.broadcast_to(hue((205, 160, 158), 0.05), colour.shape).copy()  # the septa's colour
         purple = rng.uniform(0, 1)  # some lesions red, some purple, mixed within one
         for _ in range(int(rng.integers(8, 20))):
             a, r = rng.uniform(0, 2 * math.pi), radius * math.sqrt(rng.uniform(0, 0.9))
@@ -267,8 +256,6 @@ def draw_lesion(rng: np.random.Generator, dx: str, size: int) -> tuple[Image.Ima
             shade = _jitter(rng, tuple(shade * rng.uniform(0.7, 1.05)), 0.04)
             lesion = _lerp(lesion, shade, inside * 0.95)
         alpha = 0.95
-    else:
-        raise PipelineError(f"demo: no drawing for class {dx!r}")
 
     weight = (mask * alpha)[..., None]
     colour = colour * (1 - weight) + np.asarray(lesion, np.float32) * weight
@@ -308,7 +295,7 @@ def view(rng: np.random.Generator, canvas: Image.Image, mask: np.ndarray, size: 
 def jpeg_bytes(img: Image.Image) -> bytes:
     """Fixed quality/subsampling, no EXIF or timestamps: the same pixels always give the same bytes."""
     out = io.BytesIO()
-    img.save(out, "JPEG", quality=JPEG_QUALITY, subsampling=2, optimize=False)
+    img.save(out, "JPEG", quality=90, subsampling=2, optimize=False)
     return out.getvalue()
 
 
@@ -397,14 +384,12 @@ def write_grid(folder: str | Path, table: pd.DataFrame, target: str | Path, per_
 
 def make_demo(params: Params) -> dict:
     """The demo_data stage: write data/demo/HAM10000 + reports/demo_grid.png, or only a SKIPPED marker for real data."""
-    from pipeline.core import tracking
-
     root = workspace_root()
-    demo_root, grid = root / DEMO_ROOT, root / GRID_PATH
+    demo_root, grid = root / DEMO_DIR.parent, root / REPORTS_DIR / "demo_grid.png"  # DEMO_DIR.parent: the DVC output
     clean_stale_temps(demo_root.parent)
     if not params.data.is_demo:
         with atomic_dir(demo_root) as temp:
-            (temp / SKIPPED_MARKER).write_text(
+            (temp / "SKIPPED").write_text(
                 f"data.source is {params.data.source!r}: the prepare stage reads that folder, no demo images were drawn.\n"
             )
         # The grid stays an output (DVC requires it) when a real data folder replaces the demo.

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.core import tracking
 from pipeline.core.atomic import atomic_dir, clean_stale_temps, write_json
 from pipeline.data.ham10000 import read_source
 from pipeline.data.masks import MASK_FOLDER
@@ -27,17 +28,11 @@ from pipeline.core.params import CLASS_NAMES, Params
 from pipeline.core.paths import (DEMO_DIR, FINETUNE_DIR, PREPARED_DIR, REPORTS_DIR, SPLIT_CSV, resolve_user_path,
                                  workspace_root)
 
-SPLITS = ("train", "val", "test")
 RESERVE = "reserve"  # train images of a selected class beyond data.real_per_class
-SPLIT_VALUES = (*SPLITS, RESERVE)
+SPLIT_VALUES = ("train", "val", "test", RESERVE)
 SPLIT_COLUMNS = ["image_id", "lesion_id", "dx", "split", "path", "mask_path"]
 FINETUNE_COLUMNS = ["image_id", "lesion_id", "dx", "path", "mask_path"]
 DATA_JSON = REPORTS_DIR / "data.json"
-
-
-def _class_seed(seed: int, name: str, purpose: int) -> np.random.Generator:
-    """A generator that depends only on (seed, class, purpose): stable whatever other classes exist."""
-    return np.random.default_rng(derive_seed(seed, name, purpose))
 
 
 def _lesion_strata(frame: pd.DataFrame) -> pd.DataFrame:
@@ -58,7 +53,7 @@ def assign_splits(frame: pd.DataFrame, val: float, test: float, seed: int) -> pd
     lesions = _lesion_strata(frame)
     split_of: dict[str, str] = {}
     for dx, group in lesions.groupby("dx", sort=True):
-        order = group.iloc[_class_seed(seed, str(dx), 1).permutation(len(group))]
+        order = group.iloc[np.random.default_rng(derive_seed(seed, str(dx), 1)).permutation(len(group))]
         sizes = order["images"].to_numpy()
         total = sizes.sum()
         middle = np.cumsum(sizes) - sizes / 2
@@ -92,7 +87,7 @@ def cap_train(split: pd.DataFrame, classes: list[str], per_class: int, seed: int
                 f"({train['lesion_id'].nunique()} lesion(s)); lower data.real_per_class or set it to null (all)"
             )
         sizes = train.groupby("lesion_id").size().sort_index()
-        order = sizes.iloc[_class_seed(seed, class_code, 3).permutation(len(sizes))]
+        order = sizes.iloc[np.random.default_rng(derive_seed(seed, class_code, 3)).permutation(len(sizes))]
         kept, taken = set(), 0
         for lesion, size in order.items():
             if taken + size <= per_class:
@@ -111,7 +106,7 @@ def sample_finetune(split: pd.DataFrame, class_code: str, count: int, seed: int)
             f"class {class_code!r} has only {len(train)} train image(s) ({lesions} lesion(s)) but data.finetune_images "
             f"is {count}; lower data.finetune_images or add images of {class_code}"
         )
-    shuffled = train.iloc[_class_seed(seed, class_code, 2).permutation(len(train))].copy()
+    shuffled = train.iloc[np.random.default_rng(derive_seed(seed, class_code, 2)).permutation(len(train))].copy()
     shuffled["_round"] = shuffled.groupby("lesion_id").cumcount()
     chosen = shuffled.sort_values("_round", kind="stable").head(count)
     return chosen.sort_values("image_id")[FINETUNE_COLUMNS].reset_index(drop=True)
@@ -210,8 +205,6 @@ def build(params: Params) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict, 
 
 def prepare(params: Params) -> dict:
     """The prepare stage (see module docstring); returns the data report also written to reports/data.json."""
-    from pipeline.core import tracking
-
     split, finetune, report, skipped = build(params)
     cap = params.data.real_per_class
     for class_code, counts in report["classes"].items():
