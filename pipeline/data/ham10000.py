@@ -41,11 +41,7 @@ class SourceReport:
 
 def _find(folder: Path, name: str) -> Path | None:
     """The file at the top level, else one level down (the ISIC zips unpack into a same-named folder)."""
-    direct = folder / name
-    if direct.is_file():
-        return direct
-    nested = sorted(p for p in folder.glob(f"*/{name}") if p.is_file())
-    return nested[0] if nested else None
+    return next((p for p in [folder / name, *sorted(folder.glob(f"*/{name}"))] if p.is_file()), None)
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
@@ -123,28 +119,25 @@ def _read_isic(path: Path, groupings: Path | None, report: SourceReport) -> pd.D
     _no_duplicates(path, frame, "image")
     table = pd.DataFrame({"image_id": frame["image"], "dx": onehot.idxmax(axis=1).str.lower()})
     if groupings is None:
+        lesions = {}
         message = (
             f"{ISIC_GROUPINGS} not found beside {path.name}: every image is treated as its own lesion, "
             "so images of one lesion may land in different splits"
         )
-        warnings.warn(message, UserWarning, stacklevel=3)
-        report.warnings.append(message)
-        table["lesion_id"] = table["image_id"]
     else:
         groups = _read_csv(groupings)
         _require(groupings, groups, ("image", "lesion_id"), filled=("image", "lesion_id"))
         _no_duplicates(groupings, groups, "image")
-        lookup = dict(zip(groups["image"], groups["lesion_id"]))
-        table["lesion_id"] = table["image_id"].map(lookup)
-        unmatched = table["lesion_id"].isna()
-        if unmatched.any():
-            message = (
-                f"{groupings}: {int(unmatched.sum())} image(s) have no lesion_id (first: {table['image_id'][unmatched].iloc[0]}); "
-                "each is treated as its own lesion"
-            )
-            warnings.warn(message, UserWarning, stacklevel=3)
-            report.warnings.append(message)
-            table.loc[unmatched, "lesion_id"] = table.loc[unmatched, "image_id"]
+        lesions = dict(zip(groups["image"], groups["lesion_id"]))
+        unmatched = ~table["image_id"].isin(list(lesions))
+        message = "" if not unmatched.any() else (
+            f"{groupings}: {int(unmatched.sum())} image(s) have no lesion_id (first: {table['image_id'][unmatched].iloc[0]}); "
+            "each is treated as its own lesion"
+        )
+    if message:
+        warnings.warn(message, UserWarning, stacklevel=3)
+        report.warnings.append(message)
+    table["lesion_id"] = table["image_id"].map(lambda image: lesions.get(image, image))  # unmatched: its own lesion
     return table[["image_id", "lesion_id", "dx"]]
 
 
@@ -176,12 +169,9 @@ def _drop_bad(table: pd.DataFrame, check, report: SourceReport, on_bad_image: st
 
 
 def read_source(folder: str | Path, on_bad_image: str = "error") -> tuple[pd.DataFrame, SourceReport]:
-    """Validate ``folder`` and return (table, report); the table has image_id, lesion_id, dx, path, mask_path
-    (+ HAM extras). mask_path is empty when the folder holds no segmentation release.
-
-    on_bad_image: "error" stops at the first missing/broken image or mask, "skip" drops and records them.
-    Every image is decoded (JPEGs at reduced scale) to catch truncated or corrupt files up front.
-    """
+    """Validate ``folder`` and return (table, report): image_id, lesion_id, dx, path, mask_path (empty without the
+    segmentation release) + HAM extras. Every image is decoded (JPEGs at reduced scale) to catch broken files up front;
+    on_bad_image "error" stops at the first missing/broken image or mask, "skip" drops and records them."""
     folder = Path(folder)
     if not folder.exists():
         raise PipelineError(f"{folder}: data folder not found")
