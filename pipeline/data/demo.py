@@ -1,8 +1,5 @@
-"""The embedded demo data set: procedurally drawn dermoscopy-like images in HAM10000's exact release layout.
-
-It runs the whole pipeline offline through the same reader and split code as real data. Each class has its own look
-(colours, border, texture), varied enough that classes overlap; the same ``seed`` gives byte-identical files.
-"""
+"""The embedded demo data set: dermoscopy-like drawings in HAM10000's release layout, so the whole pipeline runs offline
+through the real reader and split. Classes look different yet overlap; the same ``seed`` gives byte-identical files."""
 
 from __future__ import annotations
 
@@ -48,22 +45,17 @@ _LOCALIZATION_P = np.array([10, 1, 22, 4, 1, 7, 3, 1, 1, 21, 2, 1, 14, 2, 11], d
 
 def class_counts(total: int, min_per_class: int) -> dict[str, int]:
     """HAM10000's class frequencies scaled to ``total`` images, each class raised to a floor so rare ones stay usable.
-
-    The floor is ``min_per_class``, lowered to total // 7 when ``total`` is too small for it; nv absorbs the difference.
-    """
+    The floor is ``min_per_class``, at most total // 7, so nv (absorbing the difference) never drops below it."""
     floor = min(min_per_class, total // len(HAM_COUNTS))
     all_images = sum(HAM_COUNTS.values())
     counts = {c: max(floor, round(total * n / all_images)) for c, n in HAM_COUNTS.items()}
     counts["nv"] += total - sum(counts.values())
-    if counts["nv"] < floor:
-        raise PipelineError(f"demo.images={total} is too small for demo.min_per_class={min_per_class}")
     return counts
 
 
 def _jitter(rng: np.random.Generator, rgb: tuple[float, float, float], amount: float) -> np.ndarray:
     """A colour varied in brightness and per channel, so one class never has a single exact colour."""
-    bright = rng.normal(1.0, amount)
-    return np.clip(np.array(rgb, dtype=np.float32) * bright * rng.normal(1.0, amount * 0.35, 3), 0, 255)
+    return np.clip(np.array(rgb, np.float32) * rng.normal(1.0, amount) * rng.normal(1.0, amount * 0.35, 3), 0, 255)
 
 
 def _noise(rng: np.random.Generator, side: int, cells: int) -> np.ndarray:
@@ -74,6 +66,7 @@ def _noise(rng: np.random.Generator, side: int, cells: int) -> np.ndarray:
 
 
 _ANGLES = 2048
+_EXTENT = 1.5  # the canvas's half-width in units of the image's: every shifted, rotated view stays filled
 # Each class's outline: uniform ranges of radius, irregular (lobes), asym (one-sided bulge), jag (fine notches) and
 # edge (soft border width), drawn in that order; a bare 0.0 is fixed, not drawn.
 _OUTLINES = {
@@ -117,8 +110,7 @@ def _outline(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, class_code:
 
 def _network(rng: np.random.Generator, side: int, cells: int, width: float) -> np.ndarray:
     """A reticular pigment network: the zero lines of smooth noise, 1 on the lines, 0 in the holes."""
-    field = _noise(rng, side, cells)
-    return np.clip(1.0 - np.abs(field) / width, 0.0, 1.0)
+    return np.clip(1.0 - np.abs(_noise(rng, side, cells)) / width, 0.0, 1.0)
 
 
 def _lerp(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -135,16 +127,16 @@ def _skin(rng: np.random.Generator, side: int) -> np.ndarray:
     return skin
 
 
-def _draw_vessels(rng: np.random.Generator, side: int, centre: tuple[float, float], radius: float, extent: float,
-                  width: float) -> np.ndarray:
+def _draw_vessels(rng: np.random.Generator, side: int, centre: tuple[float, float], radius: float, width: float
+                  ) -> np.ndarray:
     """bcc's branching (arborizing) vessels, 2 to 5 trees, as a 0..1 mask."""
     count = int(rng.integers(2, 6))
     mask = Image.new("L", (side, side), 0)
     draw = ImageDraw.Draw(mask)
-    scale = side / (2 * extent)
+    scale = side / (2 * _EXTENT)
 
     def to_px(px: float, py: float) -> tuple[float, float]:
-        return ((px + extent) * scale, (py + extent) * scale)
+        return ((px + _EXTENT) * scale, (py + _EXTENT) * scale)
 
     for _ in range(count):
         a = rng.uniform(0, 2 * math.pi)
@@ -182,9 +174,8 @@ def _draw_hair(rng: np.random.Generator, img: Image.Image, size: int) -> None:
 def draw_lesion(rng: np.random.Generator, dx: str, size: int) -> tuple[Image.Image, np.ndarray]:
     """One lesion on skin, on a canvas 1.5× the image so every view of it (shifted, rotated) stays filled, and the
     lesion's soft mask (0..1, float32) on the same canvas: its views become the segmentation masks."""
-    extent = 1.5
-    side = int(round(size * extent))
-    axis = np.linspace(-extent, extent, side, dtype=np.float32)  # in units of the image's half-width
+    side = int(round(size * _EXTENT))
+    axis = np.linspace(-_EXTENT, _EXTENT, side, dtype=np.float32)  # in units of the image's half-width
     u, v = np.meshgrid(axis, axis)
     colour = _skin(rng, side)
     hue = lambda rgb, amount=0.08: _jitter(rng, rgb, amount)  # noqa: E731
@@ -222,7 +213,7 @@ def draw_lesion(rng: np.random.Generator, dx: str, size: int) -> tuple[Image.Ima
         alpha = rng.uniform(0.8, 0.95)
     elif dx == "bcc":
         lesion = np.broadcast_to(hue((228, 180, 178), 0.05), colour.shape) + fine[..., None] * 4
-        vessels = _draw_vessels(rng, side, (cx, cy), radius, extent, max(1.0, size / 70))
+        vessels = _draw_vessels(rng, side, (cx, cy), radius, max(1.0, size / 70))
         lesion = _lerp(lesion, hue((175, 30, 45), 0.1), vessels * rng.uniform(0.6, 0.95))
         nests = np.clip(_noise(rng, side, int(rng.integers(4, 8))) - 0.6, 0, None) * 2.5 * rng.choice([0.0, 1.0], p=[0.5, 0.5])
         lesion = _lerp(lesion, hue((110, 118, 140)), np.clip(nests, 0, 1))

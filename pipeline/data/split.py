@@ -7,7 +7,6 @@
   rest of its train split is ``reserve``, read only by the ``real_ceiling`` classifier and the oracle.
 - Fine-tune images come from train only (so from the K), preferring distinct lesions; a guard refuses to write a
   split where a lesion crosses splits or a fine-tune image is not in train.
-- Lesion masks, when the data has them, ride along as ``mask_path`` (else empty) into every table.
 """
 
 from __future__ import annotations
@@ -38,10 +37,9 @@ DATA_JSON = REPORTS_DIR / "data.json"
 def _lesion_strata(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per lesion: its stratum (most frequent dx, ties alphabetical) and image count."""
     counts = frame.groupby(["lesion_id", "dx"]).size().rename("n").reset_index()
+    counts["images"] = counts.groupby("lesion_id")["n"].transform("sum")
     counts = counts.sort_values(["lesion_id", "n", "dx"], ascending=[True, False, True])
-    strata = counts.drop_duplicates("lesion_id")[["lesion_id", "dx"]]
-    sizes = frame.groupby("lesion_id").size().rename("images")
-    return strata.merge(sizes, left_on="lesion_id", right_index=True).sort_values("lesion_id").reset_index(drop=True)
+    return counts.drop_duplicates("lesion_id")[["lesion_id", "dx", "images"]].reset_index(drop=True)
 
 
 def assign_splits(frame: pd.DataFrame, val: float, test: float, seed: int) -> pd.DataFrame:
@@ -73,11 +71,8 @@ def assign_splits(frame: pd.DataFrame, val: float, test: float, seed: int) -> pd
 
 def cap_train(split: pd.DataFrame, classes: list[str], per_class: int, seed: int) -> pd.DataFrame:
     """Keep at most ``per_class`` train images of each of ``classes``, whole lesions only; the rest becomes ``reserve``.
-
-    The class's train lesions are shuffled (seeded by (seed, class)) and taken first-fit: a lesion that would
-    overshoot the cap is passed over for a later, smaller one, so a class gets exactly ``per_class`` images
-    unless no remaining lesion fits; then it rounds down (never up: a lesion is never split).
-    """
+    Shuffled lesions are taken first-fit (one that would overshoot is passed over for a later, smaller one), so a
+    class gets exactly ``per_class`` images unless no remaining lesion fits; then it rounds down, never up."""
     out = split.copy()
     for class_code in classes:
         train = out[(out["dx"] == class_code) & (out["split"] == "train")]
@@ -133,15 +128,11 @@ def check_no_leakage(split: pd.DataFrame, finetune: Mapping[str, pd.DataFrame]) 
 
 
 def _relative(path: str, root: Path) -> str:
-    """Workspace-relative POSIX path when the file lives inside the workspace (portable across copies), else absolute;
-    an empty path (no mask) stays empty."""
+    """Workspace-relative POSIX path inside the workspace (portable across copies), else absolute; "" stays ""."""
     if not path:
         return ""
     p = Path(path)
-    try:
-        return p.relative_to(root).as_posix()
-    except ValueError:
-        return p.as_posix()
+    return (p.relative_to(root) if p.is_relative_to(root) else p).as_posix()
 
 
 def _counts(rows: pd.DataFrame) -> dict:
