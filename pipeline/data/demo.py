@@ -305,21 +305,18 @@ def plan(seed: int, images: int, min_per_class: int) -> pd.DataFrame:
     image_numbers = FIRST_IMAGE_NUMBER + rng.permutation(images)
     if image_numbers.max() > 9_999_999:
         raise PipelineError(f"demo.images={images} is too large for 7-digit ISIC image ids")
-    rows, k = [], 0
+    rows = []
     for index, ((dx, n), number) in enumerate(zip(lesions, lesion_numbers)):
         names, p = _DX_TYPES[dx]
         dx_type = str(rng.choice(names, p=p))
         age = "" if rng.random() < 0.006 else f"{float(np.clip(round(rng.normal(_MEAN_AGE[dx], 14) / 5) * 5, 0, 85)):.1f}"
         sex = str(rng.choice(["male", "female", "unknown"], p=[0.54, 0.455, 0.005]))
         site = str(rng.choice(_LOCALIZATIONS, p=_LOCALIZATION_P / _LOCALIZATION_P.sum()))
-        for view_number in range(n):
-            rows.append({
-                "lesion_id": f"HAM_{number:07d}", "image_id": f"ISIC_{image_numbers[k]:07d}", "dx": dx,
-                "dx_type": dx_type, "age": age, "sex": sex, "localization": site,
-                "lesion_index": index, "view": view_number,
-            })  # fmt: skip
-            k += 1
-    return pd.DataFrame(rows)
+        rows += [{"lesion_id": f"HAM_{number:07d}", "dx": dx, "dx_type": dx_type, "age": age, "sex": sex,
+                  "localization": site, "lesion_index": index, "view": view_number} for view_number in range(n)]
+    table = pd.DataFrame(rows)
+    table.insert(1, "image_id", [f"ISIC_{number:07d}" for number in image_numbers])  # image numbers in row order
+    return table
 
 
 def write_demo(target: str | Path, seed: int, images: int, size: int, min_per_class: int) -> pd.DataFrame:

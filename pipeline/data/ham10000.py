@@ -1,8 +1,5 @@
-"""Read a HAM10000 release folder (or the ISIC 2018 Task 3 layout of the same images) into one table.
-
-Everything a user can get wrong about the folder is checked here, once, and reported in one
-line that names the file, column, row or value, so later stages can trust the table.
-"""
+"""Read a HAM10000 release folder (or the ISIC 2018 Task 3 layout of the same images) into one table. Everything a
+user can get wrong is checked here, once, in one line naming the file, column, row or value: later stages trust it."""
 
 from __future__ import annotations
 

@@ -1,9 +1,6 @@
-"""Lesion masks from HAM10000's segmentation release: one binary PNG per image, found and checked once.
-
-The release (``HAM10000_segmentations_lesion_tschandl/<image_id>_segmentation.png``) is optional. When its
-folder is present every image needs a mask the same size as the image holding only 0/255 (or 0/1), so a
-later mask-conditioned stage can trust ``mask_path`` without re-checking thousands of files.
-"""
+"""HAM10000's optional segmentation release (``HAM10000_segmentations_lesion_tschandl/<image_id>_segmentation.png``):
+once its folder exists every image needs a mask of the image's size holding only 0/255 (or 0/1), checked here once,
+so a later mask-conditioned stage can trust ``mask_path`` without re-checking thousands of files."""
 
 from __future__ import annotations
 

@@ -101,10 +101,9 @@ def sample_finetune(split: pd.DataFrame, class_code: str, count: int, seed: int)
             f"class {class_code!r} has only {len(train)} train image(s) ({lesions} lesion(s)) but data.finetune_images "
             f"is {count}; lower data.finetune_images or add images of {class_code}"
         )
-    shuffled = train.iloc[np.random.default_rng(derive_seed(seed, class_code, 2)).permutation(len(train))].copy()
-    shuffled["_round"] = shuffled.groupby("lesion_id").cumcount()
-    chosen = shuffled.sort_values("_round", kind="stable").head(count)
-    return chosen.sort_values("image_id")[FINETUNE_COLUMNS].reset_index(drop=True)
+    shuffled = train.iloc[np.random.default_rng(derive_seed(seed, class_code, 2)).permutation(len(train))]
+    first_rounds = np.argsort(shuffled.groupby("lesion_id").cumcount().to_numpy(), kind="stable")[:count]
+    return shuffled.iloc[first_rounds].sort_values("image_id")[FINETUNE_COLUMNS].reset_index(drop=True)
 
 
 def check_no_leakage(split: pd.DataFrame, finetune: Mapping[str, pd.DataFrame]) -> None:
