@@ -3,7 +3,6 @@ through the real reader and split. Classes look different yet overlap; the same 
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
@@ -283,13 +282,6 @@ def view(rng: np.random.Generator, canvas: Image.Image, mask: np.ndarray, size: 
     return photo, Image.fromarray(segmentation.astype(np.uint8) * 255, "L")
 
 
-def jpeg_bytes(img: Image.Image) -> bytes:
-    """Fixed quality/subsampling, no EXIF or timestamps: the same pixels always give the same bytes."""
-    out = io.BytesIO()
-    img.save(out, "JPEG", quality=90, subsampling=2, optimize=False)
-    return out.getvalue()
-
-
 def plan(seed: int, images: int, min_per_class: int) -> pd.DataFrame:
     """The metadata table of the demo set (one row per image, HAM10000's columns + lesion index and view number)."""
     rng = np.random.default_rng([seed, 7919])
@@ -336,7 +328,8 @@ def write_demo(target: str | Path, seed: int, images: int, size: int, min_per_cl
         img, segmentation = view(np.random.default_rng([seed, current, row.view, 2]), canvas, soft_mask, size,
                                  first=row.view == 0)
         part = "HAM10000_images_part_1" if int(row.image_id[5:]) < split_at else "HAM10000_images_part_2"
-        (target / part / f"{row.image_id}.jpg").write_bytes(jpeg_bytes(img))
+        # Fixed quality and subsampling, no EXIF or timestamps: the same pixels always give the same bytes.
+        img.save(target / part / f"{row.image_id}.jpg", "JPEG", quality=90, subsampling=2, optimize=False)
         segmentation.save(mask_file(target / MASK_FOLDER, row.image_id), "PNG")
     metadata = table.sort_values(["dx", "lesion_id", "image_id"])[METADATA_COLUMNS]
     metadata.to_csv(target / "HAM10000_metadata.csv", index=False, lineterminator="\n")

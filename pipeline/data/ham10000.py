@@ -143,10 +143,9 @@ def index_images(folder: Path) -> dict[str, Path]:
     hidden folders and the segmentation release (masks, not photos) are left out."""
     index: dict[str, Path] = {}
     for path in sorted(folder.rglob("*")):
-        parts = path.relative_to(folder).parts
-        if path.suffix.lower() in IMAGE_SUFFIXES and not any(p.startswith(".") or p == MASK_FOLDER for p in parts):
-            if path.is_file():
-                index.setdefault(path.stem, path)
+        left_out = any(p.startswith(".") or p == MASK_FOLDER for p in path.relative_to(folder).parts)
+        if path.suffix.lower() in IMAGE_SUFFIXES and not left_out and path.is_file():
+            index.setdefault(path.stem, path)
     return index
 
 

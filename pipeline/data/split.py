@@ -34,21 +34,16 @@ FINETUNE_COLUMNS = ["image_id", "lesion_id", "dx", "path", "mask_path"]
 DATA_JSON = REPORTS_DIR / "data.json"
 
 
-def _lesion_strata(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per lesion: its stratum (most frequent dx, ties alphabetical) and image count."""
-    counts = frame.groupby(["lesion_id", "dx"]).size().rename("n").reset_index()
-    counts["images"] = counts.groupby("lesion_id")["n"].transform("sum")
-    counts = counts.sort_values(["lesion_id", "n", "dx"], ascending=[True, False, True])
-    return counts.drop_duplicates("lesion_id")[["lesion_id", "dx", "images"]].reset_index(drop=True)
-
-
 def assign_splits(frame: pd.DataFrame, val: float, test: float, seed: int) -> pd.DataFrame:
     """Add a ``split`` column: whole lesions go to train/val/test, each class close to the requested fractions.
 
     Within a class the lesions are shuffled and laid end to end; a lesion falls in test/val/train by where its
     middle image lands. Classes with 3+ lesions always get at least one lesion in each of val and test.
     """
-    lesions = _lesion_strata(frame)
+    # One row per lesion: its stratum (most frequent dx, ties alphabetical) and image count.
+    lesions = frame.groupby(["lesion_id", "dx"]).size().rename("n").reset_index()
+    lesions["images"] = lesions.groupby("lesion_id")["n"].transform("sum")
+    lesions = lesions.sort_values(["lesion_id", "n", "dx"], ascending=[True, False, True]).drop_duplicates("lesion_id")
     split_of: dict[str, str] = {}
     for dx, group in lesions.groupby("dx", sort=True):
         order = group.iloc[np.random.default_rng(derive_seed(seed, str(dx), 1)).permutation(len(group))]
