@@ -343,10 +343,9 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def write_grid(folder: str | Path, table: pd.DataFrame, target: str | Path, per_class: int = 6, cell: int = 96) -> None:
+def write_grid(folder: Path, table: pd.DataFrame, target: Path) -> None:
     """A labelled grid, one row per class, of the first images of distinct lesions: a glance at what was drawn."""
-    folder = Path(folder)
-    label_width, pad = 190, 4
+    per_class, cell, label_width, pad = 6, 96, 190, 4
     classes = [c for c in CLASS_NAMES if c in set(table["dx"])]
     grid = Image.new("RGB", (label_width + per_class * (cell + pad), len(classes) * (cell + pad) + pad), "white")
     draw, font = ImageDraw.Draw(grid), _font(15)

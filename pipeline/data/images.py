@@ -17,9 +17,6 @@ from pipeline.core.errors import PipelineError
 # Refuse half-decoded images instead of silently padding them with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, UnidentifiedImageError)
-
-
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, UnidentifiedImageError):
         return "not a readable image (corrupt or unsupported format)"
@@ -40,7 +37,7 @@ def _decoding(path: Path) -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             yield
-    except (*_DECODE_ERRORS, Image.DecompressionBombWarning) as exc:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PipelineError(f"{path}: {_describe(exc)}") from None
 
 

@@ -1,12 +1,9 @@
 """The prepare stage: validated table -> lesion-grouped, dx-stratified train/val/test split + per-class fine-tune samples.
 
-- The split covers every class in the data, not only ``data.classes``, so without a cap changing the class list
-  leaves split.csv byte-identical and DVC does not retrain the base model.
-- Each class is split on its own, by a generator seeded by (seed, class): it never depends on another class's data.
-- Scarcity (``data.real_per_class`` = K): each selected class keeps at most K train images, whole lesions only; the
-  rest of its train split is ``reserve``, read only by the ``real_ceiling`` classifier and the oracle.
-- Fine-tune images come from train only (so from the K), preferring distinct lesions; a guard refuses to write a
-  split where a lesion crosses splits or a fine-tune image is not in train.
+The split covers every class in the data, each by a generator seeded by (seed, class), so without a cap changing
+``data.classes`` leaves split.csv byte-identical and DVC does not retrain the base model. With ``data.real_per_class``
+a class's train images beyond the cap become ``reserve``, read only by the ``real_ceiling`` classifier and the oracle;
+fine-tune images come from the capped train images only, and a guard refuses to write a split that leaks.
 """
 
 from __future__ import annotations
