@@ -105,9 +105,8 @@ def _read_isic(path: Path, groupings: Path | None, report: SourceReport) -> pd.D
                 f"{frame.at[row, code]!r}, expected 0.0 or 1.0"
             )
     ones = (onehot == 1.0).sum(axis=1)
-    bad = ones.index[ones != 1]
-    if len(bad):
-        row = bad[0]
+    if (ones != 1).any():
+        row = (ones != 1).idxmax()
         hits = [c for c in ISIC_CLASSES if onehot.at[row, c] == 1.0]
         raise PipelineError(
             f"{path}: row {row + 2}: image {frame.at[row, 'image']!r} has {ones[row]} diagnosis columns set to 1.0 "
