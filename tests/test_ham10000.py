@@ -77,6 +77,21 @@ def test_isic_without_groupings_warns_and_uses_one_lesion_per_image(tmp_path):
     assert (table["lesion_id"] == table["image_id"]).all()
 
 
+def test_isic_images_missing_from_groupings_warn_and_are_their_own_lesions(tmp_path):
+    source = ham_table(lesions_per_class=2)
+    folder = make_isic_folder(tmp_path / "isic", source)
+    groupings = folder / "ISIC2018_Task3_Training_LesionGroupings.csv"
+    pd.read_csv(groupings).iloc[:3].to_csv(groupings, index=False)
+    with pytest.warns(UserWarning, match=rf"{len(source) - 3} image\(s\) have no lesion_id \(first: "):
+        table, report = read_source(folder)
+    assert len(report.warnings) == 1
+    truth = table.merge(source, on="image_id", suffixes=("", "_truth")).set_index("image_id")
+    grouped = list(source["image_id"][:3])
+    assert (truth.loc[grouped, "lesion_id"] == truth.loc[grouped, "lesion_id_truth"]).all()
+    rest = truth.drop(index=grouped)
+    assert (rest["lesion_id"] == rest.index).all()
+
+
 def test_isic_ground_truth_one_folder_down(tmp_path):
     folder = make_isic_folder(tmp_path / "isic", lesions_per_class=1)
     nested = folder / "ISIC2018_Task3_Training_GroundTruth"

@@ -1,12 +1,8 @@
-"""The embedded demo data set: procedurally drawn dermoscopy-like images in HAM10000's exact release layout.
-
-It runs the whole pipeline offline through the same reader and split code as real data. Each class has its own look
-(colours, border, texture), varied enough that classes overlap; the same ``seed`` gives byte-identical files.
-"""
+"""The embedded demo data set: dermoscopy-like drawings in HAM10000's release layout, so the whole pipeline runs offline
+through the real reader and split. Classes look different yet overlap; the same ``seed`` gives byte-identical files."""
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
@@ -15,6 +11,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from tqdm import tqdm
 
+from pipeline.core import tracking
 from pipeline.core.atomic import atomic_dir, atomic_file, clean_stale_temps
 from pipeline.data.masks import MASK_FOLDER, mask_file
 from pipeline.core.errors import PipelineError
@@ -25,10 +22,6 @@ from pipeline.core.paths import DEMO_DIR, REPORTS_DIR, workspace_root
 HAM_COUNTS: dict[str, int] = {"nv": 6705, "mel": 1113, "bkl": 1099, "bcc": 514, "akiec": 327, "vasc": 142, "df": 115}
 METADATA_COLUMNS = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]
 FIRST_IMAGE_NUMBER = 24306  # HAM10000's image ids run from ISIC_0024306 upwards
-JPEG_QUALITY = 90
-DEMO_ROOT = DEMO_DIR.parent  # data/demo: the DVC output; the HAM10000 folder sits inside it
-GRID_PATH = REPORTS_DIR / "demo_grid.png"
-SKIPPED_MARKER = "SKIPPED"
 
 # Images per lesion, 1..4: HAM10000 has ~1.34 images per lesion.
 _IMAGES_PER_LESION_P = (0.72, 0.17, 0.07, 0.04)
@@ -51,22 +44,17 @@ _LOCALIZATION_P = np.array([10, 1, 22, 4, 1, 7, 3, 1, 1, 21, 2, 1, 14, 2, 11], d
 
 def class_counts(total: int, min_per_class: int) -> dict[str, int]:
     """HAM10000's class frequencies scaled to ``total`` images, each class raised to a floor so rare ones stay usable.
-
-    The floor is ``min_per_class``, lowered to total // 7 when ``total`` is too small for it; nv absorbs the difference.
-    """
+    The floor is ``min_per_class``, at most total // 7, so nv (absorbing the difference) never drops below it."""
     floor = min(min_per_class, total // len(HAM_COUNTS))
     all_images = sum(HAM_COUNTS.values())
     counts = {c: max(floor, round(total * n / all_images)) for c, n in HAM_COUNTS.items()}
     counts["nv"] += total - sum(counts.values())
-    if counts["nv"] < floor:
-        raise PipelineError(f"demo.images={total} is too small for demo.min_per_class={min_per_class}")
     return counts
 
 
 def _jitter(rng: np.random.Generator, rgb: tuple[float, float, float], amount: float) -> np.ndarray:
     """A colour varied in brightness and per channel, so one class never has a single exact colour."""
-    bright = rng.normal(1.0, amount)
-    return np.clip(np.array(rgb, dtype=np.float32) * bright * rng.normal(1.0, amount * 0.35, 3), 0, 255)
+    return np.clip(np.array(rgb, np.float32) * rng.normal(1.0, amount) * rng.normal(1.0, amount * 0.35, 3), 0, 255)
 
 
 def _noise(rng: np.random.Generator, side: int, cells: int) -> np.ndarray:
@@ -77,11 +65,26 @@ def _noise(rng: np.random.Generator, side: int, cells: int) -> np.ndarray:
 
 
 _ANGLES = 2048
+_EXTENT = 1.5  # the canvas's half-width in units of the image's: every shifted, rotated view stays filled
+# Each class's outline: uniform ranges of radius, irregular (lobes), asym (one-sided bulge), jag (fine notches) and
+# edge (soft border width), drawn in that order; a bare 0.0 is fixed, not drawn.
+_OUTLINES = {
+    "nv": ((0.3, 0.6), (0.0, 0.08), (0, 0.05), 0.0, (0.04, 0.15)),
+    "mel": ((0.4, 0.75), (0.1, 0.25), (0.05, 0.2), (0.0, 0.04), (0.03, 0.12)),
+    "bkl": ((0.35, 0.7), (0.03, 0.12), (0, 0.08), (0.0, 0.015), (0.02, 0.06)),
+    "bcc": ((0.3, 0.6), (0.04, 0.14), (0, 0.1), 0.0, (0.05, 0.15)),
+    "akiec": ((0.35, 0.7), (0.06, 0.16), (0.02, 0.1), (0.01, 0.03), (0.12, 0.3)),
+    "df": ((0.28, 0.5), (0.02, 0.08), (0, 0.06), 0.0, (0.25, 0.45)),
+    "vasc": ((0.28, 0.55), (0.03, 0.12), (0, 0.08), 0.0, (0.02, 0.06)),
+}
 
 
-def _shape(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, radius: float, irregular: float, asym: float,
-           jag: float) -> tuple[np.ndarray, float, float]:
-    """The lesion's radial coordinate t (0 centre, 1 border) on the canvas coordinates (u, v), and its centre."""
+def _outline(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, class_code: str
+             ) -> tuple[np.ndarray, np.ndarray, float, tuple[float, float]]:
+    """The lesion's radial coordinate t (0 centre, 1 border) on the canvas coordinates (u, v), its soft mask,
+    radius and centre."""
+    *ranges, edge = _OUTLINES[class_code]
+    radius, irregular, asym, jag = (rng.uniform(*r) if isinstance(r, tuple) else r for r in ranges)
     cx, cy = rng.uniform(-0.18, 0.18, 2)
     angle, aspect = rng.uniform(0, math.pi), rng.uniform(1.0, 1.35)
     dx, dy = u - cx, v - cy
@@ -99,17 +102,14 @@ def _shape(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, radius: float
         border += jag * rng.uniform(0.5, 1.0) * np.cos(k * grid + rng.uniform(0, 2 * math.pi))
     border = radius * np.clip(border, 0.35, None)
     index = ((theta + math.pi) * (_ANGLES / (2 * math.pi))).astype(np.int32) % _ANGLES
-    return rho / border[index], cx, cy
-
-
-def _soft_mask(t: np.ndarray, edge: float) -> np.ndarray:
-    return np.clip((1.0 - t) / max(edge, 1e-3) + 0.5, 0.0, 1.0)
+    t = rho / border[index]
+    mask = np.clip((1.0 - t) / max(rng.uniform(*edge), 1e-3) + 0.5, 0.0, 1.0)
+    return t, mask, radius, (cx, cy)
 
 
 def _network(rng: np.random.Generator, side: int, cells: int, width: float) -> np.ndarray:
     """A reticular pigment network: the zero lines of smooth noise, 1 on the lines, 0 in the holes."""
-    field = _noise(rng, side, cells)
-    return np.clip(1.0 - np.abs(field) / width, 0.0, 1.0)
+    return np.clip(1.0 - np.abs(_noise(rng, side, cells)) / width, 0.0, 1.0)
 
 
 def _lerp(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -126,16 +126,16 @@ def _skin(rng: np.random.Generator, side: int) -> np.ndarray:
     return skin
 
 
-def _draw_vessels(rng: np.random.Generator, side: int, centre: tuple[float, float], radius: float, extent: float,
-                  width: float) -> np.ndarray:
+def _draw_vessels(rng: np.random.Generator, side: int, centre: tuple[float, float], radius: float, width: float
+                  ) -> np.ndarray:
     """bcc's branching (arborizing) vessels, 2 to 5 trees, as a 0..1 mask."""
     count = int(rng.integers(2, 6))
     mask = Image.new("L", (side, side), 0)
     draw = ImageDraw.Draw(mask)
-    scale = side / (2 * extent)
+    scale = side / (2 * _EXTENT)
 
     def to_px(px: float, py: float) -> tuple[float, float]:
-        return ((px + extent) * scale, (py + extent) * scale)
+        return ((px + _EXTENT) * scale, (py + _EXTENT) * scale)
 
     for _ in range(count):
         a = rng.uniform(0, 2 * math.pi)
@@ -173,18 +173,15 @@ def _draw_hair(rng: np.random.Generator, img: Image.Image, size: int) -> None:
 def draw_lesion(rng: np.random.Generator, dx: str, size: int) -> tuple[Image.Image, np.ndarray]:
     """One lesion on skin, on a canvas 1.5× the image so every view of it (shifted, rotated) stays filled, and the
     lesion's soft mask (0..1, float32) on the same canvas: its views become the segmentation masks."""
-    extent = 1.5
-    side = int(round(size * extent))
-    axis = np.linspace(-extent, extent, side, dtype=np.float32)  # in units of the image's half-width
+    side = int(round(size * _EXTENT))
+    axis = np.linspace(-_EXTENT, _EXTENT, side, dtype=np.float32)  # in units of the image's half-width
     u, v = np.meshgrid(axis, axis)
-    skin = _skin(rng, side)
-    colour = skin.copy()
+    colour = _skin(rng, side)
     hue = lambda rgb, amount=0.08: _jitter(rng, rgb, amount)  # noqa: E731
     fine = _noise(rng, side, max(8, side // 4))
+    t, mask, radius, (cx, cy) = _outline(rng, u, v, dx)
 
     if dx == "nv":
-        t, cx, cy = _shape(rng, u, v, rng.uniform(0.3, 0.6), rng.uniform(0.0, 0.08), rng.uniform(0, 0.05), 0.0)
-        mask = _soft_mask(t, rng.uniform(0.04, 0.15))
         base = hue((140, 92, 62), 0.12)
         centre = np.clip(1 - t, 0, 1) * rng.uniform(0.0, 0.25)
         lesion = np.broadcast_to(base, colour.shape) * (1 - centre[..., None])
@@ -192,9 +189,6 @@ def draw_lesion(rng: np.random.Generator, dx: str, size: int) -> tuple[Image.Ima
         lesion = lesion * (1 - net[..., None] * 0.6)
         alpha = 0.92
     elif dx == "mel":
-        t, cx, cy = _shape(rng, u, v, rng.uniform(0.4, 0.75), rng.uniform(0.1, 0.25), rng.uniform(0.05, 0.2),
-                           rng.uniform(0.0, 0.04))
-        mask = _soft_mask(t, rng.uniform(0.03, 0.12))
         palette = [hue((38, 28, 26)), hue((88, 52, 36)), hue((140, 92, 62)), hue((112, 118, 140)), hue((190, 105, 100)),
                    hue((205, 192, 190), 0.04)]
         picks = rng.choice(len(palette), size=int(rng.integers(2, 5)), replace=False, p=[0.26, 0.26, 0.2, 0.1, 0.1, 0.08])
@@ -209,9 +203,6 @@ def draw_lesion(rng: np.random.Generator, dx: str, size: int) -> tuple[Image.Ima
         lesion = lesion + fine[..., None] * 8
         alpha = 0.95
     elif dx == "bkl":
-        t, cx, cy = _shape(rng, u, v, rng.uniform(0.35, 0.7), rng.uniform(0.03, 0.12), rng.uniform(0, 0.08),
-                           rng.uniform(0.0, 0.015))
-        mask = _soft_mask(t, rng.uniform(0.02, 0.06))
         base = hue((166, 118, 82), 0.1)
         ridges = _network(rng, side, max(8, side // 10), 0.1) * rng.uniform(0.2, 0.5)
         lesion = np.broadcast_to(base, colour.shape) * (1 - ridges[..., None] * 0.45)
@@ -220,19 +211,13 @@ def draw_lesion(rng: np.random.Generator, dx: str, size: int) -> tuple[Image.Ima
         lesion = _lerp(lesion, np.array([235, 225, 195], np.float32), np.clip(cysts, 0, 1))
         alpha = rng.uniform(0.8, 0.95)
     elif dx == "bcc":
-        radius = rng.uniform(0.3, 0.6)
-        t, cx, cy = _shape(rng, u, v, radius, rng.uniform(0.04, 0.14), rng.uniform(0, 0.1), 0.0)
-        mask = _soft_mask(t, rng.uniform(0.05, 0.15))
         lesion = np.broadcast_to(hue((228, 180, 178), 0.05), colour.shape) + fine[..., None] * 4
-        vessels = _draw_vessels(rng, side, (cx, cy), radius, extent, max(1.0, size / 70))
+        vessels = _draw_vessels(rng, side, (cx, cy), radius, max(1.0, size / 70))
         lesion = _lerp(lesion, hue((175, 30, 45), 0.1), vessels * rng.uniform(0.6, 0.95))
         nests = np.clip(_noise(rng, side, int(rng.integers(4, 8))) - 0.6, 0, None) * 2.5 * rng.choice([0.0, 1.0], p=[0.5, 0.5])
         lesion = _lerp(lesion, hue((110, 118, 140)), np.clip(nests, 0, 1))
         alpha = rng.uniform(0.55, 0.8)
     elif dx == "akiec":
-        t, cx, cy = _shape(rng, u, v, rng.uniform(0.35, 0.7), rng.uniform(0.06, 0.16), rng.uniform(0.02, 0.1),
-                           rng.uniform(0.01, 0.03))
-        mask = _soft_mask(t, rng.uniform(0.12, 0.3))
         lesion = np.broadcast_to(hue((206, 118, 108), 0.08), colour.shape).copy()
         rough = _noise(rng, side, max(12, side // 3))
         lesion = lesion * (1 + rough[..., None] * 0.14)
@@ -243,20 +228,14 @@ def draw_lesion(rng: np.random.Generator, dx: str, size: int) -> tuple[Image.Ima
         lesion = _lerp(lesion, np.array([240, 215, 205], np.float32), np.clip(pores, 0, 1))
         alpha = rng.uniform(0.7, 0.9)
     elif dx == "df":
-        t, cx, cy = _shape(rng, u, v, rng.uniform(0.28, 0.5), rng.uniform(0.02, 0.08), rng.uniform(0, 0.06), 0.0)
-        mask = _soft_mask(t, rng.uniform(0.25, 0.45))
         net = _network(rng, side, max(6, side // 10), 0.15) * rng.uniform(0.2, 0.5)
         lesion = np.broadcast_to(hue((160, 110, 80), 0.1), colour.shape) * (1 - net[..., None] * 0.25)
         lesion = lesion + fine[..., None] * 4
         patch = np.clip((rng.uniform(0.4, 0.6) - t) / 0.2, 0, 1) * np.clip(1 + 0.5 * _noise(rng, side, 6), 0, 1)
         lesion = _lerp(lesion, hue((236, 218, 206), 0.03), patch)
         alpha = rng.uniform(0.6, 0.85)
-    elif dx == "vasc":
-        radius = rng.uniform(0.28, 0.55)
-        t, cx, cy = _shape(rng, u, v, radius, rng.uniform(0.03, 0.12), rng.uniform(0, 0.08), 0.0)
-        mask = _soft_mask(t, rng.uniform(0.02, 0.06))
-        septa = hue((205, 160, 158), 0.05)
-        lesion = np.broadcast_to(septa, colour.shape).copy()
+    else:  # vasc
+        lesion = np.broadcast_to(hue((205, 160, 158), 0.05), colour.shape).copy()  # the septa's colour
         purple = rng.uniform(0, 1)  # some lesions red, some purple, mixed within one
         for _ in range(int(rng.integers(8, 20))):
             a, r = rng.uniform(0, 2 * math.pi), radius * math.sqrt(rng.uniform(0, 0.9))
@@ -267,8 +246,6 @@ def draw_lesion(rng: np.random.Generator, dx: str, size: int) -> tuple[Image.Ima
             shade = _jitter(rng, tuple(shade * rng.uniform(0.7, 1.05)), 0.04)
             lesion = _lerp(lesion, shade, inside * 0.95)
         alpha = 0.95
-    else:
-        raise PipelineError(f"demo: no drawing for class {dx!r}")
 
     weight = (mask * alpha)[..., None]
     colour = colour * (1 - weight) + np.asarray(lesion, np.float32) * weight
@@ -305,13 +282,6 @@ def view(rng: np.random.Generator, canvas: Image.Image, mask: np.ndarray, size: 
     return photo, Image.fromarray(segmentation.astype(np.uint8) * 255, "L")
 
 
-def jpeg_bytes(img: Image.Image) -> bytes:
-    """Fixed quality/subsampling, no EXIF or timestamps: the same pixels always give the same bytes."""
-    out = io.BytesIO()
-    img.save(out, "JPEG", quality=JPEG_QUALITY, subsampling=2, optimize=False)
-    return out.getvalue()
-
-
 def plan(seed: int, images: int, min_per_class: int) -> pd.DataFrame:
     """The metadata table of the demo set (one row per image, HAM10000's columns + lesion index and view number)."""
     rng = np.random.default_rng([seed, 7919])
@@ -327,21 +297,18 @@ def plan(seed: int, images: int, min_per_class: int) -> pd.DataFrame:
     image_numbers = FIRST_IMAGE_NUMBER + rng.permutation(images)
     if image_numbers.max() > 9_999_999:
         raise PipelineError(f"demo.images={images} is too large for 7-digit ISIC image ids")
-    rows, k = [], 0
+    rows = []
     for index, ((dx, n), number) in enumerate(zip(lesions, lesion_numbers)):
         names, p = _DX_TYPES[dx]
         dx_type = str(rng.choice(names, p=p))
         age = "" if rng.random() < 0.006 else f"{float(np.clip(round(rng.normal(_MEAN_AGE[dx], 14) / 5) * 5, 0, 85)):.1f}"
         sex = str(rng.choice(["male", "female", "unknown"], p=[0.54, 0.455, 0.005]))
         site = str(rng.choice(_LOCALIZATIONS, p=_LOCALIZATION_P / _LOCALIZATION_P.sum()))
-        for view_number in range(n):
-            rows.append({
-                "lesion_id": f"HAM_{number:07d}", "image_id": f"ISIC_{image_numbers[k]:07d}", "dx": dx,
-                "dx_type": dx_type, "age": age, "sex": sex, "localization": site,
-                "lesion_index": index, "view": view_number,
-            })  # fmt: skip
-            k += 1
-    return pd.DataFrame(rows)
+        rows += [{"lesion_id": f"HAM_{number:07d}", "dx": dx, "dx_type": dx_type, "age": age, "sex": sex,
+                  "localization": site, "lesion_index": index, "view": view_number} for view_number in range(n)]
+    table = pd.DataFrame(rows)
+    table.insert(1, "image_id", [f"ISIC_{number:07d}" for number in image_numbers])  # image numbers in row order
+    return table
 
 
 def write_demo(target: str | Path, seed: int, images: int, size: int, min_per_class: int) -> pd.DataFrame:
@@ -361,7 +328,8 @@ def write_demo(target: str | Path, seed: int, images: int, size: int, min_per_cl
         img, segmentation = view(np.random.default_rng([seed, current, row.view, 2]), canvas, soft_mask, size,
                                  first=row.view == 0)
         part = "HAM10000_images_part_1" if int(row.image_id[5:]) < split_at else "HAM10000_images_part_2"
-        (target / part / f"{row.image_id}.jpg").write_bytes(jpeg_bytes(img))
+        # Fixed quality and subsampling, no EXIF or timestamps: the same pixels always give the same bytes.
+        img.save(target / part / f"{row.image_id}.jpg", "JPEG", quality=90, subsampling=2, optimize=False)
         segmentation.save(mask_file(target / MASK_FOLDER, row.image_id), "PNG")
     metadata = table.sort_values(["dx", "lesion_id", "image_id"])[METADATA_COLUMNS]
     metadata.to_csv(target / "HAM10000_metadata.csv", index=False, lineterminator="\n")
@@ -375,10 +343,9 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def write_grid(folder: str | Path, table: pd.DataFrame, target: str | Path, per_class: int = 6, cell: int = 96) -> None:
+def write_grid(folder: Path, table: pd.DataFrame, target: Path) -> None:
     """A labelled grid, one row per class, of the first images of distinct lesions: a glance at what was drawn."""
-    folder = Path(folder)
-    label_width, pad = 190, 4
+    per_class, cell, label_width, pad = 6, 96, 190, 4
     classes = [c for c in CLASS_NAMES if c in set(table["dx"])]
     grid = Image.new("RGB", (label_width + per_class * (cell + pad), len(classes) * (cell + pad) + pad), "white")
     draw, font = ImageDraw.Draw(grid), _font(15)
@@ -397,14 +364,12 @@ def write_grid(folder: str | Path, table: pd.DataFrame, target: str | Path, per_
 
 def make_demo(params: Params) -> dict:
     """The demo_data stage: write data/demo/HAM10000 + reports/demo_grid.png, or only a SKIPPED marker for real data."""
-    from pipeline.core import tracking
-
     root = workspace_root()
-    demo_root, grid = root / DEMO_ROOT, root / GRID_PATH
+    demo_root, grid = root / DEMO_DIR.parent, root / REPORTS_DIR / "demo_grid.png"  # DEMO_DIR.parent: the DVC output
     clean_stale_temps(demo_root.parent)
     if not params.data.is_demo:
         with atomic_dir(demo_root) as temp:
-            (temp / SKIPPED_MARKER).write_text(
+            (temp / "SKIPPED").write_text(
                 f"data.source is {params.data.source!r}: the prepare stage reads that folder, no demo images were drawn.\n"
             )
         # The grid stays an output (DVC requires it) when a real data folder replaces the demo.

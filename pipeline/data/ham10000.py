@@ -1,8 +1,5 @@
-"""Read a HAM10000 release folder (or the ISIC 2018 Task 3 layout of the same images) into one table.
-
-Everything a user can get wrong about the folder is checked here, once, and reported in one
-line that names the file, column, row or value, so later stages can trust the table.
-"""
+"""Read a HAM10000 release folder (or the ISIC 2018 Task 3 layout of the same images) into one table. Everything a
+user can get wrong is checked here, once, in one line naming the file, column, row or value: later stages trust it."""
 
 from __future__ import annotations
 
@@ -41,11 +38,7 @@ class SourceReport:
 
 def _find(folder: Path, name: str) -> Path | None:
     """The file at the top level, else one level down (the ISIC zips unpack into a same-named folder)."""
-    direct = folder / name
-    if direct.is_file():
-        return direct
-    nested = sorted(p for p in folder.glob(f"*/{name}") if p.is_file())
-    return nested[0] if nested else None
+    return next((p for p in [folder / name, *sorted(folder.glob(f"*/{name}"))] if p.is_file()), None)
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
@@ -112,9 +105,8 @@ def _read_isic(path: Path, groupings: Path | None, report: SourceReport) -> pd.D
                 f"{frame.at[row, code]!r}, expected 0.0 or 1.0"
             )
     ones = (onehot == 1.0).sum(axis=1)
-    bad = ones.index[ones != 1]
-    if len(bad):
-        row = bad[0]
+    if (ones != 1).any():
+        row = (ones != 1).idxmax()
         hits = [c for c in ISIC_CLASSES if onehot.at[row, c] == 1.0]
         raise PipelineError(
             f"{path}: row {row + 2}: image {frame.at[row, 'image']!r} has {ones[row]} diagnosis columns set to 1.0 "
@@ -123,28 +115,25 @@ def _read_isic(path: Path, groupings: Path | None, report: SourceReport) -> pd.D
     _no_duplicates(path, frame, "image")
     table = pd.DataFrame({"image_id": frame["image"], "dx": onehot.idxmax(axis=1).str.lower()})
     if groupings is None:
+        lesions = {}
         message = (
             f"{ISIC_GROUPINGS} not found beside {path.name}: every image is treated as its own lesion, "
             "so images of one lesion may land in different splits"
         )
-        warnings.warn(message, UserWarning, stacklevel=3)
-        report.warnings.append(message)
-        table["lesion_id"] = table["image_id"]
     else:
         groups = _read_csv(groupings)
         _require(groupings, groups, ("image", "lesion_id"), filled=("image", "lesion_id"))
         _no_duplicates(groupings, groups, "image")
-        lookup = dict(zip(groups["image"], groups["lesion_id"]))
-        table["lesion_id"] = table["image_id"].map(lookup)
-        unmatched = table["lesion_id"].isna()
-        if unmatched.any():
-            message = (
-                f"{groupings}: {int(unmatched.sum())} image(s) have no lesion_id (first: {table['image_id'][unmatched].iloc[0]}); "
-                "each is treated as its own lesion"
-            )
-            warnings.warn(message, UserWarning, stacklevel=3)
-            report.warnings.append(message)
-            table.loc[unmatched, "lesion_id"] = table.loc[unmatched, "image_id"]
+        lesions = dict(zip(groups["image"], groups["lesion_id"]))
+        unmatched = ~table["image_id"].isin(list(lesions))
+        message = "" if not unmatched.any() else (
+            f"{groupings}: {int(unmatched.sum())} image(s) have no lesion_id (first: {table['image_id'][unmatched].iloc[0]}); "
+            "each is treated as its own lesion"
+        )
+    if message:
+        warnings.warn(message, UserWarning, stacklevel=3)
+        report.warnings.append(message)
+    table["lesion_id"] = table["image_id"].map(lambda image: lesions.get(image, image))  # unmatched: its own lesion
     return table[["image_id", "lesion_id", "dx"]]
 
 
@@ -153,10 +142,9 @@ def index_images(folder: Path) -> dict[str, Path]:
     hidden folders and the segmentation release (masks, not photos) are left out."""
     index: dict[str, Path] = {}
     for path in sorted(folder.rglob("*")):
-        parts = path.relative_to(folder).parts
-        if path.suffix.lower() in IMAGE_SUFFIXES and not any(p.startswith(".") or p == MASK_FOLDER for p in parts):
-            if path.is_file():
-                index.setdefault(path.stem, path)
+        left_out = any(p.startswith(".") or p == MASK_FOLDER for p in path.relative_to(folder).parts)
+        if path.suffix.lower() in IMAGE_SUFFIXES and not left_out and path.is_file():
+            index.setdefault(path.stem, path)
     return index
 
 
@@ -176,12 +164,9 @@ def _drop_bad(table: pd.DataFrame, check, report: SourceReport, on_bad_image: st
 
 
 def read_source(folder: str | Path, on_bad_image: str = "error") -> tuple[pd.DataFrame, SourceReport]:
-    """Validate ``folder`` and return (table, report); the table has image_id, lesion_id, dx, path, mask_path
-    (+ HAM extras). mask_path is empty when the folder holds no segmentation release.
-
-    on_bad_image: "error" stops at the first missing/broken image or mask, "skip" drops and records them.
-    Every image is decoded (JPEGs at reduced scale) to catch truncated or corrupt files up front.
-    """
+    """Validate ``folder`` and return (table, report): image_id, lesion_id, dx, path, mask_path (empty without the
+    segmentation release) + HAM extras. Every image is decoded (JPEGs at reduced scale) to catch broken files up front;
+    on_bad_image "error" stops at the first missing/broken image or mask, "skip" drops and records them."""
     folder = Path(folder)
     if not folder.exists():
         raise PipelineError(f"{folder}: data folder not found")

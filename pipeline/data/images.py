@@ -1,8 +1,5 @@
-"""Decoding images the one safe way: fully loaded, RGB, and a one-line error naming the file when broken.
-
-Every module that reads a real image (reader checks, classifier, diffusion) goes through
-``open_rgb`` so a truncated JPEG fails at the file, not as a cryptic tensor error epochs later.
-"""
+"""Decoding images the one safe way: fully loaded, RGB, and a one-line error naming the file when broken. Every reader
+(reader checks, classifier, diffusion) goes through here, so a truncated JPEG fails at the file, not epochs later."""
 
 from __future__ import annotations
 
@@ -20,16 +17,11 @@ from pipeline.core.errors import PipelineError
 # Refuse half-decoded images instead of silently padding them with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, UnidentifiedImageError)
-
-
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, UnidentifiedImageError):
         return "not a readable image (corrupt or unsupported format)"
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if "truncated" in text.lower():
-        return f"truncated image ({text})"
-    return f"corrupt image ({text})"
+    return f"{'truncated' if 'truncated' in text.lower() else 'corrupt'} image ({text})"
 
 
 @contextmanager
@@ -45,7 +37,7 @@ def _decoding(path: Path) -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             yield
-    except (*_DECODE_ERRORS, Image.DecompressionBombWarning) as exc:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PipelineError(f"{path}: {_describe(exc)}") from None
 
 

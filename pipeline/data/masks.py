@@ -1,9 +1,6 @@
-"""Lesion masks from HAM10000's segmentation release: one binary PNG per image, found and checked once.
-
-The release (``HAM10000_segmentations_lesion_tschandl/<image_id>_segmentation.png``) is optional. When its
-folder is present every image needs a mask the same size as the image holding only 0/255 (or 0/1), so a
-later mask-conditioned stage can trust ``mask_path`` without re-checking thousands of files.
-"""
+"""HAM10000's optional segmentation release (``HAM10000_segmentations_lesion_tschandl/<image_id>_segmentation.png``):
+once its folder exists every image needs a mask of the image's size holding only 0/255 (or 0/1), checked here once,
+so a later mask-conditioned stage can trust ``mask_path`` without re-checking thousands of files."""
 
 from __future__ import annotations
 
@@ -19,7 +16,6 @@ MASK_FOLDER = "HAM10000_segmentations_lesion_tschandl"
 MASK_SUFFIX = "_segmentation.png"
 _SINGLE_CHANNEL = ("1", "L", "I", "I;16", "I;16B", "I;16L")
 _BINARY_LEVELS = ({0, 255}, {0, 1})
-_HEADER_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def find_mask_folder(folder: Path) -> Path | None:
@@ -37,16 +33,6 @@ def mask_file(mask_folder: Path, image_id: str) -> Path:
     return mask_folder / f"{image_id}{MASK_SUFFIX}"
 
 
-def _size(path: Path) -> tuple[int, int]:
-    """Width and height from the file header only (no pixel decode)."""
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except _HEADER_ERRORS:
-        check_image(path)  # raises the one-line description of what is wrong with the file
-        raise
-
-
 def checked_mask(mask_folder: Path, image_id: str, image: str | Path) -> Path:
     """The mask of ``image_id``, checked against its image: PipelineError naming both when it is missing, unreadable,
     a different size than the image, or not binary."""
@@ -55,15 +41,16 @@ def checked_mask(mask_folder: Path, image_id: str, image: str | Path) -> Path:
     if not mask.is_file():
         raise PipelineError(f"{where} not found; expected {mask.name} in {mask_folder} for every image once that folder exists")
     try:
-        expected, found = _size(Path(image)), _size(mask)
-        if found == expected:
-            check_image(mask)  # the full decode, only once the cheap header check passed
+        check_image(mask)
     except PipelineError as exc:  # an unreadable file: the message names it
         raise PipelineError(f"image {image_id}: {exc}") from None
+    with Image.open(image) as img:  # the reader checked the image before its mask
+        expected = img.size
+    with Image.open(mask) as img:
+        found = img.size
+        pixels = np.asarray(img if img.mode in _SINGLE_CHANNEL else img.convert("L"))
     if found != expected:
         raise PipelineError(f"{where} is {found[0]}x{found[1]} pixels; expected the image's {expected[0]}x{expected[1]}")
-    with Image.open(mask) as img:
-        pixels = np.asarray(img if img.mode in _SINGLE_CHANNEL else img.convert("L"))
     levels = {int(v) for v in np.unique(pixels)}
     if not any(levels <= allowed for allowed in _BINARY_LEVELS):
         odd = sorted(levels - {0, 1, 255})[:3] or sorted(levels)[:3]

@@ -1,13 +1,9 @@
 """The prepare stage: validated table -> lesion-grouped, dx-stratified train/val/test split + per-class fine-tune samples.
 
-- The split covers every class in the data, not only ``data.classes``, so without a cap changing the class list
-  leaves split.csv byte-identical and DVC does not retrain the base model.
-- Each class is split on its own, by a generator seeded by (seed, class): it never depends on another class's data.
-- Scarcity (``data.real_per_class`` = K): each selected class keeps at most K train images, whole lesions only; the
-  rest of its train split is ``reserve``, read only by the ``real_ceiling`` classifier and the oracle.
-- Fine-tune images come from train only (so from the K), preferring distinct lesions; a guard refuses to write a
-  split where a lesion crosses splits or a fine-tune image is not in train.
-- Lesion masks, when the data has them, ride along as ``mask_path`` (else empty) into every table.
+The split covers every class in the data, each by a generator seeded by (seed, class), so without a cap changing
+``data.classes`` leaves split.csv byte-identical and DVC does not retrain the base model. With ``data.real_per_class``
+a class's train images beyond the cap become ``reserve``, read only by the ``real_ceiling`` classifier and the oracle;
+fine-tune images come from the capped train images only, and a guard refuses to write a split that leaks.
 """
 
 from __future__ import annotations
@@ -18,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.core import tracking
 from pipeline.core.atomic import atomic_dir, clean_stale_temps, write_json
 from pipeline.data.ham10000 import read_source
 from pipeline.data.masks import MASK_FOLDER
@@ -27,26 +24,11 @@ from pipeline.core.params import CLASS_NAMES, Params
 from pipeline.core.paths import (DEMO_DIR, FINETUNE_DIR, PREPARED_DIR, REPORTS_DIR, SPLIT_CSV, resolve_user_path,
                                  workspace_root)
 
-SPLITS = ("train", "val", "test")
 RESERVE = "reserve"  # train images of a selected class beyond data.real_per_class
-SPLIT_VALUES = (*SPLITS, RESERVE)
+SPLIT_VALUES = ("train", "val", "test", RESERVE)
 SPLIT_COLUMNS = ["image_id", "lesion_id", "dx", "split", "path", "mask_path"]
 FINETUNE_COLUMNS = ["image_id", "lesion_id", "dx", "path", "mask_path"]
 DATA_JSON = REPORTS_DIR / "data.json"
-
-
-def _class_seed(seed: int, name: str, purpose: int) -> np.random.Generator:
-    """A generator that depends only on (seed, class, purpose): stable whatever other classes exist."""
-    return np.random.default_rng(derive_seed(seed, name, purpose))
-
-
-def _lesion_strata(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per lesion: its stratum (most frequent dx, ties alphabetical) and image count."""
-    counts = frame.groupby(["lesion_id", "dx"]).size().rename("n").reset_index()
-    counts = counts.sort_values(["lesion_id", "n", "dx"], ascending=[True, False, True])
-    strata = counts.drop_duplicates("lesion_id")[["lesion_id", "dx"]]
-    sizes = frame.groupby("lesion_id").size().rename("images")
-    return strata.merge(sizes, left_on="lesion_id", right_index=True).sort_values("lesion_id").reset_index(drop=True)
 
 
 def assign_splits(frame: pd.DataFrame, val: float, test: float, seed: int) -> pd.DataFrame:
@@ -55,10 +37,13 @@ def assign_splits(frame: pd.DataFrame, val: float, test: float, seed: int) -> pd
     Within a class the lesions are shuffled and laid end to end; a lesion falls in test/val/train by where its
     middle image lands. Classes with 3+ lesions always get at least one lesion in each of val and test.
     """
-    lesions = _lesion_strata(frame)
+    # One row per lesion: its stratum (most frequent dx, ties alphabetical) and image count.
+    lesions = frame.groupby(["lesion_id", "dx"]).size().rename("n").reset_index()
+    lesions["images"] = lesions.groupby("lesion_id")["n"].transform("sum")
+    lesions = lesions.sort_values(["lesion_id", "n", "dx"], ascending=[True, False, True]).drop_duplicates("lesion_id")
     split_of: dict[str, str] = {}
     for dx, group in lesions.groupby("dx", sort=True):
-        order = group.iloc[_class_seed(seed, str(dx), 1).permutation(len(group))]
+        order = group.iloc[np.random.default_rng(derive_seed(seed, str(dx), 1)).permutation(len(group))]
         sizes = order["images"].to_numpy()
         total = sizes.sum()
         middle = np.cumsum(sizes) - sizes / 2
@@ -78,11 +63,8 @@ def assign_splits(frame: pd.DataFrame, val: float, test: float, seed: int) -> pd
 
 def cap_train(split: pd.DataFrame, classes: list[str], per_class: int, seed: int) -> pd.DataFrame:
     """Keep at most ``per_class`` train images of each of ``classes``, whole lesions only; the rest becomes ``reserve``.
-
-    The class's train lesions are shuffled (seeded by (seed, class)) and taken first-fit: a lesion that would
-    overshoot the cap is passed over for a later, smaller one, so a class gets exactly ``per_class`` images
-    unless no remaining lesion fits; then it rounds down (never up: a lesion is never split).
-    """
+    Shuffled lesions are taken first-fit (one that would overshoot is passed over for a later, smaller one), so a
+    class gets exactly ``per_class`` images unless no remaining lesion fits; then it rounds down, never up."""
     out = split.copy()
     for class_code in classes:
         train = out[(out["dx"] == class_code) & (out["split"] == "train")]
@@ -92,7 +74,7 @@ def cap_train(split: pd.DataFrame, classes: list[str], per_class: int, seed: int
                 f"({train['lesion_id'].nunique()} lesion(s)); lower data.real_per_class or set it to null (all)"
             )
         sizes = train.groupby("lesion_id").size().sort_index()
-        order = sizes.iloc[_class_seed(seed, class_code, 3).permutation(len(sizes))]
+        order = sizes.iloc[np.random.default_rng(derive_seed(seed, class_code, 3)).permutation(len(sizes))]
         kept, taken = set(), 0
         for lesion, size in order.items():
             if taken + size <= per_class:
@@ -111,10 +93,9 @@ def sample_finetune(split: pd.DataFrame, class_code: str, count: int, seed: int)
             f"class {class_code!r} has only {len(train)} train image(s) ({lesions} lesion(s)) but data.finetune_images "
             f"is {count}; lower data.finetune_images or add images of {class_code}"
         )
-    shuffled = train.iloc[_class_seed(seed, class_code, 2).permutation(len(train))].copy()
-    shuffled["_round"] = shuffled.groupby("lesion_id").cumcount()
-    chosen = shuffled.sort_values("_round", kind="stable").head(count)
-    return chosen.sort_values("image_id")[FINETUNE_COLUMNS].reset_index(drop=True)
+    shuffled = train.iloc[np.random.default_rng(derive_seed(seed, class_code, 2)).permutation(len(train))]
+    first_rounds = np.argsort(shuffled.groupby("lesion_id").cumcount().to_numpy(), kind="stable")[:count]
+    return shuffled.iloc[first_rounds].sort_values("image_id")[FINETUNE_COLUMNS].reset_index(drop=True)
 
 
 def check_no_leakage(split: pd.DataFrame, finetune: Mapping[str, pd.DataFrame]) -> None:
@@ -138,15 +119,11 @@ def check_no_leakage(split: pd.DataFrame, finetune: Mapping[str, pd.DataFrame]) 
 
 
 def _relative(path: str, root: Path) -> str:
-    """Workspace-relative POSIX path when the file lives inside the workspace (portable across copies), else absolute;
-    an empty path (no mask) stays empty."""
+    """Workspace-relative POSIX path inside the workspace (portable across copies), else absolute; "" stays ""."""
     if not path:
         return ""
     p = Path(path)
-    try:
-        return p.relative_to(root).as_posix()
-    except ValueError:
-        return p.as_posix()
+    return (p.relative_to(root) if p.is_relative_to(root) else p).as_posix()
 
 
 def _counts(rows: pd.DataFrame) -> dict:
@@ -210,8 +187,6 @@ def build(params: Params) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict, 
 
 def prepare(params: Params) -> dict:
     """The prepare stage (see module docstring); returns the data report also written to reports/data.json."""
-    from pipeline.core import tracking
-
     split, finetune, report, skipped = build(params)
     cap = params.data.real_per_class
     for class_code, counts in report["classes"].items():
