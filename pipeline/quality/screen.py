@@ -109,12 +109,8 @@ def _finite(value) -> bool:
 
 
 def out_of_range(entry: dict, q: QualityParams) -> dict[str, str]:
-    """{figure: one-line reason} for every figure of one class's ``entry`` that must not be shown as a plain number.
-
-    Beyond the obvious: an FID over ``quality.sanity_factor`` times the real-vs-real FID says the feature space, not
-    the images, decides it; a median nearest-neighbour cosine at the memorization threshold, that the gate's cosine
-    cannot tell a copy from a sibling.
-    """
+    """{figure: one-line reason} for each figure of one class's ``entry`` that must not be shown as a plain number
+    (an FID beyond quality.sanity_factor x the real-vs-real one: the feature space, not the images, decides it)."""
     reasons = defaultdict(list)
     n_real, n_synthetic = entry["n_real_train"], entry["n_synthetic"]
     for key in FIGURES:
