@@ -114,8 +114,6 @@ def load_class_pipeline(
         )
     loaders = {"lora": load_lora, "dreambooth": load_unet, "hypernetwork": load_hypernetwork,
                "textual_inversion": lambda pipe, folder: load_embedding(pipe, folder, token)}
-    if meta.get("method") not in loaders:
-        raise PipelineError(f"{model_dir / META_FILE}: unknown method {meta.get('method')!r}")
     pipe = load_base_pipeline(root / BASE_MODEL_DIR, dtype)
     return pipe, loaders[meta["method"]](pipe, model_dir), meta
 
@@ -182,8 +180,7 @@ def generate_images(
 
 
 def conditioning_masks(train_masks: torch.Tensor, seeds: list[int], params: Params) -> torch.Tensor:
-    """diffusion.control mask: one conditioning mask [3, R, R] per image seed, a new shape drawn from that seed out of
-    one of the class's fine-tuning masks."""
+    """diffusion.control mask: per image seed, a new [3, R, R] shape drawn from it out of one fine-tuning mask."""
     from pipeline.diffusion.controlnet import conditioning_mask
 
     picks = [train_masks[derive_seed(s, "mask") % len(train_masks)] for s in seeds]
