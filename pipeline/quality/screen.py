@@ -149,13 +149,11 @@ def _reason(memorized: bool, exclude: bool, low_confidence: bool, confidence: fl
 
 def _closest_figure(target: Path, code: str, frame: pd.DataFrame, synth_px, nearest_px, count: int) -> None:
     """The ``count`` synthetic images nearest to a fine-tuning image (top row) above that image (bottom row)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no backend to choose, no global figure to close
 
     order = np.argsort(-frame["nn_cosine"].to_numpy(), kind="stable")[:count]
-    fig, axes = plt.subplots(2, max(1, len(order)), figsize=(1.9 * max(1, len(order)), 4.4), squeeze=False)
+    fig = Figure(figsize=(1.9 * max(1, len(order)), 4.4))
+    axes = fig.subplots(2, max(1, len(order)), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     if len(order) == 0:
@@ -171,7 +169,6 @@ def _closest_figure(target: Path, code: str, frame: pd.DataFrame, synth_px, near
     fig.tight_layout()
     with atomic.atomic_file(target) as temp:
         fig.savefig(temp, format="png", dpi=90)
-    plt.close(fig)
 
 
 def screen(params: Params) -> dict:
