@@ -175,6 +175,6 @@ def test_a_mask_conditioned_denoising_step_guided_by_the_base_unet_runs_on_cuda(
         masks = torch.zeros(2, 3, RESOLUTION, RESOLUTION)
         control = Control(controlnet, masks.to(pipe.device), 1.0)
         generators = [torch.Generator().manual_seed(seed) for seed in (1, 2)]
-        images = sample_images(pipe, "a dermoscopic image of sks dermatofibroma", "", generators, Sampling(1, 5.0, RESOLUTION),
-                               control, guide_unet)
+        sampling = Sampling(1, 5.0, RESOLUTION, guide_unet)
+        images = sample_images(pipe, "a dermoscopic image of sks dermatofibroma", "", generators, sampling, control)
         assert images.device.type == "cuda" and images.shape == (2, 3, RESOLUTION, RESOLUTION) and images.dtype == dtype

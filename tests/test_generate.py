@@ -120,9 +120,9 @@ def test_any_image_regenerates_alone_from_its_manifest_row(workspace):
     assert row["unconditional"] == "base"
     pipe, _, _ = load_class_pipeline(params, "df")
     pipe.scheduler = make_scheduler(row["scheduler"], pipe.scheduler.config)
-    sampling = Sampling(int(row["steps"]), float(row["guidance"]), resolution=32)
     guide = load_base_unet(root / "models/base")
-    alone = generate_images(pipe, row["prompt"], row["negative_prompt"], [int(row["seed"])], sampling, guide_unet=guide)[0]
+    sampling = Sampling(int(row["steps"]), float(row["guidance"]), resolution=32, guide_unet=guide)
+    alone = generate_images(pipe, row["prompt"], row["negative_prompt"], [int(row["seed"])], sampling)[0]
     alone.save(root / "alone.png")
     difference = abs(pixels(root / "alone.png") - pixels(folder / row["file"]))
     assert difference.max() <= 1 and (difference > 0).mean() < 0.01
@@ -152,7 +152,7 @@ def test_guidance_against_the_base_unet_changes_only_the_unconditional_branch(wo
     prompt = params.class_prompt("df")
 
     def draw(guidance, guide_unet, on=pipe):
-        return sample_images(on, prompt, "", [torch.Generator().manual_seed(9)], Sampling(3, guidance, 32), guide_unet=guide_unet)
+        return sample_images(on, prompt, "", [torch.Generator().manual_seed(9)], Sampling(3, guidance, 32, guide_unet))
 
     assert (draw(4.0, guide) - draw(4.0, None)).abs().max() > 0.01
     assert torch.equal(draw(1.0, guide), draw(1.0, None))

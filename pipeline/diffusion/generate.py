@@ -3,14 +3,11 @@
 Each classifier seed gets its own draw of ``generate.per_class`` images (the manifest's ``draw``), so the seeds'
 spread in evaluate covers the generator as well as the classifier. Image ``k`` has its own seed and generator on the
 pipeline's device, so it can be regenerated alone (``generate_images(pipe, ..., [seed], ...)``); only float rounding
-may differ with its batch (at most one 8-bit level in rare pixels). Under ``accelerate launch`` whole batches are
-shared out and the main process writes ``manifest.csv`` and ``grid.png``. The VAE decodes one image at a time
-(a 512 px batch decode needs GBs) and PNGs are encoded on a worker thread while the next batch samples.
+may differ with its batch (at most one 8-bit level in rare pixels).
 """
 
 from __future__ import annotations
 
-import csv
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,7 +15,10 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -48,10 +48,7 @@ MANIFEST_COLUMNS = (
     "weights_sha256",
 )
 MASKS = "masks"
-GRID_IMAGES = 16
-GRID_COLUMNS = 4
 META_FILE = "meta.json"
-PNG_QUEUE = 16  # images waiting for the PNG writer thread at most
 
 # generate.scheduler -> (diffusers class, overrides); each is built from the base model's scheduler config.
 SCHEDULERS = {
@@ -65,11 +62,13 @@ SCHEDULERS = {
 
 @dataclass(frozen=True)
 class Sampling:
-    """How each image is sampled (the scheduler is the pipeline's own)."""
+    """How each image is sampled (the scheduler is the pipeline's own); ``guide_unet``: the UNet of guidance's
+    unconditional branch, None for the pipeline's own."""
 
     steps: int
     guidance: float
     resolution: int
+    guide_unet: UNet2DConditionModel | None = None
 
 
 def image_seed(seed: int, class_code: str, index: int) -> int:
@@ -115,8 +114,6 @@ def load_class_pipeline(
         )
     loaders = {"lora": load_lora, "dreambooth": load_unet, "hypernetwork": load_hypernetwork,
                "textual_inversion": lambda pipe, folder: load_embedding(pipe, folder, token)}
-    if meta.get("method") not in loaders:
-        raise PipelineError(f"{model_dir / META_FILE}: unknown method {meta.get('method')!r}")
     pipe = load_base_pipeline(root / BASE_MODEL_DIR, dtype)
     return pipe, loaders[meta["method"]](pipe, model_dir), meta
 
@@ -142,11 +139,11 @@ def predict_noise(unet, latents: torch.Tensor, t, states: torch.Tensor, control:
 @torch.no_grad()
 def sample_images(
     pipe: StableDiffusionPipeline, prompt: str, negative_prompt: str, generators: list[torch.Generator], sampling: Sampling,
-    control: Control | None = None, guide_unet: UNet2DConditionModel | None = None,
+    control: Control | None = None,
 ) -> torch.Tensor:
     """One image per generator, float [N, 3, R, R] in [0, 1]: diffusers' guided denoising loop, step for step, except
-    that guidance's unconditional branch may come from ``guide_unet`` (default ``pipe.unet``, the pipeline's choice)."""
-    n, device = len(generators), pipe.device
+    that guidance's unconditional branch may come from ``sampling.guide_unet``."""
+    n, device, guide_unet = len(generators), pipe.device, sampling.guide_unet
     cond, uncond = pipe.encode_prompt(prompt, device, n, True, negative_prompt)
     side = sampling.resolution
     latents = pipe.prepare_latents(n, pipe.unet.config.in_channels, side, side, cond.dtype, device, generators)
@@ -174,17 +171,16 @@ def sample_images(
 
 def generate_images(
     pipe: StableDiffusionPipeline, prompt: str, negative_prompt: str, seeds: list[int], sampling: Sampling,
-    control: Control | None = None, guide_unet: UNet2DConditionModel | None = None,
+    control: Control | None = None,
 ) -> list[Image.Image]:
     """One image per seed, each drawn from its own generator on the pipeline's device (the same in any batch)."""
     generators = [torch.Generator(pipe.device).manual_seed(s) for s in seeds]
-    images = sample_images(pipe, prompt, negative_prompt, generators, sampling, control, guide_unet)
+    images = sample_images(pipe, prompt, negative_prompt, generators, sampling, control)
     return pipe.image_processor.numpy_to_pil(pipe.image_processor.pt_to_numpy(images))  # as output_type="pil" rounds
 
 
 def conditioning_masks(train_masks: torch.Tensor, seeds: list[int], params: Params) -> torch.Tensor:
-    """diffusion.control mask: one conditioning mask [3, R, R] per image seed, a new shape drawn from that seed out of
-    one of the class's fine-tuning masks."""
+    """diffusion.control mask: per image seed, a new [3, R, R] shape drawn from it out of one fine-tuning mask."""
     from pipeline.diffusion.controlnet import conditioning_mask
 
     picks = [train_masks[derive_seed(s, "mask") % len(train_masks)] for s in seeds]
@@ -193,7 +189,7 @@ def conditioning_masks(train_masks: torch.Tensor, seeds: list[int], params: Para
 
 
 @contextmanager
-def png_writer(max_pending: int = PNG_QUEUE) -> Iterator[Callable[[Image.Image, Path], None]]:
+def png_writer(max_pending: int = 16) -> Iterator[Callable[[Image.Image, Path], None]]:
     """``save(image, path)`` that encodes the PNG on a worker thread, at most ``max_pending`` images behind, so the
     accelerator samples the next batch meanwhile. On exit every file is written, or the first error raised."""
     pending: deque[Future] = deque()
@@ -224,8 +220,6 @@ def generation_pipeline(params: Params, class_code: str, base_only: bool = False
     ``compute.mixed_precision``. Under ``generate.unconditional: base`` guidance's unconditional branch is the base
     model's UNet, so guidance pushes the images from the base model's generic lesion towards the class (textual
     inversion's UNet already is the base's)."""
-    from accelerate import PartialState
-
     from pipeline.diffusion.base import base_model_folder, load_base_pipeline, load_base_unet
     from pipeline.diffusion.controlnet import load_controlnet
 
@@ -247,7 +241,7 @@ def generation_pipeline(params: Params, class_code: str, base_only: bool = False
     if controlnet is not None:
         controlnet.to(device)
     pipe.scheduler = make_scheduler(params.generate.scheduler, pipe.scheduler.config)
-    pipe.vae.enable_slicing()
+    pipe.vae.enable_slicing()  # one image at a time: a 512 px batch decode needs GBs
     return Sampler(pipe.to(device), guide_unet, controlnet, sha256_file(weights))
 
 
@@ -256,9 +250,6 @@ def generate_class(params: Params, class_code: str, base_only: bool = False, loa
     ``manifest.csv`` and ``grid.png``, atomically.
     ``base_only``: the same images from the base model without the class's weights, in ``data/synthetic_base/<class>/``.
     ``loaded``: ``generation_pipeline``'s output when the caller already has it (generate_base: one for every class)."""
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list, gather_object
-
     g = params.generate
     state = PartialState(cpu=cpu_only())
     sampler = loaded or generation_pipeline(params, class_code, base_only)
@@ -268,9 +259,13 @@ def generate_class(params: Params, class_code: str, base_only: bool = False, loa
 
         listed = masked_images(workspace_root() / FINETUNE_DIR / f"{class_code}.csv", [class_code])
         train_masks = load_masks(list(listed["mask_path"]), params.diffusion.resolution)
-    sampling = Sampling(g.steps, g.guidance, params.diffusion.resolution)
+    sampling = Sampling(g.steps, g.guidance, params.diffusion.resolution, sampler.guide_unet)
     prompt = params.class_prompt(class_code)
-    unconditional = "base" if base_only else g.unconditional  # textual inversion's own UNet is the base's
+    same = {  # in every manifest row; textual inversion's own UNet is the base's
+        "class": class_code, "prompt": prompt, "negative_prompt": g.negative_prompt, "scheduler": g.scheduler,
+        "steps": g.steps, "guidance": g.guidance, "unconditional": "base" if base_only else g.unconditional,
+        "weights_sha256": sampler.weights_sha256,
+    }
 
     root = workspace_root()
     target = root / (SYNTHETIC_BASE_DIR if base_only else SYNTHETIC_DIR) / class_code
@@ -295,32 +290,25 @@ def generate_class(params: Params, class_code: str, base_only: bool = False, loa
                     shapes = conditioning_masks(train_masks, seeds, params)
                     scale = params.diffusion.controlnet.conditioning_scale
                     control = Control(sampler.controlnet, shapes.to(state.device), scale)
-                images = generate_images(sampler.pipe, prompt, g.negative_prompt, seeds, sampling, control, sampler.guide_unet)
+                images = generate_images(sampler.pipe, prompt, g.negative_prompt, seeds, sampling, control)
                 for i, (k, seed, img) in enumerate(zip(indices, seeds, images)):
                     name = f"{class_code}_{k:05d}.png"
                     save(img, out / name)
                     mask = f"{MASKS}/{name}" if shapes is not None else ""
                     if mask:  # as HAM10000's segmentation release: one channel, 0/255
                         save(Image.fromarray(shapes[i][0].mul(255).to(torch.uint8).cpu().numpy(), mode="L"), out / mask)
-                    rows.append({
-                        "file": name, "mask": mask, "class": class_code, "draw": draws[k // n], "prompt": prompt,
-                        "negative_prompt": g.negative_prompt, "seed": seed, "scheduler": g.scheduler,
-                        "steps": g.steps, "guidance": g.guidance, "unconditional": unconditional,
-                        "weights_sha256": sampler.weights_sha256,
-                    })
+                    rows.append({"file": name, "mask": mask, "draw": draws[k // n], "seed": seed, **same})
         rows = gather_object(rows)
         state.wait_for_everyone()
         if state.is_main_process:
             rows.sort(key=lambda row: row["file"])
-            with (out / "manifest.csv").open("w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS)
-                writer.writeheader()
-                writer.writerows(rows)
+            manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+            manifest.to_csv(out / "manifest.csv", index=False, lineterminator="\r\n")  # as the csv module writes
             if rows:
                 # Under diffusion.control mask each image is followed by its conditioning mask.
-                files = [name for row in rows for name in (row["file"], row["mask"]) if name][:GRID_IMAGES]
+                files = [name for row in rows for name in (row["file"], row["mask"]) if name][:16]
                 shown = [Image.open(out / name).convert("RGB") for name in files]
-                padded_grid(shown, cols=GRID_COLUMNS).save(out / "grid.png")
+                padded_grid(shown, cols=4).save(out / "grid.png")
     state.wait_for_everyone()
     if state.is_main_process and (target / "grid.png").is_file():
         tracking.log_artifact(target / "grid.png", artifact_path=f"generate{'_base' if base_only else ''}/{class_code}")

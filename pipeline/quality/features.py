@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from tqdm import tqdm
 
 from pipeline.core.atomic import read_json
@@ -25,9 +24,6 @@ from pipeline.core.paths import resolve_user_path
 def load_baseline_classifier(model_dir: Path, device: torch.device | str = "cpu") -> ClassifierFeatures:
     """Every seed's model of a trained classifier folder on ``device``; one-line errors name the file."""
     config = read_json(model_dir / CONFIG_NAME, "baseline classifier config not found (run `dvc repro train@baseline`)")
-    missing = [key for key in ("arch", "classes", "image_size", "seeds") if not config.get(key)]
-    if missing:
-        raise PipelineError(f"{model_dir / CONFIG_NAME}: missing or empty key {missing[0]!r}")
     models = []
     for seed in config["seeds"]:
         try:  # a missing weights file is load_classifier's one-line error
@@ -36,8 +32,7 @@ def load_baseline_classifier(model_dir: Path, device: torch.device | str = "cpu"
             why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise PipelineError(f"{model_dir / weights_name(seed)}: cannot load into {config['arch']} with "
                                 f"{len(config['classes'])} classes ({why})") from None
-    mean, std = config.get("mean", IMAGENET_DEFAULT_MEAN), config.get("std", IMAGENET_DEFAULT_STD)
-    return ClassifierFeatures(models, list(config["classes"]), int(config["image_size"]), mean, std)
+    return ClassifierFeatures(models, list(config["classes"]), int(config["image_size"]), config["mean"], config["std"])
 
 
 class ClassifierFeatures:
@@ -102,13 +97,10 @@ class InceptionFeatures:
 
 
 def feature_space(real: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
-    """``real`` and ``others`` as the metrics compare them: each feature as the normal quantile of its mid-rank in
-    ``real``.
-
-    Why ranks: a few images with outsized activations (50-190x, on the demo) own the mean, the covariance and every
-    centred cosine of raw features; ranks are immune, give real features zero mean and unit scale (as KID's kernel and
-    the memorization cosine assume), and keep an exact copy of a real image at cosine 1.
-    """
+    """``real`` and ``others`` with each feature as the normal quantile of its mid-rank in ``real``. Why ranks: a few
+    images with outsized activations (50-190x, on the demo) own the mean, the covariance and every centred cosine of
+    raw features; ranks are immune, give real features zero mean and unit scale (as KID's kernel and the memorization
+    cosine assume), and keep an exact copy of a real image at cosine 1."""
     ordered = real.T.contiguous().sort(dim=1).values  # (features, n_real)
     n = ordered.shape[1]
 

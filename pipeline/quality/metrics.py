@@ -26,12 +26,8 @@ def _pair(real, fake, minimum: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Both sets as float64 (samples, features) on real's device; ValueError when a metric cannot use them."""
     real, fake = torch.as_tensor(real).double(), torch.as_tensor(fake).double()
     for name, x in (("real", real), ("fake", fake)):
-        if x.ndim != 2:
-            raise ValueError(f"{name}: expected a 2-D (samples, features) tensor, got shape {tuple(x.shape)}")
         if not torch.isfinite(x).all():
             raise ValueError(f"{name}: contains NaN or infinite values")
-    if real.shape[1] != fake.shape[1]:
-        raise ValueError(f"feature sizes differ: real {real.shape[1]}, fake {fake.shape[1]}")
     if len(real) < minimum or len(fake) < minimum:
         raise ValueError(f"needs at least {minimum} samples per set, got real {len(real)}, fake {len(fake)}")
     return real, fake.to(real.device)
