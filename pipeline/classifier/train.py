@@ -25,7 +25,6 @@ import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import save_file
-from sklearn.metrics import balanced_accuracy_score
 from torch.utils.data import RandomSampler, WeightedRandomSampler
 from tqdm.auto import tqdm
 
@@ -41,6 +40,7 @@ from pipeline.classifier.dataset import (
     real_samples,
     synthetic_samples,
 )
+from pipeline.classifier.metrics import classification_metrics
 from pipeline.classifier.model import (
     CONFIG_NAME,
     classifier_loss,
@@ -239,7 +239,7 @@ def fit_seed(params: Params, variant: str, job: SeedJob, accelerator) -> tuple[d
         score = [None]
         if accelerator.is_main_process:  # one process scores val: BatchNorm buffers differ between processes
             proba = predict_proba(accelerator.unwrap_model(model), val_images, device)
-            score = [float(balanced_accuracy_score(val_labels, proba.argmax(axis=1)))]
+            score = [classification_metrics(val_labels, proba, classes)["balanced_accuracy"]]
         score = broadcast_object_list(score)[0]
         if score > meta["best_score"]:
             meta.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0)
