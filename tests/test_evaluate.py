@@ -9,7 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 from classifier_workspace import CLASSES, make_workspace, micro_params, write_params
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
 
 from pipeline.classifier import evaluate as evaluate_module
 from pipeline.classifier.evaluate import EVALUATE_RUNS_FILTER, evaluate
@@ -122,13 +129,15 @@ def test_bootstrap_ci_contains_gain_and_verdicts_are_clear_cut():
     ci = ci95(draws["balanced_accuracy"])
     assert ci[0] > 0.3
     assert verdict(*ci) == VERDICT_HELPED
-    assert verdict(*ci95(paired_draws(y, [good], [poor], NAMES, resample_indices(len(y), 300, 0))["balanced_accuracy"])) == VERDICT_HURT
+    worse = paired_draws(y, [good], [poor], NAMES, resample_indices(len(y), 300, 0))
+    assert verdict(*ci95(worse["balanced_accuracy"])) == VERDICT_HURT
     same = ci95(paired_draws(y, [poor], [poor], NAMES, resample_indices(len(y), 100, 0))["balanced_accuracy"])
     assert same == (0.0, 0.0) and verdict(*same) == VERDICT_UNSURE
     assert verdict(-0.01, 0.02) == VERDICT_UNSURE and verdict(0.001, 0.2) == VERDICT_HELPED and verdict(-0.3, -0.1) == VERDICT_HURT
     # Several seeds: gain and CI pool the per-seed paired differences.
-    two = ci95(paired_draws(y, [poor, poor], [good, poor], NAMES, resample_indices(len(y), 200, 0))["balanced_accuracy"])
-    assert two[0] > 0 and two[1] < ci[1]
+    two = paired_draws(y, [poor, poor], [good, poor], NAMES, resample_indices(len(y), 200, 0))
+    low, high = ci95(two["balanced_accuracy"])
+    assert low > 0 and high < ci[1]
     # A resample lacking a class has no recall for it: NaN there, and the interval skips it.
     few = paired_draws(y[:3], [poor[:3]], [good[:3]], NAMES, resample_indices(3, 50, 0))
     assert np.isnan(few["recall_c"]).any() and np.isfinite(ci95(few["recall_c"])).all()

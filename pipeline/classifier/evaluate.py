@@ -145,12 +145,6 @@ def evaluate(params: Params) -> dict:
         raise
 
 
-def evaluated_variants(params: Params) -> tuple[list[str], dict[str, str]]:
-    """(the variants evaluate reads, {skipped variant: why})."""
-    reasons = {v: skip_reason(params, v) for v in (*VARIANTS, *CONTROL_VARIANTS)}
-    return [v for v, r in reasons.items() if r is None], {v: r for v, r in reasons.items() if r is not None}
-
-
 def verdict_lines(metrics: dict) -> list[str]:
     """The summary's first lines: what each variant's images bought over baseline, and how much of what real images
     buy the synthetic ones recover, in plain words (figures from reports/metrics.json)."""
@@ -183,7 +177,8 @@ def verdict_lines(metrics: dict) -> list[str]:
 def _evaluate(params: Params) -> dict:
     root = workspace_root()
     classes, seeds = list(params.data.classes), list(params.classifier.seeds)
-    variants, skipped = evaluated_variants(params)
+    reasons = {v: skip_reason(params, v) for v in (*VARIANTS, *CONTROL_VARIANTS)}
+    variants, skipped = [v for v, r in reasons.items() if r is None], {v: r for v, r in reasons.items() if r is not None}
     split = read_split(params, root)
     test = real_samples(split, "test")
     assert_real_heldout(test, split, "test", root / SYNTHETIC_DIR)  # runtime guard: real test rows only
