@@ -1,9 +1,6 @@
 """What the classifier sees: image lists from split.csv and the synthetic manifests, leakage guards, and a
-decoded-once uint8 tensor cache.
-
-Why a cache: JPEG decoding + resizing every epoch costs more than the 64px forward pass on 2 CPU cores. Each image
-is decoded and resized once and stored as a ``.npy`` keyed by the file's SHA-256 and the target size, under the
-original repository's ``.cache/``, so every variant, evaluate and every DVC experiment share it.
+decoded-once uint8 tensor cache (decoding + resizing every epoch costs more than the 64px forward pass on 2 CPU
+cores), keyed by content and size under the original repository's ``.cache/``, shared by every DVC experiment.
 """
 
 from __future__ import annotations

@@ -109,11 +109,6 @@ def score_fidelity(params: Params) -> dict:
     table = fidelity_table(scores(test), {s: scores(synthetic_samples(params, root, d)) for s, d in SOURCES.items()}, classes)
     table["oracle"] = {"seed": int(config["seeds"][0]), "image_size": size, "test_images": len(test)}
     write_json(root / FIDELITY_JSON, table)
-    _log_and_print(table, classes)
-    return table
-
-
-def _log_and_print(table: dict, classes: list[str]) -> None:
     metrics = {}
     for class_code, entry in table["classes"].items():
         if entry["oracle_test_recall"] is not None:
@@ -126,7 +121,7 @@ def _log_and_print(table: dict, classes: list[str]) -> None:
     if table["mean"]["oracle_test_recall"] is not None:
         metrics["oracle_test_recall_mean"] = table["mean"]["oracle_test_recall"]
     tracking.log_metrics(metrics)
-    tracking.log_artifact(workspace_root() / FIDELITY_JSON)
+    tracking.log_artifact(root / FIDELITY_JSON)
     print(f"{'class':8} {'oracle recall':>13} " + " ".join(f"{s + ' share':>18} {'p(own)':>7}" for s in SOURCES))
     for class_code in classes:
         entry = table["classes"][class_code]
@@ -134,4 +129,4 @@ def _log_and_print(table: dict, classes: list[str]) -> None:
         cells = " ".join(f"{entry[s]['share_own_class']:>18.3f} {entry[s]['mean_p_own_class']:>7.3f}" for s in SOURCES)
         print(f"{class_code:8} {'n/a' if recall is None else f'{recall:.3f}':>13} {cells}")
     print("\n".join(fidelity_lines(table)))
-
+    return table

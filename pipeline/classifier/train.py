@@ -47,7 +47,6 @@ from pipeline.classifier.model import (
     create_classifier,
     inverse_frequency_weights,
     predict_proba,
-    state_to_cpu,
     weights_name,
 )
 from pipeline.core.device import make_accelerator
@@ -118,12 +117,9 @@ def training_samples(params: Params, variant: str, split: pd.DataFrame, root: Pa
     return samples
 
 
-def make_sampler(labels: list[int], num_classes: int, balance: str, generator: torch.Generator,
-                 num_samples: int | None = None):
-    """weighted_sampler: draw each image with probability ∝ 1 / its class count (classes equally often in expectation);
-    otherwise a shuffle without replacement (class_weighted_loss re-weights the loss instead).
-    ``num_samples``: images per epoch (default: all of them)."""
-    num_samples = num_samples or len(labels)
+def make_sampler(labels: list[int], num_classes: int, balance: str, generator: torch.Generator, num_samples: int):
+    """``num_samples`` draws per epoch. weighted_sampler: each image with probability ∝ 1 / its class count (classes
+    equally often in expectation); otherwise a shuffle without replacement (class_weighted_loss re-weights the loss)."""
     if balance == "weighted_sampler":
         labels_t = torch.as_tensor(labels)
         counts = torch.bincount(labels_t, minlength=num_classes).double()
@@ -243,7 +239,8 @@ def fit_seed(params: Params, variant: str, job: SeedJob, accelerator) -> tuple[d
         score = broadcast_object_list(score)[0]
         if score > meta["best_score"]:
             meta.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0)
-            best = state_to_cpu(accelerator.unwrap_model(model))
+            state = accelerator.unwrap_model(model).state_dict()
+            best = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}  # safetensors-ready
         else:
             meta["bad_epochs"] += 1
         meta["epoch"] = epoch + 1
