@@ -178,7 +178,8 @@ def _evaluate(params: Params) -> dict:
     root = workspace_root()
     classes, seeds = list(params.data.classes), list(params.classifier.seeds)
     reasons = {v: skip_reason(params, v) for v in (*VARIANTS, *CONTROL_VARIANTS)}
-    variants, skipped = [v for v, r in reasons.items() if r is None], {v: r for v, r in reasons.items() if r is not None}
+    variants = [v for v, r in reasons.items() if r is None]
+    skipped = {v: r for v, r in reasons.items() if r is not None}
     split = read_split(params, root)
     test = real_samples(split, "test")
     assert_real_heldout(test, split, "test", root / SYNTHETIC_DIR)  # runtime guard: real test rows only

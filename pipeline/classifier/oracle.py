@@ -1,14 +1,10 @@
 """Class fidelity: did the generator learn the class? An oracle classifier judges each class's synthetic images.
 
 The oracle is the project's EfficientNet-B0, trained by ``train_variant`` (first seed of ``classifier.seeds``,
-``oracle.epochs`` of ``oracle.epoch_images`` draws) on every real train-side image: the train and reserve rows,
-never a val, test or synthetic image. The ``fidelity`` stage then scores, per class, for the fine-tuned models'
-images (``augmented``: data/synthetic) and the base model's (``base_only``: data/synthetic_base):
-
-- ``share_own_class``: the share of that class's images the oracle assigns to the class;
-- ``mean_p_own_class``: the oracle's mean probability of the class on them;
-- beside both, ``oracle_test_recall``: its recall on the class's real test images, so a low fidelity can be told
-  from an oracle that cannot recognise the class at all.
+``oracle.epochs`` of ``oracle.epoch_images`` draws) on every real train and reserve row, never a val, test or
+synthetic image. Per class and source (``augmented``: data/synthetic, ``base_only``: data/synthetic_base) the
+``fidelity`` stage reports the share of images it assigns to their own class and its mean p(own class), beside its
+recall on the class's real test images, so a low fidelity can be told from an oracle that cannot recognise the class.
 """
 
 from __future__ import annotations

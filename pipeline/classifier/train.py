@@ -273,20 +273,6 @@ def fit_seed(params: Params, variant: str, job: SeedJob, accelerator) -> tuple[d
     return summary, best
 
 
-def write_skipped(params: Params, variant: str, reason: str) -> dict:
-    """The stage's outputs for a variant that does not apply: a model folder and a train report saying why."""
-    from accelerate import PartialState
-
-    report = {"variant": variant, "skipped": reason}
-    if PartialState().is_main_process:
-        root = workspace_root()
-        with atomic_dir(root / CLASSIFIER_DIR / variant) as temp:
-            (temp / CONFIG_NAME).write_text(json.dumps({**report, "classes": list(params.data.classes)}, indent=2) + "\n")
-        write_json(root / REPORTS_DIR / "train" / f"{variant}.json", report)
-        print(f"train@{variant}: skipped ({reason})")
-    return report
-
-
 def train_variant(params: Params, variant: str) -> dict:
     """Train every seed of ``classifier.seeds`` for one variant; writes the model folder and returns the report
     written to reports/train/<variant>.json."""
@@ -294,10 +280,19 @@ def train_variant(params: Params, variant: str) -> dict:
 
     from pipeline.core import tracking
 
+    from accelerate import PartialState
+
     check_variant(variant)
-    if (reason := skip_reason(params, variant)) is not None:
-        return write_skipped(params, variant, reason)
     root = workspace_root()
+    if (reason := skip_reason(params, variant)) is not None:  # the stage's outputs then say why
+        report = {"variant": variant, "skipped": reason}
+        if PartialState().is_main_process:
+            config = {**report, "classes": list(params.data.classes)}
+            with atomic_dir(root / CLASSIFIER_DIR / variant) as temp:
+                (temp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+            write_json(root / REPORTS_DIR / "train" / f"{variant}.json", report)
+            print(f"train@{variant}: skipped ({reason})")
+        return report
     c, classes = params.classifier, list(params.data.classes)
     split = read_split(params, root)
     # Each seed trains on its own draw of synthetic (or reserve) images: the seeds' spread then covers the generator.
