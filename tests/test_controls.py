@@ -12,10 +12,10 @@ from classifier_workspace import CLASSES, make_workspace, micro_params, write_pa
 from pipeline.classifier.dataset import assert_no_leakage, read_split
 from pipeline.classifier.evaluate import verdict_lines
 from pipeline.classifier.metrics import (
-    balanced_accuracy,
-    bootstrap_gains,
+    ci95,
     classification_metrics,
-    paired_bootstrap,
+    gains_over_baseline,
+    paired_draws,
     recovered_share,
     resample_indices,
 )
@@ -40,20 +40,30 @@ def _predictions(right_per_class: int, per_class: int = 20, classes: int = 3) ->
 
 
 Y = np.repeat(np.arange(3), 20)
+NAMES = ["a", "b", "c"]
+
+
+def _gains(y, preds: dict[str, list[np.ndarray]], indices, classes: int = 3):
+    """What evaluate computes from predicted labels (as one-hot probabilities): the gains table and the draws."""
+    names = NAMES if classes == 3 else list("abcd")
+    probas = {v: [np.eye(classes)[p] for p in seeds] for v, seeds in preds.items()}
+    per_seed = {v: [classification_metrics(y, p, names) for p in seeds] for v, seeds in probas.items()}
+    draws = {v: paired_draws(y, probas["baseline"], probas[v], names, indices) for v in probas if v != "baseline"}
+    return gains_over_baseline(per_seed, draws), draws
 
 
 def test_gains_and_recovered_share_on_hand_made_predictions():
     # balanced accuracy: baseline 10/20 = 0.5, augmented 0.6, base_only 0.45, real_ceiling 0.7.
     preds = {"baseline": [_predictions(10)], "augmented": [_predictions(12)], "base_only": [_predictions(9)],
              "real_ceiling": [_predictions(14)]}
-    assert balanced_accuracy(Y, preds["augmented"][0], 3) == pytest.approx(0.6)
-    gains, draws = bootstrap_gains(Y, preds, 3, resample_indices(len(Y), 400, 0))
+    assert classification_metrics(Y, np.eye(3)[preds["augmented"][0]], NAMES)["balanced_accuracy"] == pytest.approx(0.6)
+    gains, draws = _gains(Y, preds, resample_indices(len(Y), 400, 0))
     assert gains["augmented"]["balanced_accuracy"] == pytest.approx(0.1)
     assert gains["base_only"]["balanced_accuracy"] == pytest.approx(-0.05)
     assert gains["real_ceiling"]["balanced_accuracy"] == pytest.approx(0.2)
     for variant, g in gains.items():
         assert g["ci_low"] <= g["balanced_accuracy"] <= g["ci_high"], variant
-        assert len(draws[variant]) == 400
+        assert len(draws[variant]["balanced_accuracy"]) == 400
     assert gains["augmented"]["ci_low"] > 0 and gains["base_only"]["ci_high"] <= 0  # supersets: one sign in every resample
     share = recovered_share(gains, draws)
     assert share["defined"] and share["value"] == pytest.approx(0.5)
@@ -64,8 +74,8 @@ def test_recovered_share_is_undefined_when_the_ceiling_gain_may_be_zero():
     noisy = _predictions(10).copy()
     noisy[[0, 20]] = [1, 2]  # two hits lost ...
     noisy[[15, 35]] = [0, 1]  # ... two gained: the ceiling's gain is 0 and its CI straddles 0
-    gains, draws = bootstrap_gains(Y, {"baseline": [_predictions(10)], "augmented": [_predictions(12)],
-                                       "real_ceiling": [noisy]}, 3, resample_indices(len(Y), 300, 1))
+    gains, draws = _gains(Y, {"baseline": [_predictions(10)], "augmented": [_predictions(12)], "real_ceiling": [noisy]},
+                          resample_indices(len(Y), 300, 1))
     assert gains["real_ceiling"]["ci_low"] < 0 < gains["real_ceiling"]["ci_high"]
     share = recovered_share(gains, draws)
     assert not share["defined"] and share["value"] is None and "includes 0" in share["note"]
@@ -73,26 +83,29 @@ def test_recovered_share_is_undefined_when_the_ceiling_gain_may_be_zero():
     assert "below 0" in recovered_share(worse, draws)["note"]
 
 
-def test_gains_pool_paired_seeds_and_match_the_metrics_bootstrap():
+def test_gains_pool_paired_seeds():
     # Seed 0: augmented +0.1, seed 1: augmented +0.3 -> pooled gain +0.2.
     preds = {"baseline": [_predictions(10), _predictions(8)], "augmented": [_predictions(12), _predictions(14)]}
-    gains, _ = bootstrap_gains(Y, preds, 3, resample_indices(len(Y), 200, 0))
+    gains, draws = _gains(Y, preds, resample_indices(len(Y), 200, 0))
     assert gains["augmented"]["balanced_accuracy"] == pytest.approx(0.2)
-    with pytest.raises(ValueError, match="seed"):
-        bootstrap_gains(Y, {"baseline": preds["baseline"], "augmented": preds["augmented"][:1]}, 3, resample_indices(len(Y), 10, 0))
-    # On random predictions, over the same resamples, it gives the per-metric bootstrap's interval exactly.
+    with pytest.raises(ValueError):  # seed k of a variant needs seed k of baseline
+        _gains(Y, {"baseline": preds["baseline"], "augmented": preds["augmented"][:1]}, resample_indices(len(Y), 10, 0))
+    # The pooled draw of a resample is the mean of the seeds' own draws.
+    one = [_gains(Y, {"baseline": [b], "augmented": [a]}, resample_indices(len(Y), 200, 0))[1]["augmented"]
+           for b, a in zip(preds["baseline"], preds["augmented"])]
+    assert draws["augmented"]["balanced_accuracy"] == pytest.approx(
+        (one[0]["balanced_accuracy"] + one[1]["balanced_accuracy"]) / 2)
+    # On random predictions: the point gain is the difference of the two models' balanced accuracy.
     rng = np.random.default_rng(3)
     y = rng.integers(0, 4, 300)
     base = np.where(rng.random(300) < 0.5, y, rng.integers(0, 4, 300))
     aug = np.where(rng.random(300) < 0.7, y, rng.integers(0, 4, 300))
-    indices = resample_indices(len(y), 500, 0)
-    gains, _ = bootstrap_gains(y, {"baseline": [base], "augmented": [aug]}, 4, indices)
-    onehot = [np.eye(4)[base]], [np.eye(4)[aug]]
-    low, high = paired_bootstrap(y, *onehot, list("abcd"), indices)["balanced_accuracy"]
+    gains, draws = _gains(y, {"baseline": [base], "augmented": [aug]}, resample_indices(len(y), 500, 0), classes=4)
     assert gains["augmented"]["balanced_accuracy"] == pytest.approx(
-        classification_metrics(y, onehot[1][0], list("abcd"))["balanced_accuracy"]
-        - classification_metrics(y, onehot[0][0], list("abcd"))["balanced_accuracy"])
-    assert (gains["augmented"]["ci_low"], gains["augmented"]["ci_high"]) == pytest.approx((low, high))
+        classification_metrics(y, np.eye(4)[aug], list("abcd"))["balanced_accuracy"]
+        - classification_metrics(y, np.eye(4)[base], list("abcd"))["balanced_accuracy"])
+    low, high = ci95(draws["augmented"]["balanced_accuracy"])
+    assert (gains["augmented"]["ci_low"], gains["augmented"]["ci_high"]) == (low, high)
 
 
 def _metrics(share: dict, skipped: dict | None = None) -> dict:

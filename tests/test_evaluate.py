@@ -9,7 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 from classifier_workspace import CLASSES, make_workspace, micro_params, write_params
-from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
 
 from pipeline.classifier import evaluate as evaluate_module
 from pipeline.classifier.evaluate import EVALUATE_RUNS_FILTER, evaluate
@@ -17,11 +24,12 @@ from pipeline.classifier.metrics import (
     VERDICT_HELPED,
     VERDICT_HURT,
     VERDICT_UNSURE,
+    ci95,
     classification_metrics,
     confusion,
-    fast_metrics,
     mean_std,
-    paired_bootstrap,
+    metric_arrays,
+    paired_draws,
     paired_gain,
     resample_indices,
     verdict,
@@ -67,7 +75,6 @@ def test_metrics_on_hand_made_predictions():
     auc_b = (2 / 3) * (6 / 7) + 0.5 * ((2 / 3) * (1 / 7) + (1 / 3) * (6 / 7))
     auc_c = (2 / 3) * 1 + 0.5 * ((1 / 3) * 1)
     assert m["auroc_macro"] == pytest.approx((auc_a + auc_b + auc_c) / 3)
-    assert fast_metrics(Y_TRUE, Y_PRED, proba, NAMES) == pytest.approx(m)
 
 
 def test_class_absent_from_test_is_handled():
@@ -78,12 +85,11 @@ def test_class_absent_from_test_is_handled():
     assert "recall_d" not in m and "precision_d" not in m
     assert m["balanced_accuracy"] == pytest.approx((2 / 4 + 2 / 3 + 2 / 3) / 3)
     assert np.isfinite(list(m.values())).all()
-    assert fast_metrics(Y_TRUE, proba.argmax(1), proba, names) == pytest.approx(m)
     assert confusion(Y_TRUE, proba.argmax(1), 4)[0].tolist() == [2, 1, 0, 1]
 
 
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
-def test_fast_path_matches_sklearn_on_random_predictions():
+def test_metrics_match_sklearn_on_random_predictions():
     rng = np.random.default_rng(0)
     names = ["a", "b", "c", "d", "e"]
     for _ in range(20):
@@ -91,12 +97,22 @@ def test_fast_path_matches_sklearn_on_random_predictions():
         proba = rng.dirichlet(np.ones(5), 60)
         proba[:, :4] += np.eye(4)[y] * rng.uniform(0, 0.5)
         pred = proba.argmax(1)
-        fast = fast_metrics(y, pred, proba, names)
-        assert fast == pytest.approx(classification_metrics(y, proba, names))
-        assert fast["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
-        assert fast["macro_f1"] == pytest.approx(f1_score(y, pred, labels=[0, 1, 2, 3], average="macro", zero_division=0))
-        auc = np.mean([roc_auc_score(y == c, proba[:, c]) for c in range(4)])
-        assert fast["auroc_macro"] == pytest.approx(auc)
+        m = classification_metrics(y, proba, names)
+        labels = [0, 1, 2, 3]
+        expected = {"balanced_accuracy": balanced_accuracy_score(y, pred), "accuracy": accuracy_score(y, pred),
+                    "macro_recall": recall_score(y, pred, labels=labels, average="macro", zero_division=0),
+                    "macro_f1": f1_score(y, pred, labels=labels, average="macro", zero_division=0),
+                    "auroc_macro": np.mean([roc_auc_score(y == c, proba[:, c]) for c in labels])}
+        for c, r, p in zip(labels, recall_score(y, pred, labels=labels, average=None, zero_division=0),
+                           precision_score(y, pred, labels=labels, average=None, zero_division=0)):
+            expected.update({f"recall_{names[c]}": r, f"precision_{names[c]}": p})
+        assert m == pytest.approx(expected)
+    # Many resamples at once: row r scores resample r, NaN where the one-set metrics leave a key out.
+    indices = rng.integers(0, 60, (30, 60))
+    rows = metric_arrays(y[indices], proba[indices], names)
+    for r, idx in enumerate(indices):
+        single = classification_metrics(y[idx], proba[idx], names)
+        assert {k: v[r] for k, v in rows.items() if not np.isnan(v[r])} == pytest.approx(single)
 
 
 def test_bootstrap_ci_contains_gain_and_verdicts_are_clear_cut():
@@ -106,19 +122,25 @@ def test_bootstrap_ci_contains_gain_and_verdicts_are_clear_cut():
     poor = _onehot(np.where(rng.random(200) < 0.4, y, (y + 1) % 3))  # ~40% right
     base, aug = [classification_metrics(y, poor, NAMES)], [classification_metrics(y, good, NAMES)]
     gain = paired_gain(base, aug)
-    ci = paired_bootstrap(y, [poor], [good], NAMES, resample_indices(len(y), 300, 0))
+    draws = paired_draws(y, [poor], [good], NAMES, resample_indices(len(y), 300, 0))
     for key in ("balanced_accuracy", "macro_f1", "auroc_macro", "recall_a"):
-        low, high = ci[key]
+        low, high = ci95(draws[key])
         assert low <= gain[key] <= high, key
-    assert ci["balanced_accuracy"][0] > 0.3
-    assert verdict(*ci["balanced_accuracy"]) == VERDICT_HELPED
-    assert verdict(*paired_bootstrap(y, [good], [poor], NAMES, resample_indices(len(y), 300, 0))["balanced_accuracy"]) == VERDICT_HURT
-    same = paired_bootstrap(y, [poor], [poor], NAMES, resample_indices(len(y), 100, 0))
-    assert same["balanced_accuracy"] == (0.0, 0.0) and verdict(*same["balanced_accuracy"]) == VERDICT_UNSURE
+    ci = ci95(draws["balanced_accuracy"])
+    assert ci[0] > 0.3
+    assert verdict(*ci) == VERDICT_HELPED
+    worse = paired_draws(y, [good], [poor], NAMES, resample_indices(len(y), 300, 0))
+    assert verdict(*ci95(worse["balanced_accuracy"])) == VERDICT_HURT
+    same = ci95(paired_draws(y, [poor], [poor], NAMES, resample_indices(len(y), 100, 0))["balanced_accuracy"])
+    assert same == (0.0, 0.0) and verdict(*same) == VERDICT_UNSURE
     assert verdict(-0.01, 0.02) == VERDICT_UNSURE and verdict(0.001, 0.2) == VERDICT_HELPED and verdict(-0.3, -0.1) == VERDICT_HURT
     # Several seeds: gain and CI pool the per-seed paired differences.
-    two = paired_bootstrap(y, [poor, poor], [good, poor], NAMES, resample_indices(len(y), 200, 0))
-    assert two["balanced_accuracy"][0] > 0 and two["balanced_accuracy"][1] < ci["balanced_accuracy"][1]
+    two = paired_draws(y, [poor, poor], [good, poor], NAMES, resample_indices(len(y), 200, 0))
+    low, high = ci95(two["balanced_accuracy"])
+    assert low > 0 and high < ci[1]
+    # A resample lacking a class has no recall for it: NaN there, and the interval skips it.
+    few = paired_draws(y[:3], [poor[:3]], [good[:3]], NAMES, resample_indices(3, 50, 0))
+    assert np.isnan(few["recall_c"]).any() and np.isfinite(ci95(few["recall_c"])).all()
     stats = mean_std([{"x": 0.5}, {"x": 0.7}])
     assert stats == pytest.approx({"x": 0.6, "x_std": np.std([0.5, 0.7], ddof=1)})
 

@@ -32,11 +32,12 @@ from pipeline.classifier.metrics import (
     VERDICT_HELPED,
     VERDICT_HURT,
     VERDICT_UNSURE,
-    bootstrap_gains,
+    ci95,
     classification_metrics,
     confusion,
+    gains_over_baseline,
     mean_std,
-    paired_bootstrap,
+    paired_draws,
     paired_gain,
     recovered_share,
     resample_indices,
@@ -144,12 +145,6 @@ def evaluate(params: Params) -> dict:
         raise
 
 
-def evaluated_variants(params: Params) -> tuple[list[str], dict[str, str]]:
-    """(the variants evaluate reads, {skipped variant: why})."""
-    reasons = {v: skip_reason(params, v) for v in (*VARIANTS, *CONTROL_VARIANTS)}
-    return [v for v, r in reasons.items() if r is None], {v: r for v, r in reasons.items() if r is not None}
-
-
 def verdict_lines(metrics: dict) -> list[str]:
     """The summary's first lines: what each variant's images bought over baseline, and how much of what real images
     buy the synthetic ones recover, in plain words (figures from reports/metrics.json)."""
@@ -182,7 +177,9 @@ def verdict_lines(metrics: dict) -> list[str]:
 def _evaluate(params: Params) -> dict:
     root = workspace_root()
     classes, seeds = list(params.data.classes), list(params.classifier.seeds)
-    variants, skipped = evaluated_variants(params)
+    reasons = {v: skip_reason(params, v) for v in (*VARIANTS, *CONTROL_VARIANTS)}
+    variants = [v for v, r in reasons.items() if r is None]
+    skipped = {v: r for v, r in reasons.items() if r is not None}
     split = read_split(params, root)
     test = real_samples(split, "test")
     assert_real_heldout(test, split, "test", root / SYNTHETIC_DIR)  # runtime guard: real test rows only
@@ -199,19 +196,18 @@ def _evaluate(params: Params) -> dict:
         probas[variant] = [predict_proba(load_classifier(folder, seed, classes), images) for seed in seeds]
 
     per_seed = {v: [classification_metrics(y_true, p, classes) for p in probas[v]] for v in variants}
-    gain = paired_gain(per_seed["baseline"], per_seed["augmented"])
+    gain = paired_gain(per_seed[BASELINE], per_seed[SYNTHETIC])
     indices = resample_indices(len(y_true), params.evaluate.bootstrap, params.seed)  # every interval's resamples
-    ci = paired_bootstrap(y_true, probas["baseline"], probas["augmented"], classes, indices)
-    preds = {v: [p.argmax(axis=1) for p in probas[v]] for v in variants}
-    gains, draws = bootstrap_gains(y_true, preds, len(classes), indices)
-    low, high = ci["balanced_accuracy"]
+    draws = {v: paired_draws(y_true, probas[BASELINE], probas[v], classes, indices) for v in variants if v != BASELINE}
+    ci = {k: ci95(d) for k, d in draws[SYNTHETIC].items() if k in gain and not np.isnan(d).all()}
+    gains = gains_over_baseline(per_seed, draws)
     share = (recovered_share(gains, draws) if CEILING in gains else
              {"value": None, "ci_low": None, "ci_high": None, "defined": False, "note": f"no real_ceiling variant: {skipped[CEILING]}"})
     metrics = {
         **{v: {**mean_std(per_seed[v]), "n_test": len(test), "n_seeds": len(seeds)} for v in variants},
         "gain": gain,
-        "gain_ci95": {k: {"low": lo, "high": hi} for k, (lo, hi) in ci.items() if k in gain},
-        "verdict": verdict(low, high),
+        "gain_ci95": {k: {"low": lo, "high": hi} for k, (lo, hi) in ci.items()},
+        "verdict": verdict(*ci["balanced_accuracy"]),
         "gain_over_baseline": gains,
         "recovered_share": share,
         "variants": variants,

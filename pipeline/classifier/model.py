@@ -43,11 +43,6 @@ def create_classifier(arch: str, num_classes: int, pretrained: bool) -> torch.nn
         ) from None
 
 
-def state_to_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A detached, contiguous CPU copy of the weights (what safetensors can store)."""
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-
-
 def read_config(folder: Path) -> dict:
     return read_json(folder / CONFIG_NAME, "classifier config not found; run `dvc repro train` first")
 

@@ -1,14 +1,10 @@
 """Class fidelity: did the generator learn the class? An oracle classifier judges each class's synthetic images.
 
 The oracle is the project's EfficientNet-B0, trained by ``train_variant`` (first seed of ``classifier.seeds``,
-``oracle.epochs`` of ``oracle.epoch_images`` draws) on every real train-side image: the train and reserve rows,
-never a val, test or synthetic image. The ``fidelity`` stage then scores, per class, for the fine-tuned models'
-images (``augmented``: data/synthetic) and the base model's (``base_only``: data/synthetic_base):
-
-- ``share_own_class``: the share of that class's images the oracle assigns to the class;
-- ``mean_p_own_class``: the oracle's mean probability of the class on them;
-- beside both, ``oracle_test_recall``: its recall on the class's real test images, so a low fidelity can be told
-  from an oracle that cannot recognise the class at all.
+``oracle.epochs`` of ``oracle.epoch_images`` draws) on every real train and reserve row, never a val, test or
+synthetic image. Per class and source (``augmented``: data/synthetic, ``base_only``: data/synthetic_base) the
+``fidelity`` stage reports the share of images it assigns to their own class and its mean p(own class), beside its
+recall on the class's real test images, so a low fidelity can be told from an oracle that cannot recognise the class.
 """
 
 from __future__ import annotations
@@ -109,11 +105,6 @@ def score_fidelity(params: Params) -> dict:
     table = fidelity_table(scores(test), {s: scores(synthetic_samples(params, root, d)) for s, d in SOURCES.items()}, classes)
     table["oracle"] = {"seed": int(config["seeds"][0]), "image_size": size, "test_images": len(test)}
     write_json(root / FIDELITY_JSON, table)
-    _log_and_print(table, classes)
-    return table
-
-
-def _log_and_print(table: dict, classes: list[str]) -> None:
     metrics = {}
     for class_code, entry in table["classes"].items():
         if entry["oracle_test_recall"] is not None:
@@ -126,7 +117,7 @@ def _log_and_print(table: dict, classes: list[str]) -> None:
     if table["mean"]["oracle_test_recall"] is not None:
         metrics["oracle_test_recall_mean"] = table["mean"]["oracle_test_recall"]
     tracking.log_metrics(metrics)
-    tracking.log_artifact(workspace_root() / FIDELITY_JSON)
+    tracking.log_artifact(root / FIDELITY_JSON)
     print(f"{'class':8} {'oracle recall':>13} " + " ".join(f"{s + ' share':>18} {'p(own)':>7}" for s in SOURCES))
     for class_code in classes:
         entry = table["classes"][class_code]
@@ -134,4 +125,4 @@ def _log_and_print(table: dict, classes: list[str]) -> None:
         cells = " ".join(f"{entry[s]['share_own_class']:>18.3f} {entry[s]['mean_p_own_class']:>7.3f}" for s in SOURCES)
         print(f"{class_code:8} {'n/a' if recall is None else f'{recall:.3f}':>13} {cells}")
     print("\n".join(fidelity_lines(table)))
-
+    return table

@@ -25,7 +25,6 @@ import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import save_file
-from sklearn.metrics import balanced_accuracy_score
 from torch.utils.data import RandomSampler, WeightedRandomSampler
 from tqdm.auto import tqdm
 
@@ -41,13 +40,13 @@ from pipeline.classifier.dataset import (
     real_samples,
     synthetic_samples,
 )
+from pipeline.classifier.metrics import classification_metrics
 from pipeline.classifier.model import (
     CONFIG_NAME,
     classifier_loss,
     create_classifier,
     inverse_frequency_weights,
     predict_proba,
-    state_to_cpu,
     weights_name,
 )
 from pipeline.core.device import make_accelerator
@@ -118,12 +117,9 @@ def training_samples(params: Params, variant: str, split: pd.DataFrame, root: Pa
     return samples
 
 
-def make_sampler(labels: list[int], num_classes: int, balance: str, generator: torch.Generator,
-                 num_samples: int | None = None):
-    """weighted_sampler: draw each image with probability ∝ 1 / its class count (classes equally often in expectation);
-    otherwise a shuffle without replacement (class_weighted_loss re-weights the loss instead).
-    ``num_samples``: images per epoch (default: all of them)."""
-    num_samples = num_samples or len(labels)
+def make_sampler(labels: list[int], num_classes: int, balance: str, generator: torch.Generator, num_samples: int):
+    """``num_samples`` draws per epoch. weighted_sampler: each image with probability ∝ 1 / its class count (classes
+    equally often in expectation); otherwise a shuffle without replacement (class_weighted_loss re-weights the loss)."""
     if balance == "weighted_sampler":
         labels_t = torch.as_tensor(labels)
         counts = torch.bincount(labels_t, minlength=num_classes).double()
@@ -239,11 +235,12 @@ def fit_seed(params: Params, variant: str, job: SeedJob, accelerator) -> tuple[d
         score = [None]
         if accelerator.is_main_process:  # one process scores val: BatchNorm buffers differ between processes
             proba = predict_proba(accelerator.unwrap_model(model), val_images, device)
-            score = [float(balanced_accuracy_score(val_labels, proba.argmax(axis=1)))]
+            score = [classification_metrics(val_labels, proba, classes)["balanced_accuracy"]]
         score = broadcast_object_list(score)[0]
         if score > meta["best_score"]:
             meta.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0)
-            best = state_to_cpu(accelerator.unwrap_model(model))
+            state = accelerator.unwrap_model(model).state_dict()
+            best = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}  # safetensors-ready
         else:
             meta["bad_epochs"] += 1
         meta["epoch"] = epoch + 1
@@ -276,20 +273,6 @@ def fit_seed(params: Params, variant: str, job: SeedJob, accelerator) -> tuple[d
     return summary, best
 
 
-def write_skipped(params: Params, variant: str, reason: str) -> dict:
-    """The stage's outputs for a variant that does not apply: a model folder and a train report saying why."""
-    from accelerate import PartialState
-
-    report = {"variant": variant, "skipped": reason}
-    if PartialState().is_main_process:
-        root = workspace_root()
-        with atomic_dir(root / CLASSIFIER_DIR / variant) as temp:
-            (temp / CONFIG_NAME).write_text(json.dumps({**report, "classes": list(params.data.classes)}, indent=2) + "\n")
-        write_json(root / REPORTS_DIR / "train" / f"{variant}.json", report)
-        print(f"train@{variant}: skipped ({reason})")
-    return report
-
-
 def train_variant(params: Params, variant: str) -> dict:
     """Train every seed of ``classifier.seeds`` for one variant; writes the model folder and returns the report
     written to reports/train/<variant>.json."""
@@ -297,10 +280,19 @@ def train_variant(params: Params, variant: str) -> dict:
 
     from pipeline.core import tracking
 
+    from accelerate import PartialState
+
     check_variant(variant)
-    if (reason := skip_reason(params, variant)) is not None:
-        return write_skipped(params, variant, reason)
     root = workspace_root()
+    if (reason := skip_reason(params, variant)) is not None:  # the stage's outputs then say why
+        report = {"variant": variant, "skipped": reason}
+        if PartialState().is_main_process:
+            config = {**report, "classes": list(params.data.classes)}
+            with atomic_dir(root / CLASSIFIER_DIR / variant) as temp:
+                (temp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+            write_json(root / REPORTS_DIR / "train" / f"{variant}.json", report)
+            print(f"train@{variant}: skipped ({reason})")
+        return report
     c, classes = params.classifier, list(params.data.classes)
     split = read_split(params, root)
     # Each seed trains on its own draw of synthetic (or reserve) images: the seeds' spread then covers the generator.
