@@ -48,18 +48,6 @@ def save_lora(unet, folder: str | Path) -> Path:
     return Path(folder) / LORA_FILE
 
 
-def _expected_shape(layer: torch.nn.Module, down: bool, rank: int) -> tuple[int, ...] | None:
-    """The shape peft gives a LoRA factor of ``layer`` (None: not a layer LoRA can target).
-
-    Linear: down [r, in], up [out, r]. Conv2d: down is a conv with the layer's kernel [r, in, kh, kw], up a 1x1
-    conv [out, r, 1, 1]."""
-    if isinstance(layer, torch.nn.Linear):
-        return (rank, layer.in_features) if down else (layer.out_features, rank)
-    if isinstance(layer, torch.nn.Conv2d):
-        return (rank, layer.in_channels, *layer.kernel_size) if down else (layer.out_channels, rank, 1, 1)
-    return None
-
-
 def check_lora_file(path: Path, unet) -> None:
     """Every key must name a Linear or Conv2d of this UNet with matching shape; else one PipelineError."""
     try:
@@ -85,8 +73,12 @@ def check_lora_file(path: Path, unet) -> None:
         layer = getattr(layer, "base_layer", layer)  # already wrapped by peft
         down = match["kind"] in ("lora.down", "lora_A")
         rank = shape[0 if down else 1] if len(shape) >= 2 else 0
-        expected = _expected_shape(layer, down, rank)
-        if expected is None:
+        # peft's factors: Linear down [r, in], up [out, r]; Conv2d down [r, in, kh, kw], up a 1x1 conv [out, r, 1, 1]
+        if isinstance(layer, torch.nn.Linear):
+            expected = (rank, layer.in_features) if down else (layer.out_features, rank)
+        elif isinstance(layer, torch.nn.Conv2d):
+            expected = (rank, layer.in_channels, *layer.kernel_size) if down else (layer.out_channels, rank, 1, 1)
+        else:
             raise PipelineError(f"{path}: key {key!r} targets {name!r}, which is not a linear or conv layer of this UNet")
         if shape != expected:
             raise PipelineError(
