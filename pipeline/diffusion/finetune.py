@@ -15,7 +15,8 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from pipeline.diffusion.generate import (
     check_class,
     generate_images,
     make_scheduler,
+    sample_images,
 )
 from pipeline.diffusion.pretrain import diffusion_target, min_snr_weights
 from pipeline.diffusion.training_data import LatentCache, encode_images, encode_prompts, read_finetune_csv, tokenize
@@ -231,7 +233,10 @@ def save_checkpoint(folder: Path, state: Resumable, step: int, info: dict) -> No
     """Replace ``folder`` with the state after ``step`` steps."""
     from accelerate.utils import gather_object
 
-    rng = gather_object([checkpoint.rng_state(state.generator)])  # one entry per process
+    rng = {"generator": state.generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    rng = gather_object([rng])  # one entry per process
     if not state.accelerator.is_main_process:
         return
     groups = {"trainable": {name: p.float() for name, p in state.part.named_trainable().items()}}
@@ -251,7 +256,11 @@ def load_checkpoint(folder: Path, fingerprint: str, state: Resumable) -> tuple[i
         for name, p in trainable.items():
             p.copy_(weights[name])
     found.restore_optimizer(state.optimizer)
-    checkpoint.set_rng_state(found.group(f"rng.{state.accelerator.process_index}"), state.generator)
+    rng = found.group(f"rng.{state.accelerator.process_index}")
+    state.generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in rng])
     print(f"{folder}: resuming from step {found.meta['step']}", file=sys.stderr)
     return int(found.meta["step"]), list(found.meta.get("recent_losses", []))
 
@@ -259,7 +268,6 @@ def load_checkpoint(folder: Path, fingerprint: str, state: Resumable) -> tuple[i
 def finetune_class(params: Params, class_code: str) -> Path:
     """Fine-tune the base model on ``data/prepared/finetune/<class>.csv``; writes ``models/diffusion/<class>/``."""
     from pipeline.diffusion.base import load_base_pipeline
-    from pipeline.diffusion.dreambooth import prior_images
 
     check_class(params, class_code)
     d = params.diffusion
@@ -276,7 +284,6 @@ def finetune_class(params: Params, class_code: str) -> Path:
         clean_stale_temps(ckpt_dir.parent, ckpt_dir.name)
     weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
     pipe = load_base_pipeline(base_dir)
-    pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     base_sha = base_sha256(base_dir)
     fingerprint = run_fingerprint(params, class_code, image_paths, base_sha, accelerator.num_processes)
@@ -363,16 +370,34 @@ def finetune_class(params: Params, class_code: str) -> Path:
     return out_dir
 
 
-def validation_grid(pipe, params: Params, class_code: str):
-    """4 images of the class prompt from fixed seeds: the same every run, so runs compare by eye (and tests by pixel)."""
-    seed = derive_seed(params.seed, "finetune", class_code)
-    seeds = [derive_seed(seed, "validation", i) for i in range(VALIDATION["images"])]
+@contextmanager
+def base_sampling(pipe, resolution: int) -> Iterator[Sampling]:
+    """How finetune samples for itself (DreamBooth's prior images, the validation grid): DPM-Solver++ in place of the
+    pipeline's scheduler, which comes back after the block."""
     scheduler = pipe.scheduler
     pipe.scheduler = make_scheduler(VALIDATION["scheduler"], scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
     try:
-        sampling = Sampling(VALIDATION["steps"], VALIDATION["guidance"], params.diffusion.resolution)
-        images = generate_images(pipe, params.class_prompt(class_code), "", seeds, sampling)
+        yield Sampling(VALIDATION["steps"], VALIDATION["guidance"], resolution)
     finally:
         pipe.scheduler = scheduler
+
+
+def prior_images(pipe, prompt: str, count: int, resolution: int, seed: int) -> torch.Tensor:
+    """``count`` images of the generic class prompt from the untouched base model, uint8 [N, 3, R, R] on its device
+    (8-bit like the class images diffusers' DreamBooth script saves as files); fixed seeds, so a resumed run sees the
+    same ones."""
+    generators, images = [torch.Generator(pipe.device).manual_seed(seed + i) for i in range(count)], []
+    with base_sampling(pipe, resolution) as sampling:
+        for start in range(0, count, 8):  # 8 at a time bounds the memory
+            batch = sample_images(pipe, prompt, "", generators[start : start + 8], sampling)
+            images.append(batch.float().mul(255).round().to(torch.uint8))
+    return torch.cat(images)
+
+
+def validation_grid(pipe, params: Params, class_code: str):
+    """4 images of the class prompt from fixed seeds, the same every run: runs compare by eye (and tests by pixel)."""
+    seed = derive_seed(params.seed, "finetune", class_code)
+    seeds = [derive_seed(seed, "validation", i) for i in range(VALIDATION["images"])]
+    with base_sampling(pipe, params.diffusion.resolution) as sampling:
+        images = generate_images(pipe, params.class_prompt(class_code), "", seeds, sampling)
     return make_image_grid(images, rows=1, cols=len(images))
