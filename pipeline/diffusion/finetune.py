@@ -11,7 +11,6 @@ with ``diffusion.resume`` a rerun of the same params, data and base continues th
 from __future__ import annotations
 
 import hashlib
-import re
 import shutil
 import sys
 import time
@@ -57,8 +56,7 @@ VALIDATION = {"images": 4, "steps": 20, "guidance": 5.0, "scheduler": "dpmsolver
 
 def generic_prompt(params: Params, class_code: str) -> str:
     """The class prompt without the instance token ("a dermoscopic image of dermatofibroma"): DreamBooth's prior."""
-    text = params.diffusion.prompt.format(token="", class_name=CLASS_NAMES[class_code])
-    return re.sub(r"\s+", " ", text).strip()
+    return " ".join(params.diffusion.prompt.format(token="", class_name=CLASS_NAMES[class_code]).split())
 
 
 def base_sha256(base_dir: Path) -> str:
@@ -72,11 +70,10 @@ def base_sha256(base_dir: Path) -> str:
 def run_fingerprint(params: Params, class_code: str, images: list[Path], base_sha: str, processes: int) -> str:
     """What a checkpoint must match to be resumed: everything that changes the numbers, nothing that doesn't."""
     diffusion = params.diffusion.model_dump(mode="json", exclude={"resume", "checkpoint_every", "pretrain", "control", "controlnet"})
-    payload = {
+    return tracking.params_hash({
         "seed": params.seed, "class": class_code, "diffusion": diffusion, "images": [sha256_file(p) for p in images],
         "base": base_sha, "processes": processes,
-    }
-    return tracking.params_hash(payload)
+    })
 
 
 class LossLog:
@@ -95,18 +92,16 @@ class LossLog:
     def read(self) -> list[float]:
         """Bring the pending losses to the host; returns the recent window."""
         if self.pending:
-            steps = [step for step, _ in self.pending]
             values = torch.stack([loss for _, loss in self.pending]).tolist()
-            self.pending = []
+            self.points += zip([step for step, _ in self.pending], values)
             self.recent = (self.recent + values)[-LOSS_WINDOW:]
-            self.points += zip(steps, values)
+            self.pending = []
             if len(self.points) >= self.send_every:
                 self.flush()
         return self.recent
 
     def mean(self) -> float:
-        recent = self.read()
-        return sum(recent) / len(recent)
+        return sum(self.read()) / len(self.recent)
 
     def flush(self) -> None:
         self.read()
@@ -211,8 +206,6 @@ def optimizer_step(accelerator, loss: torch.Tensor, trainable: list[torch.nn.Par
 
 def cast_frozen(pipe, part: TrainedPart, weight_dtype: torch.dtype) -> None:
     """Frozen weights in ``weight_dtype`` (half precision on a GPU); trainable ones stay fp32 for the optimizer."""
-    if weight_dtype == torch.float32:
-        return
     for module in (pipe.vae, pipe.text_encoder, pipe.unet):
         if module is not part.module or part.adapter:
             module.to(dtype=weight_dtype)
@@ -305,19 +298,16 @@ def finetune_class(params: Params, class_code: str) -> Path:
     cast_frozen(pipe, part, weight_dtype)
     if d.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-    # channels_last: diffusers' advice for UNets on GPU. Set before any optimizer state is restored (pipeline/optim.py).
+    # channels_last: diffusers' advice for UNets on GPU. Set before any optimizer state is restored (checkpoint.py).
     pipe.unet.to(memory_format=torch.channels_last)
     trainable = list(part.named_trainable().values())
-    weight_decay = 0.0 if part.trains_text else WEIGHT_DECAY
-    optimizer = adamw(trainable, lr=d.learning_rate, weight_decay=weight_decay)
+    optimizer = adamw(trainable, lr=d.learning_rate, weight_decay=0.0 if part.trains_text else WEIGHT_DECAY)
     # Every draw of the loop comes from this generator, on the model's device (one stream per process).
     generator = torch.Generator(device).manual_seed(derive_seed(seed, "steps", accelerator.process_index))
 
     resumable = Resumable(accelerator, part, optimizer, generator)
-    start, recent = (0, [])
-    if d.resume:
-        start, recent = load_checkpoint(ckpt_dir, fingerprint, resumable)
-    elif (ckpt_dir / "state.json").is_file() and main:
+    start, recent = load_checkpoint(ckpt_dir, fingerprint, resumable) if d.resume else (0, [])
+    if not d.resume and (ckpt_dir / "state.json").is_file() and main:
         print(f"{ckpt_dir}: diffusion.resume is false; ignoring the checkpoint there", file=sys.stderr)
     model, optimizer = accelerator.prepare(part.module, optimizer)
     resumable.optimizer = optimizer  # checkpoints save the prepared optimizer's state
