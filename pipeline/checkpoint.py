@@ -1,9 +1,8 @@
 """Resumable training state for both trainers (classifier and diffusion fine-tuning): one format, one code path.
 
-A folder of ``state.safetensors`` (every tensor under a ``<group>.`` prefix) and ``state.json`` (the rest, with the
-run key), replaced in one rename. Not accelerate's ``save_state``: it pickles the optimizer and RNG state. The
-optimizer's tensors are the group ``optimizer`` ("<param index>.<name>": AdamW keeps no other state), its
-``param_groups`` are in the JSON.
+A folder of ``state.safetensors`` (every tensor under a ``<group>.`` prefix; the optimizer's, AdamW's only state, as
+``optimizer.<param index>.<name>``) and ``state.json`` (the rest, with the run key), replaced in one rename. Not
+accelerate's ``save_state``: it pickles the optimizer and RNG state.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
 """LoRA on the UNet's layers (``diffusion.lora.target_modules``), saved so ``pipe.load_lora_weights`` reads it.
-
-diffusers loads a LoRA file for the wrong architecture with at most a log line, so ``load_lora`` first checks every
-key and shape against the UNet.
-"""
+``load_lora`` first checks every key and shape against the UNet: diffusers loads a LoRA file for the wrong
+architecture with at most a log line."""
 
 from __future__ import annotations
 
