@@ -24,19 +24,15 @@ def vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A tiny CLIP BPE vocab: byte-level symbols cover any text; whole-word merges exist only for DOMAIN_WORDS, so
     rare instance tokens such as "sks" split into pieces exactly as they do in a real CLIP vocab."""
     symbols = list(bytes_to_unicode().values())
-    vocab: list[str] = symbols + [s + "</w>" for s in symbols]
-    merges: list[tuple[str, str]] = []
+    vocab = dict.fromkeys(symbols + [s + "</w>" for s in symbols])  # dicts as ordered sets: first occurrence wins
+    merges: dict[tuple[str, str], None] = {}
     for word in DOMAIN_WORDS:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        current = pieces[0]
-        for nxt in pieces[1:]:
-            if (current, nxt) not in merges:
-                merges.append((current, nxt))
-            if current + nxt not in vocab:
-                vocab.append(current + nxt)
-            current += nxt
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    return {token: i for i, token in enumerate(vocab)}, merges
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        for i in range(1, len(pieces)):
+            merges["".join(pieces[:i]), pieces[i]] = None
+            vocab["".join(pieces[: i + 1])] = None
+    vocab.update(dict.fromkeys(["<|startoftext|>", "<|endoftext|>"]))
+    return {token: i for i, token in enumerate(vocab)}, list(merges)
 
 
 def build_tokenizer() -> CLIPTokenizer:
