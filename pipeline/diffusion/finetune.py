@@ -108,10 +108,8 @@ class LossLog:
         mlflow = sys.modules.get("mlflow")  # not imported means no run is active (and importing it costs seconds)
         run = mlflow.active_run() if mlflow and self.send else None
         if run is not None and self.points:
-            from mlflow.entities import Metric
-
             now = int(time.time() * 1000)
-            metrics = [Metric(self.name, float(v), now, step) for step, v in self.points]
+            metrics = [mlflow.entities.Metric(self.name, float(v), now, step) for step, v in self.points]
             mlflow.MlflowClient().log_batch(run.info.run_id, metrics=metrics)
         self.points = []
 
