@@ -5,7 +5,6 @@ architecture with at most a log line."""
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -89,27 +88,20 @@ def check_lora_file(path: Path, unet) -> None:
         raise PipelineError(f"{path}: down and up weights of {uneven[0]!r} disagree on the LoRA rank")
 
 
-@contextmanager
-def _quiet_diffusers():
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        diffusers_logging.set_verbosity(level)
-
-
 def load_lora(pipe: StableDiffusionPipeline, folder: str | Path, fuse: bool = True) -> Path:
     """Validate, load and (by default) fuse the class LoRA into ``pipe``; returns the weights file."""
     path = Path(folder) / LORA_FILE
     if not path.is_file():
         raise PipelineError(f"{path}: LoRA weights not found; run the finetune stage first")
     check_lora_file(path, pipe.unet)
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # diffusers logs that the file has no text-encoder LoRA, which is by design
     try:
-        with _quiet_diffusers():  # it logs that the file has no text-encoder LoRA, which is by design
-            pipe.load_lora_weights(str(folder), weight_name=LORA_FILE, adapter_name="class")
+        pipe.load_lora_weights(str(folder), weight_name=LORA_FILE, adapter_name="class")
     except (ValueError, KeyError, RuntimeError, TypeError) as exc:
         raise PipelineError(f"{path}: could not load LoRA ({str(exc).splitlines()[0][:300]})") from None
+    finally:
+        diffusers_logging.set_verbosity(level)
     if fuse:
         # Bake the low-rank update into the base weights: generation then costs exactly as much as the base model.
         pipe.fuse_lora(adapter_names=["class"])
