@@ -45,12 +45,10 @@ class Checkpoint:
         groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
                   for g in self.meta[OPTIMIZER]["param_groups"]]
         optimizer.load_state_dict({"state": state, "param_groups": groups})
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                buffers = optimizer.state.get(param, {})
-                for name, value in buffers.items():
-                    if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
-                        buffers[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+        for param, buffers in optimizer.state.items():
+            for name, value in buffers.items():
+                if value.shape == param.shape and value.stride() != param.stride():
+                    buffers[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def save_checkpoint(folder: Path, key: str, groups: dict[str, dict[str, torch.Tensor]], meta: dict,
