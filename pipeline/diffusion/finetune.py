@@ -336,8 +336,7 @@ def finetune_class(params: Params, class_code: str) -> Path:
     if main:
         model.eval()
         pipe.unet.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors only
-        if weight_dtype != torch.float32:
-            pipe.to(dtype=torch.float32)  # sample the grid in one dtype (a DreamBooth UNet stayed fp32 beside fp16 encoders)
+        pipe.to(dtype=torch.float32)  # one dtype for the grid (a DreamBooth UNet stayed fp32 beside fp16 encoders)
         with atomic_dir(out_dir) as temp:
             weights = part.save(temp)
             validation_grid(pipe, params, class_code).save(temp / "samples.png")
