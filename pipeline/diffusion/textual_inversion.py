@@ -1,8 +1,6 @@
-"""Textual inversion: the class is learned as one new word; every weight of the model stays frozen.
-
-The new token's embedding is one trainable row spliced into the frozen table (``NewTokenEmbedding``): the optimizer
-holds one vector and no other row can drift. Saved as {token: [1, D]}, what ``pipe.load_textual_inversion`` reads.
-"""
+"""Textual inversion: the class is learned as one new word, a trainable row spliced into the frozen token table
+(``NewTokenEmbedding``), so the optimizer holds one vector and no weight of the model can drift. Saved as
+{token: [1, D]}, what ``pipe.load_textual_inversion`` reads."""
 
 from __future__ import annotations
 
