@@ -1,12 +1,11 @@
-"""finetune@<class>: teach the base model one class under its own instance token (LoRA, DreamBooth, textual
-inversion or a hypernetwork).
+"""finetune@<class>: teach the base model one class under its own instance token.
 
 The plain diffusion loop on cached latents and prompt embeddings (the VAE and text encoder are frozen; textual
-inversion re-encodes its prompt each step); methods differ only in *which* weights train (``TrainedPart``). Every
-draw comes from one generator on the model's device, so the same seed gives the same run on the same device type.
-Every ``diffusion.checkpoint_every`` steps the state goes to ``checkpoints/<class>/`` (outside DVC's outputs);
-with ``diffusion.resume`` a rerun of the same params, data and base continues there, bit-identically on CPU.
-"""
+inversion re-encodes its prompt each step); LoRA, DreamBooth, textual inversion and a hypernetwork differ only in
+*which* weights train (``TrainedPart``). Every draw comes from one generator on the model's device, so the same seed
+gives the same run on the same device type. Every ``diffusion.checkpoint_every`` steps the state goes to
+``checkpoints/<class>/`` (outside DVC's outputs); with ``diffusion.resume`` a rerun of the same params, data and base
+continues there, bit-identically on CPU."""
 
 from __future__ import annotations
 
