@@ -242,9 +242,7 @@ def load_checkpoint(folder: Path, fingerprint: str, state: Resumable) -> tuple[i
     weights, trainable = found.group("trainable"), state.part.named_trainable()
     if set(weights) != set(trainable):
         raise PipelineError(f"{folder}: checkpoint weights do not match the model; delete the folder to start fresh")
-    with torch.no_grad():
-        for name, p in trainable.items():
-            p.copy_(weights[name])
+    state.part.module.load_state_dict(weights, strict=False)  # the trainable tensors only, checked just above
     found.restore_optimizer(state.optimizer)
     rng = found.group(f"rng.{state.accelerator.process_index}")
     state.generator.set_state(rng["generator"])
