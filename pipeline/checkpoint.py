@@ -1,7 +1,8 @@
 """Resumable training state for both trainers (classifier and diffusion fine-tuning): one format, one code path.
 
-A folder of ``state.safetensors`` (every tensor under a ``<group>.`` prefix) and ``state.json`` (the rest, with the
-run key), replaced in one rename. Not accelerate's ``save_state``: it pickles the optimizer and RNG state.
+A folder of ``state.safetensors`` (every tensor under a ``<group>.`` prefix; the optimizer's, AdamW's only state, as
+``optimizer.<param index>.<name>``) and ``state.json`` (the rest, with the run key), replaced in one rename. Not
+accelerate's ``save_state``: it pickles the optimizer and RNG state.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.core.atomic import atomic_dir
-from pipeline.optim import load_optimizer_state, state_from_tensors, state_tensors
 
 TENSORS_FILE = "state.safetensors"
 META_FILE = "state.json"
@@ -34,18 +34,34 @@ class Checkpoint:
         return {k.removeprefix(prefix): v for k, v in self.tensors.items() if k.startswith(prefix)}
 
     def restore_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        load_optimizer_state(optimizer, state_from_tensors(self.group(OPTIMIZER), self.meta[OPTIMIZER]))
+        """``optimizer.load_state_dict`` + every per-parameter buffer in the memory layout of its parameter: on CPU the
+        fused kernel walks each parameter and its buffers in memory order, so a channels_last weight with buffers
+        loaded in the default layout would silently get the wrong moments."""
+        state: dict[int, dict] = {}
+        for key, value in self.group(OPTIMIZER).items():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+        # JSON turned tuples (betas) into lists; torch wants them back as they were.
+        groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+                  for g in self.meta[OPTIMIZER]["param_groups"]]
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        for param, buffers in optimizer.state.items():
+            for name, value in buffers.items():
+                if value.shape == param.shape and value.stride() != param.stride():
+                    buffers[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def save_checkpoint(folder: Path, key: str, groups: dict[str, dict[str, torch.Tensor]], meta: dict,
                     optimizer: torch.optim.Optimizer | None = None) -> None:
     """Replace ``folder`` with ``groups`` of tensors (+ the optimizer's state) and JSON-able ``meta``, tagged ``key``."""
-    tensors = {f"{group}.{name}": t.detach().cpu().contiguous() for group, entries in groups.items()
-               for name, t in entries.items()}
     meta = {**meta, "key": key}
     if optimizer is not None:
-        opt_tensors, meta[OPTIMIZER] = state_tensors(optimizer)
-        tensors.update({f"{OPTIMIZER}.{k}": v for k, v in opt_tensors.items()})
+        state = optimizer.state_dict()
+        groups = {**groups, OPTIMIZER: {f"{i}.{name}": t for i, entries in state["state"].items()
+                                        for name, t in entries.items()}}
+        meta[OPTIMIZER] = {"param_groups": state["param_groups"]}
+    tensors = {f"{group}.{name}": t.detach().cpu().contiguous() for group, entries in groups.items()
+               for name, t in entries.items()}
     with atomic_dir(folder) as temp:
         save_file(tensors, str(temp / TENSORS_FILE))
         (temp / META_FILE).write_text(json.dumps(meta, indent=1))
@@ -67,18 +83,3 @@ def load_checkpoint(folder: Path, key: str) -> Checkpoint | None:
         print(f"warning: {folder}: unreadable checkpoint ({exc}); starting fresh", file=sys.stderr)
         return None
 
-
-def rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """This process's random state: ``generator``, torch's CPU generator and every CUDA generator."""
-    states = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return states
-
-
-def set_rng_state(states: dict[str, torch.Tensor], generator: torch.Generator) -> None:
-    generator.set_state(states["generator"])
-    torch.set_rng_state(states["torch"])
-    if torch.cuda.is_available():
-        cuda = [states[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in states]
-        torch.cuda.set_rng_state_all(cuda)

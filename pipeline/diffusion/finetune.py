@@ -1,21 +1,20 @@
-"""finetune@<class>: teach the base model one class under its own instance token (LoRA, DreamBooth, textual
-inversion or a hypernetwork).
+"""finetune@<class>: teach the base model one class under its own instance token.
 
 The plain diffusion loop on cached latents and prompt embeddings (the VAE and text encoder are frozen; textual
-inversion re-encodes its prompt each step); methods differ only in *which* weights train (``TrainedPart``). Every
-draw comes from one generator on the model's device, so the same seed gives the same run on the same device type.
-Every ``diffusion.checkpoint_every`` steps the state goes to ``checkpoints/<class>/`` (outside DVC's outputs);
-with ``diffusion.resume`` a rerun of the same params, data and base continues there, bit-identically on CPU.
-"""
+inversion re-encodes its prompt each step); LoRA, DreamBooth, textual inversion and a hypernetwork differ only in
+*which* weights train (``TrainedPart``). Every draw comes from one generator on the model's device, so the same seed
+gives the same run on the same device type. Every ``diffusion.checkpoint_every`` steps the state goes to
+``checkpoints/<class>/`` (outside DVC's outputs); with ``diffusion.resume`` a rerun of the same params, data and base
+continues there, bit-identically on CPU."""
 
 from __future__ import annotations
 
 import hashlib
-import re
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from pipeline.diffusion.generate import (
     check_class,
     generate_images,
     make_scheduler,
+    sample_images,
 )
 from pipeline.diffusion.pretrain import diffusion_target, min_snr_weights
 from pipeline.diffusion.training_data import LatentCache, encode_images, encode_prompts, read_finetune_csv, tokenize
@@ -55,8 +55,7 @@ VALIDATION = {"images": 4, "steps": 20, "guidance": 5.0, "scheduler": "dpmsolver
 
 def generic_prompt(params: Params, class_code: str) -> str:
     """The class prompt without the instance token ("a dermoscopic image of dermatofibroma"): DreamBooth's prior."""
-    text = params.diffusion.prompt.format(token="", class_name=CLASS_NAMES[class_code])
-    return re.sub(r"\s+", " ", text).strip()
+    return " ".join(params.diffusion.prompt.format(token="", class_name=CLASS_NAMES[class_code]).split())
 
 
 def base_sha256(base_dir: Path) -> str:
@@ -70,11 +69,10 @@ def base_sha256(base_dir: Path) -> str:
 def run_fingerprint(params: Params, class_code: str, images: list[Path], base_sha: str, processes: int) -> str:
     """What a checkpoint must match to be resumed: everything that changes the numbers, nothing that doesn't."""
     diffusion = params.diffusion.model_dump(mode="json", exclude={"resume", "checkpoint_every", "pretrain", "control", "controlnet"})
-    payload = {
+    return tracking.params_hash({
         "seed": params.seed, "class": class_code, "diffusion": diffusion, "images": [sha256_file(p) for p in images],
         "base": base_sha, "processes": processes,
-    }
-    return tracking.params_hash(payload)
+    })
 
 
 class LossLog:
@@ -93,28 +91,24 @@ class LossLog:
     def read(self) -> list[float]:
         """Bring the pending losses to the host; returns the recent window."""
         if self.pending:
-            steps = [step for step, _ in self.pending]
             values = torch.stack([loss for _, loss in self.pending]).tolist()
-            self.pending = []
+            self.points += zip([step for step, _ in self.pending], values)
             self.recent = (self.recent + values)[-LOSS_WINDOW:]
-            self.points += zip(steps, values)
+            self.pending = []
             if len(self.points) >= self.send_every:
                 self.flush()
         return self.recent
 
     def mean(self) -> float:
-        recent = self.read()
-        return sum(recent) / len(recent)
+        return sum(self.read()) / len(self.recent)
 
     def flush(self) -> None:
         self.read()
         mlflow = sys.modules.get("mlflow")  # not imported means no run is active (and importing it costs seconds)
         run = mlflow.active_run() if mlflow and self.send else None
         if run is not None and self.points:
-            from mlflow.entities import Metric
-
             now = int(time.time() * 1000)
-            metrics = [Metric(self.name, float(v), now, step) for step, v in self.points]
+            metrics = [mlflow.entities.Metric(self.name, float(v), now, step) for step, v in self.points]
             mlflow.MlflowClient().log_batch(run.info.run_id, metrics=metrics)
         self.points = []
 
@@ -209,8 +203,6 @@ def optimizer_step(accelerator, loss: torch.Tensor, trainable: list[torch.nn.Par
 
 def cast_frozen(pipe, part: TrainedPart, weight_dtype: torch.dtype) -> None:
     """Frozen weights in ``weight_dtype`` (half precision on a GPU); trainable ones stay fp32 for the optimizer."""
-    if weight_dtype == torch.float32:
-        return
     for module in (pipe.vae, pipe.text_encoder, pipe.unet):
         if module is not part.module or part.adapter:
             module.to(dtype=weight_dtype)
@@ -231,7 +223,10 @@ def save_checkpoint(folder: Path, state: Resumable, step: int, info: dict) -> No
     """Replace ``folder`` with the state after ``step`` steps."""
     from accelerate.utils import gather_object
 
-    rng = gather_object([checkpoint.rng_state(state.generator)])  # one entry per process
+    rng = {"generator": state.generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    rng = gather_object([rng])  # one entry per process
     if not state.accelerator.is_main_process:
         return
     groups = {"trainable": {name: p.float() for name, p in state.part.named_trainable().items()}}
@@ -247,11 +242,13 @@ def load_checkpoint(folder: Path, fingerprint: str, state: Resumable) -> tuple[i
     weights, trainable = found.group("trainable"), state.part.named_trainable()
     if set(weights) != set(trainable):
         raise PipelineError(f"{folder}: checkpoint weights do not match the model; delete the folder to start fresh")
-    with torch.no_grad():
-        for name, p in trainable.items():
-            p.copy_(weights[name])
+    state.part.module.load_state_dict(weights, strict=False)  # the trainable tensors only, checked just above
     found.restore_optimizer(state.optimizer)
-    checkpoint.set_rng_state(found.group(f"rng.{state.accelerator.process_index}"), state.generator)
+    rng = found.group(f"rng.{state.accelerator.process_index}")
+    state.generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in rng])
     print(f"{folder}: resuming from step {found.meta['step']}", file=sys.stderr)
     return int(found.meta["step"]), list(found.meta.get("recent_losses", []))
 
@@ -259,7 +256,6 @@ def load_checkpoint(folder: Path, fingerprint: str, state: Resumable) -> tuple[i
 def finetune_class(params: Params, class_code: str) -> Path:
     """Fine-tune the base model on ``data/prepared/finetune/<class>.csv``; writes ``models/diffusion/<class>/``."""
     from pipeline.diffusion.base import load_base_pipeline
-    from pipeline.diffusion.dreambooth import prior_images
 
     check_class(params, class_code)
     d = params.diffusion
@@ -276,7 +272,6 @@ def finetune_class(params: Params, class_code: str) -> Path:
         clean_stale_temps(ckpt_dir.parent, ckpt_dir.name)
     weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
     pipe = load_base_pipeline(base_dir)
-    pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     base_sha = base_sha256(base_dir)
     fingerprint = run_fingerprint(params, class_code, image_paths, base_sha, accelerator.num_processes)
@@ -298,19 +293,16 @@ def finetune_class(params: Params, class_code: str) -> Path:
     cast_frozen(pipe, part, weight_dtype)
     if d.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-    # channels_last: diffusers' advice for UNets on GPU. Set before any optimizer state is restored (pipeline/optim.py).
+    # channels_last: diffusers' advice for UNets on GPU. Set before any optimizer state is restored (checkpoint.py).
     pipe.unet.to(memory_format=torch.channels_last)
     trainable = list(part.named_trainable().values())
-    weight_decay = 0.0 if part.trains_text else WEIGHT_DECAY
-    optimizer = adamw(trainable, lr=d.learning_rate, weight_decay=weight_decay)
+    optimizer = adamw(trainable, lr=d.learning_rate, weight_decay=0.0 if part.trains_text else WEIGHT_DECAY)
     # Every draw of the loop comes from this generator, on the model's device (one stream per process).
     generator = torch.Generator(device).manual_seed(derive_seed(seed, "steps", accelerator.process_index))
 
     resumable = Resumable(accelerator, part, optimizer, generator)
-    start, recent = (0, [])
-    if d.resume:
-        start, recent = load_checkpoint(ckpt_dir, fingerprint, resumable)
-    elif (ckpt_dir / "state.json").is_file() and main:
+    start, recent = load_checkpoint(ckpt_dir, fingerprint, resumable) if d.resume else (0, [])
+    if not d.resume and (ckpt_dir / "state.json").is_file() and main:
         print(f"{ckpt_dir}: diffusion.resume is false; ignoring the checkpoint there", file=sys.stderr)
     model, optimizer = accelerator.prepare(part.module, optimizer)
     resumable.optimizer = optimizer  # checkpoints save the prepared optimizer's state
@@ -341,8 +333,7 @@ def finetune_class(params: Params, class_code: str) -> Path:
     if main:
         model.eval()
         pipe.unet.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors only
-        if weight_dtype != torch.float32:
-            pipe.to(dtype=torch.float32)  # sample the grid in one dtype (a DreamBooth UNet stayed fp32 beside fp16 encoders)
+        pipe.to(dtype=torch.float32)  # one dtype for the grid (a DreamBooth UNet stayed fp32 beside fp16 encoders)
         with atomic_dir(out_dir) as temp:
             weights = part.save(temp)
             validation_grid(pipe, params, class_code).save(temp / "samples.png")
@@ -363,16 +354,34 @@ def finetune_class(params: Params, class_code: str) -> Path:
     return out_dir
 
 
-def validation_grid(pipe, params: Params, class_code: str):
-    """4 images of the class prompt from fixed seeds: the same every run, so runs compare by eye (and tests by pixel)."""
-    seed = derive_seed(params.seed, "finetune", class_code)
-    seeds = [derive_seed(seed, "validation", i) for i in range(VALIDATION["images"])]
+@contextmanager
+def base_sampling(pipe, resolution: int) -> Iterator[Sampling]:
+    """How finetune samples for itself (DreamBooth's prior images, the validation grid): DPM-Solver++ in place of the
+    pipeline's scheduler, which comes back after the block."""
     scheduler = pipe.scheduler
     pipe.scheduler = make_scheduler(VALIDATION["scheduler"], scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
     try:
-        sampling = Sampling(VALIDATION["steps"], VALIDATION["guidance"], params.diffusion.resolution)
-        images = generate_images(pipe, params.class_prompt(class_code), "", seeds, sampling)
+        yield Sampling(VALIDATION["steps"], VALIDATION["guidance"], resolution)
     finally:
         pipe.scheduler = scheduler
+
+
+def prior_images(pipe, prompt: str, count: int, resolution: int, seed: int) -> torch.Tensor:
+    """``count`` images of the generic class prompt from the untouched base model, uint8 [N, 3, R, R] on its device
+    (8-bit like the class images diffusers' DreamBooth script saves as files); fixed seeds, so a resumed run sees the
+    same ones."""
+    generators, images = [torch.Generator(pipe.device).manual_seed(seed + i) for i in range(count)], []
+    with base_sampling(pipe, resolution) as sampling:
+        for start in range(0, count, 8):  # 8 at a time bounds the memory
+            batch = sample_images(pipe, prompt, "", generators[start : start + 8], sampling)
+            images.append(batch.float().mul(255).round().to(torch.uint8))
+    return torch.cat(images)
+
+
+def validation_grid(pipe, params: Params, class_code: str):
+    """4 images of the class prompt from fixed seeds, the same every run: runs compare by eye (and tests by pixel)."""
+    seed = derive_seed(params.seed, "finetune", class_code)
+    seeds = [derive_seed(seed, "validation", i) for i in range(VALIDATION["images"])]
+    with base_sampling(pipe, params.diffusion.resolution) as sampling:
+        images = generate_images(pipe, params.class_prompt(class_code), "", seeds, sampling)
     return make_image_grid(images, rows=1, cols=len(images))

@@ -1,13 +1,10 @@
 """LoRA on the UNet's layers (``diffusion.lora.target_modules``), saved so ``pipe.load_lora_weights`` reads it.
-
-diffusers loads a LoRA file for the wrong architecture with at most a log line, so ``load_lora`` first checks every
-key and shape against the UNet.
-"""
+``load_lora`` first checks every key and shape against the UNet: diffusers loads a LoRA file for the wrong
+architecture with at most a log line."""
 
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -48,18 +45,6 @@ def save_lora(unet, folder: str | Path) -> Path:
     return Path(folder) / LORA_FILE
 
 
-def _expected_shape(layer: torch.nn.Module, down: bool, rank: int) -> tuple[int, ...] | None:
-    """The shape peft gives a LoRA factor of ``layer`` (None: not a layer LoRA can target).
-
-    Linear: down [r, in], up [out, r]. Conv2d: down is a conv with the layer's kernel [r, in, kh, kw], up a 1x1
-    conv [out, r, 1, 1]."""
-    if isinstance(layer, torch.nn.Linear):
-        return (rank, layer.in_features) if down else (layer.out_features, rank)
-    if isinstance(layer, torch.nn.Conv2d):
-        return (rank, layer.in_channels, *layer.kernel_size) if down else (layer.out_channels, rank, 1, 1)
-    return None
-
-
 def check_lora_file(path: Path, unet) -> None:
     """Every key must name a Linear or Conv2d of this UNet with matching shape; else one PipelineError."""
     try:
@@ -85,8 +70,12 @@ def check_lora_file(path: Path, unet) -> None:
         layer = getattr(layer, "base_layer", layer)  # already wrapped by peft
         down = match["kind"] in ("lora.down", "lora_A")
         rank = shape[0 if down else 1] if len(shape) >= 2 else 0
-        expected = _expected_shape(layer, down, rank)
-        if expected is None:
+        # peft's factors: Linear down [r, in], up [out, r]; Conv2d down [r, in, kh, kw], up a 1x1 conv [out, r, 1, 1]
+        if isinstance(layer, torch.nn.Linear):
+            expected = (rank, layer.in_features) if down else (layer.out_features, rank)
+        elif isinstance(layer, torch.nn.Conv2d):
+            expected = (rank, layer.in_channels, *layer.kernel_size) if down else (layer.out_channels, rank, 1, 1)
+        else:
             raise PipelineError(f"{path}: key {key!r} targets {name!r}, which is not a linear or conv layer of this UNet")
         if shape != expected:
             raise PipelineError(
@@ -99,27 +88,20 @@ def check_lora_file(path: Path, unet) -> None:
         raise PipelineError(f"{path}: down and up weights of {uneven[0]!r} disagree on the LoRA rank")
 
 
-@contextmanager
-def _quiet_diffusers():
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        diffusers_logging.set_verbosity(level)
-
-
 def load_lora(pipe: StableDiffusionPipeline, folder: str | Path, fuse: bool = True) -> Path:
     """Validate, load and (by default) fuse the class LoRA into ``pipe``; returns the weights file."""
     path = Path(folder) / LORA_FILE
     if not path.is_file():
         raise PipelineError(f"{path}: LoRA weights not found; run the finetune stage first")
     check_lora_file(path, pipe.unet)
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # diffusers logs that the file has no text-encoder LoRA, which is by design
     try:
-        with _quiet_diffusers():  # it logs that the file has no text-encoder LoRA, which is by design
-            pipe.load_lora_weights(str(folder), weight_name=LORA_FILE, adapter_name="class")
+        pipe.load_lora_weights(str(folder), weight_name=LORA_FILE, adapter_name="class")
     except (ValueError, KeyError, RuntimeError, TypeError) as exc:
         raise PipelineError(f"{path}: could not load LoRA ({str(exc).splitlines()[0][:300]})") from None
+    finally:
+        diffusers_logging.set_verbosity(level)
     if fuse:
         # Bake the low-rank update into the base weights: generation then costs exactly as much as the base model.
         pipe.fuse_lora(adapter_names=["class"])

@@ -1,8 +1,6 @@
-"""Textual inversion: the class is learned as one new word; every weight of the model stays frozen.
-
-The new token's embedding is one trainable row spliced into the frozen table (``NewTokenEmbedding``): the optimizer
-holds one vector and no other row can drift. Saved as {token: [1, D]}, what ``pipe.load_textual_inversion`` reads.
-"""
+"""Textual inversion: the class is learned as one new word, a trainable row spliced into the frozen token table
+(``NewTokenEmbedding``), so the optimizer holds one vector and no weight of the model can drift. Saved as
+{token: [1, D]}, what ``pipe.load_textual_inversion`` reads."""
 
 from __future__ import annotations
 
@@ -33,8 +31,7 @@ class NewTokenEmbedding(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self.table(input_ids)
-        mask = (input_ids == self.token_id).unsqueeze(-1)
-        return torch.where(mask, self.row.to(out.dtype), out)
+        return torch.where((input_ids == self.token_id).unsqueeze(-1), self.row.to(out.dtype), out)
 
 
 def add_token(pipe: StableDiffusionPipeline, token: str, init_text: str) -> NewTokenEmbedding:
@@ -47,7 +44,6 @@ def add_token(pipe: StableDiffusionPipeline, token: str, init_text: str) -> NewT
         )
     init_ids = tokenizer(init_text, add_special_tokens=False).input_ids
     text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the new row is replaced below
-    text_encoder.requires_grad_(False)
     table = text_encoder.get_input_embeddings()
     init = table.weight[init_ids].mean(0)
     embedding = NewTokenEmbedding(table, tokenizer.convert_tokens_to_ids(token), init)

@@ -32,16 +32,11 @@ def read_image_rows(csv_path: Path, columns: tuple[str, ...], not_found: str) ->
     return rows, [p if (p := Path(row["path"])).is_absolute() else root / p for row in rows]
 
 
-def read_finetune_csv(csv_path: str | Path, class_code: str) -> list[Path]:
-    """Absolute image paths of ``data/prepared/finetune/<class>.csv``; one-line errors for anything malformed."""
-    csv_path = Path(csv_path)
+def read_finetune_csv(csv_path: Path, class_code: str) -> list[Path]:
+    """Absolute image paths of ``data/prepared/finetune/<class>.csv`` (prepare writes at least one row, all of the
+    class); one-line errors for a missing list, column or image."""
     not_found = f"fine-tuning list of class {class_code!r} not found; run the prepare stage first"
     rows, paths = read_image_rows(csv_path, FINETUNE_COLUMNS, not_found)
-    if not rows:
-        raise PipelineError(f"{csv_path}: no images to fine-tune class {class_code!r} on")
-    other = sorted({row["dx"] for row in rows} - {class_code})
-    if other:
-        raise PipelineError(f"{csv_path}: rows of class {other[0]!r} in the fine-tuning list of class {class_code!r}")
     for row, path in zip(rows, paths):
         if not path.is_file():
             raise PipelineError(f"{csv_path}: image {row['image_id']} not found at {path}")
@@ -66,9 +61,8 @@ class LatentCache:
         return len(self.mean)
 
     def sample(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """A draw from each indexed posterior, scaled as the UNet sees latents (what SD's train scripts do).
-
-        The noise is drawn on the cache's device: on a GPU ``generator`` must live there too."""
+        """A draw from each indexed posterior, scaled as the UNet sees latents (what SD's train scripts do); the noise
+        is drawn on the cache's device, so on a GPU ``generator`` must live there too."""
         mean, std = self.mean[index], self.std[index]
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return (mean + std * noise - self.shift_factor) * self.scaling_factor
