@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from pipeline.core import tracking
 from pipeline.core.atomic import atomic_dir, atomic_file, clean_stale_temps
-from pipeline.data.masks import MASK_FOLDER, mask_file
+from pipeline.data.masks import MASK_FOLDER, MASK_SUFFIX
 from pipeline.core.errors import PipelineError
 from pipeline.core.params import CLASS_NAMES, Params
 from pipeline.core.paths import DEMO_DIR, REPORTS_DIR, workspace_root
@@ -330,7 +330,7 @@ def write_demo(target: str | Path, seed: int, images: int, size: int, min_per_cl
         part = "HAM10000_images_part_1" if int(row.image_id[5:]) < split_at else "HAM10000_images_part_2"
         # Fixed quality and subsampling, no EXIF or timestamps: the same pixels always give the same bytes.
         img.save(target / part / f"{row.image_id}.jpg", "JPEG", quality=90, subsampling=2, optimize=False)
-        segmentation.save(mask_file(target / MASK_FOLDER, row.image_id), "PNG")
+        segmentation.save(target / MASK_FOLDER / f"{row.image_id}{MASK_SUFFIX}", "PNG")
     metadata = table.sort_values(["dx", "lesion_id", "image_id"])[METADATA_COLUMNS]
     metadata.to_csv(target / "HAM10000_metadata.csv", index=False, lineterminator="\n")
     return table
