@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from pipeline.core import tracking
 from pipeline.core.atomic import atomic_dir, atomic_file, clean_stale_temps
-from pipeline.data.masks import MASK_FOLDER, mask_file
+from pipeline.data.masks import MASK_FOLDER, MASK_SUFFIX
 from pipeline.core.errors import PipelineError
 from pipeline.core.params import CLASS_NAMES, Params
 from pipeline.core.paths import DEMO_DIR, REPORTS_DIR, workspace_root
@@ -81,8 +81,7 @@ _OUTLINES = {
 
 def _outline(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, class_code: str
              ) -> tuple[np.ndarray, np.ndarray, float, tuple[float, float]]:
-    """The lesion's radial coordinate t (0 centre, 1 border) on the canvas coordinates (u, v), its soft mask,
-    radius and centre."""
+    """The lesion's radial coordinate t (0 centre, 1 border) on canvas coordinates (u, v), soft mask, radius, centre."""
     *ranges, edge = _OUTLINES[class_code]
     radius, irregular, asym, jag = (rng.uniform(*r) if isinstance(r, tuple) else r for r in ranges)
     cx, cy = rng.uniform(-0.18, 0.18, 2)
@@ -120,7 +119,7 @@ def _skin(rng: np.random.Generator, side: int) -> np.ndarray:
     tone = rng.uniform(0, 1)
     base = np.array([232, 192, 172], np.float32) * (1 - tone) + np.array([190, 135, 105], np.float32) * tone
     base = base + rng.normal(0, 6, 3)
-    skin = np.broadcast_to(base, (side, side, 3)).astype(np.float32).copy()
+    skin = np.broadcast_to(base, (side, side, 3)).astype(np.float32)  # astype copies: skin is writable
     skin += _noise(rng, side, 5)[..., None] * rng.uniform(4, 12)
     skin[..., 1:] -= np.clip(_noise(rng, side, 4), 0, None)[..., None] * rng.uniform(0, 18)  # patchy redness
     return skin
@@ -129,7 +128,6 @@ def _skin(rng: np.random.Generator, side: int) -> np.ndarray:
 def _draw_vessels(rng: np.random.Generator, side: int, centre: tuple[float, float], radius: float, width: float
                   ) -> np.ndarray:
     """bcc's branching (arborizing) vessels, 2 to 5 trees, as a 0..1 mask."""
-    count = int(rng.integers(2, 6))
     mask = Image.new("L", (side, side), 0)
     draw = ImageDraw.Draw(mask)
     scale = side / (2 * _EXTENT)
@@ -137,7 +135,7 @@ def _draw_vessels(rng: np.random.Generator, side: int, centre: tuple[float, floa
     def to_px(px: float, py: float) -> tuple[float, float]:
         return ((px + _EXTENT) * scale, (py + _EXTENT) * scale)
 
-    for _ in range(count):
+    for _ in range(int(rng.integers(2, 6))):
         a = rng.uniform(0, 2 * math.pi)
         r0 = radius * rng.uniform(0.2, 0.9)
         stack = [(centre[0] + r0 * math.cos(a), centre[1] + r0 * math.sin(a), rng.uniform(0, 2 * math.pi), width, 0)]
@@ -157,10 +155,9 @@ def _draw_vessels(rng: np.random.Generator, side: int, centre: tuple[float, floa
 
 def _draw_hair(rng: np.random.Generator, img: Image.Image, size: int) -> None:
     draw = ImageDraw.Draw(img)
-    side = img.size[0]
     colour = tuple(int(c) for c in _jitter(rng, (45, 32, 28), 0.12))
     for _ in range(int(rng.integers(1, 9))):
-        x, y = rng.uniform(0, side, 2)
+        x, y = rng.uniform(0, img.size[0], 2)
         heading, curve = rng.uniform(0, 2 * math.pi), rng.normal(0, 0.02)
         points = []
         for _step in range(int(rng.integers(20, 60))):
@@ -312,8 +309,7 @@ def plan(seed: int, images: int, min_per_class: int) -> pd.DataFrame:
 
 
 def write_demo(target: str | Path, seed: int, images: int, size: int, min_per_class: int) -> pd.DataFrame:
-    """Draw the demo set into ``target`` (the HAM10000 folder itself), each image's lesion mask into its
-    segmentation folder (the release's layout); returns the metadata table."""
+    """Draw the demo set, images and lesion masks, into ``target`` (the HAM10000 folder) in the release's layout."""
     target = Path(target)
     table = plan(seed, images, min_per_class)
     split_at = FIRST_IMAGE_NUMBER + (images + 1) // 2  # like the release: lower ids in part 1
@@ -330,7 +326,7 @@ def write_demo(target: str | Path, seed: int, images: int, size: int, min_per_cl
         part = "HAM10000_images_part_1" if int(row.image_id[5:]) < split_at else "HAM10000_images_part_2"
         # Fixed quality and subsampling, no EXIF or timestamps: the same pixels always give the same bytes.
         img.save(target / part / f"{row.image_id}.jpg", "JPEG", quality=90, subsampling=2, optimize=False)
-        segmentation.save(mask_file(target / MASK_FOLDER, row.image_id), "PNG")
+        segmentation.save(target / MASK_FOLDER / f"{row.image_id}{MASK_SUFFIX}", "PNG")
     metadata = table.sort_values(["dx", "lesion_id", "image_id"])[METADATA_COLUMNS]
     metadata.to_csv(target / "HAM10000_metadata.csv", index=False, lineterminator="\n")
     return table

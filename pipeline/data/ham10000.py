@@ -11,7 +11,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline.data.images import check_image
-from pipeline.data.masks import MASK_FOLDER, checked_mask, find_mask_folder
+from pipeline.data.masks import MASK_FOLDER, checked_mask
 from pipeline.core.errors import PipelineError
 from pipeline.core.params import CLASS_NAMES
 
@@ -36,9 +36,9 @@ class SourceReport:
     warnings: list[str] = field(default_factory=list)
 
 
-def _find(folder: Path, name: str) -> Path | None:
-    """The file at the top level, else one level down (the ISIC zips unpack into a same-named folder)."""
-    return next((p for p in [folder / name, *sorted(folder.glob(f"*/{name}"))] if p.is_file()), None)
+def _find(folder: Path, name: str, exists=Path.is_file) -> Path | None:
+    """The file (or folder) at the top level, else one level down (the zips unpack into a same-named folder)."""
+    return next((p for p in [folder / name, *sorted(folder.glob(f"*/{name}"))] if exists(p)), None)
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
@@ -200,7 +200,10 @@ def read_source(folder: str | Path, on_bad_image: str = "error") -> tuple[pd.Dat
 
     check = lambda row: check_image(table.at[row, "path"])  # noqa: E731
     table = _drop_bad(table, check, report, on_bad_image, "checking images", "img")
-    masks = report.masks = find_mask_folder(folder)
+    masks = _find(folder, MASK_FOLDER, Path.is_dir)
+    if masks is not None and (masks / MASK_FOLDER).is_dir():  # the segmentation zip unpacks into a same-named folder
+        masks = masks / MASK_FOLDER
+    report.masks = masks
     table = table.assign(mask_path="")
     if masks is not None:  # every image then needs a valid mask, like a valid image
 

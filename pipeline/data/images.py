@@ -17,12 +17,6 @@ from pipeline.core.errors import PipelineError
 # Refuse half-decoded images instead of silently padding them with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, UnidentifiedImageError):
-        return "not a readable image (corrupt or unsupported format)"
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return f"{'truncated' if 'truncated' in text.lower() else 'corrupt'} image ({text})"
-
 
 @contextmanager
 def _decoding(path: Path) -> Iterator[None]:
@@ -37,8 +31,12 @@ def _decoding(path: Path) -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             yield
+    except UnidentifiedImageError:
+        raise PipelineError(f"{path}: not a readable image (corrupt or unsupported format)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise PipelineError(f"{path}: {_describe(exc)}") from None
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        kind = "truncated" if "truncated" in text.lower() else "corrupt"
+        raise PipelineError(f"{path}: {kind} image ({text})") from None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

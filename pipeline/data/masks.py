@@ -18,25 +18,9 @@ _SINGLE_CHANNEL = ("1", "L", "I", "I;16", "I;16B", "I;16L")
 _BINARY_LEVELS = ({0, 255}, {0, 1})
 
 
-def find_mask_folder(folder: Path) -> Path | None:
-    """The segmentation folder at the top of ``folder`` or one level down (also when unzipped into a same-named
-    folder), or None when the release has no masks."""
-    candidates = [folder / MASK_FOLDER, *sorted(folder.glob(f"*/{MASK_FOLDER}"))]
-    found = next((c for c in candidates if c.is_dir()), None)
-    if found is not None and (found / MASK_FOLDER).is_dir():
-        found = found / MASK_FOLDER
-    return found
-
-
-def mask_file(mask_folder: Path, image_id: str) -> Path:
-    """Where the release keeps the mask of ``image_id``."""
-    return mask_folder / f"{image_id}{MASK_SUFFIX}"
-
-
 def checked_mask(mask_folder: Path, image_id: str, image: str | Path) -> Path:
-    """The mask of ``image_id``, checked against its image: PipelineError naming both when it is missing, unreadable,
-    a different size than the image, or not binary."""
-    mask = mask_file(mask_folder, image_id)
+    """The mask of ``image_id``; PipelineError naming both if missing, unreadable, not the image's size, not binary."""
+    mask = mask_folder / f"{image_id}{MASK_SUFFIX}"
     where = f"image {image_id}: lesion mask {mask}"
     if not mask.is_file():
         raise PipelineError(f"{where} not found; expected {mask.name} in {mask_folder} for every image once that folder exists")

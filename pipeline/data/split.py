@@ -1,10 +1,7 @@
 """The prepare stage: validated table -> lesion-grouped, dx-stratified train/val/test split + per-class fine-tune samples.
-
-The split covers every class in the data, each by a generator seeded by (seed, class), so without a cap changing
-``data.classes`` leaves split.csv byte-identical and DVC does not retrain the base model. With ``data.real_per_class``
-a class's train images beyond the cap become ``reserve``, read only by the ``real_ceiling`` classifier and the oracle;
-fine-tune images come from the capped train images only, and a guard refuses to write a split that leaks.
-"""
+Every class in the data is split by a generator seeded by (seed, class): without a cap, changing ``data.classes`` leaves
+split.csv byte-identical and DVC does not retrain the base model. Train images beyond ``data.real_per_class`` become
+``reserve`` (read only by ``real_ceiling`` and the oracle); fine-tune images come from the capped train images only."""
 
 from __future__ import annotations
 
@@ -25,18 +22,14 @@ from pipeline.core.paths import (DEMO_DIR, FINETUNE_DIR, PREPARED_DIR, REPORTS_D
                                  workspace_root)
 
 RESERVE = "reserve"  # train images of a selected class beyond data.real_per_class
-SPLIT_VALUES = ("train", "val", "test", RESERVE)
 SPLIT_COLUMNS = ["image_id", "lesion_id", "dx", "split", "path", "mask_path"]
 FINETUNE_COLUMNS = ["image_id", "lesion_id", "dx", "path", "mask_path"]
 DATA_JSON = REPORTS_DIR / "data.json"
 
 
 def assign_splits(frame: pd.DataFrame, val: float, test: float, seed: int) -> pd.DataFrame:
-    """Add a ``split`` column: whole lesions go to train/val/test, each class close to the requested fractions.
-
-    Within a class the lesions are shuffled and laid end to end; a lesion falls in test/val/train by where its
-    middle image lands. Classes with 3+ lesions always get at least one lesion in each of val and test.
-    """
+    """Add a ``split`` column: each class's lesions, shuffled and laid end to end, fall in test/val/train by where
+    their middle image lands (close to the fractions); classes with 3+ lesions get at least one lesion in each split."""
     # One row per lesion: its stratum (most frequent dx, ties alphabetical) and image count.
     lesions = frame.groupby(["lesion_id", "dx"]).size().rename("n").reset_index()
     lesions["images"] = lesions.groupby("lesion_id")["n"].transform("sum")
@@ -128,7 +121,7 @@ def _relative(path: str, root: Path) -> str:
 
 def _counts(rows: pd.DataFrame) -> dict:
     """Images per split value, images and lesions of some split rows (for reports/data.json)."""
-    per_split = {name: int((rows["split"] == name).sum()) for name in SPLIT_VALUES}
+    per_split = {name: int((rows["split"] == name).sum()) for name in ("train", "val", "test", RESERVE)}
     return {**per_split, "images": len(rows), "lesions": int(rows["lesion_id"].nunique())}
 
 
