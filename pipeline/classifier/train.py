@@ -18,7 +18,6 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from safetensors.torch import save_file
 from torch.utils.data import RandomSampler, WeightedRandomSampler
 from tqdm.auto import tqdm
 
+from pipeline.core import tracking
 from pipeline.core.atomic import atomic_dir, clean_stale_temps, write_json
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.classifier.augment import MEAN, STD
@@ -72,11 +72,6 @@ SYNTHETIC_VARIANTS = ("augmented", "base_only")  # the variants whose training l
 RESERVE = "reserve"
 
 
-def check_variant(variant: str) -> None:
-    if variant not in ALL_VARIANTS:
-        raise PipelineError(f"unknown variant {variant!r}; expected one of {', '.join(ALL_VARIANTS)}")
-
-
 def skip_reason(params: Params, variant: str) -> str | None:
     """Why ``variant`` has nothing to train under these params, or None when it applies."""
     if variant == "real_ceiling" and params.data.real_per_class is None:
@@ -95,7 +90,6 @@ def training_samples(params: Params, variant: str, split: pd.DataFrame, root: Pa
       drawn from a seed of (seed, class, draw): what a perfect generator could add;
     - ``oracle``: every reserve row; the judge of class fidelity (oracle.py).
     """
-    check_variant(variant)
     draw = params.classifier.seeds[0] if draw is None else draw
     samples = real_samples(split, "train")
     if variant == "augmented":
@@ -143,8 +137,6 @@ def epoch_batches(order: torch.Tensor, batch: int, rank: int, processes: int) ->
 
 def log_epoch(accelerator, label: str, epochs: int, entry: dict, meta: dict, suffix: str) -> None:
     """Print one epoch's line (a non-finite train loss is flagged) and log it to MLflow."""
-    from pipeline.core import tracking
-
     loss, score = entry["train_loss"], entry["val_balanced_accuracy"]
     flag = "" if math.isfinite(loss) else " (NOT FINITE: training diverged; lower classifier.lr)"
     tracking.log_metrics({f"train_loss{suffix}": loss, f"val_balanced_accuracy{suffix}": score}, step=entry["epoch"])
@@ -152,27 +144,17 @@ def log_epoch(accelerator, label: str, epochs: int, entry: dict, meta: dict, suf
                       f"val balanced acc {score:.4f} (best {meta['best_score']:.4f} @ {meta['best_epoch']})")
 
 
-@dataclass
-class SeedJob:
-    """One seed's training data and where its resumable checkpoint lives (resumed only when written for run_key)."""
-
-    seed: int
-    train: tuple[torch.Tensor, list[int]]  # uint8 (N, 3, S, S) images on the CPU, labels
-    val: tuple[torch.Tensor, np.ndarray]
-    epoch_size: int  # images drawn per epoch
-    run_key: str
-    checkpoint_dir: Path
-
-
-def fit_seed(params: Params, variant: str, job: SeedJob, accelerator) -> tuple[dict, dict]:
-    """Train one seed with early stopping on val balanced accuracy; returns (summary, best weights on CPU)."""
+def fit_seed(params: Params, variant: str, seed: int, train: tuple[torch.Tensor, list[int]],
+             val: tuple[torch.Tensor, np.ndarray], epoch_size: int, run_key: str, checkpoint_dir: Path,
+             accelerator) -> tuple[dict, dict]:
+    """Train one seed on (uint8 CPU images, labels) with early stopping on val balanced accuracy, resuming the
+    checkpoint in ``checkpoint_dir`` only if written for ``run_key``; returns (summary, best weights on CPU)."""
     from accelerate.utils import broadcast_object_list
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
     c, classes = params.classifier, list(params.data.classes)
     device, rank, processes = accelerator.device, accelerator.process_index, accelerator.num_processes
-    seed, epoch_size, run_key, checkpoint_dir = job.seed, job.epoch_size, job.run_key, job.checkpoint_dir
-    (train_images, train_labels), (val_images, val_labels) = job.train, job.val
+    (train_images, train_labels), (val_images, val_labels) = train, val
     suffix = f"_seed{seed}" if len(c.seeds) > 1 else ""
     label = f"train@{variant} seed {seed}"
     torch.manual_seed(seed)  # same seed -> same initial weights for every variant (paired comparison)
@@ -277,12 +259,10 @@ def train_variant(params: Params, variant: str) -> dict:
     """Train every seed of ``classifier.seeds`` for one variant; writes the model folder and returns the report
     written to reports/train/<variant>.json."""
     import mlflow
-
-    from pipeline.core import tracking
-
     from accelerate import PartialState
 
-    check_variant(variant)
+    if variant not in ALL_VARIANTS:
+        raise PipelineError(f"unknown variant {variant!r}; expected one of {', '.join(ALL_VARIANTS)}")
     root = workspace_root()
     if (reason := skip_reason(params, variant)) is not None:  # the stage's outputs then say why
         report = {"variant": variant, "skipped": reason}
@@ -344,8 +324,8 @@ def train_variant(params: Params, variant: str) -> dict:
             "mixed_precision": params.compute.mixed_precision,
             "train": [(digests[s.path.resolve()], s.label) for s in train],
         })
-        job = SeedJob(seed, train_data[seed], val_data, epoch_size, run_key, checkpoints / f"seed{seed}")
-        per_seed[seed], best_states[seed] = fit_seed(params, variant, job, accelerator)
+        per_seed[seed], best_states[seed] = fit_seed(params, variant, seed, train_data[seed], val_data, epoch_size,
+                                                     run_key, checkpoints / f"seed{seed}", accelerator)
 
     report = {
         "variant": variant,
