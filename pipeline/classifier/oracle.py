@@ -105,18 +105,14 @@ def score_fidelity(params: Params) -> dict:
     table = fidelity_table(scores(test), {s: scores(synthetic_samples(params, root, d)) for s, d in SOURCES.items()}, classes)
     table["oracle"] = {"seed": int(config["seeds"][0]), "image_size": size, "test_images": len(test)}
     write_json(root / FIDELITY_JSON, table)
-    metrics = {}
+    metrics = {"oracle_test_recall_mean": table["mean"]["oracle_test_recall"]}
+    metrics.update({f"fidelity_{source}_mean": table["mean"][source]["share_own_class"] for source in SOURCES})
     for class_code, entry in table["classes"].items():
-        if entry["oracle_test_recall"] is not None:
-            metrics[f"oracle_test_recall_{class_code}"] = entry["oracle_test_recall"]
+        metrics[f"oracle_test_recall_{class_code}"] = entry["oracle_test_recall"]
         for source in SOURCES:
             metrics[f"fidelity_{source}_{class_code}"] = entry[source]["share_own_class"]
             metrics[f"p_own_class_{source}_{class_code}"] = entry[source]["mean_p_own_class"]
-    for source in SOURCES:
-        metrics[f"fidelity_{source}_mean"] = table["mean"][source]["share_own_class"]
-    if table["mean"]["oracle_test_recall"] is not None:
-        metrics["oracle_test_recall_mean"] = table["mean"]["oracle_test_recall"]
-    tracking.log_metrics(metrics)
+    tracking.log_metrics({k: v for k, v in metrics.items() if v is not None})  # None: a class without test images
     tracking.log_artifact(root / FIDELITY_JSON)
     print(f"{'class':8} {'oracle recall':>13} " + " ".join(f"{s + ' share':>18} {'p(own)':>7}" for s in SOURCES))
     for class_code in classes:
