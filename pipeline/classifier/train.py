@@ -81,14 +81,10 @@ def skip_reason(params: Params, variant: str) -> str | None:
 
 def training_samples(params: Params, variant: str, split: pd.DataFrame, root: Path,
                      draw: int | None = None) -> list[Sample]:
-    """The real train rows, plus for classifier seed ``draw`` (default the first):
-
-    - ``augmented``: the synthetic images generated for ``draw`` that the `screen` stage kept;
-    - ``base_only``: the base model's images from each class's prompt, no fine-tuned weights (``generate_base``):
-      what any lesion-like image adds, so augmented minus base_only is what fine-tuning added;
-    - ``real_ceiling``: ``generate.per_class`` reserve rows per class (train rows beyond ``data.real_per_class``),
-      drawn from a seed of (seed, class, draw): what a perfect generator could add;
-    - ``oracle``: every reserve row; the judge of class fidelity (oracle.py).
+    """The real train rows, plus for classifier seed ``draw`` (default the first): ``augmented``, the synthetic images
+    the `screen` stage kept; ``base_only``, the base model's class-prompt images (``generate_base``: what any
+    lesion-like image adds, so augmented minus base_only is what fine-tuning added); ``real_ceiling``,
+    ``generate.per_class`` reserve rows per class (what a perfect generator could add); ``oracle``, every reserve row.
     """
     draw = params.classifier.seeds[0] if draw is None else draw
     samples = real_samples(split, "train")
@@ -263,17 +259,15 @@ def train_variant(params: Params, variant: str) -> dict:
 
     if variant not in ALL_VARIANTS:
         raise PipelineError(f"unknown variant {variant!r}; expected one of {', '.join(ALL_VARIANTS)}")
-    root = workspace_root()
+    root, c, classes = workspace_root(), params.classifier, list(params.data.classes)
     if (reason := skip_reason(params, variant)) is not None:  # the stage's outputs then say why
         report = {"variant": variant, "skipped": reason}
         if PartialState().is_main_process:
-            config = {**report, "classes": list(params.data.classes)}
             with atomic_dir(root / CLASSIFIER_DIR / variant) as temp:
-                (temp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+                (temp / CONFIG_NAME).write_text(json.dumps({**report, "classes": classes}, indent=2) + "\n")
             write_json(root / REPORTS_DIR / "train" / f"{variant}.json", report)
             print(f"train@{variant}: skipped ({reason})")
         return report
-    c, classes = params.classifier, list(params.data.classes)
     split = read_split(params, root)
     # Each seed trains on its own draw of synthetic (or reserve) images: the seeds' spread then covers the generator.
     trains = {seed: training_samples(params, variant, split, root, seed) for seed in c.seeds}
@@ -292,9 +286,6 @@ def train_variant(params: Params, variant: str) -> dict:
     train = trains[c.seeds[0]]  # every seed's list holds as many images of each class and origin
     counts = {origin: {cls: sum(1 for s in train if s.origin == origin and s.label == i) for i, cls in enumerate(classes)}
               for origin in ("real", "synthetic")}
-    empty = [cls for cls in classes if counts["real"][cls] + counts["synthetic"][cls] == 0]
-    if empty:
-        raise PipelineError(f"no training image of class {empty[0]!r} in the train split; check data/prepared/split.csv")
     synthetic_count = sum(counts["synthetic"].values())
     if mlflow.active_run() is not None:
         mlflow.set_tags({"variant": variant, "classes": ",".join(classes), "method": params.diffusion.method,
