@@ -34,7 +34,6 @@ def train_oracle(params: Params) -> dict:
 def own_class_scores(labels: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict[str, dict]:
     """Per class with images: the share predicted as their own class and the mean p(own class). On real test images
     the share is the class's recall."""
-    labels, proba = np.asarray(labels), np.asarray(proba)
     out = {}
     for index, class_code in enumerate(classes):
         mine = labels == index
@@ -68,10 +67,8 @@ def fidelity_table(test: dict[str, dict], sources: dict[str, dict[str, dict]], c
                      for key in ("share_own_class", "mean_p_own_class")} for source in sources}
     recalls = [per_class[c]["oracle_test_recall"] for c in classes if per_class[c]["oracle_test_recall"] is not None]
     mean["oracle_test_recall"] = float(np.mean(recalls)) if recalls else None
-    table = {"classes": per_class, "mean": mean, "warnings": warnings}
-    if {"augmented", "base_only"} <= set(sources):
-        table["fine_tuning_adds"] = mean["augmented"]["share_own_class"] - mean["base_only"]["share_own_class"]
-    return table
+    return {"classes": per_class, "mean": mean, "warnings": warnings,
+            "fine_tuning_adds": mean["augmented"]["share_own_class"] - mean["base_only"]["share_own_class"]}
 
 
 def fidelity_lines(table: dict) -> list[str]:
