@@ -45,9 +45,7 @@ def augment(images: torch.Tensor) -> torch.Tensor:
 
 
 def _standardize(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return (x - x.new_tensor(MEAN)[:, None, None]) / x.new_tensor(STD)[:, None, None]
 
 
 def _uniform(n: int, half_width: float, device: torch.device, centre: float) -> torch.Tensor:

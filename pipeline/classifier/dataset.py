@@ -138,20 +138,17 @@ def load_images(paths: Iterable[Path], size: int, digests: dict[Path, str] | Non
     ``digests`` (path -> sha256) is filled in as a side effect so callers can reuse the hashes."""
     digests = {} if digests is None else digests
     folder = store_root() / CACHE_DIR / "classifier" / f"{_CACHE_VERSION}-{size}px"
-    arrays = []
-    for path in paths:
-        path = Path(path).resolve()
+    paths = [Path(path).resolve() for path in paths]
+    out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
+    for i, path in enumerate(paths):
         digest = digests.get(path) or sha256_file(path)
         digests[path] = digest
         cached = folder / f"{digest}.npy"
         try:
-            array = np.load(cached, allow_pickle=False)
+            out[i] = torch.from_numpy(np.load(cached, allow_pickle=False))
         except (FileNotFoundError, ValueError, OSError):
-            array = load_square([path], size)[0].numpy()
+            out[i] = load_square([path], size)[0]
             with atomic_file(cached) as temp, open(temp, "wb") as handle:
-                np.save(handle, array, allow_pickle=False)
-        arrays.append(array)
-    if not arrays:
-        return torch.empty((0, 3, size, size), dtype=torch.uint8)
-    return torch.from_numpy(np.stack(arrays))
+                np.save(handle, out[i].numpy(), allow_pickle=False)
+    return out
 

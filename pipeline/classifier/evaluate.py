@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.core import tracking
 from pipeline.core.atomic import atomic_file, write_json
 from pipeline.classifier.dataset import assert_real_heldout, load_images, read_split, real_samples
 from pipeline.classifier.metrics import (
@@ -73,10 +74,9 @@ def plot_confusion(ax, matrix: np.ndarray, classes: list[str], title: str, norma
     ax.set_ylabel("actual")
     ax.set_title(title, fontsize=10)
     threshold = shown.max() / 2 if shown.size else 0
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            text = f"{shown[i, j]:.2f}" if normalize else str(int(matrix[i, j]))
-            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if shown[i, j] > threshold else "black")
+    for (i, j), value in np.ndenumerate(shown):
+        text = f"{value:.2f}" if normalize else str(int(matrix[i, j]))
+        ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if value > threshold else "black")
 
 
 def _write_confusion(root: Path, variant: str, y_true: np.ndarray, y_pred: np.ndarray, classes: list[str],
@@ -100,8 +100,6 @@ def _write_confusion(root: Path, variant: str, y_true: np.ndarray, y_pred: np.nd
 def _log_variant_runs(params: Params, metrics: dict, root: Path) -> None:
     """One MLflow run per variant, children of this execution's parent run."""
     import mlflow
-
-    from pipeline.core import tracking
 
     evaluation_id = uuid.uuid4().hex
     shared = {f"gain_{k}": v for k, v in metrics["gain"].items()}
@@ -138,8 +136,6 @@ def evaluate(params: Params) -> dict:
     except BaseException:
         with contextlib.suppress(Exception):  # as tracking.stage_run does; never hide the real error behind this one
             import mlflow
-
-            from pipeline.core import tracking
 
             mlflow.MlflowClient(tracking.tracking_uri()).set_terminated(tracking.parent_run_id(params), status="FAILED")
         raise

@@ -32,7 +32,6 @@ CEILING = "real_ceiling"
 def metric_arrays(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str]) -> dict[str, np.ndarray]:
     """Every metric along the image axis: y_true (..., n) and proba (..., n, classes), e.g. one row per resample.
     NaN where a metric is undefined (its class absent, AUROC with one class present)."""
-    y_true, proba = np.asarray(y_true), np.asarray(proba)
     y_pred, n, k = proba.argmax(axis=-1), y_true.shape[-1], len(classes)
     actual, predicted = y_true[..., None] == np.arange(k), y_pred[..., None] == np.arange(k)  # (..., n, k)
     support, n_pred, hits = actual.sum(-2), predicted.sum(-2), (actual & predicted).sum(-2)  # (..., k)
@@ -68,12 +67,9 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.nd
 def mean_std(per_seed: Sequence[dict[str, float]]) -> dict[str, float]:
     """``{metric: mean, metric_std: std}`` over seeds (sample std, 0 for a single seed); keys missing in any seed are dropped."""
     keys = [k for k in per_seed[0] if all(k in m for m in per_seed)]
-    out: dict[str, float] = {}
-    for key in keys:
-        values = np.array([m[key] for m in per_seed], dtype=float)
-        out[key] = float(values.mean())
-        out[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-    return out
+    values = np.array([[m[k] for m in per_seed] for k in keys], dtype=float)  # (metrics, seeds)
+    std = values.std(axis=1, ddof=1) if len(per_seed) > 1 else np.zeros(len(keys))
+    return {**dict(zip(keys, values.mean(axis=1).tolist())), **{f"{k}_std": s for k, s in zip(keys, std.tolist())}}
 
 
 def paired_gain(base: Sequence[dict[str, float]], aug: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -134,7 +130,6 @@ def recovered_share(gains: dict[str, dict[str, float]], draws: dict[str, dict[st
         return {"value": None, "ci_low": None, "ci_high": None, "defined": False,
                 "note": f"the real images' own gain is not clearly above 0 (its 95% CI {where})"}
     synthetic, real = draws[SYNTHETIC]["balanced_accuracy"], draws[CEILING]["balanced_accuracy"]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        low, high = ci95(np.where(real != 0, synthetic / real, np.nan))
+    low, high = ci95(np.divide(synthetic, real, out=np.full_like(real, np.nan), where=real != 0))
     return {"value": gains[SYNTHETIC]["balanced_accuracy"] / ceiling["balanced_accuracy"], "ci_low": low,
             "ci_high": high, "defined": True, "note": None}

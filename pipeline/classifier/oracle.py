@@ -34,7 +34,6 @@ def train_oracle(params: Params) -> dict:
 def own_class_scores(labels: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict[str, dict]:
     """Per class with images: the share predicted as their own class and the mean p(own class). On real test images
     the share is the class's recall."""
-    labels, proba = np.asarray(labels), np.asarray(proba)
     out = {}
     for index, class_code in enumerate(classes):
         mine = labels == index
@@ -68,10 +67,8 @@ def fidelity_table(test: dict[str, dict], sources: dict[str, dict[str, dict]], c
                      for key in ("share_own_class", "mean_p_own_class")} for source in sources}
     recalls = [per_class[c]["oracle_test_recall"] for c in classes if per_class[c]["oracle_test_recall"] is not None]
     mean["oracle_test_recall"] = float(np.mean(recalls)) if recalls else None
-    table = {"classes": per_class, "mean": mean, "warnings": warnings}
-    if {"augmented", "base_only"} <= set(sources):
-        table["fine_tuning_adds"] = mean["augmented"]["share_own_class"] - mean["base_only"]["share_own_class"]
-    return table
+    return {"classes": per_class, "mean": mean, "warnings": warnings,
+            "fine_tuning_adds": mean["augmented"]["share_own_class"] - mean["base_only"]["share_own_class"]}
 
 
 def fidelity_lines(table: dict) -> list[str]:
@@ -105,18 +102,14 @@ def score_fidelity(params: Params) -> dict:
     table = fidelity_table(scores(test), {s: scores(synthetic_samples(params, root, d)) for s, d in SOURCES.items()}, classes)
     table["oracle"] = {"seed": int(config["seeds"][0]), "image_size": size, "test_images": len(test)}
     write_json(root / FIDELITY_JSON, table)
-    metrics = {}
+    metrics = {"oracle_test_recall_mean": table["mean"]["oracle_test_recall"]}
+    metrics.update({f"fidelity_{source}_mean": table["mean"][source]["share_own_class"] for source in SOURCES})
     for class_code, entry in table["classes"].items():
-        if entry["oracle_test_recall"] is not None:
-            metrics[f"oracle_test_recall_{class_code}"] = entry["oracle_test_recall"]
+        metrics[f"oracle_test_recall_{class_code}"] = entry["oracle_test_recall"]
         for source in SOURCES:
             metrics[f"fidelity_{source}_{class_code}"] = entry[source]["share_own_class"]
             metrics[f"p_own_class_{source}_{class_code}"] = entry[source]["mean_p_own_class"]
-    for source in SOURCES:
-        metrics[f"fidelity_{source}_mean"] = table["mean"][source]["share_own_class"]
-    if table["mean"]["oracle_test_recall"] is not None:
-        metrics["oracle_test_recall_mean"] = table["mean"]["oracle_test_recall"]
-    tracking.log_metrics(metrics)
+    tracking.log_metrics({k: v for k, v in metrics.items() if v is not None})  # None: a class without test images
     tracking.log_artifact(root / FIDELITY_JSON)
     print(f"{'class':8} {'oracle recall':>13} " + " ".join(f"{s + ' share':>18} {'p(own)':>7}" for s in SOURCES))
     for class_code in classes:

@@ -18,7 +18,6 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from safetensors.torch import save_file
 from torch.utils.data import RandomSampler, WeightedRandomSampler
 from tqdm.auto import tqdm
 
+from pipeline.core import tracking
 from pipeline.core.atomic import atomic_dir, clean_stale_temps, write_json
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.classifier.augment import MEAN, STD
@@ -72,11 +72,6 @@ SYNTHETIC_VARIANTS = ("augmented", "base_only")  # the variants whose training l
 RESERVE = "reserve"
 
 
-def check_variant(variant: str) -> None:
-    if variant not in ALL_VARIANTS:
-        raise PipelineError(f"unknown variant {variant!r}; expected one of {', '.join(ALL_VARIANTS)}")
-
-
 def skip_reason(params: Params, variant: str) -> str | None:
     """Why ``variant`` has nothing to train under these params, or None when it applies."""
     if variant == "real_ceiling" and params.data.real_per_class is None:
@@ -86,16 +81,11 @@ def skip_reason(params: Params, variant: str) -> str | None:
 
 def training_samples(params: Params, variant: str, split: pd.DataFrame, root: Path,
                      draw: int | None = None) -> list[Sample]:
-    """The real train rows, plus for classifier seed ``draw`` (default the first):
-
-    - ``augmented``: the synthetic images generated for ``draw`` that the `screen` stage kept;
-    - ``base_only``: the base model's images from each class's prompt, no fine-tuned weights (``generate_base``):
-      what any lesion-like image adds, so augmented minus base_only is what fine-tuning added;
-    - ``real_ceiling``: ``generate.per_class`` reserve rows per class (train rows beyond ``data.real_per_class``),
-      drawn from a seed of (seed, class, draw): what a perfect generator could add;
-    - ``oracle``: every reserve row; the judge of class fidelity (oracle.py).
+    """The real train rows, plus for classifier seed ``draw`` (default the first): ``augmented``, the synthetic images
+    the `screen` stage kept; ``base_only``, the base model's class-prompt images (``generate_base``: what any
+    lesion-like image adds, so augmented minus base_only is what fine-tuning added); ``real_ceiling``,
+    ``generate.per_class`` reserve rows per class (what a perfect generator could add); ``oracle``, every reserve row.
     """
-    check_variant(variant)
     draw = params.classifier.seeds[0] if draw is None else draw
     samples = real_samples(split, "train")
     if variant == "augmented":
@@ -143,8 +133,6 @@ def epoch_batches(order: torch.Tensor, batch: int, rank: int, processes: int) ->
 
 def log_epoch(accelerator, label: str, epochs: int, entry: dict, meta: dict, suffix: str) -> None:
     """Print one epoch's line (a non-finite train loss is flagged) and log it to MLflow."""
-    from pipeline.core import tracking
-
     loss, score = entry["train_loss"], entry["val_balanced_accuracy"]
     flag = "" if math.isfinite(loss) else " (NOT FINITE: training diverged; lower classifier.lr)"
     tracking.log_metrics({f"train_loss{suffix}": loss, f"val_balanced_accuracy{suffix}": score}, step=entry["epoch"])
@@ -152,27 +140,17 @@ def log_epoch(accelerator, label: str, epochs: int, entry: dict, meta: dict, suf
                       f"val balanced acc {score:.4f} (best {meta['best_score']:.4f} @ {meta['best_epoch']})")
 
 
-@dataclass
-class SeedJob:
-    """One seed's training data and where its resumable checkpoint lives (resumed only when written for run_key)."""
-
-    seed: int
-    train: tuple[torch.Tensor, list[int]]  # uint8 (N, 3, S, S) images on the CPU, labels
-    val: tuple[torch.Tensor, np.ndarray]
-    epoch_size: int  # images drawn per epoch
-    run_key: str
-    checkpoint_dir: Path
-
-
-def fit_seed(params: Params, variant: str, job: SeedJob, accelerator) -> tuple[dict, dict]:
-    """Train one seed with early stopping on val balanced accuracy; returns (summary, best weights on CPU)."""
+def fit_seed(params: Params, variant: str, seed: int, train: tuple[torch.Tensor, list[int]],
+             val: tuple[torch.Tensor, np.ndarray], epoch_size: int, run_key: str, checkpoint_dir: Path,
+             accelerator) -> tuple[dict, dict]:
+    """Train one seed on (uint8 CPU images, labels) with early stopping on val balanced accuracy, resuming the
+    checkpoint in ``checkpoint_dir`` only if written for ``run_key``; returns (summary, best weights on CPU)."""
     from accelerate.utils import broadcast_object_list
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
     c, classes = params.classifier, list(params.data.classes)
     device, rank, processes = accelerator.device, accelerator.process_index, accelerator.num_processes
-    seed, epoch_size, run_key, checkpoint_dir = job.seed, job.epoch_size, job.run_key, job.checkpoint_dir
-    (train_images, train_labels), (val_images, val_labels) = job.train, job.val
+    (train_images, train_labels), (val_images, val_labels) = train, val
     suffix = f"_seed{seed}" if len(c.seeds) > 1 else ""
     label = f"train@{variant} seed {seed}"
     torch.manual_seed(seed)  # same seed -> same initial weights for every variant (paired comparison)
@@ -277,23 +255,19 @@ def train_variant(params: Params, variant: str) -> dict:
     """Train every seed of ``classifier.seeds`` for one variant; writes the model folder and returns the report
     written to reports/train/<variant>.json."""
     import mlflow
-
-    from pipeline.core import tracking
-
     from accelerate import PartialState
 
-    check_variant(variant)
-    root = workspace_root()
+    if variant not in ALL_VARIANTS:
+        raise PipelineError(f"unknown variant {variant!r}; expected one of {', '.join(ALL_VARIANTS)}")
+    root, c, classes = workspace_root(), params.classifier, list(params.data.classes)
     if (reason := skip_reason(params, variant)) is not None:  # the stage's outputs then say why
         report = {"variant": variant, "skipped": reason}
         if PartialState().is_main_process:
-            config = {**report, "classes": list(params.data.classes)}
             with atomic_dir(root / CLASSIFIER_DIR / variant) as temp:
-                (temp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+                (temp / CONFIG_NAME).write_text(json.dumps({**report, "classes": classes}, indent=2) + "\n")
             write_json(root / REPORTS_DIR / "train" / f"{variant}.json", report)
             print(f"train@{variant}: skipped ({reason})")
         return report
-    c, classes = params.classifier, list(params.data.classes)
     split = read_split(params, root)
     # Each seed trains on its own draw of synthetic (or reserve) images: the seeds' spread then covers the generator.
     trains = {seed: training_samples(params, variant, split, root, seed) for seed in c.seeds}
@@ -312,9 +286,6 @@ def train_variant(params: Params, variant: str) -> dict:
     train = trains[c.seeds[0]]  # every seed's list holds as many images of each class and origin
     counts = {origin: {cls: sum(1 for s in train if s.origin == origin and s.label == i) for i, cls in enumerate(classes)}
               for origin in ("real", "synthetic")}
-    empty = [cls for cls in classes if counts["real"][cls] + counts["synthetic"][cls] == 0]
-    if empty:
-        raise PipelineError(f"no training image of class {empty[0]!r} in the train split; check data/prepared/split.csv")
     synthetic_count = sum(counts["synthetic"].values())
     if mlflow.active_run() is not None:
         mlflow.set_tags({"variant": variant, "classes": ",".join(classes), "method": params.diffusion.method,
@@ -344,8 +315,8 @@ def train_variant(params: Params, variant: str) -> dict:
             "mixed_precision": params.compute.mixed_precision,
             "train": [(digests[s.path.resolve()], s.label) for s in train],
         })
-        job = SeedJob(seed, train_data[seed], val_data, epoch_size, run_key, checkpoints / f"seed{seed}")
-        per_seed[seed], best_states[seed] = fit_seed(params, variant, job, accelerator)
+        per_seed[seed], best_states[seed] = fit_seed(params, variant, seed, train_data[seed], val_data, epoch_size,
+                                                     run_key, checkpoints / f"seed{seed}", accelerator)
 
     report = {
         "variant": variant,
