@@ -18,6 +18,7 @@ import json
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -140,17 +141,27 @@ def log_epoch(accelerator, label: str, epochs: int, entry: dict, meta: dict, suf
                       f"val balanced acc {score:.4f} (best {meta['best_score']:.4f} @ {meta['best_epoch']})")
 
 
-def fit_seed(params: Params, variant: str, seed: int, train: tuple[torch.Tensor, list[int]],
-             val: tuple[torch.Tensor, np.ndarray], epoch_size: int, run_key: str, checkpoint_dir: Path,
-             accelerator) -> tuple[dict, dict]:
-    """Train one seed on (uint8 CPU images, labels) with early stopping on val balanced accuracy, resuming the
-    checkpoint in ``checkpoint_dir`` only if written for ``run_key``; returns (summary, best weights on CPU)."""
+@dataclass
+class SeedJob:
+    """One seed's training data and where its resumable checkpoint lives (resumed only when written for run_key)."""
+
+    seed: int
+    train: tuple[torch.Tensor, list[int]]  # uint8 (N, 3, S, S) images on the CPU, labels
+    val: tuple[torch.Tensor, np.ndarray]
+    epoch_size: int  # images drawn per epoch
+    run_key: str
+    checkpoint_dir: Path
+
+
+def fit_seed(params: Params, variant: str, job: SeedJob, accelerator) -> tuple[dict, dict]:
+    """Train one seed with early stopping on val balanced accuracy; returns (summary, best weights on CPU)."""
     from accelerate.utils import broadcast_object_list
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
     c, classes = params.classifier, list(params.data.classes)
     device, rank, processes = accelerator.device, accelerator.process_index, accelerator.num_processes
-    (train_images, train_labels), (val_images, val_labels) = train, val
+    seed, epoch_size, run_key, checkpoint_dir = job.seed, job.epoch_size, job.run_key, job.checkpoint_dir
+    (train_images, train_labels), (val_images, val_labels) = job.train, job.val
     suffix = f"_seed{seed}" if len(c.seeds) > 1 else ""
     label = f"train@{variant} seed {seed}"
     torch.manual_seed(seed)  # same seed -> same initial weights for every variant (paired comparison)
@@ -315,8 +326,8 @@ def train_variant(params: Params, variant: str) -> dict:
             "mixed_precision": params.compute.mixed_precision,
             "train": [(digests[s.path.resolve()], s.label) for s in train],
         })
-        per_seed[seed], best_states[seed] = fit_seed(params, variant, seed, train_data[seed], val_data, epoch_size,
-                                                     run_key, checkpoints / f"seed{seed}", accelerator)
+        job = SeedJob(seed, train_data[seed], val_data, epoch_size, run_key, checkpoints / f"seed{seed}")
+        per_seed[seed], best_states[seed] = fit_seed(params, variant, job, accelerator)
 
     report = {
         "variant": variant,
