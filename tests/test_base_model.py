@@ -335,10 +335,15 @@ def test_pickle_only_weights_are_refused(foreign, workspace):
         prepare_base(micro_params(base_model=str(foreign)))
 
 
+def offline_with_empty_cache(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hub  # read once at import: HF_HUB_OFFLINE / HF_HOME set now would not count
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "empty-hf-home" / "hub"))
+
+
 def test_uncached_hub_id_offline_is_a_clear_error(workspace, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    offline_with_empty_cache(monkeypatch, tmp_path)
     with pytest.raises(PipelineError) as info:
         prepare_base(micro_params(base_model="runwayml/stable-diffusion-v1-5"))
     assert str(info.value) == (
@@ -350,8 +355,7 @@ def test_uncached_hub_id_offline_is_a_clear_error(workspace, tmp_path, monkeypat
 
 
 def test_in_repo_path_that_is_missing_is_named_when_the_hub_fails_too(workspace, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    offline_with_empty_cache(monkeypatch, tmp_path)
     with pytest.raises(PipelineError, match=r"not in the local Hugging Face cache.*\(no folder .*/data/sd15 exists either\)$"):
         prepare_base(micro_params(base_model="data/sd15"))
 

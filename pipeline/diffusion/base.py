@@ -140,19 +140,8 @@ def folder_fingerprint(folder: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _hub_cache_dir() -> str:
-    """Read at call time (huggingface_hub reads HF_HOME and HF_HUB_OFFLINE once, at import)."""
-    from huggingface_hub import constants
-
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
-    return constants.HF_HUB_CACHE
-
-
 def resolve_hub_snapshot(repo_id: str, missing_folder: Path | None = None) -> Path:
-    """The local snapshot folder of a Hub repo: from the cache when offline, downloaded (safetensors only) otherwise;
+    """A Hub repo's local snapshot: cached under HF_HUB_OFFLINE, else downloaded (safetensors only);
     ``missing_folder``, the in-repo folder the same value would name, is mentioned if the Hub fails too."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -163,20 +152,13 @@ def resolve_hub_snapshot(repo_id: str, missing_folder: Path | None = None) -> Pa
         RepositoryNotFoundError,
     )
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
     not_reachable = (
         f"{KEY}: {repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached; "
         f"download it once with `huggingface-cli download {repo_id}` or set base_model to a local diffusers folder"
         + (f" (no folder {missing_folder} exists either)" if missing_folder is not None else "")
     )
     try:
-        path = snapshot_download(
-            repo_id,
-            allow_patterns=HUB_ALLOW_PATTERNS,
-            ignore_patterns=HUB_IGNORE_PATTERNS,
-            local_files_only=offline,
-            cache_dir=_hub_cache_dir(),
-        )
+        path = snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS, ignore_patterns=HUB_IGNORE_PATTERNS)
     except GatedRepoError:
         raise PipelineError(f"{KEY}: {repo_id!r} is gated on the Hub: accept its licence there and log in (`hf auth login`)") from None
     except RepositoryNotFoundError:
