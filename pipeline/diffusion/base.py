@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pipeline.core import tracking
-from pipeline.core.atomic import atomic_dir, clean_stale_temps, write_json
+from pipeline.core.atomic import atomic_dir, clean_stale_temps, read_json, write_json
 from pipeline.core.errors import PipelineError
 from pipeline.core.params import Params
 from pipeline.core.paths import BASE_MODEL_DIR, SPLIT_CSV, resolve_user_path, workspace_root
@@ -75,10 +75,7 @@ def _check_weights(sub: Path, name: str) -> None:
 
 
 def _read_config(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{KEY}: {path} is not valid JSON ({exc})") from None
+    config = read_json(path, "is missing")
     if not isinstance(config, dict):
         raise PipelineError(f"{KEY}: {path} must hold a JSON object")
     return config
