@@ -8,7 +8,6 @@ is gigabytes) and loaded with safetensors only, so no pickle from a downloaded c
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from pathlib import Path
@@ -175,9 +174,7 @@ def resolve_hub_snapshot(repo_id: str, missing_folder: Path | None = None) -> Pa
 
 def resolve_base_source(params: Params) -> Path:
     """The local diffusers folder that a real checkpoint's ``diffusion.base_model`` names (a Hub id: its snapshot)."""
-    value = params.diffusion.base_model.strip()
-    if not value:
-        raise PipelineError(f"{KEY}: empty; use '{EMBEDDED}', a Hub id (owner/name) or a local diffusers folder")
+    value = params.diffusion.base_model.strip()  # empty: no path, no Hub id, so the last error below
     looks_like_path = os.path.isabs(os.path.expanduser(value)) or value.startswith((".", "~")) or value.endswith("/")
     try:
         local = resolve_user_path(value, KEY)
@@ -260,18 +257,15 @@ def base_model_folder(base_dir: str | Path = BASE_MODEL_DIR) -> Path:
     base_dir = workspace_root() / base_dir  # an absolute base_dir stays as it is
     reference = base_dir / REFERENCE_FILE
     if reference.is_file():
-        try:
-            record = json.loads(reference.read_text())
-            folder = Path(record["path"])
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise PipelineError(f"{reference}: unreadable base model reference ({exc}); rerun `dvc repro base`") from None
+        record = read_json(reference, "missing")  # as prepare_base wrote it
+        folder = Path(record["path"])
         if not folder.is_dir():
             raise PipelineError(
-                f"{reference}: the base model folder {folder} ({record.get('source')}) no longer exists; "
+                f"{reference}: the base model folder {folder} ({record['source']}) no longer exists; "
                 "restore it or rerun `dvc repro --force base`"
             )
         check_diffusers_folder(folder)
-        if record.get("sha256") and folder_fingerprint(folder) != record["sha256"]:
+        if folder_fingerprint(folder) != record["sha256"]:
             raise PipelineError(
                 f"{reference}: the checkpoint in {folder} changed since the base stage recorded it; "
                 "rerun `dvc repro --force base` so every later stage sees the change"
