@@ -173,8 +173,7 @@ def sample_grid(pipe: StableDiffusionPipeline, prompt: str, seed: int) -> Image.
         requires_safety_checker=False,
     )
     sampler.set_progress_bar_config(disable=True)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    images = sampler([prompt] * 16, height=size, width=size, num_inference_steps=25, guidance_scale=3.0,
+    images = sampler([prompt] * 16, num_inference_steps=25, guidance_scale=3.0,  # at the UNet's own size by default
                      generator=torch.Generator().manual_seed(seed), output_type="pil").images
     return make_image_grid(images, rows=2, cols=8)
 
