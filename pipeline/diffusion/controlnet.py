@@ -38,8 +38,7 @@ ELASTIC_ALPHA = 4600.0
 
 
 def masked_images(csv_path: Path, classes: list[str]) -> pd.DataFrame:
-    """The rows of ``classes`` in split.csv (its train rows) or in a fine-tuning list, with absolute ``path`` and
-    ``mask_path``; a one-line error when the file is missing or an image has no mask."""
+    """The train rows of ``classes`` in split.csv or in a fine-tuning list, with absolute ``path`` and ``mask_path``."""
     if not csv_path.is_file():
         raise PipelineError(f"{csv_path}: not found; run the prepare stage first")
     rows = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
