@@ -82,9 +82,8 @@ def _hook_encoder(unet, net) -> None:
         context = given["encoder_hidden_states"].to(dtype)
         down, mid = net(sample.to(dtype), given["timestep"], context, blank, return_dict=False)
         down, mid = [r.to(sample.dtype) for r in down], mid.to(sample.dtype)
-        if given.get("down_block_additional_residuals") is not None:
+        if given.get("down_block_additional_residuals") is not None:  # a ControlNet's: the UNet takes both or neither
             down = [a + b for a, b in zip(given["down_block_additional_residuals"], down)]
-        if given.get("mid_block_additional_residual") is not None:
             mid = given["mid_block_additional_residual"] + mid
         given["down_block_additional_residuals"], given["mid_block_additional_residual"] = down, mid
         return call.args, call.kwargs
@@ -93,8 +92,7 @@ def _hook_encoder(unet, net) -> None:
 
 
 def _interface(unet) -> dict:
-    config = {key: unet.config.get(key) for key in _INTERFACE}
-    return {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()}
+    return json.loads(json.dumps({key: unet.config.get(key) for key in _INTERFACE}))  # as the file's JSON reads back
 
 
 def _build(unet, config: dict, load_weights: bool) -> torch.nn.Module:
