@@ -271,8 +271,7 @@ def test_every_diagnosis_is_drawn_equally_often():
     labels = ["nv"] * 30 + ["vasc"] * 3 + ["df"] * 7
     weights = pt.class_balanced(labels)
     assert weights[:30].sum() == pytest.approx(1) and weights[30:33].sum() == pytest.approx(1)
-    it = pt.batches(weights, 6, torch.Generator().manual_seed(0))
-    draws = torch.cat([next(it) for _ in range(500)])
+    draws = torch.multinomial(weights, 3000, replacement=True, generator=torch.Generator().manual_seed(0))  # as pretraining
     shares = torch.bincount(torch.tensor([["nv", "vasc", "df"].index(labels[i]) for i in draws]), minlength=3) / len(draws)
     assert shares.tolist() == pytest.approx([1 / 3] * 3, abs=0.03)
 
@@ -336,10 +335,15 @@ def test_pickle_only_weights_are_refused(foreign, workspace):
         prepare_base(micro_params(base_model=str(foreign)))
 
 
+def offline_with_empty_cache(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hub  # read once at import: HF_HUB_OFFLINE / HF_HOME set now would not count
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "empty-hf-home" / "hub"))
+
+
 def test_uncached_hub_id_offline_is_a_clear_error(workspace, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    offline_with_empty_cache(monkeypatch, tmp_path)
     with pytest.raises(PipelineError) as info:
         prepare_base(micro_params(base_model="runwayml/stable-diffusion-v1-5"))
     assert str(info.value) == (
@@ -351,8 +355,7 @@ def test_uncached_hub_id_offline_is_a_clear_error(workspace, tmp_path, monkeypat
 
 
 def test_in_repo_path_that_is_missing_is_named_when_the_hub_fails_too(workspace, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    offline_with_empty_cache(monkeypatch, tmp_path)
     with pytest.raises(PipelineError, match=r"not in the local Hugging Face cache.*\(no folder .*/data/sd15 exists either\)$"):
         prepare_base(micro_params(base_model="data/sd15"))
 

@@ -8,7 +8,6 @@ is gigabytes) and loaded with safetensors only, so no pickle from a downloaded c
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pipeline.core import tracking
-from pipeline.core.atomic import atomic_dir, clean_stale_temps, write_json
+from pipeline.core.atomic import atomic_dir, clean_stale_temps, read_json, write_json
 from pipeline.core.errors import PipelineError
 from pipeline.core.params import Params
 from pipeline.core.paths import BASE_MODEL_DIR, SPLIT_CSV, resolve_user_path, workspace_root
@@ -75,10 +74,7 @@ def _check_weights(sub: Path, name: str) -> None:
 
 
 def _read_config(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{KEY}: {path} is not valid JSON ({exc})") from None
+    config = read_json(path, "is missing")
     if not isinstance(config, dict):
         raise PipelineError(f"{KEY}: {path} must hold a JSON object")
     return config
@@ -140,19 +136,8 @@ def folder_fingerprint(folder: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _hub_cache_dir() -> str:
-    """Read at call time (huggingface_hub reads HF_HOME and HF_HUB_OFFLINE once, at import)."""
-    from huggingface_hub import constants
-
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
-    return constants.HF_HUB_CACHE
-
-
 def resolve_hub_snapshot(repo_id: str, missing_folder: Path | None = None) -> Path:
-    """The local snapshot folder of a Hub repo: from the cache when offline, downloaded (safetensors only) otherwise;
+    """A Hub repo's local snapshot: cached under HF_HUB_OFFLINE, else downloaded (safetensors only);
     ``missing_folder``, the in-repo folder the same value would name, is mentioned if the Hub fails too."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -163,20 +148,13 @@ def resolve_hub_snapshot(repo_id: str, missing_folder: Path | None = None) -> Pa
         RepositoryNotFoundError,
     )
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
     not_reachable = (
         f"{KEY}: {repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached; "
         f"download it once with `huggingface-cli download {repo_id}` or set base_model to a local diffusers folder"
         + (f" (no folder {missing_folder} exists either)" if missing_folder is not None else "")
     )
     try:
-        path = snapshot_download(
-            repo_id,
-            allow_patterns=HUB_ALLOW_PATTERNS,
-            ignore_patterns=HUB_IGNORE_PATTERNS,
-            local_files_only=offline,
-            cache_dir=_hub_cache_dir(),
-        )
+        path = snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS, ignore_patterns=HUB_IGNORE_PATTERNS)
     except GatedRepoError:
         raise PipelineError(f"{KEY}: {repo_id!r} is gated on the Hub: accept its licence there and log in (`hf auth login`)") from None
     except RepositoryNotFoundError:
@@ -196,9 +174,7 @@ def resolve_hub_snapshot(repo_id: str, missing_folder: Path | None = None) -> Pa
 
 def resolve_base_source(params: Params) -> Path:
     """The local diffusers folder that a real checkpoint's ``diffusion.base_model`` names (a Hub id: its snapshot)."""
-    value = params.diffusion.base_model.strip()
-    if not value:
-        raise PipelineError(f"{KEY}: empty; use '{EMBEDDED}', a Hub id (owner/name) or a local diffusers folder")
+    value = params.diffusion.base_model.strip()  # empty: no path, no Hub id, so the last error below
     looks_like_path = os.path.isabs(os.path.expanduser(value)) or value.startswith((".", "~")) or value.endswith("/")
     try:
         local = resolve_user_path(value, KEY)
@@ -281,18 +257,15 @@ def base_model_folder(base_dir: str | Path = BASE_MODEL_DIR) -> Path:
     base_dir = workspace_root() / base_dir  # an absolute base_dir stays as it is
     reference = base_dir / REFERENCE_FILE
     if reference.is_file():
-        try:
-            record = json.loads(reference.read_text())
-            folder = Path(record["path"])
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise PipelineError(f"{reference}: unreadable base model reference ({exc}); rerun `dvc repro base`") from None
+        record = read_json(reference, "missing")  # as prepare_base wrote it
+        folder = Path(record["path"])
         if not folder.is_dir():
             raise PipelineError(
-                f"{reference}: the base model folder {folder} ({record.get('source')}) no longer exists; "
+                f"{reference}: the base model folder {folder} ({record['source']}) no longer exists; "
                 "restore it or rerun `dvc repro --force base`"
             )
         check_diffusers_folder(folder)
-        if record.get("sha256") and folder_fingerprint(folder) != record["sha256"]:
+        if folder_fingerprint(folder) != record["sha256"]:
             raise PipelineError(
                 f"{reference}: the checkpoint in {folder} changed since the base stage recorded it; "
                 "rerun `dvc repro --force base` so every later stage sees the change"

@@ -38,8 +38,7 @@ ELASTIC_ALPHA = 4600.0
 
 
 def masked_images(csv_path: Path, classes: list[str]) -> pd.DataFrame:
-    """The rows of ``classes`` in split.csv (its train rows) or in a fine-tuning list, with absolute ``path`` and
-    ``mask_path``; a one-line error when the file is missing or an image has no mask."""
+    """The train rows of ``classes`` in split.csv or in a fine-tuning list, with absolute ``path`` and ``mask_path``."""
     if not csv_path.is_file():
         raise PipelineError(f"{csv_path}: not found; run the prepare stage first")
     rows = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
@@ -49,7 +48,7 @@ def masked_images(csv_path: Path, classes: list[str]) -> pd.DataFrame:
     missing = sorted(set(classes) - set(rows["dx"]))
     if missing:
         raise PipelineError(f"{csv_path}: no train images of class {missing[0]!r}")
-    unmasked = rows.loc[rows.get("mask_path", pd.Series("", index=rows.index)) == "", "image_id"]
+    unmasked = rows.loc[rows["mask_path"] == "", "image_id"]  # prepare writes the column, empty without a mask
     if len(unmasked):
         raise PipelineError(
             f"{csv_path}: image {unmasked.iloc[0]} has no lesion mask; diffusion.control: mask needs HAM10000's "
@@ -103,8 +102,7 @@ def conditioning_mask(mask: torch.Tensor, seed: int, cfg: ControlNetParams) -> t
 
 
 def load_controlnet(params: Params, dtype: torch.dtype = torch.float32) -> ControlNetModel | None:
-    """The trained ControlNet in ``dtype`` under ``diffusion.control: mask``, else None; a one-line error when the
-    controlnet stage's output is missing or was made under ``none``."""
+    """The trained ControlNet in ``dtype`` under ``diffusion.control: mask``, else None."""
     if params.diffusion.control == "none":
         return None
     folder = workspace_root() / CONTROLNET_DIR
@@ -135,8 +133,7 @@ def train_controlnet(params: Params):
     rows = masked_images(root / SPLIT_CSV, classes)
     weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
     pipe = load_base_pipeline(root / BASE_MODEL_DIR).to(device)
-    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
-        module.requires_grad_(False)
+    pipe.unet.requires_grad_(False)  # the VAE and text encoder run once, under no_grad
     base_sha = finetune.base_sha256(root / BASE_MODEL_DIR)
     fingerprint = tracking.params_hash({
         "seed": params.seed, "classes": classes, "resolution": d.resolution, "prompt": d.prompt,
@@ -154,8 +151,7 @@ def train_controlnet(params: Params):
     class_index = torch.tensor([classes.index(dx) for dx in rows["dx"]] * 2, device=device)
     class_states = encode_prompts(pipe, [params.class_prompt(c) for c in classes])  # [C, 77, D]
 
-    controlnet = make_controlnet(pipe.unet, pipe.vae_scale_factor).to(device)
-    controlnet.train()
+    controlnet = make_controlnet(pipe.unet, pipe.vae_scale_factor).to(device)  # in train mode, as built
     part = finetune.TrainedPart(controlnet, lambda folder: controlnet.save_pretrained(folder, safe_serialization=True))
     finetune.cast_frozen(pipe, part, weight_dtype)
     trainable = list(part.named_trainable().values())

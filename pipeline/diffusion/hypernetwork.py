@@ -56,8 +56,7 @@ class ContextMLP(torch.nn.Module):
 
 
 def _cross_attentions(unet) -> list[Attention]:
-    return [m for name, m in unet.named_modules() if isinstance(m, Attention) and m.is_cross_attention
-            and not name.startswith(f"{CHILD}.")]
+    return [m for m in unet.modules() if isinstance(m, Attention) and m.is_cross_attention]
 
 
 def _hook_context(unet, net: torch.nn.Module) -> None:
@@ -83,9 +82,8 @@ def _hook_encoder(unet, net) -> None:
         context = given["encoder_hidden_states"].to(dtype)
         down, mid = net(sample.to(dtype), given["timestep"], context, blank, return_dict=False)
         down, mid = [r.to(sample.dtype) for r in down], mid.to(sample.dtype)
-        if given.get("down_block_additional_residuals") is not None:
+        if given.get("down_block_additional_residuals") is not None:  # a ControlNet's: the UNet takes both or neither
             down = [a + b for a, b in zip(given["down_block_additional_residuals"], down)]
-        if given.get("mid_block_additional_residual") is not None:
             mid = given["mid_block_additional_residual"] + mid
         given["down_block_additional_residuals"], given["mid_block_additional_residual"] = down, mid
         return call.args, call.kwargs
@@ -93,14 +91,8 @@ def _hook_encoder(unet, net) -> None:
     unet.register_forward_pre_hook(steer, with_kwargs=True)
 
 
-def _config(cfg: HypernetworkParams, interface: dict) -> dict:
-    """What the file records: the kind, the MLP shape, and the base UNet's shape it was built for."""
-    return {"kind": cfg.kind, "layer_structure": list(cfg.layer_structure), "activation": cfg.activation, "unet": interface}
-
-
 def _interface(unet) -> dict:
-    config = {key: unet.config.get(key) for key in _INTERFACE}
-    return {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()}
+    return json.loads(json.dumps({key: unet.config.get(key) for key in _INTERFACE}))  # as the file's JSON reads back
 
 
 def _build(unet, config: dict, load_weights: bool) -> torch.nn.Module:
@@ -131,7 +123,7 @@ def _attach(unet, net: torch.nn.Module, config: dict) -> None:
 def add_hypernetwork(unet, cfg: HypernetworkParams) -> list[torch.nn.Parameter]:
     """Freeze the UNet and attach a fresh hypernetwork; returns its trainable parameters."""
     unet.requires_grad_(False)
-    config = _config(cfg, _interface(unet))
+    config = {**cfg.model_dump(), "unet": _interface(unet)}  # the file records it, and the UNet shape it fits
     net = _build(unet, config, load_weights=True)
     _attach(unet, net, config)
     return [p for p in net.parameters() if p.requires_grad]
@@ -145,8 +137,11 @@ def save_hypernetwork(unet, folder: str | Path) -> Path:
     return path
 
 
-def _read(path: Path) -> tuple[dict, dict]:
-    """The file's config and tensors; one PipelineError line when it is not a readable hypernetwork of this pipeline."""
+def load_hypernetwork(pipe, folder: str | Path) -> Path:
+    """Validate the class's hypernetwork file and attach it to ``pipe.unet``; returns the file."""
+    path = Path(folder) / HYPERNETWORK_FILE
+    if not path.is_file():
+        raise PipelineError(f"{path}: hypernetwork weights not found; run the finetune stage first")
     try:
         with safe_open(str(path), framework="pt") as handle:
             text = (handle.metadata() or {}).get(CONFIG_KEY)
@@ -158,18 +153,9 @@ def _read(path: Path) -> tuple[dict, dict]:
     try:
         raw = json.loads(text)
         cfg = HypernetworkParams(**{k: raw[k] for k in ("kind", "layer_structure", "activation")})
-        interface = dict(raw["unet"])
+        config = {**cfg.model_dump(), "unet": dict(raw["unet"])}
     except (ValueError, KeyError, TypeError) as exc:
         raise PipelineError(f"{path}: malformed hypernetwork config in its metadata ({str(exc).splitlines()[0][:200]})") from None
-    return _config(cfg, interface), weights
-
-
-def load_hypernetwork(pipe, folder: str | Path) -> Path:
-    """Validate the class's hypernetwork file and attach it to ``pipe.unet``; returns the file."""
-    path = Path(folder) / HYPERNETWORK_FILE
-    if not path.is_file():
-        raise PipelineError(f"{path}: hypernetwork weights not found; run the finetune stage first")
-    config, weights = _read(path)
     unet = pipe.unet
     base = _interface(unet)
     for key in _INTERFACE:

@@ -9,7 +9,7 @@ images are read, and the same seed on CPU gives the same weights.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -71,12 +71,6 @@ def random_crops(x: torch.Tensor, size: int, generator: torch.Generator) -> torc
     return torch.stack([img[:, t : t + size, l : l + size] for img, t, l in zip(x, top, left)])
 
 
-def batches(weights: torch.Tensor, batch: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Endless mini-batches of indices, each drawn with probability ∝ ``weights`` (with replacement, so exactly so)."""
-    while True:
-        yield torch.multinomial(weights, batch, replacement=True, generator=generator)
-
-
 def fit(module, step_loss: Callable[[int], torch.Tensor], steps: int, lr: float, weight_decay: float,
         name: str) -> list[float]:
     """The VAE's or UNet's loop: clipped AdamW, warm-up then cosine decay to 10% of the peak (transformers' schedule;
@@ -118,11 +112,12 @@ def vae_loss(vae, x: torch.Tensor) -> torch.Tensor:
 
 
 def train_vae(vae, images: torch.Tensor, weights: torch.Tensor, cfg: BasePretrainParams, generator: torch.Generator) -> list[float]:
-    it = batches(weights, cfg.batch, generator)
     crop_steps = int(cfg.vae_steps * VAE_CROP_SHARE)
 
     def step_loss(step: int) -> torch.Tensor:
-        x = random_flips(to_model_range(images[next(it)]), generator)
+        # Drawn with replacement, so each image exactly with probability ∝ its weight.
+        index = torch.multinomial(weights, cfg.batch, replacement=True, generator=generator)
+        x = random_flips(to_model_range(images[index]), generator)
         if step < crop_steps:
             x = random_crops(x, x.shape[-1] // 2, generator)
         return vae_loss(vae, x)
@@ -153,10 +148,11 @@ def train_unet(pipe: StableDiffusionPipeline, latents: LatentCache, weights: tor
     unet, scheduler = pipe.unet, pipe.scheduler
     pipe.text_encoder.eval().requires_grad_(False)
     cond, uncond = encode_prompts(pipe, [cfg.prompt, ""]).unsqueeze(1)  # each [1, 77, D]
-    it = batches(weights.repeat(len(latents) // len(weights)), cfg.batch, generator)  # each image and its mirror
+    weights = weights.repeat(len(latents) // len(weights))  # each image and its mirror
 
     def step_loss(step: int) -> torch.Tensor:
-        x = random_flips(latents.sample(next(it), generator), generator)  # latent vertical flips: the VAE saw both
+        index = torch.multinomial(weights, cfg.batch, replacement=True, generator=generator)
+        x = random_flips(latents.sample(index, generator), generator)  # latent vertical flips: the VAE saw both
         noise = torch.randn(x.shape, generator=generator)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch,), generator=generator)
         noisy = scheduler.add_noise(x, noise, timesteps)
@@ -177,8 +173,7 @@ def sample_grid(pipe: StableDiffusionPipeline, prompt: str, seed: int) -> Image.
         requires_safety_checker=False,
     )
     sampler.set_progress_bar_config(disable=True)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    images = sampler([prompt] * 16, height=size, width=size, num_inference_steps=25, guidance_scale=3.0,
+    images = sampler([prompt] * 16, num_inference_steps=25, guidance_scale=3.0,  # at the UNet's own size by default
                      generator=torch.Generator().manual_seed(seed), output_type="pil").images
     return make_image_grid(images, rows=2, cols=8)
 
