@@ -292,9 +292,8 @@ def screen_class(code: str, inp: ClassInputs, extractor, classifier, params: Par
     if inp.synthetic_masks:
         from pipeline.quality.mask_fidelity import mask_ious
 
-        real_images, real_masks = map(list, zip(*inp.train_masks)) if inp.train_masks else ([], [])
         entry["mask_iou"] = float(mask_ious(inp.synthetic, inp.synthetic_masks, px_size).mean())
-        entry["mask_iou_real"] = float(mask_ious(real_images, real_masks, px_size).mean()) if real_images else None
+        entry["mask_iou_real"] = float(mask_ious(*zip(*inp.train_masks), px_size).mean()) if inp.train_masks else None
     entry["flags"] = out_of_range(entry, q)
     return entry, frame, (synth_px, ft_px[torch.as_tensor(memo.nn_index, dtype=torch.long)])
 
