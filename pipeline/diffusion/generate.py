@@ -155,14 +155,13 @@ def sample_images(
         control = Control(control.controlnet, torch.cat([control.masks] * 2), control.scale)
     for t in scheduler.timesteps:
         x = scheduler.scale_model_input(latents, t)
-        if sampling.guidance <= 1:  # diffusers' rule: guidance <= 1 samples the prompt alone
-            noise = predict_noise(pipe.unet, x, t, cond, control)
-        elif one_batch:
+        if one_batch:
             unconditional, noise = predict_noise(pipe.unet, torch.cat([x, x]), t, torch.cat([uncond, cond]), control).chunk(2)
         else:
             noise = predict_noise(pipe.unet, x, t, cond, control)
-            unconditional = predict_noise(guide_unet, x, t, uncond, control)
-        if sampling.guidance > 1:
+        if sampling.guidance > 1:  # diffusers' rule: guidance <= 1 samples the prompt alone
+            if not one_batch:
+                unconditional = predict_noise(guide_unet, x, t, uncond, control)
             noise = unconditional + sampling.guidance * (noise - unconditional)
         latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
     images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
@@ -207,19 +206,18 @@ def png_writer(max_pending: int = 16) -> Iterator[Callable[[Image.Image, Path], 
 
 @dataclass
 class Sampler:
-    """What draws a class's images; ``guide_unet`` None: the pipeline's own; the weights are hashed once (GBs)."""
+    """What draws a class's images; the weights are hashed once (GBs)."""
 
     pipe: StableDiffusionPipeline
-    guide_unet: UNet2DConditionModel | None
+    sampling: Sampling
     controlnet: ControlNetModel | None
     weights_sha256: str
 
 
 def generation_pipeline(params: Params, class_code: str, base_only: bool = False) -> Sampler:
-    """The class's sampler (``base_only``: the base model with the class prompt) on this process's device in
-    ``compute.mixed_precision``. Under ``generate.unconditional: base`` guidance's unconditional branch is the base
-    model's UNet, so guidance pushes the images from the base model's generic lesion towards the class (textual
-    inversion's UNet already is the base's)."""
+    """The class's sampler (``base_only``: the base model) in ``compute.mixed_precision``. Under
+    ``generate.unconditional: base`` guidance's unconditional branch is the base model's UNet, so guidance pushes the
+    images from the base model's generic lesion towards the class (textual inversion's UNet already is the base's)."""
     from pipeline.diffusion.base import base_model_folder, load_base_pipeline, load_base_unet
     from pipeline.diffusion.controlnet import load_controlnet
 
@@ -227,8 +225,7 @@ def generation_pipeline(params: Params, class_code: str, base_only: bool = False
     dtype = DTYPES.get(gpu_precision(params.compute.mixed_precision, "generating"), torch.float32)
     base_dir = workspace_root() / BASE_MODEL_DIR
     guide_unet = None
-    check_class(params, class_code)
-    if base_only:
+    if base_only:  # generate_base: the class is one of data.classes
         pipe = load_base_pipeline(base_dir, dtype)
         unet = base_model_folder(base_dir) / "unet"
         names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
@@ -242,7 +239,8 @@ def generation_pipeline(params: Params, class_code: str, base_only: bool = False
         controlnet.to(device)
     pipe.scheduler = make_scheduler(params.generate.scheduler, pipe.scheduler.config)
     pipe.vae.enable_slicing()  # one image at a time: a 512 px batch decode needs GBs
-    return Sampler(pipe.to(device), guide_unet, controlnet, sha256_file(weights))
+    sampling = Sampling(params.generate.steps, params.generate.guidance, params.diffusion.resolution, guide_unet)
+    return Sampler(pipe.to(device), sampling, controlnet, sha256_file(weights))
 
 
 def generate_class(params: Params, class_code: str, base_only: bool = False, loaded: Sampler | None = None) -> Path:
@@ -253,21 +251,19 @@ def generate_class(params: Params, class_code: str, base_only: bool = False, loa
     g = params.generate
     state = PartialState(cpu=cpu_only())
     sampler = loaded or generation_pipeline(params, class_code, base_only)
+    root = workspace_root()
     train_masks = None
     if sampler.controlnet is not None:
         from pipeline.diffusion.controlnet import load_masks, masked_images
 
-        listed = masked_images(workspace_root() / FINETUNE_DIR / f"{class_code}.csv", [class_code])
+        listed = masked_images(root / FINETUNE_DIR / f"{class_code}.csv", [class_code])
         train_masks = load_masks(list(listed["mask_path"]), params.diffusion.resolution)
-    sampling = Sampling(g.steps, g.guidance, params.diffusion.resolution, sampler.guide_unet)
     prompt = params.class_prompt(class_code)
     same = {  # in every manifest row; textual inversion's own UNet is the base's
         "class": class_code, "prompt": prompt, "negative_prompt": g.negative_prompt, "scheduler": g.scheduler,
         "steps": g.steps, "guidance": g.guidance, "unconditional": "base" if base_only else g.unconditional,
         "weights_sha256": sampler.weights_sha256,
     }
-
-    root = workspace_root()
     target = root / (SYNTHETIC_BASE_DIR if base_only else SYNTHETIC_DIR) / class_code
     if state.is_main_process:
         clean_stale_temps(target.parent, target.name)
@@ -290,7 +286,7 @@ def generate_class(params: Params, class_code: str, base_only: bool = False, loa
                     shapes = conditioning_masks(train_masks, seeds, params)
                     scale = params.diffusion.controlnet.conditioning_scale
                     control = Control(sampler.controlnet, shapes.to(state.device), scale)
-                images = generate_images(sampler.pipe, prompt, g.negative_prompt, seeds, sampling, control)
+                images = generate_images(sampler.pipe, prompt, g.negative_prompt, seeds, sampler.sampling, control)
                 for i, (k, seed, img) in enumerate(zip(indices, seeds, images)):
                     name = f"{class_code}_{k:05d}.png"
                     save(img, out / name)

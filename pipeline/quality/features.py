@@ -71,7 +71,6 @@ class InceptionFeatures:
     input_size = 299
 
     def __init__(self, configured: str | None, device: torch.device | str = "cpu"):
-        """``configured``: quality.inception_weights, else torch-fidelity's file in torch hub's cache."""
         if configured:
             weights = resolve_user_path(configured, "quality.inception_weights")
         else:
@@ -121,11 +120,11 @@ def load_arrays(paths: Sequence[str | Path], size: int, desc: str = "images", qu
     missing = next((p for p in paths if not Path(p).is_file()), None)
     if missing is not None:
         raise PipelineError(f"{missing}: image file not found")
-    chunks, step = [torch.empty((0, 3, size, size), dtype=torch.uint8)], 64
+    step = 64
     quiet = quiet or len(paths) < 4 * step
-    for start in tqdm(range(0, len(paths), step), desc=desc, unit="chunk", disable=quiet, leave=False):
-        chunks.append(load_images([Path(p) for p in paths[start : start + step]], size))
-    return torch.cat(chunks)
+    starts = tqdm(range(0, len(paths), step), desc=desc, unit="chunk", disable=quiet, leave=False)
+    chunks = [load_images([Path(p) for p in paths[start : start + step]], size) for start in starts]
+    return torch.cat(chunks) if chunks else torch.empty((0, 3, size, size), dtype=torch.uint8)
 
 
 def embed_paths(paths: Sequence[str | Path], extract: Callable[[torch.Tensor], torch.Tensor], size: int,

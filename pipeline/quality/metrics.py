@@ -82,13 +82,12 @@ def precision_recall(real, fake, k: int = 3) -> dict[str, float]:
     k-th neighbour), recall (the reverse) and coverage (robust to outliers inflating recall); each set needs > k."""
     real, fake = _pair(real, fake, k + 1)
     real_radii, fake_radii = knn_radii(real, k), knn_radii(fake, k)
-    fake_in_real = torch.zeros(len(fake), dtype=torch.bool, device=real.device)
-    real_in_fake = torch.zeros(len(real), dtype=torch.bool, device=real.device)
-    real_covered = torch.zeros(len(real), dtype=torch.bool, device=real.device)
+    fake_in_real = []
+    real_in_fake = real_covered = torch.zeros(len(real), dtype=torch.bool, device=real.device)
     for start in range(0, len(fake), _CHUNK):
         block = torch.cdist(fake[start : start + _CHUNK], real)  # (fake chunk, real)
-        fake_in_real[start : start + _CHUNK] = (block <= real_radii[None, :]).any(dim=1)
-        real_in_fake |= (block <= fake_radii[start : start + _CHUNK, None]).any(dim=0)
-        real_covered |= block.min(dim=0).values <= real_radii
-    shares = {"precision": fake_in_real, "recall": real_in_fake, "coverage": real_covered}
+        fake_in_real.append((block <= real_radii[None, :]).any(dim=1))
+        real_in_fake = real_in_fake | (block <= fake_radii[start : start + _CHUNK, None]).any(dim=0)
+        real_covered = real_covered | (block.min(dim=0).values <= real_radii)
+    shares = {"precision": torch.cat(fake_in_real), "recall": real_in_fake, "coverage": real_covered}
     return {key: hits.double().mean().item() for key, hits in shares.items()}

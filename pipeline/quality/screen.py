@@ -138,15 +138,6 @@ def out_of_range(entry: dict, q: QualityParams) -> dict[str, str]:
     return {key: "; ".join(why) for key, why in reasons.items()}
 
 
-def _reason(memorized: bool, exclude: bool, low_confidence: bool, confidence: float, tau: float | None) -> str:
-    parts = []
-    if memorized:
-        parts.append("memorized" if exclude else "memorized (kept: quality.memorization.exclude is false)")
-    if low_confidence:
-        parts.append(f"low_confidence ({confidence:.3f} < {tau})")
-    return "; ".join(parts)
-
-
 def _closest_figure(target: Path, code: str, frame: pd.DataFrame, synth_px, nearest_px, count: int) -> None:
     """The ``count`` synthetic images nearest to a fine-tuning image (top row) above that image (bottom row)."""
     from matplotlib.figure import Figure  # not pyplot: no backend to choose, no global figure to close
@@ -194,6 +185,13 @@ def screen(params: Params) -> dict:
         for key, why in report[code]["flags"].items():
             tqdm.write(f"warning: screen: {code}: {key} flagged: {why}", file=sys.stderr)
 
+    # Totals: counts summed over classes; metrics averaged over the classes where defined and not flagged (macro mean).
+    totals: dict = {key: int(sum(r[key] for r in report.values()))
+                    for key in ("n_synthetic", "n_memorized", "n_filtered", "n_kept")}
+    for key in ("fid", "kid_mean", "precision", "recall", "coverage"):
+        values = [r[key] for r in report.values() if r[key] is not None and key not in r["flags"]]
+        totals[f"{key}_macro"] = float(np.mean(values)) if values else None
+    totals["flagged"] = [f"{code}.{key}" for code, r in report.items() for key in r["flags"]]
     m = q.memorization
     quality = {
         "extractor": extractor.name,
@@ -203,7 +201,7 @@ def screen(params: Params) -> dict:
                      "memorization_exclude": m.exclude, "filter_confidence": q.filter_confidence,
                      "sanity_factor": q.sanity_factor},
         "classes": report,
-        "totals": _totals(report),
+        "totals": totals,
     }
     with atomic.atomic_dir(root / SCREENED_DIR) as folder:
         pd.concat(frames.values(), ignore_index=True).to_csv(folder / SCREENED_CSV.name, index=False)
@@ -250,6 +248,7 @@ def screen_class(code: str, inp: ClassInputs, extractor, classifier, params: Par
     tau = q.filter_confidence
     low_conf = confidence < tau if tau is not None else np.zeros(n, dtype=bool)
     kept = ~(memo.memorized & q.memorization.exclude) & ~low_conf
+    memorized = "memorized" if q.memorization.exclude else "memorized (kept: quality.memorization.exclude is false)"
     frame = pd.DataFrame(
         {
             "class": code,
@@ -260,7 +259,7 @@ def screen_class(code: str, inp: ClassInputs, extractor, classifier, params: Par
             "nn_cosine": np.round(memo.nn_cosine, 6),
             "nn_ssim": np.round(memo.nn_ssim, 6),
             "confidence": np.round(confidence, 6),
-            "reason": [_reason(m, q.memorization.exclude, lc, c, tau)
+            "reason": ["; ".join(([memorized] if m else []) + ([f"low_confidence ({c:.3f} < {tau})"] if lc else []))
                        for m, lc, c in zip(memo.memorized, low_conf, confidence)],
         }
     )
@@ -293,22 +292,10 @@ def screen_class(code: str, inp: ClassInputs, extractor, classifier, params: Par
     if inp.synthetic_masks:
         from pipeline.quality.mask_fidelity import mask_ious
 
-        real_images, real_masks = map(list, zip(*inp.train_masks)) if inp.train_masks else ([], [])
         entry["mask_iou"] = float(mask_ious(inp.synthetic, inp.synthetic_masks, px_size).mean())
-        entry["mask_iou_real"] = float(mask_ious(real_images, real_masks, px_size).mean()) if real_images else None
+        entry["mask_iou_real"] = float(mask_ious(*zip(*inp.train_masks), px_size).mean()) if inp.train_masks else None
     entry["flags"] = out_of_range(entry, q)
     return entry, frame, (synth_px, ft_px[torch.as_tensor(memo.nn_index, dtype=torch.long)])
-
-
-def _totals(report: dict[str, dict]) -> dict[str, float | int | None]:
-    """Counts summed over classes; metrics averaged over the classes where defined and not flagged (macro mean)."""
-    totals: dict = {key: int(sum(r[key] for r in report.values()))
-                    for key in ("n_synthetic", "n_memorized", "n_filtered", "n_kept")}
-    for key in ("fid", "kid_mean", "precision", "recall", "coverage"):
-        values = [r[key] for r in report.values() if r[key] is not None and key not in r["flags"]]
-        totals[f"{key}_macro"] = float(np.mean(values)) if values else None
-    totals["flagged"] = [f"{code}.{key}" for code, r in report.items() for key in r["flags"]]
-    return totals
 
 
 def load_kept_synthetic(path: str | Path = SCREENED_CSV, classes: list[str] | None = None) -> pd.DataFrame:
