@@ -140,8 +140,7 @@ def _row(p: Point, metrics: dict) -> dict:
 
 
 def collect(points: list[Point], root: Path) -> pd.DataFrame:
-    """One row per point from the experiment's own params.yaml and reports/metrics.json, plus an amount-0 row (the
-    baseline) per method and real_per_class."""
+    """A row per point from its commit's params.yaml and metrics.json; an amount-0 (baseline) row per method, cap."""
     refs = _experiment_refs(root)
     rows, zeros = [], {}
     for p in points:
@@ -166,9 +165,8 @@ def collect(points: list[Point], root: Path) -> pd.DataFrame:
 
 
 def per_class(points: list[Point], root: Path, params: Params) -> pd.DataFrame:
-    """The methods side by side, per class, at the configured ``generate.per_class`` and ``data.real_per_class``:
-    each point's class fidelity (``reports/fidelity.json``), FID, KID, memorized images and mask IoU
-    (``reports/quality.json``), read from its commit. A figure the screen flagged reads "flagged"."""
+    """The methods side by side per class at the configured amount and cap: fidelity (``reports/fidelity.json``), FID,
+    KID, memorized images and mask IoU (``reports/quality.json``) from each commit; a flagged figure reads "flagged"."""
     refs, rows = _experiment_refs(root), []
     for p in points:
         if p.amount != params.generate.per_class or p.real_per_class != params.data.real_per_class:
@@ -186,8 +184,7 @@ def per_class(points: list[Point], root: Path, params: Params) -> pd.DataFrame:
 
 
 def axis_rows(frame: pd.DataFrame, axis: str, params: Params) -> pd.DataFrame:
-    """The rows of one axis: the amount axis at data.real_per_class, the scarcity axis (capped points) at
-    generate.per_class."""
+    """The amount axis's rows at data.real_per_class, the scarcity axis's (capped points) at generate.per_class."""
     if axis == "amount":
         return frame[frame["real_per_class"].map(lambda k: k == params.data.real_per_class)]
     capped = frame["real_per_class"].map(lambda k: k is not None)
