@@ -132,10 +132,9 @@ def _row(p: Point, metrics: dict) -> dict:
         "gain": metrics["gain"][METRIC], "ci_low": metrics["gain_ci95"][METRIC]["low"],
         "ci_high": metrics["gain_ci95"][METRIC]["high"], "verdict": metrics["verdict"],
     }
-    for variant in CONTROLS:
-        entry = metrics["gain_over_baseline"].get(variant, {})
-        row.update({f"{variant}_gain": entry.get(METRIC, np.nan), f"{variant}_ci_low": entry.get("ci_low", np.nan),
-                    f"{variant}_ci_high": entry.get("ci_high", np.nan)})
+    controls = metrics["gain_over_baseline"]
+    row.update({f"{v}_{c}": controls.get(v, {}).get(key, np.nan) for v in CONTROLS
+                for c, key in zip(CI_COLUMNS, (METRIC, "ci_low", "ci_high"))})
     return row
 
 
@@ -279,8 +278,7 @@ def write_outputs(frame: pd.DataFrame, params: Params, root: Path, sweep_id: str
             plot(rows, axis, xlabel, folder / name)
             charts.append(name)
     write_text(folder / "sweep.md", markdown(frame, charts, classes))
-    points = [{k: None if isinstance(v, float) and np.isnan(v) else v for k, v in row.items()}  # NaN: a control not run
-              for row in frame.to_dict("records")]
+    points = frame.astype(object).where(frame.notna(), None).to_dict("records")  # NaN: a control not run
     write_json(folder / "sweep.json", {"sweep_id": sweep_id, "metric": METRIC, "points": points})
     _log_to_mlflow(frame, params, folder, sweep_id, charts)
     return folder / "sweep.md"
