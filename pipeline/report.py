@@ -80,14 +80,9 @@ def confusion_figure(classes: list[str], root: Path, metrics: dict, path: Path) 
 
 def per_class_gains(classes: list[str], metrics: dict) -> list[dict]:
     """Per-class recall gain (augmented − baseline) with its 95% bootstrap CI: the rows of the gain chart."""
-    rows = []
-    for class_code in classes:
-        key = f"recall_{class_code}"
-        if key in metrics["gain"]:
-            gain = metrics["gain"][key]
-            ci = metrics["gain_ci95"].get(key, {"low": gain, "high": gain})
-            rows.append({"class": class_code, "gain": gain, "ci_low": ci["low"], "ci_high": ci["high"]})
-    return rows
+    gains = {c: metrics["gain"][f"recall_{c}"] for c in classes if f"recall_{c}" in metrics["gain"]}
+    cis = {c: metrics["gain_ci95"].get(f"recall_{c}", {"low": g, "high": g}) for c, g in gains.items()}
+    return [{"class": c, "gain": g, "ci_low": cis[c]["low"], "ci_high": cis[c]["high"]} for c, g in gains.items()]
 
 
 def gain_figure(rows: list[dict], path: Path) -> None:
