@@ -10,11 +10,12 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from sklearn.metrics import confusion_matrix
 
 from pipeline.core import tracking
 from pipeline.core.atomic import atomic_dir, atomic_file, read_json, write_json, write_text
 from pipeline.classifier.evaluate import METRICS_JSON, confusion_csv, plot_confusion, verdict_lines
-from pipeline.classifier.metrics import HEADLINE, confusion
+from pipeline.classifier.metrics import HEADLINE
 from pipeline.classifier.dataset import read_split, synthetic_samples
 from pipeline.classifier.oracle import FIDELITY_JSON, SOURCES, fidelity_lines
 from pipeline.classifier.train import VARIANTS
@@ -69,11 +70,9 @@ def samples_figure(params: Params, split: pd.DataFrame, synthetic: dict[str, lis
 def confusion_figure(classes: list[str], root: Path, metrics: dict, path: Path) -> None:
     """Row-normalised confusion matrices of both variants side by side (the evaluate stage's CSVs)."""
     fig, axes = plt.subplots(1, 2, figsize=(2.6 + 1.4 * len(classes), 1.2 + 0.75 * len(classes)))
-    index = {c: i for i, c in enumerate(classes)}
     for ax, variant in zip(axes, VARIANTS):
         table = pd.read_csv(root / confusion_csv(variant), dtype=str, keep_default_na=False)
-        actual, predicted = (table[column].map(index).to_numpy() for column in ("actual", "predicted"))
-        matrix = confusion(actual, predicted, len(classes))
+        matrix = confusion_matrix(table["actual"], table["predicted"], labels=classes)
         ba = metrics[variant]["balanced_accuracy"]
         plot_confusion(ax, matrix, classes, f"{variant}: balanced acc {ba:.3f}", normalize=True)
     _save(fig, path)
@@ -81,14 +80,9 @@ def confusion_figure(classes: list[str], root: Path, metrics: dict, path: Path) 
 
 def per_class_gains(classes: list[str], metrics: dict) -> list[dict]:
     """Per-class recall gain (augmented − baseline) with its 95% bootstrap CI: the rows of the gain chart."""
-    rows = []
-    for class_code in classes:
-        key = f"recall_{class_code}"
-        if key in metrics["gain"]:
-            gain = metrics["gain"][key]
-            ci = metrics["gain_ci95"].get(key, {"low": gain, "high": gain})
-            rows.append({"class": class_code, "gain": gain, "ci_low": ci["low"], "ci_high": ci["high"]})
-    return rows
+    gains = {c: metrics["gain"][f"recall_{c}"] for c in classes if f"recall_{c}" in metrics["gain"]}
+    cis = {c: metrics["gain_ci95"].get(f"recall_{c}", {"low": g, "high": g}) for c, g in gains.items()}
+    return [{"class": c, "gain": g, "ci_low": cis[c]["low"], "ci_high": cis[c]["high"]} for c, g in gains.items()]
 
 
 def gain_figure(rows: list[dict], path: Path) -> None:

@@ -132,16 +132,14 @@ def _row(p: Point, metrics: dict) -> dict:
         "gain": metrics["gain"][METRIC], "ci_low": metrics["gain_ci95"][METRIC]["low"],
         "ci_high": metrics["gain_ci95"][METRIC]["high"], "verdict": metrics["verdict"],
     }
-    for variant in CONTROLS:
-        entry = metrics["gain_over_baseline"].get(variant, {})
-        row.update({f"{variant}_gain": entry.get(METRIC, np.nan), f"{variant}_ci_low": entry.get("ci_low", np.nan),
-                    f"{variant}_ci_high": entry.get("ci_high", np.nan)})
+    controls = metrics["gain_over_baseline"]
+    row.update({f"{v}_{c}": controls.get(v, {}).get(key, np.nan) for v in CONTROLS
+                for c, key in zip(CI_COLUMNS, (METRIC, "ci_low", "ci_high"))})
     return row
 
 
 def collect(points: list[Point], root: Path) -> pd.DataFrame:
-    """One row per point from the experiment's own params.yaml and reports/metrics.json, plus an amount-0 row (the
-    baseline) per method and real_per_class."""
+    """A row per point from its commit's params.yaml and metrics.json; an amount-0 (baseline) row per method, cap."""
     refs = _experiment_refs(root)
     rows, zeros = [], {}
     for p in points:
@@ -166,9 +164,8 @@ def collect(points: list[Point], root: Path) -> pd.DataFrame:
 
 
 def per_class(points: list[Point], root: Path, params: Params) -> pd.DataFrame:
-    """The methods side by side, per class, at the configured ``generate.per_class`` and ``data.real_per_class``:
-    each point's class fidelity (``reports/fidelity.json``), FID, KID, memorized images and mask IoU
-    (``reports/quality.json``), read from its commit. A figure the screen flagged reads "flagged"."""
+    """The methods side by side per class at the configured amount and cap: fidelity (``reports/fidelity.json``), FID,
+    KID, memorized images and mask IoU (``reports/quality.json``) from each commit; a flagged figure reads "flagged"."""
     refs, rows = _experiment_refs(root), []
     for p in points:
         if p.amount != params.generate.per_class or p.real_per_class != params.data.real_per_class:
@@ -186,8 +183,7 @@ def per_class(points: list[Point], root: Path, params: Params) -> pd.DataFrame:
 
 
 def axis_rows(frame: pd.DataFrame, axis: str, params: Params) -> pd.DataFrame:
-    """The rows of one axis: the amount axis at data.real_per_class, the scarcity axis (capped points) at
-    generate.per_class."""
+    """The amount axis's rows at data.real_per_class, the scarcity axis's (capped points) at generate.per_class."""
     if axis == "amount":
         return frame[frame["real_per_class"].map(lambda k: k == params.data.real_per_class)]
     capped = frame["real_per_class"].map(lambda k: k is not None)
@@ -282,8 +278,7 @@ def write_outputs(frame: pd.DataFrame, params: Params, root: Path, sweep_id: str
             plot(rows, axis, xlabel, folder / name)
             charts.append(name)
     write_text(folder / "sweep.md", markdown(frame, charts, classes))
-    points = [{k: None if isinstance(v, float) and np.isnan(v) else v for k, v in row.items()}  # NaN: a control not run
-              for row in frame.to_dict("records")]
+    points = frame.astype(object).where(frame.notna(), None).to_dict("records")  # NaN: a control not run
     write_json(folder / "sweep.json", {"sweep_id": sweep_id, "metric": METRIC, "points": points})
     _log_to_mlflow(frame, params, folder, sweep_id, charts)
     return folder / "sweep.md"

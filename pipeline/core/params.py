@@ -1,7 +1,5 @@
-"""Typed, validated view of params.yaml (which documents each key): the only way stages read configuration.
-
-Every section forbids unknown keys, so a typo fails with one line naming the key instead of using a default.
-"""
+"""Typed, validated view of params.yaml (which documents each key): the only way stages read configuration. Every
+section forbids unknown keys, so a typo fails with one line naming the key instead of using a default."""
 
 from __future__ import annotations
 

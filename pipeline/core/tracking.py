@@ -115,8 +115,7 @@ def stage_run(stage: str, params, tags: Mapping[str, str] | None = None) -> Iter
 
 
 def log_headline(params, metrics: Mapping[str, float], tags: Mapping[str, str]) -> None:
-    """Write an execution's headline (each variant's balanced accuracy, the gain, the verdict) onto its parent run,
-    the row MLflow's runs table shows collapsed, so two experiments compare side by side there."""
+    """The headline onto the parent run: the row MLflow's runs table shows collapsed, so experiments compare there."""
     from mlflow.entities import Metric, RunTag
 
     now = int(time.time() * 1000)
