@@ -66,15 +66,6 @@ def base_sha256(base_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def run_fingerprint(params: Params, class_code: str, images: list[Path], base_sha: str, processes: int) -> str:
-    """What a checkpoint must match to be resumed: everything that changes the numbers, nothing that doesn't."""
-    diffusion = params.diffusion.model_dump(mode="json", exclude={"resume", "checkpoint_every", "pretrain", "control", "controlnet"})
-    return tracking.params_hash({
-        "seed": params.seed, "class": class_code, "diffusion": diffusion, "images": [sha256_file(p) for p in images],
-        "base": base_sha, "processes": processes,
-    })
-
-
 class LossLog:
     """Per-step loss, kept on the device until read, so the host waits for it every few steps only; sent to MLflow in
     batches (one SQLite write per step costs ~25 ms)."""
@@ -274,7 +265,12 @@ def finetune_class(params: Params, class_code: str) -> Path:
     pipe = load_base_pipeline(base_dir)
     pipe.to(device)
     base_sha = base_sha256(base_dir)
-    fingerprint = run_fingerprint(params, class_code, image_paths, base_sha, accelerator.num_processes)
+    # What a checkpoint must match to be resumed: everything that changes the numbers, nothing that doesn't.
+    diffusion = d.model_dump(mode="json", exclude={"resume", "checkpoint_every", "pretrain", "control", "controlnet"})
+    fingerprint = tracking.params_hash({
+        "seed": params.seed, "class": class_code, "diffusion": diffusion,
+        "images": [sha256_file(p) for p in image_paths], "base": base_sha, "processes": accelerator.num_processes,
+    })
     seed = derive_seed(params.seed, "finetune", class_code)
     torch.manual_seed(seed)  # adapter initialisation draws from the global RNG
 
