@@ -167,7 +167,7 @@ def fit_seed(params: Params, variant: str, job: SeedJob, accelerator) -> tuple[d
     torch.manual_seed(seed)  # same seed -> same initial weights for every variant (paired comparison)
     model = create_classifier(c.arch, len(classes), c.pretrained)
     # channels_last: the layout CPU (oneDNN) and GPU (cuDNN, tensor cores) convolutions run fastest in; a CPU step
-    # of EfficientNet-B0 takes ~2/3 of the time. Set before any optimizer state is restored (pipeline/optim.py).
+    # of EfficientNet-B0 takes ~2/3 of the time. Set before any optimizer state is restored (checkpoint.py).
     model.to(memory_format=torch.channels_last)
     optimizer = adamw(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     generator = torch.Generator()
