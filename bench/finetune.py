@@ -156,7 +156,7 @@ def reference_child(workspace: str, method: str, steps: int, resolution: int, ba
             t_data = time.process_time()
             encoder_hidden_states = prompt_embeds.expand(len(latents), -1, -1)
             noise = torch.randn_like(latents)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],)).long()
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             target_ = diffusion_target(noise_scheduler, latents, noise, timesteps)
             pred = unet(noisy, timesteps, encoder_hidden_states, return_dict=False)[0]
