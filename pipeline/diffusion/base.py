@@ -281,7 +281,7 @@ def _from_pretrained(cls, what: str, base_dir: str | Path, dtype: torch.dtype, *
     folder = base_model_folder(base_dir)
     try:
         return cls.from_pretrained(
-            str(folder), torch_dtype=dtype, use_safetensors=True, local_files_only=True, **kwargs
+            str(folder), dtype=dtype, use_safetensors=True, local_files_only=True, **kwargs
         )
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

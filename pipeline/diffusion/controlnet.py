@@ -112,7 +112,7 @@ def load_controlnet(params: Params, dtype: torch.dtype = torch.float32) -> Contr
             f"{folder / META_FILE}: made for diffusion.control {meta.get('control')!r}, params give "
             f"{params.diffusion.control!r}; rerun `dvc repro controlnet`"
         )
-    return ControlNetModel.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
+    return ControlNetModel.from_pretrained(folder, dtype=dtype, use_safetensors=True)
 
 
 def train_controlnet(params: Params):
