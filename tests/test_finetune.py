@@ -116,6 +116,22 @@ def test_lora_on_resnet_convs_round_trips(workspace):
     torch.testing.assert_close(unet_probe(fused.unet), with_lora, rtol=1e-4, atol=1e-5)
 
 
+def test_lora_file_bytes_do_not_depend_on_the_hash_seed(tmp_path):
+    """peft holds target_modules as a set; saved in its iteration order, the same weights would give other bytes
+    (and another DVC hash) in every process."""
+    from safetensors import safe_open
+
+    from pipeline.core.params import LoraParams
+    from pipeline.diffusion.lora import add_lora, save_lora
+    from pipeline.diffusion.tiny import build_tiny_pipeline
+
+    unet = build_tiny_pipeline(32, seed=0).unet
+    add_lora(unet, LoraParams(target_modules=CONV_TARGETS))
+    with safe_open(str(save_lora(unet, tmp_path)), framework="pt") as handle:
+        saved = json.loads(handle.metadata()["lora_adapter_metadata"])
+    assert saved["unet.target_modules"] == sorted(CONV_TARGETS)
+
+
 def test_dreambooth_fine_tunes_the_whole_unet_with_prior_preservation(workspace):
     params = micro_params("dreambooth", {"prior_preservation": True})
     folder = finetune_class(params, "df")

@@ -36,10 +36,14 @@ def save_lora(unet, folder: str | Path) -> Path:
     # peft's own key names (``lora_A``/``lora_B``): diffusers' conversion renames only attention keys, and a file that
     # mixes both namings loads only in part (diffusers then drops the attention half without a word).
     state = get_peft_model_state_dict(unet)
+    metadata = unet.peft_config["default"].to_dict()
+    # peft keeps target_modules as a set, whose order follows the process's hash seed: sorted, the same weights
+    # always give the same file bytes (and DVC the same hash).
+    metadata["target_modules"] = sorted(metadata["target_modules"])
     StableDiffusionPipeline.save_lora_weights(
         str(folder),
         unet_lora_layers={k: v.detach().float().cpu().contiguous() for k, v in state.items()},
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        unet_lora_adapter_metadata=metadata,
         safe_serialization=True,
     )
     return Path(folder) / LORA_FILE
