@@ -11,6 +11,7 @@ import re
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from diffusion_workspace import killed_during_step, make_workspace, micro_params, pixels, trained_workspace, unet_probe
@@ -19,10 +20,11 @@ from pipeline.diffusion.base import load_base_pipeline
 from pipeline.diffusion import finetune
 from pipeline.diffusion.finetune import base_sha256, finetune_class, validation_grid
 from pipeline.diffusion.generate import load_class_pipeline
-from pipeline.diffusion.lora import LORA_FILE, load_lora
+from pipeline.diffusion.lora import LORA_FILE, add_lora, load_lora, save_lora
+from pipeline.diffusion.tiny import build_tiny_pipeline
 from pipeline.core.digest import sha256_file
 from pipeline.core.errors import PipelineError
-from pipeline.core.params import ComputeParams
+from pipeline.core.params import ComputeParams, LoraParams
 from pipeline.core.paths import WORKSPACE_ENV
 
 WEIGHTS = {
@@ -119,12 +121,6 @@ def test_lora_on_resnet_convs_round_trips(workspace):
 def test_lora_file_bytes_do_not_depend_on_the_hash_seed(tmp_path):
     """peft holds target_modules as a set; saved in its iteration order, the same weights would give other bytes
     (and another DVC hash) in every process."""
-    from safetensors import safe_open
-
-    from pipeline.core.params import LoraParams
-    from pipeline.diffusion.lora import add_lora, save_lora
-    from pipeline.diffusion.tiny import build_tiny_pipeline
-
     unet = build_tiny_pipeline(32, seed=0).unet
     add_lora(unet, LoraParams(target_modules=CONV_TARGETS))
     with safe_open(str(save_lora(unet, tmp_path)), framework="pt") as handle:
