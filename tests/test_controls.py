@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from classifier_workspace import CLASSES, make_workspace, micro_params, write_params
 
-from pipeline.classifier.dataset import assert_no_leakage, read_split
+from pipeline.classifier.dataset import assert_no_leakage, load_images, read_split, real_samples
 from pipeline.classifier.evaluate import verdict_lines
 from pipeline.classifier.metrics import (
     ci95,
@@ -19,6 +19,7 @@ from pipeline.classifier.metrics import (
     recovered_share,
     resample_indices,
 )
+from pipeline.classifier.model import load_classifier, predict_proba
 from pipeline.classifier.oracle import FIDELITY_JSON, fidelity_lines, fidelity_table, own_class_scores, score_fidelity, train_oracle
 from pipeline.classifier.train import skip_reason, train_variant, training_samples
 from pipeline.core.cli import run_stage
@@ -218,6 +219,9 @@ def test_fidelity_numbers_on_a_hand_made_set():
                         "fine-tuned models' images and 25% of the base model's images (class prompt, no fine-tuning) "
                         "to their own class, and 75% of real test images (its recall).")
     assert lines[1].startswith("Warning: a: the oracle recognises only 50%")
+    table["oracle"] = {"judges": {"0": {"augmented": 0.7}, "1": {"augmented": 0.834}}}
+    assert fidelity_lines(table)[1] == ("The oracle averages 2 judges (oracle.seeds); alone, they assign 70%, 83% of "
+                                        "the fine-tuned models' images to their own class.")
     with pytest.raises(PipelineError, match="no synthetic image of class 'b'"):
         fidelity_table(test, {"augmented": {"a": scores["a"]}}, classes)
 
@@ -226,14 +230,27 @@ def test_oracle_and_fidelity_stages_at_micro_settings(tmp_path, monkeypatch):
     root = make_workspace(tmp_path / "ws", counts=(4, 2, 2), reserve=2)
     monkeypatch.chdir(root)
     params = micro_params(real_per_class=4, seeds=[1, 0])
+    params = params.model_copy(update={"oracle": params.oracle.model_copy(update={"seeds": [2, 1]})})
     write_params(root, params)
     assert run_stage("oracle", train_oracle, argv=[]) == 0
     trained = json.loads((root / "reports/train/oracle.json").read_text())
     assert trained["train_real"] == (4 + 2) * len(CLASSES) and trained["train_synthetic"] == 0  # train + reserve rows
-    assert list(trained["seeds"]) == ["1"]  # one judge: the first seed
+    assert set(trained["seeds"]) == {"2", "1"}  # one judge per oracle seed, whatever classifier.seeds holds
     assert run_stage("fidelity", score_fidelity, argv=[]) == 0
     table = json.loads((root / FIDELITY_JSON).read_text())
-    assert set(table["classes"]) == set(CLASSES) and table["oracle"] == {"seed": 1, "image_size": 32, "test_images": 6}
+    assert set(table["classes"]) == set(CLASSES) and table["oracle"]["seeds"] == [2, 1]
+    assert table["oracle"]["image_size"] == 32 and table["oracle"]["test_images"] == 6
+    # The verdict is the judges' averaged probabilities; each judge alone is reported beside it.
+    test = real_samples(read_split(params, root), "test")
+    labels, images = np.array([s.label for s in test]), load_images([s.path for s in test], 32)
+    proba = [predict_proba(load_classifier(root / "models/classifier/oracle", seed, CLASSES), images) for seed in (2, 1)]
+    averaged = own_class_scores(labels, (proba[0] + proba[1]) / 2, CLASSES)
+    assert {c: e["oracle_test_recall"] for c, e in table["classes"].items()} == {
+        c: v["share_own_class"] for c, v in averaged.items()}
+    for seed, p in zip(("2", "1"), proba):
+        recall = np.mean([v["share_own_class"] for v in own_class_scores(labels, p, CLASSES).values()])
+        assert table["oracle"]["judges"][seed]["test"] == pytest.approx(recall)
+    assert set(table["oracle"]["judges"]["2"]) == {"test", "augmented", "base_only"}
     for entry in table["classes"].values():
         assert entry["test_images"] == 2 and 0 <= entry["oracle_test_recall"] <= 1
         for source in ("augmented", "base_only"):

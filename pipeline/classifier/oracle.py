@@ -1,10 +1,12 @@
 """Class fidelity: did the generator learn the class? An oracle classifier judges each class's synthetic images.
 
-The oracle is the project's EfficientNet-B0, trained by ``train_variant`` (first seed of ``classifier.seeds``,
+The oracle is the project's EfficientNet-B0, trained by ``train_variant`` (one judge per seed of ``oracle.seeds``,
 ``oracle.epochs`` of ``oracle.epoch_images`` draws) on every real train and reserve row, never a val, test or
 synthetic image. Per class and source (``augmented``: data/synthetic, ``base_only``: data/synthetic_base) the
 ``fidelity`` stage reports the share of images it assigns to their own class and its mean p(own class), beside its
 recall on the class's real test images, so a low fidelity can be told from an oracle that cannot recognise the class.
+Several judges are averaged in probability: one judge trained from scratch can swing a class's verdict on the same
+synthetic images by more than it swings on real ones, and ``judges`` in reports/fidelity.json shows how far they agree.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ SOURCES = {"augmented": SYNTHETIC_DIR, "base_only": SYNTHETIC_BASE_DIR}  # sourc
 
 
 def train_oracle(params: Params) -> dict:
-    """The `oracle` stage: models/classifier/oracle and reports/train/oracle.json; one seed (one judge is enough)."""
-    c, epochs = params.classifier, params.oracle.epochs
-    classifier = c.model_copy(update={"seeds": c.seeds[:1], "epochs": epochs, "min_epochs": min(c.min_epochs, epochs)})
+    """The `oracle` stage: models/classifier/oracle and reports/train/oracle.json, one judge per seed of oracle.seeds."""
+    c, o = params.classifier, params.oracle
+    classifier = c.model_copy(update={"seeds": o.seeds, "epochs": o.epochs, "min_epochs": min(c.min_epochs, o.epochs)})
     return train_variant(params.model_copy(update={"classifier": classifier}), ORACLE)
 
 
@@ -80,6 +82,11 @@ def fidelity_lines(table: dict) -> list[str]:
     real = f", and {recall:.0%} of real test images (its recall)" if recall is not None else ""
     lines = [f"Class fidelity: an oracle classifier trained on every real train image assigns {' and '.join(parts)} "
              f"to their own class{real}."]
+    judges = table.get("oracle", {}).get("judges", {})
+    if len(judges) > 1:
+        shares = ", ".join(f"{j['augmented']:.0%}" for j in judges.values())
+        lines.append(f"The oracle averages {len(judges)} judges (oracle.seeds); alone, they assign {shares} of the "
+                     "fine-tuned models' images to their own class.")
     return lines + [f"Warning: {w}." for w in table.get("warnings", [])]
 
 
@@ -89,18 +96,28 @@ def score_fidelity(params: Params) -> dict:
     classes = list(params.data.classes)
     folder = root / CLASSIFIER_DIR / ORACLE
     config = read_config(folder)
-    model = load_classifier(folder, int(config["seeds"][0]), classes)
-    size = int(config["image_size"])
+    seeds, size = [int(seed) for seed in config["seeds"]], int(config["image_size"])
+    judges = [load_classifier(folder, seed, classes) for seed in seeds]
 
-    def scores(samples) -> dict[str, dict]:
-        proba = predict_proba(model, load_images([s.path for s in samples], size))
-        return own_class_scores(np.array([s.label for s in samples]), proba, classes)
+    def judged(samples) -> tuple[np.ndarray, np.ndarray]:
+        """The samples' labels and every judge's probabilities, (judges, images, classes)."""
+        images = load_images([s.path for s in samples], size)
+        return np.array([s.label for s in samples]), np.stack([predict_proba(judge, images) for judge in judges])
 
     split = read_split(params, root)
     test = real_samples(split, "test")
     assert_real_heldout(test, split, "test", root / SYNTHETIC_DIR)
-    table = fidelity_table(scores(test), {s: scores(synthetic_samples(params, root, d)) for s, d in SOURCES.items()}, classes)
-    table["oracle"] = {"seed": int(config["seeds"][0]), "image_size": size, "test_images": len(test)}
+    sets = {"test": judged(test), **{s: judged(synthetic_samples(params, root, d)) for s, d in SOURCES.items()}}
+    scores = {name: own_class_scores(labels, proba.mean(axis=0), classes) for name, (labels, proba) in sets.items()}
+    table = fidelity_table(scores.pop("test"), scores, classes)
+
+    def mean_share(labels: np.ndarray, proba: np.ndarray) -> float:
+        return float(np.mean([v["share_own_class"] for v in own_class_scores(labels, proba, classes).values()]))
+
+    # Each judge alone: its mean share of each set's images in their own class (on "test", its mean recall).
+    alone = {str(seed): {name: mean_share(labels, proba[j]) for name, (labels, proba) in sets.items()}
+             for j, seed in enumerate(seeds)}
+    table["oracle"] = {"seeds": seeds, "image_size": size, "test_images": len(test), "judges": alone}
     write_json(root / FIDELITY_JSON, table)
     metrics = {"oracle_test_recall_mean": table["mean"]["oracle_test_recall"]}
     metrics.update({f"fidelity_{source}_mean": table["mean"][source]["share_own_class"] for source in SOURCES})

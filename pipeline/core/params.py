@@ -4,10 +4,11 @@ section forbids unknown keys, so a typo fails with one line naming the key inste
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from pipeline.core.errors import PipelineError
 
@@ -25,6 +26,15 @@ CLASS_NAMES: dict[str, str] = {
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _distinct(seeds: list[int]) -> list[int]:
+    if len(set(seeds)) != len(seeds):
+        raise ValueError("seeds must be distinct")
+    return seeds
+
+
+Seeds = Annotated[list[int], Field(min_length=1), AfterValidator(_distinct)]
 
 
 class SplitParams(_Section):
@@ -177,22 +187,16 @@ class ClassifierParams(_Section):
     balance: Literal["weighted_sampler", "class_weighted_loss", "none"] = "weighted_sampler"
     patience: int = Field(5, gt=0)
     min_epochs: int = Field(10, ge=0)  # early stopping waits this long: from scratch, val accuracy starts at chance
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: Seeds = Field(default_factory=lambda: [0])
     equal_steps: bool = True  # as many steps per epoch for every variant: the gain measures data, not compute
     grad_clip: float = Field(1.0, ge=0)  # max gradient norm (0: off); from scratch, Adam spikes without it
     checkpoint_minutes: float = Field(1.0, ge=0)  # 0: every epoch, 10-15 % slower on the demo set
-
-    @field_validator("seeds")
-    @classmethod
-    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
-        if len(set(seeds)) != len(seeds):
-            raise ValueError(f"seeds must be distinct, got {seeds}")
-        return seeds
 
 
 class OracleParams(_Section):
     epochs: int = Field(12, gt=0)
     epoch_images: int = Field(320, gt=0)  # images drawn (class-balanced) per epoch
+    seeds: Seeds = Field(default_factory=lambda: [0])  # one judge per seed; fidelity averages their probabilities
 
 
 class EvaluateParams(_Section):
