@@ -1,4 +1,5 @@
-"""Two processes from DVC: `dvc repro` of finetune, generate and train with ``compute.processes: 2`` on the CPU.
+"""Two processes from DVC: `dvc repro` of finetune, generate, train and the oracle (two seeds) with
+``compute.processes: 2`` on the CPU.
 
 The stage commands of dvc.yaml are unchanged; each stage script starts itself again under ``accelerate launch``
 (pipeline/core/launch.py). Checked: one set of outputs and one MLflow run per stage, generated images byte-identical to
@@ -21,7 +22,7 @@ from test_pipeline_e2e import MICRO, copy_repo, experiment_runs, merge, run
 
 REPO = Path(__file__).resolve().parents[1]
 CLASS = "df"
-STAGES = (f"finetune@{CLASS}", f"generate@{CLASS}", "train@baseline")
+STAGES = (f"finetune@{CLASS}", f"generate@{CLASS}", "train@baseline", "oracle")
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
@@ -32,7 +33,8 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 def test_two_processes_from_dvc_match_one_process(tmp_path):
     root = tmp_path / "repo"
     # Two generate batches, so each rank draws one.
-    env = copy_repo(root, merge(MICRO, {"compute": {"processes": 2}, "generate": {"batch": 2}}))
+    change = {"compute": {"processes": 2}, "generate": {"batch": 2}, "oracle": {"seeds": [0, 1]}}
+    env = copy_repo(root, merge(MICRO, change))
     # One torch thread in every process of both runs: float sums split over a different number of threads round
     # differently, and the stages otherwise pick their thread count from the cores idle at the time.
     env["OMP_NUM_THREADS"] = "1"
@@ -54,11 +56,16 @@ def test_two_processes_from_dvc_match_one_process(tmp_path):
     assert sorted(r.data.tags["stage"] for r in runs) == sorted(STAGES)
     assert all(r.info.status == "FINISHED" for r in runs)
 
-    report = json.loads((root / "reports/train/baseline.json").read_text())
-    for epoch in report["seeds"]["0"]["history"]:
-        per_process = epoch["images_seen_per_process"]
-        assert len(per_process) == 2 and all(0 < n < report["epoch_size"] for n in per_process)
-        assert sum(per_process) == report["epoch_size"]  # every drawn image once, shared between the two ranks
+    # Every drawn image once per epoch, shared between the two ranks; the oracle trains one seed after the other.
+    for variant, seeds in (("baseline", ["0"]), ("oracle", ["0", "1"])):
+        report = json.loads((root / f"reports/train/{variant}.json").read_text())
+        assert sorted(report["seeds"]) == seeds
+        for epoch in (e for seed in seeds for e in report["seeds"][seed]["history"]):
+            per_process = epoch["images_seen_per_process"]
+            assert len(per_process) == 2 and all(0 < n < report["epoch_size"] for n in per_process)
+            assert sum(per_process) == report["epoch_size"]
+    assert sorted(p.name for p in (root / "models/classifier/oracle").iterdir()) == [
+        "config.json", "seed0.safetensors", "seed1.safetensors"]
 
     # The same fine-tuned model sampled by one process: the same bytes.
     two = folder_bytes(synthetic)
