@@ -251,6 +251,30 @@ def test_train_outputs_and_stale_checkpoint_ignored(workspace, monkeypatch):
     assert train_variant(micro_params(equal_steps=False), "augmented")["epoch_size"] == 27
 
 
+def test_seeds_share_one_image_tensor_and_each_trains_on_its_own_draw(workspace, monkeypatch):
+    """Each image is loaded once for all seeds, and a seed's model is the one it gets when trained alone."""
+    loaded = []
+
+    def recording_load_images(paths, size, digests=None):
+        loaded.append(list(paths))
+        return load_images(paths, size, digests)
+
+    monkeypatch.setattr(train, "load_images", recording_load_images)
+    both = train_variant(micro_params(seeds=[0, 1]), "augmented")
+    split = read_split(micro_params(), workspace)
+    lists = [training_samples(micro_params(), "augmented", split, workspace, draw) for draw in (0, 1)]
+    assert {s.path for s in lists[0]} != {s.path for s in lists[1]}  # each seed draws its own synthetic images
+    union = {s.path.resolve() for samples in lists for s in samples}
+    assert sorted(loaded[0]) == sorted(union) and len(loaded[0]) < sum(map(len, lists))  # train: loaded once
+    together = load_file(str(workspace / "models/classifier/augmented/seed1.safetensors"))
+
+    shutil.rmtree(workspace / "models")
+    alone = train_variant(micro_params(seeds=[1]), "augmented")
+    assert alone["seeds"]["1"]["history"] == both["seeds"]["1"]["history"]
+    weights = load_file(str(workspace / "models/classifier/augmented/seed1.safetensors"))
+    assert all(torch.equal(weights[k], together[k]) for k in weights)
+
+
 def test_bad_variant_and_missing_manifest_are_one_line_errors(workspace, capsys):
     params = micro_params()
     with pytest.raises(PipelineError, match="unknown variant 'fancy'; expected one of baseline, augmented"):
