@@ -2,7 +2,7 @@
 
 A module a stage imports but does not depend on is a module whose edits `dvc repro` ignores (it keeps the stale
 outputs). The modules are found the way `python -m stages.<name>` loads them from the repository root, including
-imports made inside functions, which only run later.
+imports made inside functions, which only run later. The oracle's params, listed key by key, are checked too.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 from dvc.repo import Repo
+
+from pipeline.core.params import ClassifierParams
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,6 +81,16 @@ def test_the_check_fails_when_a_stage_loses_a_folder_dep(tmp_path):
     assert "pipeline/diffusion/finetune.py" in by_name["finetune@mel"]
     assert all(f.startswith("pipeline/diffusion/") for f in by_name["finetune@mel"])
     assert by_name["generate@mel"] == [] and by_name["train@baseline"] == []
+
+
+def test_the_oracle_depends_on_every_classifier_key_it_reads():
+    """The oracle's own seeds and epochs replace the classifier's, it never reads equal_steps, and checkpoint_minutes
+    does not change weights; any other classifier key, a new one too, must rerun it."""
+    params = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["oracle"]["params"]
+    listed = {key.removeprefix("classifier.") for key in params if key.startswith("classifier.")}
+    assert "classifier" not in params and "oracle" in params
+    assert listed == set(ClassifierParams.model_fields) - {"seeds", "epochs", "equal_steps", "checkpoint_minutes"}
+    assert listed <= set(yaml.safe_load((REPO / "params.yaml").read_text())["classifier"])  # else DVC refuses to run
 
 
 def test_static_scan_sees_at_least_what_python_really_imports():
