@@ -67,7 +67,7 @@ def finetune_loss(method: str, prior_preservation: bool = False, dtype: torch.dt
     """The stage's set-up and one step of its loop with frozen weights in ``dtype`` (compute.mixed_precision), up to
     the loss; returns (loss, the pipeline, its trained part). Without autocast: torch disables
     ``torch.autocast("cuda")`` where no CUDA device exists, so the step relies on its explicit casts alone."""
-    params = micro_params(method, {"prior_preservation": prior_preservation})
+    params = micro_params(method, {"prior_preservation": prior_preservation, "noise_offset": 0.2})
     pipe = build_tiny_pipeline(RESOLUTION)
     part = attach_method(pipe, params, "df")
     cast_frozen(pipe, part, dtype)
@@ -75,14 +75,15 @@ def finetune_loss(method: str, prior_preservation: bool = False, dtype: torch.dt
         instances = encode_images(pipe.vae, fake_images(3))
         priors = None
         if prior_preservation:
-            priors = Priors(encode_images(pipe.vae, fake_images(2)), encode_prompts(pipe, [generic_prompt(params, "df")]))
+            priors = Priors(encode_images(pipe.vae, fake_images(2)), encode_prompts(pipe, [generic_prompt(params, "df")]),
+                        params.diffusion.prior_loss_weight)
         assert all(p.device.type == "cuda" for p in part.named_trainable().values())
         prompt_ids = tokenize(pipe.tokenizer, [params.class_prompt("df")]).to(pipe.device)
         states = part.module(prompt_ids)[0] if part.trains_text else encode_prompts(pipe, [params.class_prompt("df")])
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         generator = torch.Generator().manual_seed(0)
         batch = draw_batch(instances, priors, states, BATCH, generator)
-        loss = diffusion_loss(pipe.unet, noise_scheduler, batch, generator, params.diffusion.prior_loss_weight, dtype)
+        loss = diffusion_loss(pipe.unet, noise_scheduler, batch, generator, params.diffusion.noise_offset, dtype)
         assert batch.latents.device.type == "cuda" and batch.states.device.type == "cuda"
         assert len(batch.latents) == len(batch.states) == BATCH * (2 if prior_preservation else 1)
         return loss, pipe, part

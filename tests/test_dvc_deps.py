@@ -2,7 +2,7 @@
 
 A module a stage imports but does not depend on is a module whose edits `dvc repro` ignores (it keeps the stale
 outputs). The modules are found the way `python -m stages.<name>` loads them from the repository root, including
-imports made inside functions, which only run later. The oracle's params, listed key by key, are checked too.
+imports made inside functions, which only run later. Params listed key by key are checked too.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 import yaml
 from dvc.repo import Repo
 
-from pipeline.core.params import ClassifierParams
+from pipeline.core.params import ClassifierParams, DiffusionParams
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,14 +83,21 @@ def test_the_check_fails_when_a_stage_loses_a_folder_dep(tmp_path):
     assert by_name["generate@mel"] == [] and by_name["train@baseline"] == []
 
 
-def test_the_oracle_depends_on_every_classifier_key_it_reads():
-    """The oracle's own seeds and epochs replace the classifier's, it never reads equal_steps, and checkpoint_minutes
-    does not change weights; any other classifier key, a new one too, must rerun it."""
-    params = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["oracle"]["params"]
-    listed = {key.removeprefix("classifier.") for key in params if key.startswith("classifier.")}
-    assert "classifier" not in params and "oracle" in params
-    assert listed == set(ClassifierParams.model_fields) - {"seeds", "epochs", "equal_steps", "checkpoint_minutes"}
-    assert listed <= set(yaml.safe_load((REPO / "params.yaml").read_text())["classifier"])  # else DVC refuses to run
+@pytest.mark.parametrize(("stage", "section", "fields", "unread"), [
+    # The oracle's own seeds and epochs replace the classifier's, it never reads equal_steps, and checkpoint_minutes
+    # does not change weights.
+    ("oracle", "classifier", ClassifierParams.model_fields, {"seeds", "epochs", "equal_steps", "checkpoint_minutes"}),
+    ("finetune", "diffusion", DiffusionParams.model_fields, {"control", "controlnet"}),  # the controlnet stage's
+])
+def test_a_stage_listing_keys_depends_on_every_key_it_reads(stage, section, fields, unread):
+    """A stage that lists a section's keys one by one must list every key but those it does not read, a new one too,
+    and each must be in params.yaml (DVC refuses a listed key the file lacks)."""
+    entry = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]
+    params = entry.get("do", entry)["params"]
+    listed = {key.removeprefix(f"{section}.") for key in params if key.startswith(f"{section}.")}
+    assert section not in params
+    assert listed == set(fields) - unread
+    assert listed <= set(yaml.safe_load((REPO / "params.yaml").read_text())[section])
 
 
 def test_static_scan_sees_at_least_what_python_really_imports():

@@ -165,7 +165,7 @@ def test_textual_inversion_changes_only_the_new_embedding_row(workspace):
 
 @pytest.mark.parametrize("method", ["lora", "textual_inversion", "dreambooth"])
 def test_resume_after_a_kill_reaches_the_same_weights_bitwise(workspace, method):
-    params = micro_params(method, {"steps": 5, "checkpoint_every": 2})
+    params = micro_params(method, {"steps": 5, "checkpoint_every": 2, "noise_offset": 0.2})  # its draws resume too
     folder = finetune_class(params, "df")
     uninterrupted = load_file(folder / WEIGHTS[method])
 
@@ -234,9 +234,11 @@ def test_class_not_selected_is_one_line_from_the_stage(workspace, capsys):
     assert err == ["error: finetune@mel: class 'mel' is not in data.classes (df, vasc)"]
 
 
-def test_the_loss_weights_each_sample_by_min_snr_and_adds_the_prior_rows_by_their_weight():
+@pytest.mark.parametrize("noise_offset", [0.0, 0.3])
+def test_the_loss_weights_each_sample_by_min_snr_and_adds_the_prior_rows_by_their_weight(noise_offset):
     """Hand-made: a UNet that predicts zeros against noise drawn from the same generator gives each row's MSE; the
-    loss is the Min-SNR-weighted mean of the instance rows plus prior_weight times that of the prior rows."""
+    loss is the Min-SNR-weighted mean of the instance rows plus prior_weight times that of the prior rows. A noise
+    offset adds one constant per image and channel to that noise."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
 
@@ -253,11 +255,13 @@ def test_the_loss_weights_each_sample_by_min_snr_and_adds_the_prior_rows_by_thei
             return type("Out", (), {"sample": torch.zeros_like(x)})()
 
     latents = torch.zeros(4, 4, 2, 2)
-    batch = finetune.Batch(latents, torch.zeros(4, 77, 8), priors=2)
-    loss = finetune.diffusion_loss(Zeros(), scheduler, batch, torch.Generator().manual_seed(0), prior_weight=0.5)
+    batch = finetune.Batch(latents, torch.zeros(4, 77, 8), priors=2, prior_weight=0.5)
+    loss = finetune.diffusion_loss(Zeros(), scheduler, batch, torch.Generator().manual_seed(0), noise_offset)
 
     again = torch.Generator().manual_seed(0)
     noise = torch.randn(latents.shape, generator=again)
+    if noise_offset:
+        noise += noise_offset * torch.randn(4, 4, 1, 1, generator=again)
     t = torch.randint(0, 1000, (4,), generator=again)
     per_row = noise.pow(2).mean((1, 2, 3)) * min_snr_weights(scheduler, t)
     torch.testing.assert_close(loss, per_row[:2].mean() + 0.5 * per_row[2:].mean())

@@ -146,6 +146,7 @@ class Priors:
 
     latents: LatentCache
     embeds: torch.Tensor  # [1, 77, D]
+    weight: float  # diffusion.prior_loss_weight
 
 
 @dataclass
@@ -154,7 +155,8 @@ class Batch:
 
     latents: torch.Tensor
     states: torch.Tensor
-    priors: int = 0  # the last this many rows are prior-class samples
+    priors: int = 0  # the last this many rows are prior-class samples ...
+    prior_weight: float = 1.0  # ... and their loss counts this many times
 
 
 def draw_batch(instances: LatentCache, priors: Priors | None, states: torch.Tensor, size: int, generator: torch.Generator) -> Batch:
@@ -163,15 +165,21 @@ def draw_batch(instances: LatentCache, priors: Priors | None, states: torch.Tens
     if priors is None:
         return Batch(latents, states)
     prior_states = priors.embeds.expand(size, -1, -1)
-    return Batch(torch.cat([latents, priors.latents.draw(size, generator)]), torch.cat([states, prior_states]), priors=size)
+    return Batch(torch.cat([latents, priors.latents.draw(size, generator)]), torch.cat([states, prior_states]), size,
+                 priors.weight)
 
 
-def diffusion_loss(unet, noise_scheduler, batch: Batch, generator: torch.Generator, prior_weight: float = 1.0,
+def diffusion_loss(unet, noise_scheduler, batch: Batch, generator: torch.Generator, noise_offset: float = 0.0,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Min-SNR-weighted MSE of ``unet`` (run in ``dtype``) on the batch noised at random timesteps, as in pre-training;
-    prior-class rows add ``prior_weight`` times their own loss. ``generator`` must live on the latents' device."""
+    prior-class rows add ``batch.prior_weight`` times their own loss. ``noise_offset`` adds one random constant per
+    image and latent channel to the noise (diffusers' ``--noise_offset``), so a fine-tune can move a class's overall
+    colour, which zero-mean noise barely teaches. ``generator`` must live on the latents' device."""
     latents = batch.latents
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if noise_offset:
+        shift = torch.randn((*latents.shape[:2], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
+        noise = noise + noise_offset * shift
     timesteps = torch.randint(
         0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator, device=latents.device
     )
@@ -180,7 +188,7 @@ def diffusion_loss(unet, noise_scheduler, batch: Batch, generator: torch.Generat
     target = diffusion_target(noise_scheduler, latents, noise, timesteps)
     per_sample = F.mse_loss(pred, target, reduction="none").mean((1, 2, 3)) * min_snr_weights(noise_scheduler, timesteps)
     n = len(latents) - batch.priors
-    return per_sample[:n].mean() + (prior_weight * per_sample[n:].mean() if batch.priors else 0.0)
+    return per_sample[:n].mean() + (batch.prior_weight * per_sample[n:].mean() if batch.priors else 0.0)
 
 
 def optimizer_step(accelerator, loss: torch.Tensor, trainable: list[torch.nn.Parameter], optimizer) -> None:
@@ -281,7 +289,7 @@ def finetune_class(params: Params, class_code: str) -> Path:
     if d.method == "dreambooth" and d.prior_preservation:
         generic = generic_prompt(params, class_code)
         prior_pixels = prior_images(pipe, generic, d.class_images, d.resolution, derive_seed(seed, "prior"))
-        priors = Priors(encode_images(pipe.vae, prior_pixels), encode_prompts(pipe, [generic]))
+        priors = Priors(encode_images(pipe.vae, prior_pixels), encode_prompts(pipe, [generic]), d.prior_loss_weight)
     part = attach_method(pipe, params, class_code)
     prompt_ids = tokenize(pipe.tokenizer, [prompt]).to(device)  # after attach: TI adds the token to the tokenizer
     instance_embeds = None if part.trains_text else encode_prompts(pipe, [prompt])
@@ -312,7 +320,7 @@ def finetune_class(params: Params, class_code: str) -> Path:
         states = model(prompt_ids)[0] if part.trains_text else instance_embeds  # [1, 77, D]: one prompt, whole batch
         batch = draw_batch(instances, priors, states, d.batch, generator)
         with accelerator.autocast():
-            loss = diffusion_loss(unet, noise_scheduler, batch, generator, d.prior_loss_weight, weight_dtype)
+            loss = diffusion_loss(unet, noise_scheduler, batch, generator, d.noise_offset, weight_dtype)
         optimizer_step(accelerator, loss, trainable, optimizer)
         done = step + 1
         losses.add(accelerator.reduce(loss.detach(), "mean"), done)
