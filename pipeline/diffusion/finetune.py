@@ -165,8 +165,8 @@ def draw_batch(instances: LatentCache, priors: Priors | None, states: torch.Tens
     if priors is None:
         return Batch(latents, states)
     prior_states = priors.embeds.expand(size, -1, -1)
-    return Batch(torch.cat([latents, priors.latents.draw(size, generator)]), torch.cat([states, prior_states]), size,
-                 priors.weight)
+    return Batch(torch.cat([latents, priors.latents.draw(size, generator)]), torch.cat([states, prior_states]),
+                 priors=size, prior_weight=priors.weight)
 
 
 def diffusion_loss(unet, noise_scheduler, batch: Batch, generator: torch.Generator, noise_offset: float = 0.0,
