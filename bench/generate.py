@@ -98,8 +98,8 @@ def quality_child(real: list[str], arms: dict[str, list[str]], size: int, worksp
     """
     import numpy as np
     import torch
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+    from pipeline.classifier.augment import normalize
     from pipeline.classifier.model import create_classifier
     from pipeline.quality.features import ClassifierFeatures, feature_space, load_arrays, load_baseline_classifier
     from pipeline.quality.metrics import frechet_distance
@@ -114,13 +114,10 @@ def quality_child(real: list[str], arms: dict[str, list[str]], size: int, worksp
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.reset_running_stats()
             module.momentum = None  # cumulative average over the calibration batch
-    x = real_images.float() / 255.0
-    x = (x - torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
     random_net.train()
     with torch.no_grad():
-        random_net(x)
-    extractors = {"random_init_efficientnet_b0": ClassifierFeatures(
-        [random_net.eval()], ["c"] * 5, size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)}
+        random_net(normalize(real_images))
+    extractors = {"random_init_efficientnet_b0": ClassifierFeatures([random_net.eval()], ["c"] * 5, size)}
     baseline = REPO / "models" / "classifier" / "baseline"
     if (baseline / "config.json").is_file():
         try:

@@ -24,7 +24,7 @@ def test_classifier_features_and_their_comparison_stay_on_the_models_cuda_device
     with FakeTensorMode():
         with torch.device("cuda"):  # built on cuda: Module.to cannot move fake parameters; cpu stays the default after
             models = [timm.create_model("efficientnet_b0", num_classes=len(CLASSES), pretrained=False).eval() for _ in range(2)]
-        extractor = ClassifierFeatures(models, CLASSES, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+        extractor = ClassifierFeatures(models, CLASSES, 32)
         images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, device="cuda")
         features, probs = extractor.features_and_probs(images)
         real_images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, device="cuda")

@@ -81,20 +81,16 @@ def plot_confusion(ax, matrix: np.ndarray, classes: list[str], title: str, norma
 
 def _write_confusion(root: Path, variant: str, y_true: np.ndarray, y_pred: np.ndarray, classes: list[str],
                      title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no backend to choose, no global figure to close
 
     table = pd.DataFrame({"actual": [classes[i] for i in y_true], "predicted": [classes[i] for i in y_pred]})
     with atomic_file(root / confusion_csv(variant)) as temp:
         table.to_csv(temp, index=False, lineterminator="\n")
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(classes), 1.0 + 0.7 * len(classes)))
-    plot_confusion(ax, confusion(y_true, y_pred, len(classes)), classes, title)
+    fig = Figure(figsize=(1.2 + 0.7 * len(classes), 1.0 + 0.7 * len(classes)))
+    plot_confusion(fig.subplots(), confusion(y_true, y_pred, len(classes)), classes, title)
     fig.tight_layout()
     with atomic_file(root / confusion_png(variant)) as temp:
         fig.savefig(temp, format="png", dpi=120)
-    plt.close(fig)
 
 
 def _log_variant_runs(params: Params, metrics: dict, root: Path) -> None:

@@ -14,9 +14,10 @@ import torch
 from safetensors import SafetensorError
 from tqdm import tqdm
 
-from pipeline.core.atomic import read_json
+from pipeline.classifier.augment import normalize
 from pipeline.classifier.dataset import load_images
 from pipeline.classifier.model import CONFIG_NAME, load_classifier, weights_name
+from pipeline.core.atomic import read_json
 from pipeline.core.errors import PipelineError
 from pipeline.core.paths import resolve_user_path
 
@@ -32,7 +33,7 @@ def load_baseline_classifier(model_dir: Path, device: torch.device | str = "cpu"
             why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise PipelineError(f"{model_dir / weights_name(seed)}: cannot load into {config['arch']} with "
                                 f"{len(config['classes'])} classes ({why})") from None
-    return ClassifierFeatures(models, list(config["classes"]), int(config["image_size"]), config["mean"], config["std"])
+    return ClassifierFeatures(models, list(config["classes"]), int(config["image_size"]))
 
 
 class ClassifierFeatures:
@@ -41,17 +42,14 @@ class ClassifierFeatures:
 
     name = "baseline_classifier"
 
-    def __init__(self, models: list[torch.nn.Module], classes: list[str], input_size: int, mean: Sequence[float],
-                 std: Sequence[float]):
+    def __init__(self, models: list[torch.nn.Module], classes: list[str], input_size: int):
         self.models, self.classes, self.input_size = models, classes, input_size
         self.device = next(models[0].parameters()).device
-        self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
 
     @torch.no_grad()
     def features_and_probs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(float64 features, probabilities) of uint8 (n, 3, input_size, input_size) images, on the models' device."""
-        x = (images.to(self.device).float() / 255.0 - self._mean) / self._std
+        x = normalize(images.to(self.device))  # as in training and model.predict_proba
         first, *others = self.models
         trunk = first.forward_features(x)  # the expensive part, shared by features and logits
         pooled = first.forward_head(trunk, pre_logits=True)
