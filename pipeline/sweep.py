@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from pipeline.core import launch
+from pipeline.core import launch, tracking
 from pipeline.core.atomic import atomic_file, write_json, write_text
 from pipeline.core.errors import PipelineError
 from pipeline.core.params import Params, load_params
@@ -199,7 +199,6 @@ def plot(rows: pd.DataFrame, x: str, xlabel: str, path: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    drawn: list[str] = []
 
     def line(points: pd.DataFrame, prefix: str, label: str, **style) -> None:
         points = points.dropna(subset=[f"{prefix}gain"]).sort_values(x)
@@ -208,7 +207,6 @@ def plot(rows: pd.DataFrame, x: str, xlabel: str, path: Path) -> list[str]:
         gain, low, high = (100 * points[f"{prefix}{c}"] for c in CI_COLUMNS)
         err = None if low.isna().all() else [(gain - low).fillna(0), (high - gain).fillna(0)]
         ax.errorbar(points[x], gain, yerr=err, marker="o", capsize=3, label=label, **style)
-        drawn.append(label)
 
     for method, points in rows.groupby("method"):
         line(points, "", label=method)
@@ -228,7 +226,7 @@ def plot(rows: pd.DataFrame, x: str, xlabel: str, path: Path) -> list[str]:
     with atomic_file(path) as temp:
         fig.savefig(temp, format="png", dpi=120)
     plt.close(fig)
-    return drawn
+    return ax.get_legend_handles_labels()[1]
 
 
 def _cell(value, spec: str = ".3f") -> str:
@@ -285,8 +283,6 @@ def write_outputs(frame: pd.DataFrame, params: Params, root: Path, sweep_id: str
 
 
 def _log_to_mlflow(frame: pd.DataFrame, params: Params, folder: Path, sweep_id: str, charts: list[str]) -> None:
-    from pipeline.core import tracking
-
     mlflow = tracking.configured_mlflow()
     experiment_id = tracking.ensure_experiment(params.mlflow.experiment)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"sweep {sweep_id}",

@@ -146,7 +146,7 @@ def load_images(paths: Iterable[Path], size: int, digests: dict[Path, str] | Non
         cached = folder / f"{digest}.npy"
         try:
             out[i] = torch.from_numpy(np.load(cached, allow_pickle=False))
-        except (FileNotFoundError, ValueError, OSError):
+        except (ValueError, OSError):  # not cached yet (FileNotFoundError), or unreadable
             out[i] = load_square([path], size)[0]
             with atomic_file(cached) as temp, open(temp, "wb") as handle:
                 np.save(handle, out[i].numpy(), allow_pickle=False)

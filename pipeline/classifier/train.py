@@ -295,8 +295,7 @@ def train_variant(params: Params, variant: str) -> dict:
                   for seed, train in trains.items()}
     val_data = (load_images([s.path for s in val], c.image_size, digests), np.array([s.label for s in val]))
     for train in trains.values():
-        assert_no_leakage(train, split, allow_synthetic=variant in SYNTHETIC_VARIANTS, synthetic_root=root / SYNTHETIC_DIR,
-                          digests=digests)
+        assert_no_leakage(train, split, allow_synthetic=variant in SYNTHETIC_VARIANTS, digests=digests)
     assert_real_heldout(val, split, "val", root / SYNTHETIC_DIR)
 
     train = trains[c.seeds[0]]  # every seed's list holds as many images of each class and origin

@@ -71,10 +71,9 @@ def read_json(path: str | Path, missing: str) -> dict:
         raise PipelineError(f"{path}: not valid JSON ({exc})") from None
 
 
-def clean_stale_temps(folder: str | Path, name: str = "*") -> int:
-    """Remove temporaries a killed run left behind (``.name.tmp-*`` / ``.name.old-*``); returns how many. A ``name``
-    keeps to that target's, in a folder whose other targets may be being written right now."""
+def clean_stale_temps(folder: str | Path, name: str = "*") -> None:
+    """Remove temporaries a killed run left behind (``.name.tmp-*`` / ``.name.old-*``). A ``name`` keeps to that
+    target's, in a folder whose other targets may be being written right now."""
     stale = {path for kind in ("tmp", "old") for path in Path(folder).glob(f".{name}.{kind}-*")}
     for path in stale:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-    return len(stale)

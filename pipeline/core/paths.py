@@ -19,10 +19,7 @@ def workspace_root() -> Path:
     if os.environ.get(WORKSPACE_ENV):
         return Path(os.environ[WORKSPACE_ENV]).resolve()
     here = Path.cwd().resolve()
-    for folder in (here, *here.parents):
-        if (folder / "dvc.yaml").is_file():
-            return folder
-    return here
+    return next((folder for folder in (here, *here.parents) if (folder / "dvc.yaml").is_file()), here)
 
 
 def store_root() -> Path:
@@ -61,8 +58,7 @@ def resolve_user_path(value: str, key: str) -> Path:
         return path
     root = workspace_root()
     resolved = (root / path).resolve()
-    allowed = [(root / name).resolve() for name in _ALLOWED_RELATIVE_ROOTS]
-    if not any(resolved == a or a in resolved.parents for a in allowed):
+    if not any(resolved.is_relative_to((root / name).resolve()) for name in _ALLOWED_RELATIVE_ROOTS):
         raise PipelineError(f"{key}: relative path {value!r} leaves the repository's "
                             f"{'/'.join(_ALLOWED_RELATIVE_ROOTS)} folders; give an absolute path to use a folder elsewhere")
     return resolved
