@@ -80,10 +80,9 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def check_diffusers_folder(folder: str | Path) -> int:
+def check_diffusers_folder(folder: Path) -> int:
     """Check that ``folder`` is a loadable SD pipeline with safetensors weights; returns its native resolution. From
     file names and small JSON files only: a 4 GB checkpoint is validated in milliseconds, each problem in one line."""
-    folder = Path(folder)
     if not folder.is_dir():
         raise PipelineError(f"{KEY}: folder {folder} does not exist")
     index_file = folder / "model_index.json"
@@ -123,10 +122,9 @@ def check_diffusers_folder(folder: str | Path) -> int:
     return int(unet.get("sample_size", 64)) * 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
 
 
-def folder_fingerprint(folder: str | Path) -> str:
+def folder_fingerprint(folder: Path) -> str:
     """sha256 of model_index.json, the component configs and every component file's name and size (not contents:
     hashing gigabytes on every run is too slow, and changed weights keep their size only if edited on purpose)."""
-    folder = Path(folder)
     digest = hashlib.sha256((folder / "model_index.json").read_bytes())
     for component in REQUIRED_COMPONENTS:
         for path in sorted(p for p in (folder / component).rglob("*") if p.is_file()):

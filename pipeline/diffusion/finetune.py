@@ -194,8 +194,7 @@ def diffusion_loss(unet, noise_scheduler, batch: Batch, generator: torch.Generat
 def optimizer_step(accelerator, loss: torch.Tensor, trainable: list[torch.nn.Parameter], optimizer) -> None:
     """accelerate's backward (loss-scaled under fp16), clipped gradients, the step."""
     accelerator.backward(loss)
-    if accelerator.sync_gradients:
-        accelerator.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+    accelerator.clip_grad_norm_(trainable, MAX_GRAD_NORM)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -330,7 +329,6 @@ def finetune_class(params: Params, class_code: str) -> Path:
             losses.flush()
             info = {"fingerprint": fingerprint, "recent_losses": losses.recent, "method": d.method, "class": class_code}
             save_checkpoint(ckpt_dir, resumable, done, info)
-    bar.close()
     losses.flush()
 
     accelerator.wait_for_everyone()

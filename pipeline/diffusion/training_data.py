@@ -55,7 +55,6 @@ class LatentCache:
     mean: torch.Tensor
     std: torch.Tensor
     scaling_factor: float
-    shift_factor: float
 
     def __len__(self) -> int:
         return len(self.mean)
@@ -65,7 +64,7 @@ class LatentCache:
         is drawn on the cache's device, so on a GPU ``generator`` must live there too."""
         mean, std = self.mean[index], self.std[index]
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return (mean + std * noise - self.shift_factor) * self.scaling_factor
+        return (mean + std * noise) * self.scaling_factor
 
     def draw(self, count: int, generator: torch.Generator) -> torch.Tensor:
         """``count`` latents of images chosen at random (with replacement), drawn on the cache's device."""
@@ -84,8 +83,7 @@ def encode_images(vae, images: torch.Tensor, chunk: int = 8) -> LatentCache:
             dist = vae.encode((x.flip(-1) if flip else x).to(dtype)).latent_dist
             means.append(dist.mean.float())
             stds.append(dist.std.float())
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return LatentCache(torch.cat(means), torch.cat(stds), float(vae.config.scaling_factor), float(shift))
+    return LatentCache(torch.cat(means), torch.cat(stds), float(vae.config.scaling_factor))
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
