@@ -115,7 +115,7 @@ def _metrics(share: dict, skipped: dict | None = None) -> dict:
     if not skipped:
         gains["real_ceiling"] = {"balanced_accuracy": 0.2, "ci_low": 0.1, "ci_high": 0.3}
     return {"baseline": {"balanced_accuracy": 0.5}, "augmented": {"balanced_accuracy": 0.6}, "verdict": "augmentation helped",
-            "gain_over_baseline": gains, "recovered_share": share, "skipped": skipped or {}}
+            "gain_over_baseline": gains, "recovered_share": share, "skipped": skipped or {}, "seeds": [0, 1]}
 
 
 def test_verdict_lines_say_it_in_plain_words():
@@ -125,6 +125,9 @@ def test_verdict_lines_say_it_in_plain_words():
     assert "without fine-tuning (base_only): gain -0.040 (95% CI -0.100 .. +0.010), not distinguishable from 0." in lines[1]
     assert "extra real images per class (real_ceiling): gain +0.200 (95% CI +0.100 .. +0.300), clearly above 0." in lines[2]
     assert lines[3] == "The synthetic images recover 50% of the real images' gain (95% CI 20% .. 80%)."
+    assert len(lines) == 4  # several seeds: no caveat
+    one_seed = {**_metrics({"value": 0.5, "ci_low": 0.2, "ci_high": 0.8, "defined": True, "note": None}), "seeds": [0]}
+    assert verdict_lines(one_seed)[4].startswith("One classifier seed: the intervals cover test-image sampling only")
     reason = skip_reason(micro_params(), "real_ceiling")
     lines = verdict_lines(_metrics({"value": None, "ci_low": None, "ci_high": None, "defined": False,
                                     "note": f"no real_ceiling variant: {reason}"}, skipped={"real_ceiling": reason}))

@@ -163,6 +163,9 @@ def verdict_lines(metrics: dict) -> list[str]:
                      f"(95% CI {share['ci_low']:.0%} .. {share['ci_high']:.0%}).")
     else:
         lines.append(f"Share of the real images' gain that the synthetic images recover: undefined, {share['note']}.")
+    if len(metrics["seeds"]) == 1:
+        lines.append("One classifier seed: the intervals cover test-image sampling only, not the classifier's or the "
+                     "generator's variance, which can move the verdict; several classifier.seeds redraw both.")
     return lines
 
 
