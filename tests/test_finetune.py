@@ -213,6 +213,23 @@ def test_mixed_precision_on_cpu_falls_back_to_fp32_with_a_warning(workspace, cap
     assert "warning: compute.mixed_precision=bf16 needs a GPU; training in fp32 on CPU" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("method", ["lora", "dreambooth"])
+def test_frozen_weights_are_cast_only_where_the_dtype_changes(method, monkeypatch):
+    """diffusers warns on every dtype cast of a model, a no-op one included: fp32 on a CPU casts nothing."""
+    pipe = build_tiny_pipeline(16)
+    part = finetune.attach_method(pipe, micro_params(method), "df")
+    cast = []
+    for name in ("vae", "text_encoder", "unet"):
+        module = getattr(pipe, name)
+        monkeypatch.setattr(module, "to", lambda *a, _to=module.to, _name=name, **k: cast.append(_name) or _to(*a, **k))
+    finetune.cast_frozen(pipe, part, torch.float32)
+    assert cast == []
+    finetune.cast_frozen(pipe, part, torch.float16)
+    assert cast == (["vae", "text_encoder", "unet"] if method == "lora" else ["vae", "text_encoder"])
+    assert pipe.vae.dtype == torch.float16 and pipe.unet.conv_in.weight.dtype == (
+        torch.float16 if method == "lora" else torch.float32)
+
+
 def test_missing_finetune_list_is_named(workspace):
     (workspace / "data/prepared/finetune/df.csv").unlink()
     with pytest.raises(PipelineError, match=r"data/prepared/finetune/df\.csv: fine-tuning list of class 'df' not found"):

@@ -201,10 +201,15 @@ def optimizer_step(accelerator, loss: torch.Tensor, trainable: list[torch.nn.Par
 
 def cast_frozen(pipe, part: TrainedPart, weight_dtype: torch.dtype) -> None:
     """Frozen weights in ``weight_dtype`` (half precision on a GPU); trainable ones stay fp32 for the optimizer."""
-    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
-        if module is not part.module or part.adapter:
-            module.to(dtype=weight_dtype)
+    _cast([m for m in (pipe.vae, pipe.text_encoder, pipe.unet) if m is not part.module or part.adapter], weight_dtype)
     cast_training_params(part.module, dtype=torch.float32)
+
+
+def _cast(modules: list[torch.nn.Module], dtype: torch.dtype) -> None:
+    """``module.to(dtype)`` only where it changes something: diffusers warns on every dtype cast, a no-op included."""
+    for module in modules:
+        if module.dtype != dtype:
+            module.to(dtype=dtype)
 
 
 @dataclass
@@ -335,7 +340,8 @@ def finetune_class(params: Params, class_code: str) -> Path:
     if main:
         model.eval()
         pipe.unet.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors only
-        pipe.to(dtype=torch.float32)  # one dtype for the grid (a DreamBooth UNet stayed fp32 beside fp16 encoders)
+        # One dtype for the grid: fp16 encoders beside a DreamBooth UNet that stayed fp32.
+        _cast([pipe.vae, pipe.text_encoder, pipe.unet], torch.float32)
         with atomic_dir(out_dir) as temp:
             weights = part.save(temp)
             validation_grid(pipe, params, class_code).save(temp / "samples.png")
