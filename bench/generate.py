@@ -111,7 +111,7 @@ def quality_child(real: list[str], arms: dict[str, list[str]], size: int, worksp
     # A random network's BatchNorm at init passes activations through unscaled and they vanish with depth;
     # calibrating its running statistics on the real images (no training) gives well-scaled random features.
     for module in random_net.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+        if isinstance(module, torch.nn.BatchNorm2d):  # timm's BatchNormAct2d included
             module.reset_running_stats()
             module.momentum = None  # cumulative average over the calibration batch
     random_net.train()
