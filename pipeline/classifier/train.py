@@ -14,7 +14,6 @@ process. BatchNorm statistics are per process (no SyncBatchNorm): N processes ma
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -276,7 +275,7 @@ def train_variant(params: Params, variant: str) -> dict:
         report = {"variant": variant, "skipped": reason}
         if PartialState().is_main_process:
             with atomic_dir(root / CLASSIFIER_DIR / variant) as temp:
-                (temp / CONFIG_NAME).write_text(json.dumps({**report, "classes": classes}, indent=2) + "\n")
+                write_json(temp / CONFIG_NAME, {**report, "classes": classes})
             write_json(root / REPORTS_DIR / "train" / f"{variant}.json", report)
             print(f"train@{variant}: skipped ({reason})")
         return report
@@ -354,7 +353,7 @@ def train_variant(params: Params, variant: str) -> dict:
         with atomic_dir(target) as temp:
             for seed, state in best_states.items():
                 save_file(state, str(temp / weights_name(seed)))
-            (temp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+            write_json(temp / CONFIG_NAME, config)
         write_json(root / REPORTS_DIR / "train" / f"{variant}.json", report)
         shutil.rmtree(checkpoints, ignore_errors=True)  # the finished models replace the resumable state
     tracking.log_metrics({"best_val_balanced_accuracy": report["best_val_balanced_accuracy"],
