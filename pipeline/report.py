@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure  # not pyplot: no backend to choose, no global figure to close
 import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix
@@ -26,8 +25,6 @@ from pipeline.core.params import CLASS_NAMES, Params
 from pipeline.core.paths import REPORTS_DIR, workspace_root
 from pipeline.quality.screen import QUALITY_JSON
 
-matplotlib.use("Agg")  # figures are files; no display
-
 SUMMARY_MD = REPORTS_DIR / "summary.md"
 FIGURES_DIR = REPORTS_DIR / "figures"
 HEADLINE_JSON = REPORTS_DIR / "headline.json"
@@ -40,7 +37,6 @@ def _save(fig, path: Path) -> None:
     fig.tight_layout()
     with atomic_file(path) as temp:
         fig.savefig(temp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
 
 
 def samples_figure(params: Params, split: pd.DataFrame, synthetic: dict[str, list[Path]], path: Path) -> None:
@@ -48,7 +44,8 @@ def samples_figure(params: Params, split: pd.DataFrame, synthetic: dict[str, lis
     classes = list(params.data.classes)
     rng = np.random.default_rng(params.seed)
     cols = 2 * SAMPLES_PER_SIDE
-    fig, axes = plt.subplots(len(classes), cols, figsize=(cols * 1.1, len(classes) * 1.15 + 0.4), squeeze=False)
+    fig = Figure(figsize=(cols * 1.1, len(classes) * 1.15 + 0.4))
+    axes = fig.subplots(len(classes), cols, squeeze=False)
     for row, class_code in enumerate(classes):
         real = split.loc[(split["dx"] == class_code) & (split["split"] == "train"), "abs_path"].tolist()
         for side, files in enumerate((real, synthetic[class_code])):
@@ -69,7 +66,8 @@ def samples_figure(params: Params, split: pd.DataFrame, synthetic: dict[str, lis
 
 def confusion_figure(classes: list[str], root: Path, metrics: dict, path: Path) -> None:
     """Row-normalised confusion matrices of both variants side by side (the evaluate stage's CSVs)."""
-    fig, axes = plt.subplots(1, 2, figsize=(2.6 + 1.4 * len(classes), 1.2 + 0.75 * len(classes)))
+    fig = Figure(figsize=(2.6 + 1.4 * len(classes), 1.2 + 0.75 * len(classes)))
+    axes = fig.subplots(1, 2)
     for ax, variant in zip(axes, VARIANTS):
         table = pd.read_csv(root / confusion_csv(variant), dtype=str, keep_default_na=False)
         matrix = confusion_matrix(table["actual"], table["predicted"], labels=classes)
@@ -90,7 +88,8 @@ def gain_figure(rows: list[dict], path: Path) -> None:
     shown = [r["class"] for r in rows]
     gains = np.array([r["gain"] for r in rows])
     errors = np.array([[r["gain"] - r["ci_low"] for r in rows], [r["ci_high"] - r["gain"] for r in rows]]).clip(min=0)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * max(len(shown), 1), 3.2))
+    fig = Figure(figsize=(1.2 + 0.9 * max(len(shown), 1), 3.2))
+    ax = fig.subplots()
     ax.bar(shown, gains, color=["#2e7d32" if g > 0 else "#c62828" for g in gains], yerr=errors if len(shown) else None,
            capsize=4)
     ax.axhline(0, color="black", linewidth=0.8)
@@ -101,7 +100,8 @@ def gain_figure(rows: list[dict], path: Path) -> None:
 
 def curves_figure(root: Path, path: Path) -> None:
     """Validation balanced accuracy per epoch for each variant and seed (from reports/train/*.json)."""
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig = Figure(figsize=(5, 3))
+    ax = fig.subplots()
     for variant, style in zip(VARIANTS, ("-", "--")):  # never skipped: both always have a history
         train = read_json(root / REPORTS_DIR / "train" / f"{variant}.json", "not found; run `dvc repro train`")
         for seed, result in train["seeds"].items():

@@ -193,12 +193,10 @@ def axis_rows(frame: pd.DataFrame, axis: str, params: Params) -> pd.DataFrame:
 def plot(rows: pd.DataFrame, x: str, xlabel: str, path: Path) -> list[str]:
     """Gain against ``x``: a line per method (augmented), one per control present in ``rows`` (the mean over
     methods: a control does not depend on the method), 95% CI bars where known. Returns the lines' labels."""
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: no backend to choose, no global figure to close
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.subplots()
 
     def line(points: pd.DataFrame, prefix: str, label: str, **style) -> None:
         points = points.dropna(subset=[f"{prefix}gain"]).sort_values(x)
@@ -225,7 +223,6 @@ def plot(rows: pd.DataFrame, x: str, xlabel: str, path: Path) -> list[str]:
     fig.tight_layout()
     with atomic_file(path) as temp:
         fig.savefig(temp, format="png", dpi=120)
-    plt.close(fig)
     return ax.get_legend_handles_labels()[1]
 
 
