@@ -293,6 +293,5 @@ def report(params: Params) -> Path:
         tracking.log_artifact(figure, artifact_path="figures")
     tracking.log_artifact(root / SUMMARY_MD)
     tracking.log_headline(params, values, {"verdict": metrics["verdict"]})
-    tracking.finish_parent(params)
     print(f"report: {root / SUMMARY_MD} ({metrics['verdict']})")
     return root / SUMMARY_MD

@@ -7,6 +7,7 @@ import mlflow
 import pytest
 
 from pipeline.core import tracking
+from pipeline.core.digest import json_digest
 from pipeline.core.params import parse_params
 from pipeline.core.paths import store_root, workspace_root
 
@@ -51,7 +52,7 @@ def test_stage_runs_share_one_parent_and_carry_execution_tags(monkeypatch):
     parent = a.data.tags["mlflow.parentRunId"]
     assert parent == b.data.tags["mlflow.parentRunId"]
     assert a.data.tags["dvc_exp_name"] == "exp-test" and a.data.tags["stage"] == "prepare"
-    assert a.data.tags["params_hash"] == tracking.params_hash(params)
+    assert a.data.tags["params_hash"] == json_digest(params.model_dump(mode="json"))
     assert a.data.metrics["images"] == 12
     parent_run = client.get_run(parent)
     assert parent_run.data.params["data.classes"] == '["akiec", "bcc", "df", "mel", "vasc"]'

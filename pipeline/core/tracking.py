@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,10 +18,6 @@ from pipeline.core.paths import store_root, workspace_root
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root() / 'mlflow.db'}"
-
-
-def params_hash(params) -> str:
-    return json_digest(params.model_dump(mode="json") if hasattr(params, "model_dump") else params)
 
 
 def flatten(mapping: Mapping, prefix: str = "") -> dict[str, str]:
@@ -75,7 +70,7 @@ def execution_tags(params) -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     return {"git_commit": commit, "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
-            "params_hash": params_hash(params)}
+            "params_hash": json_digest(params.model_dump(mode="json"))}
 
 
 def parent_run_id(params) -> str:
@@ -115,20 +110,11 @@ def stage_run(stage: str, params, tags: Mapping[str, str] | None = None) -> Iter
 
 
 def log_headline(params, metrics: Mapping[str, float], tags: Mapping[str, str]) -> None:
-    """The headline onto the parent run: the row MLflow's runs table shows collapsed, so experiments compare there."""
-    from mlflow.entities import Metric, RunTag
-
-    now = int(time.time() * 1000)
-    configured_mlflow().MlflowClient().log_batch(
-        parent_run_id(params),
-        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-        tags=[RunTag(k, str(v)) for k, v in tags.items()],
-    )
-
-
-def finish_parent(params) -> None:
-    """Mark this execution's parent run FINISHED (the last stage calls this)."""
-    configured_mlflow().MlflowClient().set_terminated(parent_run_id(params), status="FINISHED")
+    """The headline onto the parent run, which it then marks FINISHED (the last stage calls this): the row MLflow's
+    runs table shows collapsed, so experiments compare there."""
+    mlflow = configured_mlflow()
+    with mlflow.start_run(run_id=parent_run_id(params), nested=True, tags=dict(tags)):  # resumed; FINISHED on exit
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:

@@ -23,7 +23,7 @@ from pipeline.data.images import load_square
 from pipeline.core.device import DTYPES, make_accelerator
 from pipeline.diffusion.generate import META_FILE
 from pipeline.diffusion.training_data import encode_images, encode_prompts
-from pipeline.core.digest import derive_seed, sha256_file
+from pipeline.core.digest import derive_seed, json_digest, sha256_file
 from pipeline.core.errors import PipelineError
 from pipeline.core.params import ControlNetParams, Params
 from pipeline.core.paths import BASE_MODEL_DIR, CHECKPOINT_DIR, CONTROLNET_DIR, SPLIT_CSV, workspace_root
@@ -135,7 +135,7 @@ def train_controlnet(params: Params):
     pipe = load_base_pipeline(root / BASE_MODEL_DIR).to(device)
     pipe.unet.requires_grad_(False)  # the VAE and text encoder run once, under no_grad
     base_sha = finetune.base_sha256(root / BASE_MODEL_DIR)
-    fingerprint = tracking.params_hash({
+    fingerprint = json_digest({
         "seed": params.seed, "classes": classes, "resolution": d.resolution, "prompt": d.prompt,
         "tokens": [params.instance_token(c) for c in classes], "controlnet": cfg.model_dump(mode="json"),
         "pairs": [sha256_file(p) + sha256_file(m) for p, m in zip(rows["path"], rows["mask_path"])],

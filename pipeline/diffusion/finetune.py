@@ -40,7 +40,7 @@ from pipeline.diffusion.generate import (
 from pipeline.diffusion.pretrain import diffusion_target, min_snr_weights
 from pipeline.diffusion.training_data import LatentCache, encode_images, encode_prompts, read_finetune_csv, tokenize
 from pipeline.core.device import DTYPES, make_accelerator
-from pipeline.core.digest import derive_seed, sha256_file
+from pipeline.core.digest import derive_seed, json_digest, sha256_file
 from pipeline.core.errors import PipelineError
 from pipeline.optim import adamw
 from pipeline.core.params import CLASS_NAMES, Params
@@ -279,7 +279,7 @@ def finetune_class(params: Params, class_code: str) -> Path:
     base_sha = base_sha256(base_dir)
     # What a checkpoint must match to be resumed: everything that changes the numbers, nothing that doesn't.
     diffusion = d.model_dump(mode="json", exclude={"resume", "checkpoint_every", "pretrain", "control", "controlnet"})
-    fingerprint = tracking.params_hash({
+    fingerprint = json_digest({
         "seed": params.seed, "class": class_code, "diffusion": diffusion,
         "images": [sha256_file(p) for p in image_paths], "base": base_sha, "processes": accelerator.num_processes,
     })
