@@ -114,25 +114,6 @@ def test_a_launched_stage_reports_a_ranks_error_in_one_line(tmp_path, what, code
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("files, cores", [
-    ({"cpu.max": "max 100000"}, None), ({"cpu.max": "150000 100000"}, 1.5), ({"cpu.max": "50000 100000"}, 0.5),
-    ({"cpu.max": ""}, None), ({}, None),
-    ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.0),  # cgroup v1
-    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
-])
-def test_the_cgroup_quota_caps_the_threads(tmp_path, monkeypatch, files, cores):
-    """A container that sees every host core but may use few must not start a thread per visible core."""
-    from pipeline.core import launch
-
-    for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
-    assert launch.cgroup_cpu_limit(tmp_path) == cores
-    monkeypatch.setattr(launch, "cgroup_cpu_limit", lambda: cores)
-    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    assert launch.usable_cores() == (4 if cores is None else max(1, round(cores)))
-
-
 def test_the_thread_count_does_not_follow_the_load_at_the_start(monkeypatch):
     """The same machine gives a stage the same threads, busy or not, so the same seed gives the same numbers."""
     import threading
@@ -140,7 +121,7 @@ def test_the_thread_count_does_not_follow_the_load_at_the_start(monkeypatch):
     from pipeline.core import launch
 
     monkeypatch.delenv(launch.THREADS_ENV, raising=False)
-    monkeypatch.setattr(launch, "cgroup_cpu_limit", lambda: None)
+    monkeypatch.setenv("LOKY_MAX_CPU_COUNT", "2")
     monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     idle = [launch.threads_per_process(1), launch.threads_per_process(2), launch.threads_per_process(3)]
     stop = threading.Event()

@@ -157,7 +157,7 @@ def test_experiments_side_by_side_share_the_cores_as_torch_threads(monkeypatch):
     from pipeline.core import launch
 
     monkeypatch.delenv(launch.THREADS_ENV, raising=False)
-    monkeypatch.setattr(launch, "usable_cores", lambda: 4)
+    monkeypatch.setattr("joblib.cpu_count", lambda: 4)
     assert launch.THREADS_ENV not in sweep._env(1)
     assert sweep._env(2)[launch.THREADS_ENV] == "2"
     assert sweep._env(8)[launch.THREADS_ENV] == "1"

@@ -10,39 +10,20 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import sys
-from pathlib import Path
 
 from pipeline.core.params import ComputeParams
 
 THREADS_ENV = "OMP_NUM_THREADS"  # a thread count someone chose: torch reads it at start, the stage leaves it be
 
 
-def cgroup_cpu_limit(cgroup: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """The container's CPU quota in cores (cgroup v2 or v1), or None without one: a container may see every core of
-    its host but be allowed only a few, and threads beyond the quota only wait."""
-    try:
-        if (cgroup / "cpu.max").is_file():
-            quota, period = (cgroup / "cpu.max").read_text().split()[:2]
-        else:
-            quota, period = ((cgroup / "cpu" / f"cpu.cfs_{n}_us").read_text().strip() for n in ("quota", "period"))
-        return None if quota in ("max", "-1") else int(quota) / int(period)
-    except (OSError, ValueError):
-        return None
-
-
-def usable_cores() -> int:
-    """Cores this process may run on: its CPU affinity, capped by the container's CPU quota. Not the cores idle at
-    the start: the thread count, and with it the floating-point sums, would then follow whatever else ran then."""
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    limit = cgroup_cpu_limit()
-    return max(1, allowed if limit is None else min(allowed, round(limit)))
-
-
 def threads_per_process(processes: int) -> int:
-    """Torch threads for each of ``processes`` processes: the usable cores shared out, at least one each."""
-    return max(1, usable_cores() // processes)
+    """Torch threads for each of ``processes`` processes: the usable cores shared out, at least one each. Usable: the
+    CPU affinity capped by a container's CPU quota (joblib's count; threads beyond the quota only wait), not the cores
+    idle at the start, which would make the thread count, and with it the floating-point sums, follow the load."""
+    import joblib
+
+    return max(1, joblib.cpu_count() // processes)
 
 
 def relaunch(module: str, args: list[str], compute: ComputeParams, name: str) -> int:
@@ -59,13 +40,10 @@ def relaunch(module: str, args: list[str], compute: ComputeParams, name: str) ->
     if THREADS_ENV not in os.environ:
         env[THREADS_ENV] = str(threads_per_process(compute.processes))
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # it repeats a failed rank's report
-    with socket.socket() as sock:  # a free port for the ranks to meet on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     parsed = launch_command_parser().parse_args([
         "--multi_gpu", "--num_processes", str(compute.processes), "--num_machines", "1",
         "--mixed_precision", compute.mixed_precision if cuda else "no", "--dynamo_backend", "no",
-        "--main_process_port", str(port), "-m", module, *args,
+        "--main_process_port", "0", "-m", module, *args,  # port 0: accelerate picks a free one for the ranks
     ])
     with patch_environment(**env):
         try:
