@@ -12,6 +12,7 @@ from classifier_workspace import CLASSES, make_workspace, micro_params, write_pa
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
+    confusion_matrix,
     f1_score,
     precision_score,
     recall_score,
@@ -26,7 +27,6 @@ from pipeline.classifier.metrics import (
     VERDICT_UNSURE,
     ci95,
     classification_metrics,
-    confusion,
     mean_std,
     metric_arrays,
     paired_draws,
@@ -56,7 +56,7 @@ NAMES = ["a", "b", "c"]
 
 
 def test_metrics_on_hand_made_predictions():
-    assert confusion(Y_TRUE, Y_PRED, 3).tolist() == [[3, 1, 0], [1, 2, 0], [1, 0, 2]]
+    assert confusion_matrix(Y_TRUE, Y_PRED, labels=range(3)).tolist() == [[3, 1, 0], [1, 2, 0], [1, 0, 2]]
     proba = _onehot(Y_PRED)
     m = classification_metrics(Y_TRUE, proba, NAMES)
     recall = {"a": 3 / 4, "b": 2 / 3, "c": 2 / 3}
@@ -85,7 +85,7 @@ def test_class_absent_from_test_is_handled():
     assert "recall_d" not in m and "precision_d" not in m
     assert m["balanced_accuracy"] == pytest.approx((2 / 4 + 2 / 3 + 2 / 3) / 3)
     assert np.isfinite(list(m.values())).all()
-    assert confusion(Y_TRUE, proba.argmax(1), 4)[0].tolist() == [2, 1, 0, 1]
+    assert confusion_matrix(Y_TRUE, proba.argmax(1), labels=range(4))[0].tolist() == [2, 1, 0, 1]
 
 
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")

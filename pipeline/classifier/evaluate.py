@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import confusion_matrix
 
 from pipeline.core import tracking
 from pipeline.core.atomic import atomic_file, write_json
@@ -35,7 +36,6 @@ from pipeline.classifier.metrics import (
     VERDICT_UNSURE,
     ci95,
     classification_metrics,
-    confusion,
     gains_over_baseline,
     mean_std,
     paired_draws,
@@ -87,7 +87,7 @@ def _write_confusion(root: Path, variant: str, y_true: np.ndarray, y_pred: np.nd
     with atomic_file(root / confusion_csv(variant)) as temp:
         table.to_csv(temp, index=False, lineterminator="\n")
     fig = Figure(figsize=(1.2 + 0.7 * len(classes), 1.0 + 0.7 * len(classes)))
-    plot_confusion(fig.subplots(), confusion(y_true, y_pred, len(classes)), classes, title)
+    plot_confusion(fig.subplots(), confusion_matrix(y_true, y_pred, labels=range(len(classes))), classes, title)
     fig.tight_layout()
     with atomic_file(root / confusion_png(variant)) as temp:
         fig.savefig(temp, format="png", dpi=120)

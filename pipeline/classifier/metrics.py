@@ -18,7 +18,6 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy.stats import rankdata
-from sklearn.metrics import confusion_matrix
 
 HEADLINE = ("balanced_accuracy", "macro_recall", "macro_f1", "auroc_macro", "accuracy")
 VERDICT_HELPED = "augmentation helped"
@@ -57,11 +56,6 @@ def metric_arrays(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str])
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str]) -> dict[str, float]:
     """Flat metrics of one model on one test set: headline numbers plus ``recall_<class>`` / ``precision_<class>``."""
     return {k: float(v) for k, v in metric_arrays(y_true, proba, classes).items() if not np.isnan(v)}
-
-
-def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """Rows: actual class, columns: predicted class, over all configured classes."""
-    return confusion_matrix(y_true, y_pred, labels=list(range(num_classes)))
 
 
 def mean_std(per_seed: Sequence[dict[str, float]]) -> dict[str, float]:

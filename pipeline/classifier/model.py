@@ -62,12 +62,6 @@ def load_classifier(folder: Path, seed: int, classes: list[str] | None = None) -
     return model.eval()
 
 
-def inverse_frequency_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Loss weight per class, ∝ 1 / its count and 1 on average over images (classifier.balance: class_weighted_loss)."""
-    counts = (labels[:, None] == torch.arange(num_classes, device=labels.device)).sum(0).double()
-    return (counts.sum() / (num_classes * counts)).float()
-
-
 def classifier_loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                     class_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of the model on augmented uint8 ``images`` (N, 3, H, W); logits in fp32 under mixed precision."""

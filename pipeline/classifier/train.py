@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import save_file
+from sklearn.utils.class_weight import compute_class_weight
 from torch.utils.data import RandomSampler, WeightedRandomSampler
 from tqdm.auto import tqdm
 
@@ -45,7 +46,6 @@ from pipeline.classifier.model import (
     CONFIG_NAME,
     classifier_loss,
     create_classifier,
-    inverse_frequency_weights,
     predict_proba,
     weights_name,
 )
@@ -183,17 +183,16 @@ def fit_seed(params: Params, variant: str, job: SeedJob, accelerator) -> tuple[d
         model.load_state_dict(found.group("model"))
         found.restore_optimizer(optimizer)
         scheduler.load_state_dict(meta["scheduler"])
-        best = found.group("best") or None
-        if best is None and meta["best_epoch"] == meta["epoch"] > 0:  # the best epoch was the last one saved
-            best = {k: v.clone() for k, v in found.group("model").items()}
+        best = found.group("best") or found.group("model")  # no "best" group: the last epoch saved was the best
         resumed_from = meta["epoch"]
         accelerator.print(f"{label}: resuming after epoch {resumed_from} from {checkpoint_dir}")
 
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler steps once per optimizer step as built
-    train_labels = torch.as_tensor(train_labels)
     loss_weight = None
-    if c.balance == "class_weighted_loss":
-        loss_weight = inverse_frequency_weights(train_labels.to(device), len(classes))
+    if c.balance == "class_weighted_loss":  # ∝ 1 / class count, 1 on average over images
+        weight = compute_class_weight("balanced", classes=np.arange(len(classes)), y=train_labels)
+        loss_weight = torch.as_tensor(weight, dtype=torch.float32, device=device)
+    train_labels = torch.as_tensor(train_labels)
 
     last_checkpoint = time.monotonic()
     for epoch in range(meta["epoch"], c.epochs):
