@@ -42,7 +42,7 @@ def test_reads_ham_release_layout(ham):
     table, report = read_source(ham)
     expected = ham_table(lesions_per_class=2)
     assert list(table.columns[:4]) == ["image_id", "lesion_id", "dx", "path"]
-    assert {"dx_type", "age", "sex", "localization"} <= set(table.columns)
+    assert list(table.columns) == ["image_id", "lesion_id", "dx", "path", "mask_path"]
     assert sorted(table["image_id"]) == sorted(expected["image_id"])
     assert all(Path(p).is_absolute() and Path(p).is_file() for p in table["path"])
     parts = {Path(p).parent.name for p in table["path"]}

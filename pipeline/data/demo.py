@@ -332,22 +332,15 @@ def write_demo(target: str | Path, seed: int, images: int, size: int, min_per_cl
     return table
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
 def write_grid(folder: Path, table: pd.DataFrame, target: Path) -> None:
     """A labelled grid, one row per class, of the first images of distinct lesions: a glance at what was drawn."""
     per_class, cell, label_width, pad = 6, 96, 190, 4
     classes = [c for c in CLASS_NAMES if c in set(table["dx"])]
     grid = Image.new("RGB", (label_width + per_class * (cell + pad), len(classes) * (cell + pad) + pad), "white")
-    draw, font = ImageDraw.Draw(grid), _font(15)
+    draw, font = ImageDraw.Draw(grid), ImageFont.load_default(size=15)
     for r, dx in enumerate(classes):
         y = pad + r * (cell + pad)
-        draw.text((8, y + cell // 2 - 18), dx, fill="black", font=_font(20))
+        draw.text((8, y + cell // 2 - 18), dx, fill="black", font=ImageFont.load_default(size=20))
         draw.text((8, y + cell // 2 + 6), CLASS_NAMES[dx], fill=(70, 70, 70), font=font)
         firsts = table[(table["dx"] == dx) & (table["view"] == 0)].sort_values("image_id").head(per_class)
         for c, image_id in enumerate(firsts["image_id"]):
@@ -371,7 +364,7 @@ def make_demo(params: Params) -> dict:
         # The grid stays an output (DVC requires it) when a real data folder replaces the demo.
         placeholder = Image.new("RGB", (520, 60), "white")
         text = f"real data source: {params.data.source} (no demo images drawn)"
-        ImageDraw.Draw(placeholder).text((10, 20), text, fill="black", font=_font(14))
+        ImageDraw.Draw(placeholder).text((10, 20), text, fill="black", font=ImageFont.load_default(size=14))
         with atomic_file(grid) as temp:
             placeholder.save(temp, "PNG")
         return {"skipped": True}

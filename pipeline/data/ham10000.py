@@ -19,7 +19,6 @@ HAM_METADATA = "HAM10000_metadata.csv"
 ISIC_GROUND_TRUTH = "ISIC2018_Task3_Training_GroundTruth.csv"
 ISIC_GROUPINGS = "ISIC2018_Task3_Training_LesionGroupings.csv"
 HAM_REQUIRED = ("lesion_id", "image_id", "dx")
-HAM_OPTIONAL = ("dx_type", "age", "sex", "localization")
 ISIC_CLASSES = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 COLUMNS = ["image_id", "lesion_id", "dx", "path", "mask_path"]
@@ -89,8 +88,7 @@ def _read_ham(path: Path) -> pd.DataFrame:
             f"expected one of {', '.join(CLASS_NAMES)}"
         )
     _no_duplicates(path, frame, "image_id")
-    extra = [c for c in HAM_OPTIONAL if c in frame.columns]
-    return frame[["image_id", "lesion_id", "dx", *extra]].copy()
+    return frame[["image_id", "lesion_id", "dx"]].copy()
 
 
 def _read_isic(path: Path, groupings: Path | None, report: SourceReport) -> pd.DataFrame:
@@ -165,7 +163,7 @@ def _drop_bad(table: pd.DataFrame, check, report: SourceReport, on_bad_image: st
 
 def read_source(folder: str | Path, on_bad_image: str = "error") -> tuple[pd.DataFrame, SourceReport]:
     """Validate ``folder`` and return (table, report): image_id, lesion_id, dx, path, mask_path (empty without the
-    segmentation release) + HAM extras. Every image is decoded (JPEGs at reduced scale) to catch broken files up front;
+    segmentation release). Every image is decoded (JPEGs at reduced scale) to catch broken files up front;
     on_bad_image "error" stops at the first missing/broken image or mask, "skip" drops and records them."""
     folder = Path(folder)
     if not folder.exists():
@@ -213,5 +211,4 @@ def read_source(folder: str | Path, on_bad_image: str = "error") -> tuple[pd.Dat
         table = _drop_bad(table, attach_mask, report, on_bad_image, "checking masks", "mask")
     if table.empty:
         raise PipelineError(f"{report.metadata}: no usable images left after skipping {len(report.skipped)} bad one(s)")
-    extras = [c for c in table.columns if c not in COLUMNS]
-    return table[COLUMNS + extras].reset_index(drop=True), report
+    return table[COLUMNS].reset_index(drop=True), report
