@@ -46,14 +46,14 @@ def _generate_point(resolution: int, images: int, steps: int) -> dict:
 def scaling_child(workdir: str, rows: list[dict], steps: int, gen_steps: int, resolutions: list[int],
                   finetune_images: list[int], generated: list[int]) -> dict:
     """Every point in one process (imports once); each point runs in its own workspace folder."""
-    from pipeline.diffusion.tiny import build_tiny_pipeline, save_pipeline
+    from pipeline.diffusion.tiny import build_tiny_pipeline
 
     points = {"resolution": [], "finetune_images": [], "generated": []}
     top = max(resolutions)
     for res in resolutions:
         base = Path(workdir) / f"scaling-base-{res}"
         if not (base / "model_index.json").is_file():
-            save_pipeline(build_tiny_pipeline(res, seed=0), base)
+            build_tiny_pipeline(res, seed=0).save_pretrained(base, safe_serialization=True)
         root = ws.diffusion_workspace(Path(workdir) / f"ws-scaling-{res}", base, rows)
         enter_workspace(root)
         ft = _finetune_point(root, rows, res, steps)

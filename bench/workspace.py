@@ -118,9 +118,9 @@ def tiny_base(settings: Settings, resolution: int) -> Path:
 
 
 def tiny_base_child(folder: str, resolution: int) -> dict:
-    from pipeline.diffusion.tiny import build_tiny_pipeline, save_pipeline
+    from pipeline.diffusion.tiny import build_tiny_pipeline
 
-    save_pipeline(build_tiny_pipeline(resolution, seed=0), folder)
+    build_tiny_pipeline(resolution, seed=0).save_pretrained(folder, safe_serialization=True)
     return {}
 
 

@@ -1,6 +1,6 @@
 """A throw-away workspace for the finetune/generate tests: a tiny random SD base, fine-tune lists with real PNGs.
 
-The base is built once per session (``build_tiny_pipeline(32)`` + ``save_pipeline``: exactly the
+The base is built once per session (``build_tiny_pipeline(32)`` + ``save_pretrained``: exactly the
 embedded format the base stage writes) and linked into every workspace.
 """
 
@@ -22,9 +22,9 @@ _COLOURS = {"df": (150, 105, 75), "vasc": (160, 40, 60)}
 
 
 def build_base(folder: Path) -> Path:
-    from pipeline.diffusion.tiny import build_tiny_pipeline, save_pipeline
+    from pipeline.diffusion.tiny import build_tiny_pipeline
 
-    save_pipeline(build_tiny_pipeline(32, seed=0), folder)
+    build_tiny_pipeline(32, seed=0).save_pretrained(folder, safe_serialization=True)
     return folder
 
 

@@ -220,7 +220,7 @@ def prepare_base(params: Params) -> None:
 def _prepare_embedded(params: Params, target: Path) -> None:
     from pipeline.data.images import load_square
     from pipeline.diffusion.pretrain import class_balanced, pretrain, reconstruction_grid, sample_grid, train_images
-    from pipeline.diffusion.tiny import build_tiny_pipeline, save_pipeline
+    from pipeline.diffusion.tiny import build_tiny_pipeline
 
     resolution, cfg = params.diffusion.resolution, params.diffusion.pretrain
     if resolution % 16:
@@ -235,7 +235,7 @@ def _prepare_embedded(params: Params, target: Path) -> None:
     recon = reconstruction_grid(pipe.vae, images[:8])
     summary.update(resolution=resolution, seed=params.seed, pretrain=cfg.model_dump())
     with atomic_dir(target) as temp:
-        save_pipeline(pipe, temp)
+        pipe.save_pretrained(temp, safe_serialization=True)
         samples.save(temp / SAMPLES_FILE)
         recon.save(temp / "reconstructions.png")
         write_json(temp / PRETRAIN_REPORT, summary)

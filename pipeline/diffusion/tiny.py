@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -93,7 +91,3 @@ def build_tiny_pipeline(resolution: int = 32, seed: int = 0) -> StableDiffusionP
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-
-
-def save_pipeline(pipe: StableDiffusionPipeline, folder: str | Path) -> None:
-    pipe.save_pretrained(str(folder), safe_serialization=True)
