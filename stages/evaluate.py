@@ -1,4 +1,4 @@
-"""evaluate: both classifiers on the real test split; metrics, paired bootstrap gain and verdict."""
+"""evaluate: every classifier variant on the real test split; metrics, paired bootstrap gain and verdict."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""finetune@<class>: teach the base model one class under its instance token (LoRA / DreamBooth / textual inversion)."""
+"""finetune@<class>: teach the base model one class under its instance token (diffusion.method: LoRA, DreamBooth,
+textual inversion or hypernetwork)."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""train@<variant>: EfficientNet-B0 on real train images (baseline) or real + synthetic (augmented)."""
+"""train@<variant>: EfficientNet-B0 on real train images (baseline), plus synthetic ones (augmented), base-model ones
+(base_only) or reserve real ones (real_ceiling)."""
 
 import sys
 
