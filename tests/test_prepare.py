@@ -163,6 +163,17 @@ def test_cap_rounds_down_when_no_lesion_fits():
     assert cap_train(split, ["mel"], 5, seed=0).equals(capped)  # deterministic
 
 
+def test_cap_moves_a_lesion_of_two_diagnoses_whole():
+    """Lesion L has 1 mel and 3 nv images: capped at 2 it never fits nv, so it must leave mel's train images too."""
+    rows = [("L", "mel"), ("L", "nv"), ("L", "nv"), ("L", "nv"), ("M1", "mel"), ("N1", "nv"), ("N2", "nv")]
+    split = pd.DataFrame({"image_id": [f"ISIC_{i:07d}" for i in range(len(rows))], "lesion_id": [r[0] for r in rows],
+                          "dx": [r[1] for r in rows], "split": "train"})
+    capped = cap_train(split, ["mel", "nv"], 2, seed=0)
+    assert set(capped.loc[capped["lesion_id"] == "L", "split"]) == {"reserve"}
+    assert set(capped.loc[capped["lesion_id"] != "L", "split"]) == {"train"}  # mel rounds down to 1, nv keeps 2
+    check_no_leakage(capped, {})
+
+
 def test_cap_above_a_class_train_split_is_a_one_line_error(workspace):
     with pytest.raises(PipelineError) as exc:
         prepare(_params(classes=["df", "mel"], real_per_class=40))
