@@ -337,10 +337,10 @@ def write_grid(folder: Path, table: pd.DataFrame, target: Path) -> None:
     per_class, cell, label_width, pad = 6, 96, 190, 4
     classes = [c for c in CLASS_NAMES if c in set(table["dx"])]
     grid = Image.new("RGB", (label_width + per_class * (cell + pad), len(classes) * (cell + pad) + pad), "white")
-    draw, font = ImageDraw.Draw(grid), ImageFont.load_default(size=15)
+    draw, font, code_font = ImageDraw.Draw(grid), ImageFont.load_default(size=15), ImageFont.load_default(size=20)
     for r, dx in enumerate(classes):
         y = pad + r * (cell + pad)
-        draw.text((8, y + cell // 2 - 18), dx, fill="black", font=ImageFont.load_default(size=20))
+        draw.text((8, y + cell // 2 - 18), dx, fill="black", font=code_font)
         draw.text((8, y + cell // 2 + 6), CLASS_NAMES[dx], fill=(70, 70, 70), font=font)
         firsts = table[(table["dx"] == dx) & (table["view"] == 0)].sort_values("image_id").head(per_class)
         for c, image_id in enumerate(firsts["image_id"]):

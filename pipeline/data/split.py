@@ -57,8 +57,8 @@ def assign_splits(frame: pd.DataFrame, val: float, test: float, seed: int) -> pd
 def cap_train(split: pd.DataFrame, classes: list[str], per_class: int, seed: int) -> pd.DataFrame:
     """Keep at most ``per_class`` train images of each of ``classes``, whole lesions only; the rest becomes ``reserve``.
     Shuffled lesions are taken first-fit (one that would overshoot is passed over for a later, smaller one), so a
-    class gets exactly ``per_class`` images unless no remaining lesion fits, or a lesion it shares with another diagnosis
-is reserved there; then it rounds down, never up."""
+    class gets exactly ``per_class`` images unless no remaining lesion fits, or a lesion it shares with another
+    diagnosis is reserved there; then it rounds down, never up."""
     out = split.copy()
     for class_code in classes:
         train = out[(out["dx"] == class_code) & (out["split"] == "train")]
