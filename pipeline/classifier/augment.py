@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN as MEAN  # what timm's pretrained weights expect
 from timm.data import IMAGENET_DEFAULT_STD as STD
+from torchvision.transforms.v2.functional import normalize as standardize
 
 MAX_ROTATION_DEGREES = 30.0
 BRIGHTNESS = CONTRAST = SATURATION = 0.2
@@ -26,7 +27,7 @@ _YIQ_TO_RGB = torch.linalg.inv(torch.tensor(_RGB_TO_YIQ, dtype=torch.float64)).t
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float32, ImageNet-normalised."""
-    return _standardize(images.float().div_(255))
+    return standardize(images.float().div_(255), MEAN, STD, inplace=True)
 
 
 def augment(images: torch.Tensor) -> torch.Tensor:
@@ -41,11 +42,7 @@ def augment(images: torch.Tensor) -> torch.Tensor:
     x = torch.lerp(mean_luma, x, _factor(n, CONTRAST, x.device)).clamp_(0, 1)
     x = torch.lerp(_luma(x), x, _factor(n, SATURATION, x.device)).clamp_(0, 1)
     x = _shift_hue(x, _uniform(n, MAX_HUE_TURN, x.device, centre=0.0).mul_(2 * math.pi)).clamp_(0, 1)
-    return _standardize(x)
-
-
-def _standardize(x: torch.Tensor) -> torch.Tensor:
-    return (x - x.new_tensor(MEAN)[:, None, None]) / x.new_tensor(STD)[:, None, None]
+    return standardize(x, MEAN, STD, inplace=True)
 
 
 def _uniform(n: int, half_width: float, device: torch.device, centre: float) -> torch.Tensor:
