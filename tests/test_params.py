@@ -56,9 +56,9 @@ def test_class_prompt_uses_a_distinct_token_per_class():
         ("bogus_section", {}, "unknown key 'bogus_section'"),
         ("classifier.epochs", "eight", "classifier.epochs"),
         ("data.classes", "mel", "data.classes"),
-        ("data.classes", ["mel", "xyz"], "unknown class code 'xyz'"),
+        ("data.classes", ["mel", "xyz"], "data.classes.1: Input should be 'akiec'"),
         ("data.classes", ["mel", "mel", "vasc"], "duplicate class code 'mel'"),
-        ("data.classes", ["mel"], "at least 2 classes"),
+        ("data.classes", ["mel"], "at least 2 items"),
         ("data.split.val", 0.0, "data.split.val"),
         ("data.split.test", 1.5, "data.split.test"),
         ("data.split", {"val": 0.6, "test": 0.5}, "val + test must be < 1"),
@@ -117,8 +117,8 @@ def test_stage_wrapper_prints_one_error_line_and_exits_nonzero(tmp_path, capsys)
     code = run_stage("prepare", lambda params: called.append(params), track=False, argv=["--params", str(bad)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and not called
-    assert err == [f"error: prepare: {bad}: data.classes: unknown class code 'zzz'; expected one of "
-                   + ", ".join(CLASS_NAMES) + " (got ['mel', 'zzz'])"]
+    assert err == [f"error: prepare: {bad}: data.classes.1: Input should be 'akiec', 'bcc', 'bkl', 'df', 'mel', 'nv' "
+                   "or 'vasc' (got 'zzz')"]
 
 
 def test_stage_wrapper_passes_the_foreach_item(tmp_path):

@@ -189,7 +189,7 @@ def test_finetune_images_above_the_cap_is_refused(workspace):
 
 
 def test_unknown_class_in_params():
-    with pytest.raises(PipelineError, match="unknown class code 'melanoma'"):
+    with pytest.raises(PipelineError, match="data.classes.0: Input should be 'akiec'"):
         _params(classes=["melanoma", "nv"])
 
 
