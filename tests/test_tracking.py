@@ -40,6 +40,14 @@ def test_env_uri_wins(monkeypatch):
     assert tracking.tracking_uri() == "http://mlflow.example:5000"
 
 
+def test_params_flatten_to_dotted_strings():
+    nested = {"diffusion": {"lr": {"lora": 0.0001}, "lora": {"rank": 8, "target_modules": ["to_q", "to_k"]}},
+              "data": {"real_per_class": None, "is_demo": True}, "seed": 0}
+    assert tracking.flatten(nested) == {
+        "diffusion.lr.lora": "0.0001", "diffusion.lora.rank": "8", "diffusion.lora.target_modules": '["to_q", "to_k"]',
+        "data.real_per_class": "None", "data.is_demo": "True", "seed": "0"}
+
+
 def test_stage_runs_share_one_parent_and_carry_execution_tags(monkeypatch):
     monkeypatch.setenv("DVC_EXP_NAME", "exp-test")
     params = parse_params({"mlflow": {"experiment": "tracking-test"}})

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,16 +22,12 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root() / 'mlflow.db'}"
 
 
-def flatten(mapping: Mapping, prefix: str = "") -> dict[str, str]:
-    """{'a': {'b': 1}} -> {'a.b': '1'}: MLflow params are flat strings."""
-    flat: dict[str, str] = {}
-    for key, value in mapping.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
-    return flat
+def flatten(mapping: Mapping) -> dict[str, str]:
+    """{'a': {'b': 1, 'c': [2]}} -> {'a.b': '1', 'a.c': '[2]'}: MLflow params are flat strings."""
+    import pandas as pd  # imported by mlflow anyway
+
+    row = pd.json_normalize(dict(mapping), sep=".").iloc[0].to_dict()
+    return {key: json.dumps(value) if isinstance(value, list) else str(value) for key, value in row.items()}
 
 
 def configured_mlflow():
@@ -117,16 +115,26 @@ def log_headline(params, metrics: Mapping[str, float], tags: Mapping[str, str]) 
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
 
 
-def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
-    """Log a file to the active run, if there is one (library code may run outside a stage, e.g. in tests)."""
-    import mlflow
+def _active_mlflow():
+    """The mlflow module while a run is active, else None: library code also runs outside a stage (tests, benchmarks),
+    and a process that never imported mlflow has no run (importing it costs seconds)."""
+    mlflow = sys.modules.get("mlflow")
+    return mlflow if mlflow is not None and mlflow.active_run() is not None else None
 
-    if mlflow.active_run() is not None:
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    if mlflow := _active_mlflow():
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
-    import mlflow
-
-    if mlflow.active_run() is not None:
+    if mlflow := _active_mlflow():
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_metric_history(name: str, values: Mapping[int, float]) -> None:
+    """One metric's values at several steps ({step: value}) in one write."""
+    if mlflow := _active_mlflow():
+        now = int(time.time() * 1000)
+        metrics = [mlflow.entities.Metric(name, float(v), now, step) for step, v in values.items()]
+        mlflow.MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=metrics)

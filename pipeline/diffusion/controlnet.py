@@ -176,10 +176,10 @@ def train_controlnet(params: Params):
         done = step + 1
         losses.add(accelerator.reduce(loss.detach(), "mean"), done)
         if done % d.checkpoint_every == 0 and done < cfg.steps:
-            losses.flush()
+            losses.mean()
             state = {"fingerprint": fingerprint, "recent_losses": losses.recent}
             finetune.save_checkpoint(ckpt_dir, resumable, done, state)
-    losses.flush()
+    losses.mean()
 
     accelerator.wait_for_everyone()
     if main:

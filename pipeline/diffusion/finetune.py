@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import shutil
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -67,41 +66,26 @@ def base_sha256(base_dir: Path) -> str:
 
 
 class LossLog:
-    """Per-step loss, kept on the device until read, so the host waits for it every few steps only; sent to MLflow in
-    batches (one SQLite write per step costs ~25 ms)."""
+    """Per-step losses, kept on the device until read, so the host waits for them every few steps only; each read
+    sends them to MLflow in one write (one SQLite write per step costs ~25 ms)."""
 
-    def __init__(self, name: str, recent: list[float], send: bool, send_every: int = 50):
-        self.name, self.send, self.send_every = name, send, send_every
+    def __init__(self, name: str, recent: list[float], send: bool):
+        self.name, self.send = name, send
         self.recent = recent  # the last LOSS_WINDOW values: progress bar, checkpoint, meta.json
-        self.pending: list[tuple[int, torch.Tensor]] = []
-        self.points: list[tuple[int, float]] = []
+        self.pending: dict[int, torch.Tensor] = {}  # step -> loss
 
     def add(self, loss: torch.Tensor, step: int) -> None:
-        self.pending.append((step, loss))
-
-    def read(self) -> list[float]:
-        """Bring the pending losses to the host; returns the recent window."""
-        if self.pending:
-            values = torch.stack([loss for _, loss in self.pending]).tolist()
-            self.points += zip([step for step, _ in self.pending], values)
-            self.recent = (self.recent + values)[-LOSS_WINDOW:]
-            self.pending = []
-            if len(self.points) >= self.send_every:
-                self.flush()
-        return self.recent
+        self.pending[step] = loss
 
     def mean(self) -> float:
-        return sum(self.read()) / len(self.recent)
-
-    def flush(self) -> None:
-        self.read()
-        mlflow = sys.modules.get("mlflow")  # not imported means no run is active (and importing it costs seconds)
-        run = mlflow.active_run() if mlflow and self.send else None
-        if run is not None and self.points:
-            now = int(time.time() * 1000)
-            metrics = [mlflow.entities.Metric(self.name, float(v), now, step) for step, v in self.points]
-            mlflow.MlflowClient().log_batch(run.info.run_id, metrics=metrics)
-        self.points = []
+        """Bring the pending losses to the host (and MLflow); the mean of the recent window."""
+        if self.pending:
+            values = torch.stack(list(self.pending.values())).tolist()
+            if self.send:
+                tracking.log_metric_history(self.name, dict(zip(self.pending, values)))
+            self.recent = (self.recent + values)[-LOSS_WINDOW:]
+            self.pending = {}
+        return sum(self.recent) / len(self.recent)
 
 
 @dataclass
@@ -331,10 +315,10 @@ def finetune_class(params: Params, class_code: str) -> Path:
         if done % SHOW_LOSS_EVERY == 0:
             bar.set_postfix(loss=f"{losses.mean():.4f}", refresh=False)
         if done % d.checkpoint_every == 0 and done < d.steps:
-            losses.flush()
+            losses.mean()
             info = {"fingerprint": fingerprint, "recent_losses": losses.recent, "method": d.method, "class": class_code}
             save_checkpoint(ckpt_dir, resumable, done, info)
-    losses.flush()
+    losses.mean()
 
     accelerator.wait_for_everyone()
     if main:
