@@ -12,7 +12,7 @@ import pandas as pd
 from sklearn.metrics import confusion_matrix
 
 from pipeline.core import tracking
-from pipeline.core.atomic import atomic_dir, atomic_file, read_json, write_json, write_text
+from pipeline.core.atomic import atomic_dir, read_json, write_figure, write_json, write_text
 from pipeline.classifier.evaluate import METRICS_JSON, confusion_csv, plot_confusion, verdict_lines
 from pipeline.classifier.metrics import HEADLINE
 from pipeline.classifier.dataset import read_split, synthetic_samples
@@ -31,12 +31,6 @@ HEADLINE_JSON = REPORTS_DIR / "headline.json"
 SAMPLES_PER_SIDE = 4
 _METRIC_LABELS = {"balanced_accuracy": "balanced accuracy", "macro_recall": "macro recall", "macro_f1": "macro F1",
                   "auroc_macro": "macro AUROC (one-vs-rest)", "accuracy": "accuracy"}
-
-
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    with atomic_file(path) as temp:
-        fig.savefig(temp, format="png", dpi=110, bbox_inches="tight")
 
 
 def samples_figure(params: Params, split: pd.DataFrame, synthetic: dict[str, list[Path]], path: Path) -> None:
@@ -61,7 +55,7 @@ def samples_figure(params: Params, split: pd.DataFrame, synthetic: dict[str, lis
                     ax.set_title("real (train)" if side == 0 else "synthetic", loc="left", fontsize=9)
         axes[row, 0].set_ylabel(class_code, rotation=0, ha="right", va="center", fontsize=10)
     fig.suptitle("Real training images vs synthetic images, per class", fontsize=10)
-    _save(fig, path)
+    write_figure(path, fig)
 
 
 def confusion_figure(classes: list[str], root: Path, metrics: dict, path: Path) -> None:
@@ -73,7 +67,7 @@ def confusion_figure(classes: list[str], root: Path, metrics: dict, path: Path) 
         matrix = confusion_matrix(table["actual"], table["predicted"], labels=classes)
         ba = metrics[variant]["balanced_accuracy"]
         plot_confusion(ax, matrix, classes, f"{variant}: balanced acc {ba:.3f}", normalize=True)
-    _save(fig, path)
+    write_figure(path, fig)
 
 
 def per_class_gains(classes: list[str], metrics: dict) -> list[dict]:
@@ -95,7 +89,7 @@ def gain_figure(rows: list[dict], path: Path) -> None:
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_ylabel("recall gain (augmented − baseline)")
     ax.set_title("Per-class recall gain, 95% paired bootstrap CI", fontsize=10)
-    _save(fig, path)
+    write_figure(path, fig)
 
 
 def curves_figure(root: Path, path: Path) -> None:
@@ -111,7 +105,7 @@ def curves_figure(root: Path, path: Path) -> None:
     ax.set(xlabel="epoch", ylabel="val balanced accuracy")
     ax.legend(fontsize=8)
     ax.set_title("Validation balanced accuracy during training", fontsize=10)
-    _save(fig, path)
+    write_figure(path, fig)
 
 
 def headline(metrics: dict, fidelity: dict) -> dict[str, float]:

@@ -23,7 +23,7 @@ import pandas as pd
 import yaml
 
 from pipeline.core import launch, tracking
-from pipeline.core.atomic import atomic_file, write_json, write_text
+from pipeline.core.atomic import write_figure, write_json, write_text
 from pipeline.core.errors import PipelineError
 from pipeline.core.params import Params, load_params
 from pipeline.core.paths import REPORTS_DIR, workspace_root
@@ -220,9 +220,7 @@ def plot(rows: pd.DataFrame, x: str, xlabel: str, path: Path) -> list[str]:
     ax.set_ylabel("balanced accuracy gain (pp), 95% CI")
     ax.set_title("gain over baseline on the real test split")
     ax.legend()
-    fig.tight_layout()
-    with atomic_file(path) as temp:
-        fig.savefig(temp, format="png", dpi=120)
+    write_figure(path, fig, dpi=120)
     return ax.get_legend_handles_labels()[1]
 
 

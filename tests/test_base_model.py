@@ -267,12 +267,29 @@ def test_the_vae_loss_weighs_lesion_pixels_above_skin():
     assert weights[1, 0, 2, 2].item() > 5 * weights[1, 0, 6, 6].item()
 
 
-def test_every_diagnosis_is_drawn_equally_often():
-    labels = ["nv"] * 30 + ["vasc"] * 3 + ["df"] * 7
-    weights = pt.class_balanced(labels)
-    assert weights[:30].sum() == pytest.approx(1) and weights[30:33].sum() == pytest.approx(1)
+def test_every_diagnosis_is_drawn_equally_often(workspace, monkeypatch):
+    """The base stage hands pre-training weights under which a rare diagnosis is drawn as often as a common one."""
+    split_csv = workspace / "data" / "prepared" / "split.csv"
+    rows = list(csv.DictReader(split_csv.open(newline="")))
+    for i, row in enumerate(rows[:12]):  # 8 mel, 3 df, 1 vasc
+        row["dx"] = "mel" if i < 8 else "df" if i < 11 else "vasc"
+    with split_csv.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    class Captured(Exception):
+        pass
+
+    def capture(pipe, images, weights, cfg, seed):
+        raise Captured(weights)
+
+    monkeypatch.setattr(pt, "pretrain", capture)
+    with pytest.raises(Captured) as caught:
+        prepare_base(micro_params())
+    weights, labels = caught.value.args[0], [row["dx"] for row in rows[:12]]
     draws = torch.multinomial(weights, 3000, replacement=True, generator=torch.Generator().manual_seed(0))  # as pretraining
-    shares = torch.bincount(torch.tensor([["nv", "vasc", "df"].index(labels[i]) for i in draws]), minlength=3) / len(draws)
+    shares = torch.bincount(torch.tensor([["mel", "df", "vasc"].index(labels[i]) for i in draws]), minlength=3) / len(draws)
     assert shares.tolist() == pytest.approx([1 / 3] * 3, abs=0.03)
 
 

@@ -117,11 +117,11 @@ def test_weighted_sampler_balances_class_draws():
     """Statistical: 1000 draws from a 90/9/1 % data set; each class near 1/3 (fails with p << 1e-6 by chance)."""
     labels = [0] * 900 + [1] * 90 + [2] * 10
     generator = torch.Generator().manual_seed(0)
-    draws = torch.tensor(labels)[list(make_sampler(labels, 3, "weighted_sampler", generator, len(labels)))]
+    draws = torch.tensor(labels)[list(make_sampler(labels, "weighted_sampler", generator, len(labels)))]
     assert len(draws) == len(labels)
     shares = torch.bincount(draws, minlength=3).double() / len(draws)
     assert torch.allclose(shares, torch.full((3,), 1 / 3, dtype=torch.double), atol=0.06), shares
-    plain = torch.tensor(labels)[list(make_sampler(labels, 3, "none", generator, len(labels)))]
+    plain = torch.tensor(labels)[list(make_sampler(labels, "none", generator, len(labels)))]
     assert torch.bincount(plain, minlength=3).tolist() == [900, 90, 10]  # a shuffle keeps the imbalance
 
 

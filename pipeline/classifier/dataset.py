@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.core.atomic import atomic_file
+from pipeline.core.atomic import atomic_file, read_table
 from pipeline.data.images import load_square
 from pipeline.core.digest import sha256_file
 from pipeline.core.errors import PipelineError
@@ -39,9 +39,7 @@ def read_split(params: Params, root: Path) -> pd.DataFrame:
     """split.csv (the prepare stage's columns and split values) restricted to ``data.classes``, with ``label`` and
     absolute ``abs_path`` columns added."""
     path = root / SPLIT_CSV
-    if not path.is_file():
-        raise PipelineError(f"{path}: split table not found; run `dvc repro prepare` first")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame = read_table(path, ("image_id", "dx", "split", "path"), "split table not found; run `dvc repro prepare` first")
     classes = list(params.data.classes)
     frame = frame[frame["dx"].isin(classes)].copy()
     for class_code in classes:
@@ -68,13 +66,9 @@ def synthetic_samples(params: Params, root: Path, images_dir: Path = SYNTHETIC_D
     for label, class_code in enumerate(params.data.classes):
         folder = root / images_dir / class_code
         manifest = folder / "manifest.csv"
-        if not manifest.is_file():
-            raise PipelineError(
-                f"{manifest}: synthetic manifest missing; run `dvc repro "
-                f"{'generate_base' if images_dir == SYNTHETIC_BASE_DIR else f'generate@{class_code}'}` "
-                "(the classifier needs synthetic images of every class in data.classes)"
-            )
-        frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+        stage = "generate_base" if images_dir == SYNTHETIC_BASE_DIR else f"generate@{class_code}"
+        frame = read_table(manifest, ("file", "draw"), f"synthetic manifest missing; run `dvc repro {stage}` (the "
+                           "classifier needs synthetic images of every class in data.classes)")
         if draw is not None:
             mine = frame[frame["draw"] == str(draw)]
             if mine.empty and not frame.empty:

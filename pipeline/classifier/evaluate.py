@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import confusion_matrix
+from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
 from pipeline.core import tracking
-from pipeline.core.atomic import atomic_file, write_json
+from pipeline.core.atomic import write_figure, write_json, write_text
 from pipeline.classifier.dataset import assert_real_heldout, load_images, read_split, real_samples
 from pipeline.classifier.metrics import (
     BASELINE,
@@ -65,18 +65,13 @@ def confusion_png(variant: str) -> Path:
 
 
 def plot_confusion(ax, matrix: np.ndarray, classes: list[str], title: str, normalize: bool = False) -> None:
-    """Counts (or row-normalised recall) with class codes on both axes; used here and by the report."""
+    """Counts (or row-normalised recall) with class codes on both axes (true label down, predicted across); used here
+    and by the report."""
     shown = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1) if normalize else matrix
-    ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else max(int(matrix.max()), 1))
-    ax.set_xticks(range(len(classes)), classes)
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("actual")
+    ConfusionMatrixDisplay(shown, display_labels=classes).plot(
+        ax=ax, cmap="Blues", colorbar=False, values_format=".2f" if normalize else "d", text_kw={"fontsize": 8},
+        im_kw={"vmin": 0, "vmax": 1 if normalize else max(int(matrix.max()), 1)})
     ax.set_title(title, fontsize=10)
-    threshold = shown.max() / 2 if shown.size else 0
-    for (i, j), value in np.ndenumerate(shown):
-        text = f"{value:.2f}" if normalize else str(int(matrix[i, j]))
-        ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if value > threshold else "black")
 
 
 def _write_confusion(root: Path, variant: str, y_true: np.ndarray, y_pred: np.ndarray, classes: list[str],
@@ -84,13 +79,10 @@ def _write_confusion(root: Path, variant: str, y_true: np.ndarray, y_pred: np.nd
     from matplotlib.figure import Figure  # not pyplot: no backend to choose, no global figure to close
 
     table = pd.DataFrame({"actual": [classes[i] for i in y_true], "predicted": [classes[i] for i in y_pred]})
-    with atomic_file(root / confusion_csv(variant)) as temp:
-        table.to_csv(temp, index=False, lineterminator="\n")
+    write_text(root / confusion_csv(variant), table.to_csv(index=False, lineterminator="\n"))
     fig = Figure(figsize=(1.2 + 0.7 * len(classes), 1.0 + 0.7 * len(classes)))
     plot_confusion(fig.subplots(), confusion_matrix(y_true, y_pred, labels=range(len(classes))), classes, title)
-    fig.tight_layout()
-    with atomic_file(root / confusion_png(variant)) as temp:
-        fig.savefig(temp, format="png", dpi=120)
+    write_figure(root / confusion_png(variant), fig, dpi=120)
 
 
 def _log_variant_runs(params: Params, metrics: dict, root: Path) -> None:

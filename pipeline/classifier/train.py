@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import save_file
-from sklearn.utils.class_weight import compute_class_weight
+from sklearn.utils.class_weight import compute_class_weight, compute_sample_weight
 from torch.utils.data import RandomSampler, WeightedRandomSampler
 from tqdm.auto import tqdm
 
@@ -107,13 +107,12 @@ def training_samples(params: Params, variant: str, split: pd.DataFrame, root: Pa
     return samples
 
 
-def make_sampler(labels: list[int], num_classes: int, balance: str, generator: torch.Generator, num_samples: int):
+def make_sampler(labels: list[int], balance: str, generator: torch.Generator, num_samples: int):
     """``num_samples`` draws per epoch. weighted_sampler: each image with probability ∝ 1 / its class count (classes
     equally often in expectation); otherwise a shuffle without replacement (class_weighted_loss re-weights the loss)."""
     if balance == "weighted_sampler":
-        labels_t = torch.as_tensor(labels)
-        counts = torch.bincount(labels_t, minlength=num_classes).double()
-        return WeightedRandomSampler((1.0 / counts)[labels_t], num_samples=num_samples, replacement=True, generator=generator)
+        weights = compute_sample_weight("balanced", labels)
+        return WeightedRandomSampler(weights, num_samples=num_samples, replacement=True, generator=generator)
     return RandomSampler(range(len(labels)), num_samples=num_samples, generator=generator)
 
 
@@ -171,7 +170,7 @@ def fit_seed(params: Params, variant: str, job: SeedJob, accelerator) -> tuple[d
     model.to(memory_format=torch.channels_last)
     optimizer = adamw(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
     generator = torch.Generator()
-    sampler = make_sampler(train_labels, len(classes), c.balance, generator, epoch_size)
+    sampler = make_sampler(train_labels, c.balance, generator, epoch_size)
     steps_per_epoch = len(epoch_batches(torch.arange(epoch_size), c.batch, rank, processes))  # checks the batch too
     # Warm-up over the first epoch (from scratch, full lr at step 0 blows the logits up), then cosine decay.
     scheduler = get_cosine_schedule_with_warmup(optimizer, steps_per_epoch, steps_per_epoch * c.epochs)

@@ -1,4 +1,5 @@
-"""Write-then-rename helpers: a stage killed mid-way leaves the old complete output or none, never half of one."""
+"""Write-then-rename helpers: a stage killed mid-way leaves the old complete output or none, never half of one; and
+the readers of what earlier stages wrote, with one-line errors."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -60,6 +61,13 @@ def write_json(target: str | Path, payload: object) -> None:
     write_text(target, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
+def write_figure(target: str | Path, fig, dpi: int = 110) -> None:
+    """A matplotlib figure as a PNG, laid out tight."""
+    fig.tight_layout()
+    with atomic_file(target) as temp:
+        fig.savefig(temp, format="png", dpi=dpi, bbox_inches="tight")
+
+
 def read_json(path: str | Path, missing: str) -> dict:
     """What write_json wrote; a missing file or broken JSON is one PipelineError line (``missing`` says what to run)."""
     path = Path(path)
@@ -69,6 +77,25 @@ def read_json(path: str | Path, missing: str) -> dict:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PipelineError(f"{path}: not valid JSON ({exc})") from None
+
+
+def read_table(path: str | Path, columns: Sequence[str], missing: str):
+    """A CSV an earlier stage wrote, every cell a string ("" when empty); a missing file (``missing`` says what to
+    run), an unreadable one or an absent column is one PipelineError line."""
+    import pandas as pd  # imported here: not every stage reads a table
+
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: {missing}")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PipelineError(f"{path}: unreadable CSV ({why})") from None
+    absent = [c for c in columns if c not in frame.columns]
+    if absent:
+        raise PipelineError(f"{path}: lacks column {absent[0]!r} (has {', '.join(frame.columns) or 'none'})")
+    return frame
 
 
 def clean_stale_temps(folder: str | Path, name: str = "*") -> None:

@@ -18,7 +18,7 @@ from diffusers import ControlNetModel, DDPMScheduler
 from tqdm.auto import tqdm
 
 from pipeline.core import tracking
-from pipeline.core.atomic import atomic_dir, clean_stale_temps, read_json, write_json
+from pipeline.core.atomic import atomic_dir, clean_stale_temps, read_json, read_table, write_json
 from pipeline.data.images import load_square
 from pipeline.core.device import DTYPES, make_accelerator
 from pipeline.diffusion.generate import META_FILE
@@ -39,9 +39,7 @@ ELASTIC_ALPHA = 4600.0
 
 def masked_images(csv_path: Path, classes: list[str]) -> pd.DataFrame:
     """The train rows of ``classes`` in split.csv or in a fine-tuning list, with absolute ``path`` and ``mask_path``."""
-    if not csv_path.is_file():
-        raise PipelineError(f"{csv_path}: not found; run the prepare stage first")
-    rows = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    rows = read_table(csv_path, ("image_id", "dx", "path", "mask_path"), "not found; run the prepare stage first")
     if "split" in rows.columns:
         rows = rows[rows["split"] == "train"]
     rows = rows[rows["dx"].isin(classes)].reset_index(drop=True)

@@ -22,7 +22,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline.core import tracking
-from pipeline.diffusion.training_data import LatentCache, encode_images, encode_prompts, read_image_rows, to_model_range
+from pipeline.core.atomic import read_table
+from pipeline.core.paths import workspace_root
+from pipeline.diffusion.training_data import LatentCache, encode_images, encode_prompts, to_model_range
 from pipeline.core.errors import PipelineError
 from pipeline.core.params import BasePretrainParams
 
@@ -42,18 +44,11 @@ LOG_EVERY = 10
 def train_images(split_csv: str | Path) -> tuple[list[Path], list[str]]:
     """Absolute paths and diagnoses of split.csv's train rows (relative paths are from the workspace root)."""
     not_found = "split file not found; run the prepare stage first (dvc repro prepare)"
-    rows, paths = read_image_rows(Path(split_csv), ("dx", "path", "split"), not_found)
-    train = [i for i, row in enumerate(rows) if row["split"] == "train"]
-    if not train:
+    rows = read_table(split_csv, ("dx", "path", "split"), not_found)
+    train = rows[rows["split"] == "train"]
+    if train.empty:
         raise PipelineError(f"{split_csv}: no rows with split == 'train'; the base model needs train images")
-    return [paths[i] for i in train], [rows[i]["dx"] for i in train]
-
-
-def class_balanced(labels: list[str]) -> torch.Tensor:
-    """Sampling weights 1 / (images of the label): every diagnosis is drawn equally often. Trained on HAM10000 as it
-    comes (two thirds nevi), the base learns their browns and loses the rare classes' reds and purples."""
-    counts = {label: labels.count(label) for label in set(labels)}
-    return torch.tensor([1.0 / counts[label] for label in labels], dtype=torch.float64)
+    return [workspace_root() / p for p in train["path"]], list(train["dx"])  # an absolute path stays as it is
 
 
 def random_flips(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -6,40 +6,27 @@ a step draws ``mean + std * noise``, exactly what ``latent_dist.sample()`` gives
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from pipeline.core.atomic import read_table
 from pipeline.core.errors import PipelineError
 from pipeline.core.paths import workspace_root
 
 FINETUNE_COLUMNS = ("image_id", "lesion_id", "dx", "path")
 
 
-def read_image_rows(csv_path: Path, columns: tuple[str, ...], not_found: str) -> tuple[list[dict], list[Path]]:
-    """The rows of a prepared CSV and their images' absolute paths (a relative one is from the workspace root)."""
-    if not csv_path.is_file():
-        raise PipelineError(f"{csv_path}: {not_found}")
-    with csv_path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
-        if missing:
-            raise PipelineError(f"{csv_path}: missing column(s) {', '.join(missing)}")
-        rows = list(reader)
-    root = workspace_root()
-    return rows, [p if (p := Path(row["path"])).is_absolute() else root / p for row in rows]
-
-
 def read_finetune_csv(csv_path: Path, class_code: str) -> list[Path]:
     """Absolute image paths of ``data/prepared/finetune/<class>.csv`` (prepare writes at least one row, all of the
     class); one-line errors for a missing list, column or image."""
     not_found = f"fine-tuning list of class {class_code!r} not found; run the prepare stage first"
-    rows, paths = read_image_rows(csv_path, FINETUNE_COLUMNS, not_found)
-    for row, path in zip(rows, paths):
+    rows = read_table(csv_path, FINETUNE_COLUMNS, not_found)
+    paths = [workspace_root() / p for p in rows["path"]]  # an absolute path stays as it is
+    for image_id, path in zip(rows["image_id"], paths):
         if not path.is_file():
-            raise PipelineError(f"{csv_path}: image {row['image_id']} not found at {path}")
+            raise PipelineError(f"{csv_path}: image {image_id} not found at {path}")
     return paths
 
 

@@ -46,33 +46,20 @@ class ClassInputs:
     train_masks: list[tuple[Path, Path]]  # (image, mask) of the real train images that have masks
 
 
-def _read_csv(path: Path, required: list[str], what: str, hint: str) -> pd.DataFrame:
-    if not path.is_file():
-        raise PipelineError(f"{path}: {what} not found ({hint})")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise PipelineError(f"{path}: unreadable {what} ({why})") from None
-    missing = [c for c in required if c not in frame.columns]
-    if missing:
-        raise PipelineError(f"{path}: {what} lacks column {missing[0]!r} (has {', '.join(frame.columns) or 'none'})")
-    return frame
-
-
 def gather_inputs(classes: list[str], root: Path) -> dict[str, ClassInputs]:
     """Read split, fine-tune lists and manifests of every class; fail on the first missing/malformed file."""
-    split = _read_csv(root / SPLIT_CSV, ["image_id", "dx", "split", "path"], "split file", "run `dvc repro prepare`")
+    prepare = "not found (run `dvc repro prepare`)"
+    split = atomic.read_table(root / SPLIT_CSV, ["image_id", "dx", "split", "path"], f"split file {prepare}")
     inputs = {}
     for code in classes:
         ft_csv = root / FINETUNE_DIR / f"{code}.csv"
-        finetune = _read_csv(ft_csv, ["image_id", "path"], "fine-tune list", "run `dvc repro prepare`")
+        finetune = atomic.read_table(ft_csv, ["image_id", "path"], f"fine-tune list {prepare}")
         if finetune.empty:
             raise PipelineError(f"{ft_csv}: fine-tune list is empty; the memorization check needs the "
                                 "fine-tuning images")
         folder = root / SYNTHETIC_DIR / code
-        hint = f"run `dvc repro generate@{code}`"
-        manifest = _read_csv(folder / "manifest.csv", ["file"], "synthetic manifest", hint)
+        hint = f"synthetic manifest not found (run `dvc repro generate@{code}`)"
+        manifest = atomic.read_table(folder / "manifest.csv", ["file"], hint)
         rel = [(SYNTHETIC_DIR / code / name).as_posix() for name in manifest["file"]]
         train = split[(split["split"] == "train") & (split["dx"] == code)]
         train_masks = train["mask_path"] if "mask_path" in train.columns else [""] * len(train)
@@ -157,9 +144,7 @@ def _closest_figure(target: Path, code: str, frame: pd.DataFrame, synth_px, near
         axes[0, col].set_title(title, fontsize=8, color="red" if row["memorized"] else "black")
         axes[1, col].set_title(str(row["nn_image_id"]), fontsize=7)
     fig.suptitle(f"{code} ({CLASS_NAMES[code]}): synthetic (top) vs nearest fine-tuning image (bottom)", fontsize=9)
-    fig.tight_layout()
-    with atomic.atomic_file(target) as temp:
-        fig.savefig(temp, format="png", dpi=90)
+    atomic.write_figure(target, fig, dpi=90)
 
 
 def screen(params: Params) -> dict:
@@ -303,7 +288,7 @@ def load_kept_synthetic(path: str | Path = SCREENED_CSV, classes: list[str] | No
     memorized and low-confidence images never reach the classifier; a file screened for other ``classes`` is stale."""
     root = workspace_root()
     full = root / path  # an absolute path stays as it is
-    frame = _read_csv(full, ["class", "path", "kept"], "screened synthetic list", "run `dvc repro screen`")
+    frame = atomic.read_table(full, ["class", "path", "kept"], "screened synthetic list not found (run `dvc repro screen`)")
     kept = frame["kept"].str.strip().str.lower().map({"true": True, "1": True, "false": False, "0": False})
     if kept.isna().any():
         raise PipelineError(f"{full}: column 'kept' must be True/False, got {frame.loc[kept.isna(), 'kept'].iloc[0]!r}")
