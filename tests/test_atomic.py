@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from pipeline.core.atomic import atomic_dir, atomic_file, clean_stale_temps, write_json
-from pipeline.core.errors import PipelineError
+from pipeline.core.atomic import atomic_dir, atomic_file, clean_stale_temps, read_table, write_json
+from pipeline.core.errors import PipelineError, first_line
 from pipeline.core.paths import resolve_user_path
 
 
@@ -67,6 +67,26 @@ def test_killed_writer_leaves_no_partial_output(tmp_path, sig):
     assert not (tmp_path / "out").exists()
     clean_stale_temps(tmp_path)  # SIGKILL leaves the hidden temp folder; the next run sweeps it
     assert list(tmp_path.iterdir()) == []
+
+
+def test_read_table_gives_strings_and_one_line_errors(tmp_path):
+    table = tmp_path / "split.csv"
+    with pytest.raises(PipelineError, match=r"split\.csv: split table not found; run prepare$"):
+        read_table(table, ["path"], "split table not found; run prepare")
+    table.write_text("image_id,path,mask_path\nISIC_1,a.jpg,\nISIC_2,b.jpg,m.png\n")
+    frame = read_table(table, ["image_id", "path"], "missing")
+    assert frame.to_dict("list") == {"image_id": ["ISIC_1", "ISIC_2"], "path": ["a.jpg", "b.jpg"], "mask_path": ["", "m.png"]}
+    with pytest.raises(PipelineError, match=r"split\.csv: lacks column 'dx' \(has image_id, path, mask_path\)"):
+        read_table(table, ["image_id", "dx"], "missing")
+    table.write_bytes(b"")
+    with pytest.raises(PipelineError, match=r"split\.csv: unreadable CSV \(No columns to parse from file\)"):
+        read_table(table, ["path"], "missing")
+
+
+def test_first_line_of_a_library_error():
+    assert first_line(ValueError("\n  shape mismatch  \nsecond line")) == "shape mismatch"
+    assert first_line(KeyError()) == "KeyError"  # no message: a bare splitlines()[0] would raise IndexError
+    assert first_line(OSError("x" * 500), limit=10) == "x" * 10
 
 
 def test_relative_paths_cannot_escape_the_data_folders(tmp_path, monkeypatch):

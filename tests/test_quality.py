@@ -366,6 +366,10 @@ def test_missing_manifest_is_a_one_line_error_naming_it(workspace, capsys):
 
 def test_missing_or_mismatched_classifier_is_a_one_line_error_naming_it(workspace):
     baseline = workspace / "models/classifier/baseline"
+    (baseline / "seed0.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(PipelineError, match=r"seed0\.safetensors: cannot load into efficientnet_b0 with 2 classes") as err:
+        screen(toy_params())
+    assert "\n" not in str(err.value)
     (baseline / "seed0.safetensors").unlink()
     with pytest.raises(PipelineError, match=r"models/classifier/baseline/seed0\.safetensors: weights of seed 0 not found"):
         screen(toy_params())

@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from pipeline.core.atomic import read_json
 from pipeline.classifier.augment import augment, normalize
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, first_line
 
 CONFIG_NAME = "config.json"
 EVAL_BATCH = 256
@@ -58,7 +59,11 @@ def load_classifier(folder: Path, seed: int, classes: list[str] | None = None) -
     if not path.is_file():
         raise PipelineError(f"{path}: weights of seed {seed} not found; rerun `dvc repro train` (classifier.seeds changed?)")
     model = create_classifier(config["arch"], len(config["classes"]), pretrained=False)
-    model.load_state_dict(load_file(str(path)))
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise PipelineError(f"{path}: cannot load into {config['arch']} with {len(config['classes'])} classes "
+                            f"({first_line(exc)})") from None
     return model.eval()
 
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, first_line
 
 
 @contextmanager
@@ -90,8 +90,7 @@ def read_table(path: str | Path, columns: Sequence[str], missing: str):
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise PipelineError(f"{path}: unreadable CSV ({why})") from None
+        raise PipelineError(f"{path}: unreadable CSV ({first_line(exc)})") from None
     absent = [c for c in columns if c not in frame.columns]
     if absent:
         raise PipelineError(f"{path}: lacks column {absent[0]!r} (has {', '.join(frame.columns) or 'none'})")

@@ -3,3 +3,8 @@
 
 class PipelineError(Exception):
     """Bad input or a broken invariant in one line naming the file, key or value: stages print it, exit 1."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """What a library's exception says, for a PipelineError: its first non-empty line, else its type's name."""
+    return next((line.strip()[:limit] for line in str(exc).splitlines() if line.strip()), type(exc).__name__)

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from pipeline.data.images import check_image
 from pipeline.data.masks import MASK_FOLDER, checked_mask
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, first_line
 from pipeline.core.params import CLASS_NAMES
 
 HAM_METADATA = "HAM10000_metadata.csv"
@@ -46,8 +46,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         raise PipelineError(f"{path}: file is empty") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PipelineError(f"{path}: not a readable CSV file ({first})") from None
+        raise PipelineError(f"{path}: not a readable CSV file ({first_line(exc)})") from None
     frame.columns = [str(c).strip() for c in frame.columns]
     if frame.empty:
         raise PipelineError(f"{path}: has a header but no rows")

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, first_line
 
 # Refuse half-decoded images instead of silently padding them with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -34,7 +34,7 @@ def _decoding(path: Path) -> Iterator[None]:
     except UnidentifiedImageError:
         raise PipelineError(f"{path}: not a readable image (corrupt or unsupported format)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        text = first_line(exc)
         kind = "truncated" if "truncated" in text.lower() else "corrupt"
         raise PipelineError(f"{path}: {kind} image ({text})") from None
 

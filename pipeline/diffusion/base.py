@@ -17,7 +17,7 @@ import torch
 
 from pipeline.core import tracking
 from pipeline.core.atomic import atomic_dir, clean_stale_temps, read_json, write_json
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, first_line
 from pipeline.core.params import Params
 from pipeline.core.paths import BASE_MODEL_DIR, SPLIT_CSV, resolve_user_path, workspace_root
 
@@ -165,8 +165,7 @@ def resolve_hub_snapshot(repo_id: str, missing_folder: Path | None = None) -> Pa
     except LocalEntryNotFoundError:
         raise PipelineError(not_reachable) from None
     except (HfHubHTTPError, OSError) as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise PipelineError(f"{KEY}: could not fetch {repo_id!r} from the Hub ({first_line})") from None
+        raise PipelineError(f"{KEY}: could not fetch {repo_id!r} from the Hub ({first_line(exc)})") from None
     return Path(path)
 
 
@@ -287,8 +286,7 @@ def _from_pretrained(cls, what: str, base_dir: str | Path, dtype: torch.dtype, *
             str(folder), dtype=dtype, use_safetensors=True, local_files_only=True, **kwargs
         )
     except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PipelineError(f"{KEY}: could not load {what} in {folder} ({first_line})") from None
+        raise PipelineError(f"{KEY}: could not load {what} in {folder} ({first_line(exc)})") from None
 
 
 def load_base_pipeline(base_dir: str | Path = BASE_MODEL_DIR, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:

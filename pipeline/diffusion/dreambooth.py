@@ -6,7 +6,7 @@ from pathlib import Path
 
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, first_line
 
 UNET_DIR = "unet"
 UNET_FILE = "diffusion_pytorch_model.safetensors"
@@ -27,7 +27,7 @@ def load_unet(pipe: StableDiffusionPipeline, folder: str | Path) -> Path:
     try:
         unet = UNet2DConditionModel.from_pretrained(str(Path(folder) / UNET_DIR), use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise PipelineError(f"{path}: could not load the fine-tuned UNet ({str(exc).splitlines()[0][:300]})") from None
+        raise PipelineError(f"{path}: could not load the fine-tuned UNet ({first_line(exc)})") from None
     for key in _INTERFACE:
         if unet.config.get(key) != pipe.unet.config.get(key):
             raise PipelineError(

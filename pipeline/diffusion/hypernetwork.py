@@ -22,7 +22,7 @@ from diffusers.models.attention_processor import Attention
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, first_line
 from pipeline.core.params import HypernetworkParams
 
 HYPERNETWORK_FILE = "hypernetwork.safetensors"
@@ -155,7 +155,7 @@ def load_hypernetwork(pipe, folder: str | Path) -> Path:
         cfg = HypernetworkParams(**{k: raw[k] for k in ("kind", "layer_structure", "activation")})
         config = {**cfg.model_dump(), "unet": dict(raw["unet"])}
     except (ValueError, KeyError, TypeError) as exc:
-        raise PipelineError(f"{path}: malformed hypernetwork config in its metadata ({str(exc).splitlines()[0][:200]})") from None
+        raise PipelineError(f"{path}: malformed hypernetwork config in its metadata ({first_line(exc, 200)})") from None
     unet = pipe.unet
     base = _interface(unet)
     for key in _INTERFACE:

@@ -14,7 +14,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, first_line
 from pipeline.core.params import LoraParams
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -103,7 +103,7 @@ def load_lora(pipe: StableDiffusionPipeline, folder: str | Path, fuse: bool = Tr
     try:
         pipe.load_lora_weights(str(folder), weight_name=LORA_FILE, adapter_name="class")
     except (ValueError, KeyError, RuntimeError, TypeError) as exc:
-        raise PipelineError(f"{path}: could not load LoRA ({str(exc).splitlines()[0][:300]})") from None
+        raise PipelineError(f"{path}: could not load LoRA ({first_line(exc)})") from None
     finally:
         diffusers_logging.set_verbosity(level)
     if fuse:

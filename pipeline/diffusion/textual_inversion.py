@@ -11,7 +11,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, first_line
 
 EMBEDS_FILE = "learned_embeds.safetensors"
 
@@ -77,5 +77,5 @@ def load_embedding(pipe: StableDiffusionPipeline, folder: str | Path, token: str
     try:
         pipe.load_textual_inversion(tensors, token=token)
     except (ValueError, RuntimeError) as exc:
-        raise PipelineError(f"{path}: could not load textual inversion ({str(exc).splitlines()[0][:300]})") from None
+        raise PipelineError(f"{path}: could not load textual inversion ({first_line(exc)})") from None
     return path

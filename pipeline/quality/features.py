@@ -11,12 +11,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from tqdm import tqdm
 
 from pipeline.classifier.augment import normalize
 from pipeline.classifier.dataset import load_images
-from pipeline.classifier.model import CONFIG_NAME, load_classifier, weights_name
+from pipeline.classifier.model import CONFIG_NAME, load_classifier
 from pipeline.core.atomic import read_json
 from pipeline.core.errors import PipelineError
 from pipeline.core.paths import resolve_user_path
@@ -25,14 +24,7 @@ from pipeline.core.paths import resolve_user_path
 def load_baseline_classifier(model_dir: Path, device: torch.device | str = "cpu") -> ClassifierFeatures:
     """Every seed's model of a trained classifier folder on ``device``; one-line errors name the file."""
     config = read_json(model_dir / CONFIG_NAME, "baseline classifier config not found (run `dvc repro train@baseline`)")
-    models = []
-    for seed in config["seeds"]:
-        try:  # a missing weights file is load_classifier's one-line error
-            models.append(load_classifier(model_dir, seed).to(device))
-        except (SafetensorError, OSError, RuntimeError) as exc:
-            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise PipelineError(f"{model_dir / weights_name(seed)}: cannot load into {config['arch']} with "
-                                f"{len(config['classes'])} classes ({why})") from None
+    models = [load_classifier(model_dir, seed).to(device) for seed in config["seeds"]]
     return ClassifierFeatures(models, list(config["classes"]), int(config["image_size"]))
 
 
