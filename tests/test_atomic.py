@@ -65,8 +65,9 @@ def test_killed_writer_leaves_no_partial_output(tmp_path, sig):
     proc.send_signal(sig)
     proc.wait(timeout=30)
     assert not (tmp_path / "out").exists()
-    clean_stale_temps(tmp_path)  # SIGKILL leaves the hidden temp folder; the next run sweeps it
-    assert list(tmp_path.iterdir()) == []
+    with atomic_dir(tmp_path / "out") as temp:  # SIGKILL leaves the hidden temp folder; the next write sweeps it
+        (temp / "part1").write_text("z")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_read_table_gives_strings_and_one_line_errors(tmp_path):

@@ -29,7 +29,7 @@ from torch.utils.data import RandomSampler, WeightedRandomSampler
 from tqdm.auto import tqdm
 
 from pipeline.core import tracking
-from pipeline.core.atomic import atomic_dir, clean_stale_temps, write_json
+from pipeline.core.atomic import atomic_dir, write_json
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.classifier.augment import MEAN, STD
 from pipeline.classifier.dataset import (
@@ -347,7 +347,6 @@ def train_variant(params: Params, variant: str) -> dict:
             "seeds": list(c.seeds), "best_epochs": {str(s): r["best_epoch"] for s, r in per_seed.items()},
         }
         target = root / CLASSIFIER_DIR / variant
-        clean_stale_temps(target.parent, variant)  # only this variant's: the other may be writing
         with atomic_dir(target) as temp:
             for seed, state in best_states.items():
                 save_file(state, str(temp / weights_name(seed)))

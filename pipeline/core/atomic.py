@@ -16,9 +16,11 @@ from pipeline.core.errors import PipelineError, first_line
 
 @contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``target``; on success it replaces ``target`` in one rename."""
+    """Yield an empty temporary folder beside ``target``; on success it replaces ``target`` in one rename. What a killed
+    earlier write of ``target`` left behind is removed first."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(target.parent, target.name)
     temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield temp
@@ -99,7 +101,7 @@ def read_table(path: str | Path, columns: Sequence[str], missing: str):
 
 def clean_stale_temps(folder: str | Path, name: str = "*") -> None:
     """Remove temporaries a killed run left behind (``.name.tmp-*`` / ``.name.old-*``). A ``name`` keeps to that
-    target's, in a folder whose other targets may be being written right now."""
+    target's, in a folder whose other targets may be being written right now (by another stage or experiment)."""
     stale = {path for kind in ("tmp", "old") for path in Path(folder).glob(f".{name}.{kind}-*")}
     for path in stale:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from tqdm import tqdm
 
 from pipeline.core import tracking
-from pipeline.core.atomic import atomic_dir, atomic_file, clean_stale_temps
+from pipeline.core.atomic import atomic_dir, atomic_file
 from pipeline.data.masks import MASK_FOLDER, MASK_SUFFIX
 from pipeline.core.errors import PipelineError
 from pipeline.core.params import CLASS_NAMES, Params
@@ -340,7 +340,6 @@ def make_demo(params: Params) -> dict:
     """The demo_data stage: write data/demo/HAM10000 + reports/demo_grid.png, or only a SKIPPED marker for real data."""
     root = workspace_root()
     demo_root, grid = root / DEMO_DIR.parent, root / REPORTS_DIR / "demo_grid.png"  # DEMO_DIR.parent: the DVC output
-    clean_stale_temps(demo_root.parent)
     if not params.data.is_demo:
         with atomic_dir(demo_root) as temp:
             (temp / "SKIPPED").write_text(

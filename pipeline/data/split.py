@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core import tracking
-from pipeline.core.atomic import atomic_dir, clean_stale_temps, write_json
+from pipeline.core.atomic import atomic_dir, write_json
 from pipeline.data.ham10000 import read_source
 from pipeline.data.masks import MASK_FOLDER
 from pipeline.core.digest import derive_seed
@@ -191,9 +191,7 @@ def prepare(params: Params) -> dict:
             print(f"prepare: class {class_code!r} keeps {counts['train']} train images, not data.real_per_class={cap}: "
                   "no remaining lesion fits the cap (lesions are never split)")
     root = workspace_root()
-    prepared = root / PREPARED_DIR
-    clean_stale_temps(prepared.parent)
-    with atomic_dir(prepared) as temp:  # data/prepared appears complete in one rename
+    with atomic_dir(root / PREPARED_DIR) as temp:  # data/prepared appears complete in one rename
         split.to_csv(temp / SPLIT_CSV.name, index=False, lineterminator="\n")
         (temp / FINETUNE_DIR.name).mkdir()
         for class_code, sample in sorted(finetune.items()):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pipeline.core import tracking
-from pipeline.core.atomic import atomic_dir, clean_stale_temps, read_json, write_json
+from pipeline.core.atomic import atomic_dir, read_json, write_json
 from pipeline.core.errors import PipelineError, first_line
 from pipeline.core.params import Params
 from pipeline.core.paths import BASE_MODEL_DIR, SPLIT_CSV, resolve_user_path, workspace_root
@@ -195,7 +195,6 @@ def resolve_base_source(params: Params) -> Path:
 def prepare_base(params: Params) -> None:
     """Stage body: pre-train the embedded tiny model, or validate and reference a real checkpoint."""
     target = workspace_root() / BASE_MODEL_DIR
-    clean_stale_temps(target.parent)
     if params.diffusion.base_model.strip() == EMBEDDED:
         _prepare_embedded(params, target)
         return

@@ -18,7 +18,7 @@ from diffusers import ControlNetModel, DDPMScheduler
 from tqdm.auto import tqdm
 
 from pipeline.core import tracking
-from pipeline.core.atomic import atomic_dir, clean_stale_temps, read_json, read_table, write_json
+from pipeline.core.atomic import atomic_dir, read_json, read_table, write_json
 from pipeline.data.images import load_square
 from pipeline.core.device import DTYPES, make_accelerator
 from pipeline.diffusion.generate import META_FILE
@@ -125,8 +125,6 @@ def train_controlnet(params: Params):
     out_dir, ckpt_dir = root / CONTROLNET_DIR, root / CHECKPOINT_DIR / "controlnet"
     accelerator = make_accelerator(params.compute.mixed_precision)
     device, main = accelerator.device, accelerator.is_main_process
-    if main:
-        clean_stale_temps(out_dir.parent, out_dir.name)
     classes = params.data.classes
     rows = masked_images(root / SPLIT_CSV, classes)
     weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from pipeline import checkpoint
 from pipeline.core import tracking
-from pipeline.core.atomic import atomic_dir, clean_stale_temps, write_json
+from pipeline.core.atomic import atomic_dir, write_json
 from pipeline.data.images import load_square
 from pipeline.diffusion.generate import (
     META_FILE,
@@ -254,9 +254,6 @@ def finetune_class(params: Params, class_code: str) -> Path:
 
     accelerator = make_accelerator(params.compute.mixed_precision)
     device, main = accelerator.device, accelerator.is_main_process
-    if main:
-        clean_stale_temps(out_dir.parent, out_dir.name)
-        clean_stale_temps(ckpt_dir.parent, ckpt_dir.name)
     weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
     pipe = load_base_pipeline(base_dir)
     pipe.to(device)

@@ -34,7 +34,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline.core import tracking
-from pipeline.core.atomic import atomic_dir, clean_stale_temps, read_json
+from pipeline.core.atomic import atomic_dir, read_json
 from pipeline.core.device import DTYPES, cpu_only, gpu_precision
 from pipeline.core.digest import derive_seed, sha256_file
 from pipeline.core.errors import PipelineError
@@ -265,8 +265,6 @@ def generate_class(params: Params, class_code: str, base_only: bool = False, loa
         "weights_sha256": sampler.weights_sha256,
     }
     target = root / (SYNTHETIC_BASE_DIR if base_only else SYNTHETIC_DIR) / class_code
-    if state.is_main_process:
-        clean_stale_temps(target.parent, target.name)
     # Only the main process owns the temporary folder; the others learn its path and write into it.
     with atomic_dir(target) if state.is_main_process else nullcontext(None) as temp:
         out = Path(broadcast_object_list([str(temp) if temp else None])[0])
