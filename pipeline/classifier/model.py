@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from pipeline.core.atomic import read_json
 from pipeline.classifier.augment import augment, normalize
-from pipeline.core.errors import PipelineError, first_line
+from pipeline.core.errors import PipelineError, first_line, require_file
 
 CONFIG_NAME = "config.json"
 EVAL_BATCH = 256
@@ -55,9 +55,8 @@ def load_classifier(folder: Path, seed: int, classes: list[str] | None = None) -
         raise PipelineError(
             f"{folder / CONFIG_NAME}: trained for classes {config['classes']} but data.classes is {classes}; rerun `dvc repro train`"
         )
-    path = folder / weights_name(seed)
-    if not path.is_file():
-        raise PipelineError(f"{path}: weights of seed {seed} not found; rerun `dvc repro train` (classifier.seeds changed?)")
+    missing = f"weights of seed {seed} not found; rerun `dvc repro train` (classifier.seeds changed?)"
+    path = require_file(folder / weights_name(seed), missing)
     model = create_classifier(config["arch"], len(config["classes"]), pretrained=False)
     try:
         model.load_state_dict(load_file(str(path)))

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.core.errors import PipelineError, first_line
+from pipeline.core.errors import PipelineError, first_line, require_file
 
 
 @contextmanager
@@ -72,9 +72,7 @@ def write_figure(target: str | Path, fig, dpi: int = 110) -> None:
 
 def read_json(path: str | Path, missing: str) -> dict:
     """What write_json wrote; a missing file or broken JSON is one PipelineError line (``missing`` says what to run)."""
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path}: {missing}")
+    path = require_file(path, missing)
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -86,9 +84,7 @@ def read_table(path: str | Path, columns: Sequence[str], missing: str):
     run), an unreadable one or an absent column is one PipelineError line."""
     import pandas as pd  # imported here: not every stage reads a table
 
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path}: {missing}")
+    path = require_file(path, missing)
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:

@@ -1,8 +1,17 @@
 """The one exception type a user is meant to read."""
 
+from pathlib import Path
+
 
 class PipelineError(Exception):
     """Bad input or a broken invariant in one line naming the file, key or value: stages print it, exit 1."""
+
+
+def require_file(path: str | Path, missing: str) -> Path:
+    """``path`` as a Path if it is a file, else a PipelineError naming it (``missing``: what it is, what to run)."""
+    if not Path(path).is_file():
+        raise PipelineError(f"{path}: {missing}")
+    return Path(path)
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:

@@ -10,7 +10,7 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, require_file
 
 # HAM10000's seven diagnosis codes, with the names used in prompts and reports.
 CLASS_NAMES: dict[str, str] = {
@@ -292,9 +292,7 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path}: params file not found")
+    path = require_file(path, "params file not found")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

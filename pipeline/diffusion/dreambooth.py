@@ -6,7 +6,7 @@ from pathlib import Path
 
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-from pipeline.core.errors import PipelineError, first_line
+from pipeline.core.errors import PipelineError, first_line, require_file
 
 UNET_DIR = "unet"
 UNET_FILE = "diffusion_pytorch_model.safetensors"
@@ -21,9 +21,7 @@ def save_unet(unet, folder: str | Path) -> Path:
 
 def load_unet(pipe: StableDiffusionPipeline, folder: str | Path) -> Path:
     """Swap the class's fine-tuned UNet into ``pipe``; returns its weights file."""
-    path = Path(folder) / UNET_DIR / UNET_FILE
-    if not path.is_file():
-        raise PipelineError(f"{path}: fine-tuned UNet not found; run the finetune stage first")
+    path = require_file(Path(folder) / UNET_DIR / UNET_FILE, "fine-tuned UNet not found; run the finetune stage first")
     try:
         unet = UNet2DConditionModel.from_pretrained(str(Path(folder) / UNET_DIR), use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as exc:

@@ -22,7 +22,7 @@ from diffusers.models.attention_processor import Attention
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from pipeline.core.errors import PipelineError, first_line
+from pipeline.core.errors import PipelineError, first_line, require_file
 from pipeline.core.params import HypernetworkParams
 
 HYPERNETWORK_FILE = "hypernetwork.safetensors"
@@ -139,9 +139,7 @@ def save_hypernetwork(unet, folder: str | Path) -> Path:
 
 def load_hypernetwork(pipe, folder: str | Path) -> Path:
     """Validate the class's hypernetwork file and attach it to ``pipe.unet``; returns the file."""
-    path = Path(folder) / HYPERNETWORK_FILE
-    if not path.is_file():
-        raise PipelineError(f"{path}: hypernetwork weights not found; run the finetune stage first")
+    path = require_file(Path(folder) / HYPERNETWORK_FILE, "hypernetwork weights not found; run the finetune stage first")
     try:
         with safe_open(str(path), framework="pt") as handle:
             text = (handle.metadata() or {}).get(CONFIG_KEY)

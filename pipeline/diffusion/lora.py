@@ -14,7 +14,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 
-from pipeline.core.errors import PipelineError, first_line
+from pipeline.core.errors import PipelineError, first_line, require_file
 from pipeline.core.params import LoraParams
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -94,9 +94,7 @@ def check_lora_file(path: Path, unet) -> None:
 
 def load_lora(pipe: StableDiffusionPipeline, folder: str | Path, fuse: bool = True) -> Path:
     """Validate, load and (by default) fuse the class LoRA into ``pipe``; returns the weights file."""
-    path = Path(folder) / LORA_FILE
-    if not path.is_file():
-        raise PipelineError(f"{path}: LoRA weights not found; run the finetune stage first")
+    path = require_file(Path(folder) / LORA_FILE, "LoRA weights not found; run the finetune stage first")
     check_lora_file(path, pipe.unet)
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # diffusers logs that the file has no text-encoder LoRA, which is by design

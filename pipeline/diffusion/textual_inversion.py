@@ -11,7 +11,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pipeline.core.errors import PipelineError, first_line
+from pipeline.core.errors import PipelineError, first_line, require_file
 
 EMBEDS_FILE = "learned_embeds.safetensors"
 
@@ -59,9 +59,7 @@ def save_embedding(embedding: NewTokenEmbedding, token: str, folder: str | Path)
 
 def load_embedding(pipe: StableDiffusionPipeline, folder: str | Path, token: str) -> Path:
     """Validate and load the class's learned word into ``pipe``'s tokenizer and text encoder; returns the file."""
-    path = Path(folder) / EMBEDS_FILE
-    if not path.is_file():
-        raise PipelineError(f"{path}: learned embedding not found; run the finetune stage first")
+    path = require_file(Path(folder) / EMBEDS_FILE, "learned embedding not found; run the finetune stage first")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:

@@ -17,7 +17,7 @@ from pipeline.classifier.augment import normalize
 from pipeline.classifier.dataset import load_images
 from pipeline.classifier.model import CONFIG_NAME, load_classifier
 from pipeline.core.atomic import read_json
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, require_file
 from pipeline.core.paths import resolve_user_path
 
 
@@ -65,9 +65,8 @@ class InceptionFeatures:
             weights = resolve_user_path(configured, "quality.inception_weights")
         else:
             weights = Path(torch.hub.get_dir()) / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
-        if not weights.is_file():
-            raise PipelineError(f"{weights}: Inception weights not found (stages never download; set "
-                                "quality.inception_weights to a local copy or use extractor: baseline_classifier)")
+        require_file(weights, "Inception weights not found (stages never download; set quality.inception_weights to a "
+                     "local copy or use extractor: baseline_classifier)")
         try:
             from torchmetrics.image.fid import NoTrainInceptionV3
 
