@@ -66,17 +66,18 @@ def test_lora_changes_the_unet_only_when_loaded(lora_run, monkeypatch):
     assert not (root / "checkpoints/df").exists()  # deleted after the successful save
 
     reference = unet_probe(load_base_pipeline(root / "models/base").unet)
-    pipe = load_base_pipeline(root / "models/base")
-    load_lora(pipe, folder, fuse=False)
-    with_lora = unet_probe(pipe.unet)
+    unfused = load_base_pipeline(root / "models/base")
+    unfused.load_lora_weights(str(folder))  # the plain diffusers call: the adapter beside the base weights
+    with_lora = unet_probe(unfused.unet)
     assert (with_lora - reference).abs().max() > 1e-3
-    pipe.unet.disable_adapters()
-    assert torch.equal(unet_probe(pipe.unet), reference)  # the base weights under the adapter are untouched
+    unfused.unet.disable_adapters()
+    assert torch.equal(unet_probe(unfused.unet), reference)  # the base weights under the adapter are untouched
     assert torch.equal(unet_probe(load_base_pipeline(root / "models/base").unet), reference)
 
     fused = load_base_pipeline(root / "models/base")
-    load_lora(fused, folder, fuse=True)
+    load_lora(fused, folder)
     torch.testing.assert_close(unet_probe(fused.unet), with_lora, rtol=1e-4, atol=1e-5)
+    assert not any("lora" in name for name, _ in fused.unet.named_modules())  # baked in, no adapter left behind
 
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["method"] == "lora" and meta["token"] == "sks" and meta["steps"] == 4
@@ -108,13 +109,13 @@ def test_lora_on_resnet_convs_round_trips(workspace):
 
     reference = unet_probe(load_base_pipeline(workspace / "models/base").unet)
     pipe = load_base_pipeline(workspace / "models/base")
-    load_lora(pipe, folder, fuse=False)
+    pipe.load_lora_weights(str(folder))  # unfused: the adapter beside the base weights
     with_lora = unet_probe(pipe.unet)
     assert (with_lora - reference).abs().max() > 1e-3
     regenerate_samples_matches(pipe, params, folder)  # pixel-equal to the grid the trained in-memory model drew
 
     fused = load_base_pipeline(workspace / "models/base")
-    load_lora(fused, folder, fuse=True)
+    load_lora(fused, folder)
     torch.testing.assert_close(unet_probe(fused.unet), with_lora, rtol=1e-4, atol=1e-5)
 
 

@@ -51,7 +51,6 @@ from pipeline.core.params import Params
 from pipeline.core.paths import CLASSIFIER_DIR, PLOTS_DIR, REPORTS_DIR, SYNTHETIC_DIR, workspace_root
 
 METRICS_JSON = REPORTS_DIR / "metrics.json"
-EVALUATE_RUNS_FILTER = "tags.stage = 'evaluate'"  # the one-liner's filter above
 CI_WORDS = {VERDICT_HELPED: "clearly above 0", VERDICT_HURT: "clearly below 0",
             VERDICT_UNSURE: "not distinguishable from 0"}
 

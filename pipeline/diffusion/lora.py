@@ -92,8 +92,8 @@ def check_lora_file(path: Path, unet) -> None:
         raise PipelineError(f"{path}: down and up weights of {uneven[0]!r} disagree on the LoRA rank")
 
 
-def load_lora(pipe: StableDiffusionPipeline, folder: str | Path, fuse: bool = True) -> Path:
-    """Validate, load and (by default) fuse the class LoRA into ``pipe``; returns the weights file."""
+def load_lora(pipe: StableDiffusionPipeline, folder: str | Path) -> Path:
+    """Validate, load and fuse the class LoRA into ``pipe``; returns the weights file."""
     path = require_file(Path(folder) / LORA_FILE, "LoRA weights not found; run the finetune stage first")
     check_lora_file(path, pipe.unet)
     level = diffusers_logging.get_verbosity()
@@ -104,8 +104,7 @@ def load_lora(pipe: StableDiffusionPipeline, folder: str | Path, fuse: bool = Tr
         raise PipelineError(f"{path}: could not load LoRA ({first_line(exc)})") from None
     finally:
         diffusers_logging.set_verbosity(level)
-    if fuse:
-        # Bake the low-rank update into the base weights: generation then costs exactly as much as the base model.
-        pipe.fuse_lora(adapter_names=["class"])
-        pipe.unload_lora_weights()
+    # Bake the low-rank update into the base weights: generation then costs exactly as much as the base model.
+    pipe.fuse_lora(adapter_names=["class"])
+    pipe.unload_lora_weights()
     return path
