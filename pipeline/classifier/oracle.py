@@ -128,11 +128,5 @@ def score_fidelity(params: Params) -> dict:
             metrics[f"p_own_class_{source}_{class_code}"] = entry[source]["mean_p_own_class"]
     tracking.log_metrics({k: v for k, v in metrics.items() if v is not None})  # None: a class without test images
     tracking.log_artifact(root / FIDELITY_JSON)
-    print(f"{'class':8} {'oracle recall':>13} " + " ".join(f"{s + ' share':>18} {'p(own)':>7}" for s in SOURCES))
-    for class_code in classes:
-        entry = table["classes"][class_code]
-        recall = entry["oracle_test_recall"]
-        cells = " ".join(f"{entry[s]['share_own_class']:>18.3f} {entry[s]['mean_p_own_class']:>7.3f}" for s in SOURCES)
-        print(f"{class_code:8} {'n/a' if recall is None else f'{recall:.3f}':>13} {cells}")
-    print("\n".join(fidelity_lines(table)))
+    print("\n".join(fidelity_lines(table)) + f"\nPer class: {root / FIDELITY_JSON} (and reports/summary.md)")
     return table
