@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from diffusion_workspace import make_workspace, micro_params, pixels, trained_workspace, unet_probe
-from pipeline.diffusion import finetune
+from pipeline.diffusion import pretrain
 from pipeline.diffusion.base import load_base_pipeline
 from pipeline.diffusion.finetune import finetune_class, validation_grid
 from pipeline.diffusion.generate import generate_class, load_class_pipeline
@@ -144,7 +144,7 @@ def test_resume_after_a_kill_reaches_the_same_weights_bitwise(tmp_path, tiny_bas
     params = hyper_params(kind, {"steps": 5, "checkpoint_every": 2})
     uninterrupted = load_file(finetune_class(params, "df") / HYPERNETWORK_FILE)
 
-    real_target, calls = finetune.diffusion_target, []
+    real_target, calls = pretrain.diffusion_target, []
 
     def killed_in_step_4(*args, **kwargs):
         calls.append(1)
@@ -153,7 +153,7 @@ def test_resume_after_a_kill_reaches_the_same_weights_bitwise(tmp_path, tiny_bas
         return real_target(*args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(finetune, "diffusion_target", killed_in_step_4)
+        patch.setattr(pretrain, "diffusion_target", killed_in_step_4)
         with pytest.raises(KeyboardInterrupt):
             finetune_class(params, "df")
     assert json.loads((workspace / "checkpoints/df/state.json").read_text())["step"] == 2

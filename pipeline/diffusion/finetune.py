@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import make_image_grid
@@ -36,7 +35,7 @@ from pipeline.diffusion.generate import (
     make_scheduler,
     sample_images,
 )
-from pipeline.diffusion.pretrain import diffusion_target, min_snr_weights
+from pipeline.diffusion.pretrain import Batch, diffusion_loss
 from pipeline.diffusion.training_data import LatentCache, encode_images, encode_prompts, read_finetune_csv, tokenize
 from pipeline.core.device import DTYPES, make_accelerator
 from pipeline.core.digest import derive_seed, json_digest, sha256_file
@@ -133,16 +132,6 @@ class Priors:
     weight: float  # diffusion.prior_loss_weight
 
 
-@dataclass
-class Batch:
-    """One step's latents and prompt embeddings (one row each), on the model's device."""
-
-    latents: torch.Tensor
-    states: torch.Tensor
-    priors: int = 0  # the last this many rows are prior-class samples ...
-    prior_weight: float = 1.0  # ... and their loss counts this many times
-
-
 def draw_batch(instances: LatentCache, priors: Priors | None, states: torch.Tensor, size: int, generator: torch.Generator) -> Batch:
     """``size`` instance latents under the class prompt ``states`` ([1, 77, D]), then as many prior-class ones."""
     latents, states = instances.draw(size, generator), states.expand(size, -1, -1)
@@ -151,28 +140,6 @@ def draw_batch(instances: LatentCache, priors: Priors | None, states: torch.Tens
     prior_states = priors.embeds.expand(size, -1, -1)
     return Batch(torch.cat([latents, priors.latents.draw(size, generator)]), torch.cat([states, prior_states]),
                  priors=size, prior_weight=priors.weight)
-
-
-def diffusion_loss(unet, noise_scheduler, batch: Batch, generator: torch.Generator, noise_offset: float = 0.0,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Min-SNR-weighted MSE of ``unet`` (run in ``dtype``) on the batch noised at random timesteps, as in pre-training;
-    prior-class rows add ``batch.prior_weight`` times their own loss. ``noise_offset`` adds one random constant per
-    image and latent channel to the noise (diffusers' ``--noise_offset``), so a fine-tune can move a class's overall
-    colour, which zero-mean noise barely teaches. ``generator`` must live on the latents' device."""
-    latents = batch.latents
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    if noise_offset:
-        shift = torch.randn((*latents.shape[:2], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
-        noise = noise + noise_offset * shift
-    timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator, device=latents.device
-    )
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps).to(dtype, memory_format=torch.channels_last)
-    pred = unet(noisy, timesteps, batch.states.to(dtype)).sample.float()
-    target = diffusion_target(noise_scheduler, latents, noise, timesteps)
-    per_sample = F.mse_loss(pred, target, reduction="none").mean((1, 2, 3)) * min_snr_weights(noise_scheduler, timesteps)
-    n = len(latents) - batch.priors
-    return per_sample[:n].mean() + (batch.prior_weight * per_sample[n:].mean() if batch.priors else 0.0)
 
 
 def optimizer_step(accelerator, loss: torch.Tensor, trainable: list[torch.nn.Parameter], optimizer) -> None:

@@ -2,14 +2,16 @@
 
 SD's two-stage recipe in minutes on a CPU: the VAE learns to reconstruct train images (mostly half-size crops:
 many cheap steps), the images' latents are cached once, then the UNet learns to denoise them under one generic
-prompt (dropped 10% of the time for classifier-free guidance). Both draw each diagnosis equally often; only train
-images are read, and the same seed on CPU gives the same weights.
+prompt (dropped 10% of the time for classifier-free guidance) with ``diffusion_loss``, the objective fine-tuning
+uses too. Both draw each diagnosis equally often; only train images are read, and the same seed on CPU gives the same
+weights.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +140,38 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float = MIN_SNR_G
     return snr.clamp(max=gamma) / ((snr + 1) if v_prediction else snr)
 
 
+@dataclass
+class Batch:
+    """One step's latents and prompt embeddings (one row each), on the model's device."""
+
+    latents: torch.Tensor
+    states: torch.Tensor
+    priors: int = 0  # the last this many rows are prior-class samples ...
+    prior_weight: float = 1.0  # ... and their loss counts this many times
+
+
+def diffusion_loss(unet, noise_scheduler, batch: Batch, generator: torch.Generator, noise_offset: float = 0.0,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Min-SNR-weighted MSE of ``unet`` (run in ``dtype``) on the batch noised at random timesteps: the objective of
+    pre-training, fine-tuning and the ControlNet. Prior-class rows add ``batch.prior_weight`` times their own loss. ``noise_offset`` adds one random constant per
+    image and latent channel to the noise (diffusers' ``--noise_offset``), so a fine-tune can move a class's overall
+    colour, which zero-mean noise barely teaches. ``generator`` must live on the latents' device."""
+    latents = batch.latents
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if noise_offset:
+        shift = torch.randn((*latents.shape[:2], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
+        noise = noise + noise_offset * shift
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator, device=latents.device
+    )
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps).to(dtype, memory_format=torch.channels_last)
+    pred = unet(noisy, timesteps, batch.states.to(dtype)).sample.float()
+    target = diffusion_target(noise_scheduler, latents, noise, timesteps)
+    per_sample = F.mse_loss(pred, target, reduction="none").mean((1, 2, 3)) * min_snr_weights(noise_scheduler, timesteps)
+    n = len(latents) - batch.priors
+    return per_sample[:n].mean() + (batch.prior_weight * per_sample[n:].mean() if batch.priors else 0.0)
+
+
 def train_unet(pipe: StableDiffusionPipeline, latents: LatentCache, weights: torch.Tensor, cfg: BasePretrainParams,
                generator: torch.Generator) -> list[float]:
     unet, scheduler = pipe.unet, pipe.scheduler
@@ -148,14 +182,8 @@ def train_unet(pipe: StableDiffusionPipeline, latents: LatentCache, weights: tor
     def step_loss(step: int) -> torch.Tensor:
         index = torch.multinomial(weights, cfg.batch, replacement=True, generator=generator)
         x = random_flips(latents.sample(index, generator), generator)  # latent vertical flips: the VAE saw both
-        noise = torch.randn(x.shape, generator=generator)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch,), generator=generator)
-        noisy = scheduler.add_noise(x, noise, timesteps)
         drop = (torch.rand(cfg.batch, generator=generator) < UNCOND_PROB)[:, None, None]
-        text = torch.where(drop, uncond, cond)
-        pred = unet(noisy, timesteps, encoder_hidden_states=text).sample
-        per_sample = F.mse_loss(pred, diffusion_target(scheduler, x, noise, timesteps), reduction="none").mean((1, 2, 3))
-        return (per_sample * min_snr_weights(scheduler, timesteps)).mean()
+        return diffusion_loss(unet, scheduler, Batch(x, torch.where(drop, uncond, cond)), generator)
 
     return fit(unet, step_loss, cfg.unet_steps, cfg.unet_lr, 1e-2, "unet")
 
