@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 from scipy.stats import rankdata
 
 HEADLINE = ("balanced_accuracy", "macro_recall", "macro_f1", "auroc_macro", "accuracy")
@@ -60,10 +61,8 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: Seque
 
 def mean_std(per_seed: Sequence[dict[str, float]]) -> dict[str, float]:
     """``{metric: mean, metric_std: std}`` over seeds (sample std, 0 for a single seed); keys missing in any seed are dropped."""
-    keys = [k for k in per_seed[0] if all(k in m for m in per_seed)]
-    values = np.array([[m[k] for m in per_seed] for k in keys], dtype=float)  # (metrics, seeds)
-    std = values.std(axis=1, ddof=1) if len(per_seed) > 1 else np.zeros(len(keys))
-    return {**dict(zip(keys, values.mean(axis=1).tolist())), **{f"{k}_std": s for k, s in zip(keys, std.tolist())}}
+    frame = pd.DataFrame(per_seed).dropna(axis=1)  # (seeds, metrics); a metric some seed lacks is NaN there
+    return {**frame.mean().to_dict(), **frame.std().fillna(0.0).add_suffix("_std").to_dict()}
 
 
 def paired_gain(base: Sequence[dict[str, float]], aug: Sequence[dict[str, float]]) -> dict[str, float]:
