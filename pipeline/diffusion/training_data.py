@@ -82,5 +82,4 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
     """The frozen text encoder's [N, 77, D] embeddings of ``prompts`` (fp32, on its device; computed once per run)."""
-    ids = tokenize(pipe.tokenizer, prompts).to(pipe.text_encoder.device)
-    return pipe.text_encoder(ids)[0].float()
+    return pipe.encode_prompt(prompts, pipe.text_encoder.device, 1, False)[0].float()
