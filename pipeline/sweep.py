@@ -190,9 +190,9 @@ def axis_rows(frame: pd.DataFrame, axis: str, params: Params) -> pd.DataFrame:
     return frame[capped & (frame["amount"] == params.generate.per_class)].astype({"real_per_class": int})
 
 
-def plot(rows: pd.DataFrame, x: str, xlabel: str, path: Path) -> list[str]:
+def plot(rows: pd.DataFrame, x: str, xlabel: str):
     """Gain against ``x``: a line per method (augmented), one per control present in ``rows`` (the mean over
-    methods: a control does not depend on the method), 95% CI bars where known. Returns the lines' labels."""
+    methods: a control does not depend on the method), 95% CI bars where known: the figure, for write_figure."""
     from matplotlib.figure import Figure  # not pyplot: no backend to choose, no global figure to close
 
     fig = Figure(figsize=(6.4, 4.0))
@@ -220,8 +220,7 @@ def plot(rows: pd.DataFrame, x: str, xlabel: str, path: Path) -> list[str]:
     ax.set_ylabel("balanced accuracy gain (pp), 95% CI")
     ax.set_title("gain over baseline on the real test split")
     ax.legend()
-    write_figure(path, fig, dpi=120)
-    return ax.get_legend_handles_labels()[1]
+    return fig
 
 
 def _cell(value, spec: str = ".3f") -> str:
@@ -268,7 +267,7 @@ def write_outputs(frame: pd.DataFrame, params: Params, root: Path, sweep_id: str
     for axis, (name, xlabel) in CHARTS.items():
         rows = axis_rows(frame, axis, params)
         if axis == "amount" or rows["real_per_class"].nunique() > 0:
-            plot(rows, axis, xlabel, folder / name)
+            write_figure(folder / name, plot(rows, axis, xlabel), dpi=120)
             charts.append(name)
     write_text(folder / "sweep.md", markdown(frame, charts, classes))
     points = frame.astype(object).where(frame.notna(), None).to_dict("records")  # NaN: a control not run
