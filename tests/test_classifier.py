@@ -89,7 +89,7 @@ def test_leakage_guard_raises_on_bad_lists(workspace):
 
     with pytest.raises(PipelineError, match=r"leakage guard: test image .* is in the training list"):
         assert_no_leakage(train + test[:1], split, allow_synthetic=False, synthetic_root=synthetic_root)
-    relabelled = Sample(test[0].path, test[0].label, "real", "train", "ISIC_9999999")  # a test file under another id
+    relabelled = Sample(test[0].path, test[0].label, "real", "ISIC_9999999")  # a test file under another id
     with pytest.raises(PipelineError, match="leakage guard: test image"):
         assert_no_leakage([*train, relabelled], split, allow_synthetic=False, synthetic_root=synthetic_root)
     with pytest.raises(PipelineError, match="synthetic image .* baseline training list"):

@@ -144,7 +144,8 @@ def test_variant_training_samples(tmp_path, monkeypatch):
     params = micro_params(real_per_class=3, per_class=2)
     split = read_split(params, root)
     baseline = training_samples(params, "baseline", split, root)
-    assert {s.split for s in baseline} == {"train"} and len(baseline) == 3 * len(CLASSES)
+    train_ids = set(split.loc[split["split"] == "train", "image_id"])
+    assert {s.image_id for s in baseline} == train_ids and len(baseline) == 3 * len(CLASSES)
 
     base_only = training_samples(params, "base_only", split, root)
     extra = base_only[len(baseline):]
@@ -157,7 +158,7 @@ def test_variant_training_samples(tmp_path, monkeypatch):
     ceiling = training_samples(params, "real_ceiling", split, root)
     extra = ceiling[len(baseline):]
     reserve_ids = set(split.loc[split["split"] == "reserve", "image_id"])
-    assert all(s.origin == "real" and s.split == "reserve" and s.image_id in reserve_ids for s in extra)
+    assert all(s.origin == "real" and s.image_id in reserve_ids for s in extra)
     assert pd.Series([s.label for s in extra]).value_counts().to_dict() == {0: 2, 1: 2, 2: 2}  # generate.per_class each
     assert training_samples(params, "real_ceiling", split, root) == ceiling  # a seeded draw
     other_seed = training_samples(params.model_copy(update={"seed": 1}), "real_ceiling", split, root)
@@ -177,9 +178,10 @@ def test_variant_training_samples(tmp_path, monkeypatch):
 
     oracle = training_samples(params, "oracle", split, root)
     assert len(oracle) == len(baseline) + 5 * len(CLASSES) and {s.origin for s in oracle} == {"real"}
-    assert {s.split for s in oracle} == {"train", "reserve"}
+    train_side = set(split.loc[split["split"].isin(["train", "reserve"]), "image_id"])
+    assert {s.image_id for s in oracle} == train_side  # every train and reserve row, nothing else
     val_row = split[split["split"] == "val"].iloc[0]
-    leaked = [*ceiling, type(ceiling[0])(ceiling[0].path.parent / val_row["path"].split("/")[-1], 0, "real", "train",
+    leaked = [*ceiling, type(ceiling[0])(ceiling[0].path.parent / val_row["path"].split("/")[-1], 0, "real",
                                          val_row["image_id"])]
     with pytest.raises(PipelineError, match="leakage guard: val image"):
         assert_no_leakage(leaked, split, allow_synthetic=False)

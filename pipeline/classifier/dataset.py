@@ -31,7 +31,6 @@ class Sample:
     path: Path  # absolute
     label: int  # index into params.data.classes
     origin: str
-    split: str  # train | val | test (synthetic images count as train)
     image_id: str
 
 
@@ -53,7 +52,7 @@ def read_split(params: Params, root: Path) -> pd.DataFrame:
 def real_samples(split: pd.DataFrame, which: str) -> list[Sample]:
     rows = split[split["split"] == which]
     return [
-        Sample(Path(p), int(label), "real", which, image_id)
+        Sample(Path(p), int(label), "real", image_id)
         for p, label, image_id in zip(rows["abs_path"], rows["label"], rows["image_id"])
     ]
 
@@ -81,7 +80,7 @@ def synthetic_samples(params: Params, root: Path, images_dir: Path = SYNTHETIC_D
                 raise PipelineError(f"{manifest}: file {name!r} lies outside {folder}")
             if not path.is_file():
                 raise PipelineError(f"{manifest}: listed image {name!r} not found")
-            samples.append(Sample(path, label, "synthetic", "train", f"synthetic:{class_code}/{name}"))
+            samples.append(Sample(path, label, "synthetic", f"synthetic:{class_code}/{name}"))
     return samples
 
 
