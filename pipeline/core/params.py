@@ -135,7 +135,7 @@ class DiffusionParams(_Section):
         "akiec": "zkq", "bcc": "vbx", "bkl": "pqw", "df": "sks", "mel": "ohwx", "nv": "jxv", "vasc": "qzt"})
     prior_preservation: bool = False
     prior_loss_weight: float = Field(1.0, ge=0)
-    noise_offset: float = Field(0.0, ge=0)  # diffusers' --noise_offset (pipeline/diffusion/finetune.py: diffusion_loss)
+    noise_offset: float = Field(0.0, ge=0)  # diffusers' --noise_offset (pipeline/diffusion/pretrain.py: diffusion_loss)
     class_images: int = Field(20, gt=0)
     gradient_checkpointing: bool = False
     checkpoint_every: int = Field(100, gt=0)
