@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from pipeline.core.atomic import atomic_dir, atomic_file, clean_stale_temps, read_table, write_json
+from pipeline.core.atomic import atomic_dir, atomic_file, read_json, read_table, write_json
 from pipeline.core.errors import PipelineError, first_line
 from pipeline.core.paths import resolve_user_path
 
@@ -45,6 +45,13 @@ def test_atomic_file_and_json(tmp_path):
             temp.write_text("partial")
             raise KeyError
     assert '"a": 2' in (tmp_path / "m.json").read_text()
+    assert read_json(tmp_path / "m.json", "missing") == {"a": 2, "b": 1}
+    for text, error in (("[1, 2]", r"m\.json: expected a JSON object, got list"), ("{", r"m\.json: not valid JSON")):
+        (tmp_path / "m.json").write_text(text)
+        with pytest.raises(PipelineError, match=error):
+            read_json(tmp_path / "m.json", "missing")
+    with pytest.raises(PipelineError, match=r"gone\.json: run the stage$"):
+        read_json(tmp_path / "gone.json", "run the stage")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])

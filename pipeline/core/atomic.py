@@ -71,12 +71,16 @@ def write_figure(target: str | Path, fig, dpi: int = 110) -> None:
 
 
 def read_json(path: str | Path, missing: str) -> dict:
-    """What write_json wrote; a missing file or broken JSON is one PipelineError line (``missing`` says what to run)."""
+    """A JSON object, as write_json writes them and diffusers' configs are; a missing file (``missing`` says what to
+    run), broken JSON or another JSON value is one PipelineError line."""
     path = require_file(path, missing)
     try:
-        return json.loads(path.read_text())
+        payload = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PipelineError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(payload, dict):
+        raise PipelineError(f"{path}: expected a JSON object, got {type(payload).__name__}")
+    return payload
 
 
 def read_table(path: str | Path, columns: Sequence[str], missing: str):

@@ -73,13 +73,6 @@ def _check_weights(sub: Path, name: str) -> None:
     raise PipelineError(f"{KEY}: {sub / name} is missing")
 
 
-def _read_config(path: Path) -> dict:
-    config = read_json(path, "is missing")
-    if not isinstance(config, dict):
-        raise PipelineError(f"{KEY}: {path} must hold a JSON object")
-    return config
-
-
 def check_diffusers_folder(folder: Path) -> int:
     """Check that ``folder`` is a loadable SD pipeline with safetensors weights; returns its native resolution. From
     file names and small JSON files only: a 4 GB checkpoint is validated in milliseconds, each problem in one line."""
@@ -88,7 +81,7 @@ def check_diffusers_folder(folder: Path) -> int:
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise PipelineError(f"{KEY}: {folder} is not a diffusers pipeline folder: {index_file} is missing")
-    index = _read_config(index_file)
+    index = read_json(index_file, "is missing")
     pipeline_class = index.get("_class_name")
     if pipeline_class is not None and pipeline_class not in SUPPORTED_PIPELINES:
         raise PipelineError(
@@ -111,8 +104,8 @@ def check_diffusers_folder(folder: Path) -> int:
                 if not (sub / name).is_file():
                     hint = "a CLIP tokenizer needs vocab.json and merges.txt"
                     raise PipelineError(f"{KEY}: {sub / name} is missing ({hint})")
-    unet = _read_config(folder / "unet" / "config.json")
-    vae = _read_config(folder / "vae" / "config.json")
+    unet = read_json(folder / "unet" / "config.json", "is missing")
+    vae = read_json(folder / "vae" / "config.json", "is missing")
     if unet.get("in_channels", 4) != vae.get("latent_channels", 4):
         raise PipelineError(
             f"{KEY}: {folder} has a UNet with {unet.get('in_channels')} input channels but a VAE with "
