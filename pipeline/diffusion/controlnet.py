@@ -172,7 +172,7 @@ def train_controlnet(params: Params):
         done = step + 1
         losses.add(accelerator.reduce(loss.detach(), "mean"), done)
         if done % d.checkpoint_every == 0 and done < cfg.steps:
-            losses.mean()
+            losses.mean()  # reads the pending losses: into losses.recent and MLflow
             state = {"fingerprint": fingerprint, "recent_losses": losses.recent}
             finetune.save_checkpoint(ckpt_dir, resumable, done, state)
     losses.mean()

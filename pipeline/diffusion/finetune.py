@@ -279,7 +279,7 @@ def finetune_class(params: Params, class_code: str) -> Path:
         if done % SHOW_LOSS_EVERY == 0:
             bar.set_postfix(loss=f"{losses.mean():.4f}", refresh=False)
         if done % d.checkpoint_every == 0 and done < d.steps:
-            losses.mean()
+            losses.mean()  # reads the pending losses: into losses.recent and MLflow
             info = {"fingerprint": fingerprint, "recent_losses": losses.recent, "method": d.method, "class": class_code}
             save_checkpoint(ckpt_dir, resumable, done, info)
     losses.mean()
