@@ -99,9 +99,9 @@ def read_table(path: str | Path, columns: Sequence[str], missing: str):
     return frame
 
 
-def clean_stale_temps(folder: str | Path, name: str = "*") -> None:
-    """Remove temporaries a killed run left behind (``.name.tmp-*`` / ``.name.old-*``). A ``name`` keeps to that
-    target's, in a folder whose other targets may be being written right now (by another stage or experiment)."""
+def clean_stale_temps(folder: str | Path, name: str) -> None:
+    """Remove the temporaries a killed write of target ``name`` left behind (``.name.tmp-*`` / ``.name.old-*``), and
+    only those: the folder's other targets may be being written right now (by another stage or experiment)."""
     stale = {path for kind in ("tmp", "old") for path in Path(folder).glob(f".{name}.{kind}-*")}
     for path in stale:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
