@@ -153,9 +153,10 @@ class Batch:
 def diffusion_loss(unet, noise_scheduler, batch: Batch, generator: torch.Generator, noise_offset: float = 0.0,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Min-SNR-weighted MSE of ``unet`` (run in ``dtype``) on the batch noised at random timesteps: the objective of
-    pre-training, fine-tuning and the ControlNet. Prior-class rows add ``batch.prior_weight`` times their own loss. ``noise_offset`` adds one random constant per
-    image and latent channel to the noise (diffusers' ``--noise_offset``), so a fine-tune can move a class's overall
-    colour, which zero-mean noise barely teaches. ``generator`` must live on the latents' device."""
+    pre-training, fine-tuning and the ControlNet. Prior-class rows add ``batch.prior_weight`` times their own loss.
+    ``noise_offset`` adds one random constant per image and latent channel to the noise (diffusers' ``--noise_offset``),
+    so a fine-tune can move a class's overall colour, which zero-mean noise barely teaches. ``generator`` must live on
+    the latents' device."""
     latents = batch.latents
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     if noise_offset:
